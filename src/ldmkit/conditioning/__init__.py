@@ -1,0 +1,3 @@
+from .cond import Cond
+
+__all__ = ["Cond"]

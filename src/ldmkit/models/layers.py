@@ -1,0 +1,136 @@
+"""Layers shared by every backbone: attention (SDPA), MLP, adaLN modulation, embedders, positional tables.
+
+Plain PyTorch only: no precision, distribution or compile logic here (the trainer applies those from
+outside). Shapes: B batch, T tokens, D width, H heads.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation of tokens x [B, T, D] by per-sample shift/scale [B, D]."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection, computed by scaled_dot_product_attention
+    (flash / memory-efficient kernels on GPUs, picked by PyTorch)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x [B, H, T, D/H]
+        x = F.scaled_dot_product_attention(q, k, v)  # [B, H, T, D/H]
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+class Mlp(nn.Module):
+    """Two-layer MLP with tanh-approximated GELU (as DiT and PixArt)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Image [B, C, H, W] -> tokens [B, (H/p)*(W/p), D] by a strided convolution."""
+
+    def __init__(self, patch_size: int, in_channels: int, dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, freq_shift: float = 0.0) -> torch.Tensor:
+    """Sinusoidal features [B, dim] of (possibly fractional) timesteps t [B], cos half first.
+
+    freq_shift=0 is facebookresearch/DiT (and GLIDE/ADM); diffusers' DiT/PixArt use freq_shift=1
+    (`downscale_freq_shift`), which divides the exponent by (half - 1) instead of half.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
+    args = t[:, None].float() * torch.exp(exponent)[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
+
+
+class TimestepEmbedder(nn.Module):
+    """Noise level -> vector: sinusoidal features of `time_scale * t`, then a 2-layer SiLU MLP.
+
+    The backbone contract gives t in [0, 1]; DiT was trained on integer DDPM steps 0..999, so
+    time_scale=1000 feeds the embedder exactly what the official checkpoints expect.
+    """
+
+    def __init__(self, dim: int, frequency_dim: int = 256, time_scale: float = 1000.0, freq_shift: float = 0.0):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.time_scale = time_scale
+        self.freq_shift = freq_shift
+        self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        features = timestep_embedding(t * self.time_scale, self.frequency_dim, freq_shift=self.freq_shift)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class ids [B] -> vectors [B, D]; row `num_classes` is the learned null class used for
+    classifier-free guidance. Which samples are dropped is decided by the conditioner (cond.drop_semantic),
+    so guidance dropout is seeded and reproducible rather than drawn inside the model."""
+
+    def __init__(self, num_classes: int, dim: int, use_null_class: bool = True):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embedding_table = nn.Embedding(num_classes + int(use_null_class), dim)
+
+    def forward(self, labels: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise ValueError(f"class id out of range [0, {self.num_classes}): {labels.min().item()}..{labels.max().item()}")
+        if drop is not None:
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        return self.embedding_table(labels)
+
+
+# ---------------------------------------------------------------- fixed 2D sin-cos positional tables
+def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+    """[M] positions -> [M, dim] (sin half, then cos half), float64 as in MAE/DiT."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    out = np.einsum("m,d->md", positions.reshape(-1).astype(np.float64), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def sincos_2d(dim: int, grid_h: np.ndarray, grid_w: np.ndarray) -> np.ndarray:
+    """Table [len(grid_h)*len(grid_w), dim] for the given (possibly fractional) row/column positions.
+    First half of the channels encodes the column (w), second half the row (h), as MAE/DiT order them."""
+    w, h = np.meshgrid(grid_w, grid_h)  # each [Gh, Gw]; token order is row-major
+    return np.concatenate([sincos_1d(dim // 2, w), sincos_1d(dim // 2, h)], axis=1)
+
+
+def get_2d_sincos_pos_embed(dim: int, grid_size: int) -> np.ndarray:
+    """DiT's table for a square grid of integer positions 0..grid_size-1: [grid_size**2, dim]."""
+    positions = np.arange(grid_size, dtype=np.float64)
+    return sincos_2d(dim, positions, positions)

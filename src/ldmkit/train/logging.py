@@ -1,0 +1,84 @@
+"""Run logs: JSONL (one record per log interval), TensorBoard, a status line, and the loss-curve PNG."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "log.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except ImportError:  # tensorboard is a dependency, but a missing one should not stop training
+                self.tb = None
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "images":
+                    self.tb.add_scalar(key, value, record["images"])
+            self.tb.flush()
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "log.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def status_line(images: int, total: int, loss: float, images_per_s: float, memory_gb: float | None) -> str:
+    eta = (total - images) / max(images_per_s, 1e-9)
+    mem = f"  mem {memory_gb:.2f} GB" if memory_gb is not None else ""
+    return (
+        f"images {images:>10,}/{total:,} ({100 * images / total:5.1f}%)  loss {loss:.4f}  "
+        f"{images_per_s:8.1f} img/s  eta {time.strftime('%H:%M:%S', time.gmtime(eta))}{mem}"
+    )
+
+
+def print_status(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def plot_loss_curve(run_dir: Path, out: Path | None = None) -> Path | None:
+    """Loss against images seen from log.jsonl, written as a PNG."""
+    records = read_log(run_dir)
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out or Path(run_dir) / "loss.png")
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    images = [r["images"] for r in records]
+    for key in ("loss", "mse"):
+        if key in records[0]:
+            ax.plot(images, [r[key] for r in records], label=key)
+    ax.set_xlabel("images seen")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(Path(run_dir).name)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

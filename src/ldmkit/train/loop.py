@@ -1,0 +1,249 @@
+"""The training loop, top to bottom, counted in images (after NVlabs/edm2's training_loop.py).
+
+Every random draw of a step (diffusion time, noise, guidance dropout, flips, VAE posterior noise) comes from
+a generator seeded by (seed, step) for the whole global batch, and each process takes its slice; the data
+order is a permutation seeded by (seed, epoch). So the run depends only on the config, not on the number of
+processes or on where it was interrupted: re-running the same command resumes from the newest checkpoint
+and produces the same weights as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..autoencoders import build_autoencoder
+from ..config import ConfigError, RunConfig, diff_configs, dump_config, load_config, to_dict
+from ..conditioning.cond import Cond
+from ..data.datasets import build_dataset
+from ..diffusion.objectives import build_objective
+from ..eval.generate import generate, grid_labels, save_grid
+from ..models.registry import build_model
+from . import parallel
+from .logging import RunLogger, plot_loss_curve, print_status, status_line
+from .state import atomic_save, checkpoint_path, latest_checkpoint, load_checkpoint, load_weights, prune_checkpoints
+
+
+def step_seed(seed: int, step: int) -> int:
+    return (seed * 6_364_136_223_846_793_005 + step * 1_442_695_040_888_963_407 + 1) % (2**63 - 1)
+
+
+def batch_indices(dataset_len: int, seed: int, start: int, count: int) -> np.ndarray:
+    """Dataset indices of stream positions start..start+count-1; each epoch is a fresh permutation."""
+    out, pos = [], start
+    while len(out) < count:
+        epoch, offset = divmod(pos, dataset_len)
+        perm = np.random.default_rng([seed, epoch]).permutation(dataset_len)
+        take = min(count - len(out), dataset_len - offset)
+        out.extend(perm[offset: offset + take])
+        pos += take
+    return np.asarray(out)
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, allow_config_change: bool, is_main: bool) -> None:
+    """Create the run folder, or check that an existing one belongs to this config (then it resumes)."""
+    config_file = run_dir / "config.yaml"
+    if config_file.exists():
+        previous = load_config(config_file)
+        changed = [k for k in diff_configs(to_dict(previous), to_dict(cfg)) if k != "train.total_images"]
+        if changed and not allow_config_change:
+            raise ConfigError(
+                f"run directory {run_dir} holds a run of a different config (differs at: {', '.join(changed[:5])}); "
+                "use another --out, or --resume to continue it with the new config"
+            )
+    elif run_dir.exists() and any(run_dir.iterdir()) and not allow_config_change:
+        raise ConfigError(f"run directory {run_dir} exists and is not an ldmkit run (no config.yaml); choose another --out")
+    if is_main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, config_file)
+
+
+def ema_beta(cfg, images_seen: int) -> float:
+    t = cfg.train
+    if t.ema_halflife_images is None:
+        return t.ema_decay
+    halflife = t.ema_halflife_images
+    if t.ema_rampup is not None:
+        halflife = min(halflife, images_seen * t.ema_rampup)
+    return 0.5 ** (t.global_batch / max(halflife, 1e-8))
+
+
+def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool = False, stop_after_images: int | None = None, quiet: bool = False) -> Path:
+    """Train until cfg.train.total_images (or stop_after_images), checkpointing on the way. Returns run_dir."""
+    run_dir = Path(run_dir)
+    d = parallel.init_distributed(cfg.train.device)
+    device, tc = d.device, cfg.train
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tc.tf32
+        torch.backends.cudnn.allow_tf32 = tc.tf32
+    if d.is_main:
+        prepare_run_dir(cfg, run_dir, allow_config_change, True)
+    parallel.barrier(d)
+
+    # Batch arithmetic: global batch = micro batch x processes x accumulation rounds.
+    micro = tc.micro_batch or tc.global_batch // d.world_size
+    if tc.global_batch % (micro * d.world_size):
+        raise ConfigError(f"config key 'train.global_batch': {tc.global_batch} is not a multiple of micro batch {micro} x {d.world_size} processes")
+    rounds = tc.global_batch // (micro * d.world_size)
+
+    # Data, autoencoder, model, EMA, optimizer, objective.
+    dataset = build_dataset(cfg.data, "train")
+    num_classes = getattr(dataset, "num_classes", cfg.model.num_classes)
+    if num_classes > cfg.model.num_classes:
+        raise ConfigError(f"config key 'model.num_classes': the data has {num_classes} classes, the model {cfg.model.num_classes}")
+    autoencoder = build_autoencoder(cfg.autoencoder, cfg.data.channels).to(device)
+    if cfg.data.resolution // autoencoder.downsample != cfg.model.input_size:
+        raise ConfigError(
+            f"config key 'model.input_size': {cfg.model.input_size} does not match data.resolution {cfg.data.resolution} / autoencoder downsampling {autoencoder.downsample}"
+        )
+    if autoencoder.latent_channels != cfg.model.in_channels:
+        raise ConfigError(f"config key 'model.in_channels': {cfg.model.in_channels}, but the autoencoder gives {autoencoder.latent_channels} latent channels")
+    torch.manual_seed(tc.seed)
+    model = build_model(cfg.model).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay, eps=tc.eps)
+    objective = build_objective(cfg)
+    latent_shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
+
+    # Resume from the newest checkpoint, if any.
+    images_seen, step, nan_skips = 0, 0, 0
+    resume_from = latest_checkpoint(run_dir)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        load_weights(model, state["model"], f"checkpoint {resume_from}")
+        load_weights(ema, state["ema"], f"checkpoint {resume_from}")
+        optimizer.load_state_dict(state["optimizer"])
+        images_seen, step, nan_skips = state["images_seen"], state["step"], state.get("nan_skips", 0)
+        torch.set_rng_state(state["rng"]["torch"])
+        if d.is_main and not quiet:
+            print_status(f"resumed from {resume_from} at {images_seen:,} images")
+    train_model = parallel.parallelize(model, d, compile=tc.compile)
+    logger = RunLogger(run_dir, enabled=d.is_main)
+    if d.is_main and not quiet:
+        n_params = sum(p.numel() for p in model.parameters())
+        print_status(f"{cfg.model.preset}: {n_params / 1e6:.2f}M parameters on {device}, {d.world_size} process(es), "
+                     f"global batch {tc.global_batch} = {micro} x {d.world_size} x {rounds}")
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
+    end = min(tc.total_images, stop_after_images or tc.total_images)
+    stat_loss, stat_mse, stat_n = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    tick_time, tick_images = time.time(), images_seen
+    next_log = (images_seen // tc.log_every_images + 1) * tc.log_every_images
+    next_ckpt = (images_seen // tc.checkpoint_every_images + 1) * tc.checkpoint_every_images
+    next_grid = (images_seen // tc.sample_every_images + 1) * tc.sample_every_images if tc.sample_every_images else None
+
+    while images_seen < end:
+        # ---- the step's global randomness; this process takes its slices.
+        gen = torch.Generator(device).manual_seed(step_seed(tc.seed, step))
+        times = objective.sample_time(tc.global_batch, gen, device)
+        noise = torch.randn((tc.global_batch, *latent_shape), generator=gen, device=device)
+        posterior_noise = torch.randn((tc.global_batch, *latent_shape), generator=gen, device=device)
+        drop = torch.rand(tc.global_batch, generator=gen, device=device) < tc.class_dropout
+        flip = torch.rand(tc.global_batch, generator=gen, device=device) < (0.5 if cfg.data.hflip else 0.0)
+        indices = batch_indices(len(dataset), tc.seed, images_seen, tc.global_batch)
+
+        optimizer.zero_grad(set_to_none=True)
+        for r in range(rounds):
+            lo = (r * d.world_size + d.rank) * micro
+            part = slice(lo, lo + micro)
+            images, labels = zip(*(dataset[int(i)] for i in indices[part]))
+            images = torch.stack(images).to(device)
+            images = torch.where(flip[part].view(-1, 1, 1, 1), images.flip(-1), images)
+            labels = torch.stack(labels).to(device)
+            x0 = autoencoder.encode(images, posterior_noise[part])
+            cond = Cond(class_labels=labels, drop_semantic=drop[part])
+            sync = r == rounds - 1 or d.world_size == 1
+            ctx = train_model.no_sync() if (d.world_size > 1 and not sync) else _nullcontext()
+            with ctx:
+                with autocast:
+                    terms = objective.loss(train_model, x0, cond, times[part], noise[part])
+                # Sum over this slice, scaled so that DDP's mean over processes is the global-batch mean.
+                loss = terms["loss"].sum() * d.world_size / tc.global_batch
+                loss.backward()
+            stat_loss += terms["loss"].detach().sum()
+            stat_mse += terms["mse"].detach().sum()
+        stat_n += micro * rounds
+
+        # ---- NaN guard: every process agrees on skipping the update.
+        finite = torch.tensor(float(all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)), device=device)
+        finite = parallel.all_reduce_mean(finite, d)
+        if finite.item() < 1.0:
+            nan_skips += 1
+            optimizer.zero_grad(set_to_none=True)
+            if d.is_main:
+                print_status(f"non-finite gradients at {images_seen:,} images: step skipped ({nan_skips} in a row)")
+            if nan_skips > tc.max_nan_skips:
+                raise FloatingPointError(f"training diverged: {nan_skips} consecutive non-finite steps at {images_seen:,} images")
+        else:
+            nan_skips = 0
+            if tc.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            lr = tc.lr * min(1.0, (images_seen + tc.global_batch) / tc.warmup_images) if tc.warmup_images else tc.lr
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            beta = ema_beta(cfg, images_seen)
+            with torch.no_grad():
+                for p_ema, p in zip(ema.parameters(), model.parameters()):
+                    p_ema.lerp_(p.detach(), 1 - beta)
+        images_seen += tc.global_batch
+        step += 1
+
+        # ---- status line and logs.
+        if images_seen >= next_log or images_seen >= end:
+            next_log = (images_seen // tc.log_every_images + 1) * tc.log_every_images
+            totals = parallel.all_reduce_mean(torch.stack([stat_loss, stat_mse]) / max(stat_n, 1), d)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.time() - tick_time
+            speed = (images_seen - tick_images) / max(elapsed, 1e-9)
+            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            record = {"images": images_seen, "step": step, "loss": totals[0].item(), "mse": totals[1].item(),
+                      "lr": optimizer.param_groups[0]["lr"], "images_per_s": speed, "time": time.time()}
+            if mem is not None:
+                record["memory_gb"] = mem
+            logger.log(record)
+            if d.is_main and not quiet:
+                print_status(status_line(images_seen, tc.total_images, record["loss"], speed, mem))
+            stat_loss.zero_(), stat_mse.zero_()
+            stat_n, tick_time, tick_images = 0, time.time(), images_seen
+
+        # ---- periodic sample grid from the EMA weights.
+        if next_grid is not None and images_seen >= next_grid and d.is_main:
+            next_grid = (images_seen // tc.sample_every_images + 1) * tc.sample_every_images
+            labels, per = grid_labels(cfg, num_classes)
+            images = generate(ema, cfg, objective, autoencoder, labels, list(range(len(labels))), device)
+            save_grid(images, run_dir / "samples" / f"grid-{images_seen:010d}.png", per)
+
+        # ---- checkpoint (also at the end).
+        if images_seen >= next_ckpt or images_seen >= end:
+            next_ckpt = (images_seen // tc.checkpoint_every_images + 1) * tc.checkpoint_every_images
+            if d.is_main:
+                state = {
+                    "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                    "images_seen": images_seen, "step": step, "nan_skips": nan_skips,
+                    # The lr schedule is a pure function of images_seen (warm-up, then constant).
+                    "lr_schedule": {"base_lr": tc.lr, "warmup_images": tc.warmup_images},
+                    "data_position": images_seen, "rng": {"torch": torch.get_rng_state()},
+                    "config": to_dict(cfg),
+                }
+                atomic_save(state, checkpoint_path(run_dir, images_seen))
+                prune_checkpoints(run_dir, tc.keep_checkpoints)
+            parallel.barrier(d)
+
+    logger.close()
+    if d.is_main:
+        plot_loss_curve(run_dir)
+    return run_dir
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

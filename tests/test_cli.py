@@ -1,0 +1,75 @@
+"""The command line: help texts, one-line errors with no traceback, sampling and conversion."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY, tiny_config
+from ldmkit.cli import build_parser, main
+from ldmkit.train.loop import training_loop
+
+
+def test_every_command_has_help(capsys):
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert set(commands) == {"train", "sample", "eval", "demo", "convert", "presets"}
+    for name in commands:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        assert "usage: ldmkit " + name in capsys.readouterr().out
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "ldmkit.cli", *args], capture_output=True, text=True)
+
+
+def test_bad_config_key_is_one_line_error(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  learning_rate: 1\n")
+    r = run_cli("train", str(cfg), "--out", str(tmp_path / "run"))
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "unknown config key 'train.learning_rate'" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_missing_dataset_folder_is_one_line_error(tmp_path):
+    r = run_cli("train", "configs/demo/mnist_dit.yaml", "--set", "data.name=image_folder", "--set", f"data.path={tmp_path}/nope",
+                "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and "dataset folder not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sample_and_eval_a_run(tmp_path):
+    run = training_loop(tiny_config("train.total_images=32"), tmp_path / "run", quiet=True)
+    assert main(["sample", str(run), "--classes", "3,7", "--per-class", "2", "--steps", "2", "--grid", str(tmp_path / "g.png"), "--out", str(tmp_path / "imgs")]) == 0
+    grid = Image.open(tmp_path / "g.png")
+    assert grid.size == (2 * 33 + 1, 2 * 33 + 1)
+    assert sorted(p.name for p in (tmp_path / "imgs").iterdir()) == ["000000_class3.png", "000001_class3.png", "000002_class7.png", "000003_class7.png"]
+    assert main(["sample", str(run), "--classes", "12"]) == 2
+    assert main(["sample", str(tmp_path / "nothing-here")]) == 2
+
+
+def test_convert_official_layout_to_ldmkit_and_diffusers(tmp_path):
+    from ldmkit.models.dit import DiT
+
+    official = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=2, num_classes=10)
+    with torch.no_grad():
+        for p in official.parameters():
+            p.normal_(0, 0.1)
+    torch.save(official.state_dict(), tmp_path / "DiT-test.pt")
+    assert main(["convert", str(tmp_path / "DiT-test.pt"), "--num-heads", "2", "--out", str(tmp_path / "model.pt")]) == 0
+    state = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert state["config"]["model"]["hidden_size"] == 64 and state["config"]["model"]["timestep_freq_shift"] == 0.0
+    for k, v in official.state_dict().items():
+        assert torch.equal(state["ema"][k], v)
+    assert main(["convert", str(tmp_path / "model.pt"), "--to", "diffusers", "--out", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file()
+    assert main(["convert", str(tmp_path / "hf"), "--out", str(tmp_path / "back.pt")]) == 0
+    back = torch.load(tmp_path / "back.pt", weights_only=False)
+    assert back["config"]["model"]["timestep_freq_shift"] == 1.0  # diffusers' convention, so outputs match diffusers
+    for k, v in official.state_dict().items():
+        assert torch.equal(back["ema"][k], v), k
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert main(["convert", str(tmp_path / "junk.pt"), "--out", str(tmp_path / "x.pt")]) == 2

@@ -1,0 +1,67 @@
+import pytest
+
+from ldmkit.config import ConfigError, RunConfig, build, dump_config, load_config, parse_override, to_dict
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(overrides=["train.lr=3e-4", "train.betas=[0.9, 0.95]", "train.grad_clip=null", "model.preset=DiT-B/4", "train.total_images=1e6"])
+    assert cfg.train.lr == 3e-4 and cfg.train.betas == [0.9, 0.95] and cfg.train.grad_clip is None
+    assert cfg.model.preset == "DiT-B/4" and cfg.train.total_images == 1_000_000 and isinstance(cfg.train.total_images, int)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.lrr=1", "unknown config key 'train.lrr'"),
+    ("bogus.x=1", "unknown config key 'bogus'"),
+    ("train.lr=fast", "config key 'train.lr': expected float"),
+    ("train.total_images=1.5", "config key 'train.total_images': expected int"),
+    ("train.compile=3", "config key 'train.compile': expected bool"),
+    ("train.betas=0.9", "config key 'train.betas': expected a list"),
+    ("diffusion.objective=score", "config key 'diffusion.objective'"),
+    ("train", "not of the form key.sub=value"),
+])
+def test_bad_keys_and_types_are_one_line_errors(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_yaml_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("model:\n  preset: DiT-S/2\n  deptth: 3\n")
+    with pytest.raises(ConfigError, match="'model.deptth'"):
+        load_config(nested)
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="sample.sampler"):
+        load_config(overrides=["diffusion.objective=flow", "model.learn_sigma=false"])
+    with pytest.raises(ConfigError, match="learn_sigma"):
+        load_config(overrides=["diffusion.objective=flow", "sample.sampler=euler"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(overrides=["train.lr=0.002", "sample.classes=[1, 2]"])
+    dump_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert to_dict(again) == to_dict(cfg)
+    assert build(RunConfig, to_dict(cfg)) == cfg
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+    assert configs, "no configs found"
+    for path in configs:
+        load_config(path)
+
+
+def test_override_values_are_yaml():
+    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+    assert parse_override("a=some text") == (["a"], "some text")

@@ -1,0 +1,123 @@
+"""The training loop: exact resume (also after a real SIGKILL), DDP equivalence, refusals that lose nothing."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import TINY, state_of, tiny_config
+from ldmkit.config import ConfigError
+from ldmkit.train.loop import batch_indices, training_loop
+from ldmkit.train.state import CheckpointError
+
+
+def assert_same_weights(a, b, atol=0.0):
+    for key in ("model", "ema"):
+        for name, value in a[key].items():
+            if atol == 0.0:
+                assert torch.equal(value, b[key][name]), f"{key}.{name} differs"
+            else:
+                assert torch.allclose(value, b[key][name], atol=atol, rtol=0), f"{key}.{name} differs by {(value - b[key][name]).abs().max()}"
+
+
+def test_loss_falls_and_outputs_exist(tmp_path):
+    cfg = tiny_config("train.total_images=1024", "train.log_every_images=128", "train.checkpoint_every_images=512")
+    run = training_loop(cfg, tmp_path / "run", quiet=True)
+    import json
+
+    records = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["images"] == 1024 and len(records) == 8
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert (run / "loss.png").stat().st_size > 1000 and (run / "config.yaml").is_file()
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["ckpt-0000000512.pt", "ckpt-0000001024.pt"]
+    assert any((run / "tensorboard").iterdir())
+
+
+def test_resume_is_exact(tmp_path):
+    cfg = tiny_config()
+    straight = training_loop(cfg, tmp_path / "straight", quiet=True)
+    split = tmp_path / "split"
+    training_loop(cfg, split, stop_after_images=64, quiet=True)
+    assert state_of(split)["images_seen"] == 64
+    training_loop(cfg, split, quiet=True)  # the same call again resumes
+    assert state_of(split)["images_seen"] == 128
+    assert_same_weights(state_of(straight), state_of(split))
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    """A real kill in the middle of a run, then the same command again."""
+    config = tmp_path / "c.yaml"
+    config.write_text("name: kill\n")
+
+    def command(out):
+        cmd = [sys.executable, "-m", "ldmkit.cli", "train", str(config), "--out", str(tmp_path / out)]
+        for o in TINY + ["train.total_images=1600", "train.checkpoint_every_images=160", "train.keep_checkpoints=20"]:
+            cmd += ["--set", o]
+        return cmd
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # the same threads for both runs: the same float reductions
+    proc = subprocess.Popen(command("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "killed" / "checkpoints").glob("ckpt-*.pt")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = state_of(tmp_path / "killed")["images_seen"]
+    assert 0 < partial < 1600, "the kill should land mid-run"
+    assert subprocess.run(command("killed"), env=env, capture_output=True).returncode == 0
+    assert subprocess.run(command("straight"), env=env, capture_output=True).returncode == 0
+    assert state_of(tmp_path / "killed")["images_seen"] == 1600
+    assert_same_weights(state_of(tmp_path / "straight"), state_of(tmp_path / "killed"))
+
+
+def _ddp_worker(rank, world, port, run_dir, overrides):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    training_loop(tiny_config(*overrides), run_dir, quiet=True)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_ddp_equals_one_process(tmp_path):
+    overrides = ["train.micro_batch=4"]  # 1 process: 4 accumulation rounds; 2 processes: 2 rounds each
+    single = training_loop(tiny_config(*overrides), tmp_path / "single", quiet=True)
+    port = 29500 + os.getpid() % 1000
+    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path / "ddp"), overrides), nprocs=2, join=True, start_method="fork")
+    assert_same_weights(state_of(single), state_of(tmp_path / "ddp"), atol=2e-6)
+
+
+def test_global_batch_must_divide():
+    with pytest.raises(ConfigError, match="global_batch"):
+        training_loop(tiny_config("train.micro_batch=5"), "/tmp/never-created-ldmkit", quiet=True)
+
+
+def test_batch_indices_cover_each_epoch_once():
+    idx = batch_indices(10, seed=3, start=0, count=20)
+    assert sorted(idx[:10]) == list(range(10)) and sorted(idx[10:]) == list(range(10))
+    assert list(batch_indices(10, 3, 7, 6)) == list(idx[7:13])
+
+
+def test_refuses_run_dir_of_another_config(tmp_path):
+    training_loop(tiny_config("train.total_images=32"), tmp_path / "run", quiet=True)
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    with pytest.raises(ConfigError, match="differs at: train.lr"):
+        training_loop(tiny_config("train.total_images=32", "train.lr=0.5"), tmp_path / "run", quiet=True)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+    # extending the length of the same run is not a different config
+    training_loop(tiny_config("train.total_images=48"), tmp_path / "run", quiet=True)
+    assert state_of(tmp_path / "run")["images_seen"] == 48
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    training_loop(tiny_config("train.total_images=32"), tmp_path / "run", quiet=True)
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        training_loop(tiny_config("train.total_images=64", "model.hidden_size=32"), tmp_path / "run", allow_config_change=True, quiet=True)
+
+
+def test_nan_guard_stops_a_diverging_run(tmp_path):
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        training_loop(tiny_config("train.lr=1e30", "train.total_images=320", "train.max_nan_skips=1", "train.grad_clip=null"), tmp_path / "run", quiet=True)
