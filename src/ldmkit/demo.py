@@ -21,7 +21,7 @@ DEMO_CONFIG = REPO_CONFIGS / "demo" / "mnist_dit.yaml"
 QUICK_OVERRIDES = [
     "model.preset=DiT-tiny/4", "train.total_images=512", "train.global_batch=32", "train.log_every_images=128",
     "train.checkpoint_every_images=256", "train.warmup_images=0", "sample.steps=3", "sample.per_class=2",
-    "eval.num_images=40", "eval.batch=40", "eval.classifier_epochs=1",
+    "eval.num_images=40", "eval.batch=40", "eval.classifier_epochs=1", "data.held_out=100",
 ]
 MIN_CLASSIFIER_ACCURACY, MIN_AGREEMENT = 0.97, 0.90
 

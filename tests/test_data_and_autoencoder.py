@@ -1,0 +1,97 @@
+"""Image folders (bad files skipped and counted) and the AutoencoderKL path through training and sampling."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import state_of
+from ldmkit.cli import main
+from ldmkit.config import ConfigError, load_config
+from ldmkit.data.datasets import DataError, ImageFolder, build_dataset, mnist_digits
+from ldmkit.train.loop import training_loop
+
+
+def make_folder(root, n=4, size=40):
+    rng = np.random.default_rng(0)
+    for c in ("n01440764", "n01443537"):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    (root / "n01440764" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(root / "n01443537" / "gray.png")  # grayscale: converted
+    (root / "n01443537" / "notes.txt").write_text("ignored")
+    return root
+
+
+def test_image_folder_skips_and_counts_bad_files(tmp_path):
+    ds = ImageFolder(make_folder(tmp_path / "data"), resolution=32)
+    assert len(ds) == 9 and len(ds.skipped) == 1 and ds.skipped[0][0].endswith("corrupt.jpg")
+    x, y = ds[8]
+    assert x.shape == (3, 32, 32) and -1 <= x.min() and x.max() <= 1 and int(y) == 1
+    assert ds.classes == ["n01440764", "n01443537"]
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="dataset folder not found"):
+        ImageFolder(tmp_path / "missing", 32)
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(DataError, match="no class subfolders"):
+        ImageFolder(tmp_path / "flat", 32)
+
+
+def test_mnist_split_is_balanced():
+    images, labels = mnist_digits(32)
+    assert images.shape == (5000, 1, 32, 32) and labels.bincount().tolist() == [500] * 10
+    cfg = load_config()
+    held = build_dataset(cfg.data, "held_out")
+    train = build_dataset(cfg.data, "train")
+    assert len(held) == 500 and len(train) == 4500 and held.labels.bincount().tolist() == [50] * 10
+
+
+@pytest.fixture
+def tiny_vae(tmp_path):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=4, sample_size=32)
+    vae.save_pretrained(tmp_path / "vae")
+    return tmp_path / "vae"
+
+
+def test_latent_training_and_sampling_through_autoencoder_kl(tmp_path, tiny_vae):
+    data = make_folder(tmp_path / "data")
+    overrides = [
+        "model.preset=DiT-tiny/2", "model.in_channels=4", "model.input_size=16", "model.num_classes=2",
+        "autoencoder.name=kl", f"autoencoder.path={tiny_vae}", "autoencoder.scaling_factor=0.5",
+        "data.name=image_folder", f"data.path={data}", "data.channels=3", "data.resolution=32", "data.hflip=true",
+        "train.total_images=32", "train.global_batch=8", "train.checkpoint_every_images=32", "sample.steps=2", "sample.per_class=2",
+    ]
+    run = training_loop(load_config(overrides=overrides), tmp_path / "run", quiet=True)
+    assert state_of(run)["images_seen"] == 32
+    assert main(["sample", str(run), "--grid", str(tmp_path / "grid.png"), "--steps", "2"]) == 0
+    assert Image.open(tmp_path / "grid.png").size == (2 * 33 + 1, 2 * 33 + 1)  # decoded back to 32x32 RGB
+    with pytest.raises(ConfigError, match="model.input_size"):
+        training_loop(load_config(overrides=overrides + ["model.input_size=32"]), tmp_path / "run2", quiet=True)
+
+
+def test_missing_autoencoder_is_one_line_error(tmp_path):
+    from ldmkit.autoencoders import build_autoencoder
+
+    cfg = load_config(overrides=["autoencoder.name=kl", f"autoencoder.path={tmp_path}/no-vae"])
+    with pytest.raises(ConfigError, match="cannot load AutoencoderKL"):
+        build_autoencoder(cfg.autoencoder, 3)
+
+
+def test_kl_encode_uses_the_given_posterior_noise(tiny_vae):
+    from ldmkit.autoencoders import build_autoencoder
+
+    cfg = load_config(overrides=["autoencoder.name=kl", f"autoencoder.path={tiny_vae}", "autoencoder.scaling_factor=0.5"])
+    ae = build_autoencoder(cfg.autoencoder, 3)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    mean = ae.encode(x)
+    noise = torch.randn(2, 4, 16, 16)
+    sampled = ae.encode(x, noise)
+    assert mean.shape == (2, 4, 16, 16) and not torch.allclose(mean, sampled)
+    assert torch.allclose(ae.encode(x, noise), sampled)
+    assert ae.decode(mean).shape == (2, 3, 32, 32)
