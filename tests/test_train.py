@@ -26,7 +26,7 @@ def assert_same_weights(a, b, atol=0.0):
 
 
 def test_loss_falls_and_outputs_exist(tmp_path):
-    cfg = tiny_config("train.total_images=1024", "train.log_every_images=128", "train.checkpoint_every_images=512")
+    cfg = tiny_config("train.total_images=1024", "train.log_every_images=128", "train.checkpoint_every_images=512", "train.sample_every_images=512")
     run = training_loop(cfg, tmp_path / "run", quiet=True)
     import json
 
@@ -36,6 +36,32 @@ def test_loss_falls_and_outputs_exist(tmp_path):
     assert (run / "loss.png").stat().st_size > 1000 and (run / "config.yaml").is_file()
     assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["ckpt-0000000512.pt", "ckpt-0000001024.pt"]
     assert any((run / "tensorboard").iterdir())
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["grid-0000000512.png", "grid-0000001024.png"]
+    assert all(r["memory_gb"] > 0 and r["images_per_s"] > 0 for r in records)
+
+
+def test_bf16_autocast_trains(tmp_path):
+    run = training_loop(tiny_config("train.precision=bf16", "train.total_images=64"), tmp_path / "run", quiet=True)
+    state = state_of(run)
+    assert state["images_seen"] == 64
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in state["model"].values())  # master weights stay fp32
+
+
+def test_compiled_blocks_match_eager():
+    from ldmkit.conditioning.cond import Cond
+    from ldmkit.models.dit import DiT
+    from ldmkit.train.parallel import compile_blocks
+
+    torch.manual_seed(0)
+    eager = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10, learn_sigma=False)
+    with torch.no_grad():
+        for p in eager.parameters():
+            p.normal_(0, 0.1)
+    compiled = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10, learn_sigma=False)
+    compiled.load_state_dict(eager.state_dict())
+    compile_blocks(compiled)
+    x, t, c = torch.randn(2, 1, 8, 8), torch.rand(2), Cond(class_labels=torch.tensor([1, 2]))
+    assert torch.allclose(compiled(x, t, c), eager(x, t, c), atol=1e-5)
 
 
 def test_resume_is_exact(tmp_path):
@@ -88,6 +114,12 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     port = 29500 + os.getpid() % 1000
     mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path / "ddp"), overrides), nprocs=2, join=True, start_method="fork")
     assert_same_weights(state_of(single), state_of(tmp_path / "ddp"), atol=2e-6)
+
+
+def test_data_workers_give_the_same_run(tmp_path):
+    a = training_loop(tiny_config("train.total_images=64"), tmp_path / "a", quiet=True)
+    b = training_loop(tiny_config("train.total_images=64", "data.num_workers=2"), tmp_path / "b", quiet=True)
+    assert_same_weights(state_of(a), state_of(b))
 
 
 def test_global_batch_must_divide():

@@ -44,6 +44,24 @@ def batch_indices(dataset_len: int, seed: int, start: int, count: int) -> np.nda
     return np.asarray(out)
 
 
+class StreamBatches(torch.utils.data.Sampler):
+    """This process's micro-batches of dataset indices, step after step from stream position `start`:
+    for each step, the global batch of batch_indices(), sliced by (accumulation round, rank). Given to a
+    DataLoader as batch_sampler, so worker processes load in this exact order."""
+
+    def __init__(self, dataset_len: int, seed: int, start: int, end: int, global_batch: int, micro: int, rounds: int, world: int, rank: int):
+        self.args = (dataset_len, seed, start, end, global_batch, micro, rounds, world, rank)
+
+    def __iter__(self):
+        n, seed, pos, end, global_batch, micro, rounds, world, rank = self.args
+        while pos < end:
+            idx = batch_indices(n, seed, pos, global_batch)
+            for r in range(rounds):
+                lo = (r * world + rank) * micro
+                yield idx[lo: lo + micro].tolist()
+            pos += global_batch
+
+
 def prepare_run_dir(cfg: RunConfig, run_dir: Path, allow_config_change: bool, is_main: bool) -> None:
     """Create the run folder, or check that an existing one belongs to this config (then it resumes)."""
     config_file = run_dir / "config.yaml"
@@ -135,6 +153,10 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
     next_log = (images_seen // tc.log_every_images + 1) * tc.log_every_images
     next_ckpt = (images_seen // tc.checkpoint_every_images + 1) * tc.checkpoint_every_images
     next_grid = (images_seen // tc.sample_every_images + 1) * tc.sample_every_images if tc.sample_every_images else None
+    loader = torch.utils.data.DataLoader(
+        dataset, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+        batch_sampler=StreamBatches(len(dataset), tc.seed, images_seen, end, tc.global_batch, micro, rounds, d.world_size, d.rank))
+    batches = iter(loader)
 
     while images_seen < end:
         # ---- the step's global randomness; this process takes its slices.
@@ -144,16 +166,14 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
         posterior_noise = torch.randn((tc.global_batch, *latent_shape), generator=gen, device=device)
         drop = torch.rand(tc.global_batch, generator=gen, device=device) < tc.class_dropout
         flip = torch.rand(tc.global_batch, generator=gen, device=device) < (0.5 if cfg.data.hflip else 0.0)
-        indices = batch_indices(len(dataset), tc.seed, images_seen, tc.global_batch)
 
         optimizer.zero_grad(set_to_none=True)
         for r in range(rounds):
             lo = (r * d.world_size + d.rank) * micro
             part = slice(lo, lo + micro)
-            images, labels = zip(*(dataset[int(i)] for i in indices[part]))
-            images = torch.stack(images).to(device)
+            images, labels = next(batches)
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             images = torch.where(flip[part].view(-1, 1, 1, 1), images.flip(-1), images)
-            labels = torch.stack(labels).to(device)
             x0 = autoencoder.encode(images, posterior_noise[part])
             cond = Cond(class_labels=labels, drop_semantic=drop[part])
             sync = r == rounds - 1 or d.world_size == 1
@@ -201,11 +221,10 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
                 torch.cuda.synchronize()
             elapsed = time.time() - tick_time
             speed = (images_seen - tick_images) / max(elapsed, 1e-9)
-            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else peak_rss_gb()
             record = {"images": images_seen, "step": step, "loss": totals[0].item(), "mse": totals[1].item(),
                       "lr": optimizer.param_groups[0]["lr"], "images_per_s": speed, "time": time.time()}
-            if mem is not None:
-                record["memory_gb"] = mem
+            record["memory_gb"] = mem
             logger.log(record)
             if d.is_main and not quiet:
                 print_status(status_line(images_seen, tc.total_images, record["loss"], speed, mem))
@@ -239,6 +258,12 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
     if d.is_main:
         plot_loss_curve(run_dir)
     return run_dir
+
+
+def peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 class _nullcontext:
