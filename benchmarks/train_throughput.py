@@ -94,7 +94,7 @@ def main():
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "params_m": round(count_parameters(model) / 1e6, 2),
         "images_per_s": round(images_per_s, 2), "step_time_s": round(dt, 4),
-        "train_tflops_per_image": round(flops / 1e12, 4), "achieved_tflops": round(images_per_s * flops / 1e12, 3),
+        "train_gflops_per_image": round(flops / 1e9, 3), "achieved_tflops": round(images_per_s * flops / 1e12, 3),
         "torch": torch.__version__,
     }
     if device.type == "cuda":
