@@ -47,6 +47,8 @@ def test_sample_and_eval_a_run(tmp_path):
     grid = Image.open(tmp_path / "g.png")
     assert grid.size == (2 * 33 + 1, 2 * 33 + 1)
     assert sorted(p.name for p in (tmp_path / "imgs").iterdir()) == ["000000_class3.png", "000001_class3.png", "000002_class7.png", "000003_class7.png"]
+    assert main(["sample", str(run), "--classes", "1,2", "--num", "6", "--steps", "1", "--out", str(tmp_path / "six")]) == 0
+    assert len(list((tmp_path / "six").iterdir())) == 6
     assert main(["sample", str(run), "--classes", "12"]) == 2
     assert main(["sample", str(tmp_path / "nothing-here")]) == 2
 

@@ -122,6 +122,20 @@ def test_data_workers_give_the_same_run(tmp_path):
     assert_same_weights(state_of(a), state_of(b))
 
 
+def test_torchrun_launch_equals_one_process(tmp_path):
+    """The documented launch: torchrun --nproc_per_node 2 -m ldmkit.cli train CONFIG (gloo on the CPU)."""
+    config = tmp_path / "c.yaml"
+    config.write_text("name: torchrun\n")
+    sets = [a for o in TINY + ["train.total_images=64", "train.micro_batch=8"] for a in ("--set", o)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(30500 + os.getpid() % 1000)]
+    r = subprocess.run(torchrun + ["-m", "ldmkit.cli", "train", str(config), "--out", str(tmp_path / "ddp")] + sets, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "ldmkit.cli", "train", str(config), "--out", str(tmp_path / "one")] + sets, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_same_weights(state_of(tmp_path / "one"), state_of(tmp_path / "ddp"), atol=2e-6)
+
+
 def test_global_batch_must_divide():
     with pytest.raises(ConfigError, match="global_batch"):
         training_loop(tiny_config("train.micro_batch=5"), "/tmp/never-created-ldmkit", quiet=True)
@@ -139,8 +153,8 @@ def test_refuses_run_dir_of_another_config(tmp_path):
     with pytest.raises(ConfigError, match="differs at: train.lr"):
         training_loop(tiny_config("train.total_images=32", "train.lr=0.5"), tmp_path / "run", quiet=True)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
-    # extending the length of the same run is not a different config
-    training_loop(tiny_config("train.total_images=48"), tmp_path / "run", quiet=True)
+    # a longer run, or other sampling/eval/logging settings, is the same training: it resumes
+    training_loop(tiny_config("train.total_images=48", "sample.guidance_scale=4", "eval.num_images=7", "train.log_every_images=16"), tmp_path / "run", quiet=True)
     assert state_of(tmp_path / "run")["images_seen"] == 48
 
 

@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="run folder or checkpoint file")
     p.add_argument("--classes", help="comma-separated class ids, one grid row each (default: the first 10 classes)")
     p.add_argument("--per-class", type=int, help="images per class (default: the run's sample.per_class)")
+    p.add_argument("--num", type=int, help="total number of images, split evenly over the classes (overrides --per-class)")
     p.add_argument("--grid", help="write the grid PNG here (default: <run>/samples/sample-seed<seed>.png)")
     p.add_argument("--out", help="also write one PNG per image into this folder")
     _add_sampling_options(p)
@@ -95,6 +96,10 @@ def cmd_sample(args):
     if bad:
         raise ValueError(f"--classes: class {bad[0]} is out of range 0..{cfg.model.num_classes - 1}")
     per = args.per_class or cfg.sample.per_class
+    if args.num is not None:
+        if args.num < len(classes):
+            raise ValueError(f"--num {args.num} is fewer than the {len(classes)} classes asked for")
+        per = args.num // len(classes)
     labels = torch.tensor([c for c in classes for _ in range(per)])
     images = generate(model, cfg, objective, autoencoder, labels, list(range(len(labels))), "cpu",
                       guidance_scale=args.guidance, sampler=args.sampler, steps=args.steps, seed=args.seed)

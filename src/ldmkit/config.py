@@ -113,7 +113,7 @@ class EvalConfig:
     batch: int = 100
     classifier: bool = True           # digit classifier accuracy (mnist only)
     fd_effnet: bool = True            # FD-EffNetLite0 against held-out real images (not FID)
-    classifier_epochs: int = 12
+    classifier_epochs: int = 20
 
 
 @dataclass

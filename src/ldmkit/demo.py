@@ -39,7 +39,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, config: str | P
     timings["training"] = time.time() - t0
 
     t0 = time.time()
-    metrics, images, labels = evaluate_run(out, log=print_status)
+    metrics, images, labels = evaluate_run(out, log=print_status, eval_cfg=cfg.eval)
     timings["sampling and evaluation"] = time.time() - t0
     # The grid: the first `per_class` samples of each class, one row per class.
     per = cfg.sample.per_class

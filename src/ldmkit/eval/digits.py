@@ -34,7 +34,7 @@ def random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2
     return torch.stack([padded[i, :, dy: dy + H, dx: dx + W] for i, (dy, dx) in enumerate(offsets.tolist())])
 
 
-def train_classifier(images, labels, epochs: int = 12, batch: int = 64, seed: int = 0, lr: float = 2e-3) -> DigitClassifier:
+def train_classifier(images, labels, epochs: int = 20, batch: int = 64, seed: int = 0, lr: float = 2e-3) -> DigitClassifier:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = DigitClassifier(int(labels.max()) + 1)
@@ -64,7 +64,7 @@ def accuracy(model, images, labels) -> float:
     return (predict(model, images) == labels.cpu()).float().mean().item()
 
 
-def load_or_train_classifier(data_cfg, path: str | Path, epochs: int = 12) -> tuple[DigitClassifier, float]:
+def load_or_train_classifier(data_cfg, path: str | Path, epochs: int = 20) -> tuple[DigitClassifier, float]:
     """The classifier saved at path, or one trained on the training split and saved there.
     Returns (model, held-out accuracy)."""
     from ..data.datasets import build_dataset

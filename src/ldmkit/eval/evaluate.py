@@ -82,9 +82,13 @@ def fd_effnet(images: torch.Tensor, reference: torch.Tensor, batch: int = 100) -
 
 def evaluate_run(path, num_images: int | None = None, guidance_scale: float | None = None, steps: int | None = None,
                  sampler: str | None = None, seed: int | None = None, classifier_path: str | Path | None = None,
-                 reference: str | Path | None = None, fd: bool | None = None, device="cpu", log=print) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Generate class-balanced samples from a run and compute its metrics. Returns (metrics, images, labels)."""
+                 reference: str | Path | None = None, fd: bool | None = None, device="cpu", log=print,
+                 eval_cfg=None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Generate class-balanced samples from a run and compute its metrics. Returns (metrics, images, labels).
+    Evaluation settings come from the run's config unless eval_cfg (an EvalConfig) is given."""
     cfg, model, objective, autoencoder, run_dir = load_generator(path, device=device)
+    if eval_cfg is not None:
+        cfg.eval = eval_cfg
     n = num_images or cfg.eval.num_images
     classes = cfg.model.num_classes if cfg.data.name != "mnist" else 10
     labels = torch.arange(n) % classes

@@ -25,7 +25,11 @@ def write_report(run_dir: str | Path, cfg: RunConfig, metrics: dict, checks: lis
     for key, label in names.items():
         if key in metrics:
             v = metrics[key]
-            lines.append(f"| {label} | {v:.4f} |" if isinstance(v, float) else f"| {label} | {v} |")
+            lines.append(f"| {label} | {v:.4g} |" if isinstance(v, float) else f"| {label} | {v} |")
+    if "fd_effnetlite0" in metrics:
+        lines += ["", f"FD-EffNetLite0 compares {metrics['num_images']} generated with {metrics.get('fd_reference_count', '?')} real images; "
+                  "with fewer images than its 1,280 feature dimensions the covariances are singular, so values are "
+                  "comparable only between evaluations with the same image counts."]
     if "class_agreement_per_class" in metrics:
         per = ", ".join(f"{c}: {v:.2f}" for c, v in sorted(metrics["class_agreement_per_class"].items()))
         lines += ["", f"Agreement per class: {per}"]

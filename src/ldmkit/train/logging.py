@@ -69,9 +69,9 @@ def plot_loss_curve(run_dir: Path, out: Path | None = None) -> Path | None:
     out = Path(out or Path(run_dir) / "loss.png")
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     images = [r["images"] for r in records]
-    for key in ("loss", "mse"):
-        if key in records[0]:
-            ax.plot(images, [r[key] for r in records], label=key)
+    ax.plot(images, [r["loss"] for r in records], label="loss")
+    if any(abs(r["loss"] - r.get("mse", r["loss"])) > 1e-12 for r in records):  # DDPM hybrid: mse is a part of loss
+        ax.plot(images, [r["mse"] for r in records], label="mse (L_simple)")
     ax.set_xlabel("images seen")
     ax.set_ylabel("training loss")
     ax.set_yscale("log")

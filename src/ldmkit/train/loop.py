@@ -62,12 +62,17 @@ class StreamBatches(torch.utils.data.Sampler):
             pos += global_batch
 
 
+# Keys that do not change the trained weights: a run may resume with other values.
+NOT_TRAINING_KEYS = ("name", "sample.", "eval.", "data.num_workers", "train.total_images", "train.log_every_images",
+                     "train.checkpoint_every_images", "train.sample_every_images", "train.keep_checkpoints", "train.max_nan_skips")
+
+
 def prepare_run_dir(cfg: RunConfig, run_dir: Path, allow_config_change: bool, is_main: bool) -> None:
     """Create the run folder, or check that an existing one belongs to this config (then it resumes)."""
     config_file = run_dir / "config.yaml"
     if config_file.exists():
         previous = load_config(config_file)
-        changed = [k for k in diff_configs(to_dict(previous), to_dict(cfg)) if k != "train.total_images"]
+        changed = [k for k in diff_configs(to_dict(previous), to_dict(cfg)) if not k.startswith(NOT_TRAINING_KEYS)]
         if changed and not allow_config_change:
             raise ConfigError(
                 f"run directory {run_dir} holds a run of a different config (differs at: {', '.join(changed[:5])}); "
@@ -189,8 +194,9 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
         stat_n += micro * rounds
 
         # ---- NaN guard: every process agrees on skipping the update.
-        finite = torch.tensor(float(all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)), device=device)
-        finite = parallel.all_reduce_mean(finite, d)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads)  # one fused reduction; NaN/inf if any gradient is
+        finite = parallel.all_reduce_mean(torch.isfinite(grad_norm).float(), d)
         if finite.item() < 1.0:
             nan_skips += 1
             optimizer.zero_grad(set_to_none=True)
@@ -201,15 +207,14 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
         else:
             nan_skips = 0
             if tc.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                torch.nn.utils.clip_grads_with_norm_(model.parameters(), tc.grad_clip, grad_norm)
             lr = tc.lr * min(1.0, (images_seen + tc.global_batch) / tc.warmup_images) if tc.warmup_images else tc.lr
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.step()
             beta = ema_beta(cfg, images_seen)
             with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), model.parameters()):
-                    p_ema.lerp_(p.detach(), 1 - beta)
+                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - beta)
         images_seen += tc.global_batch
         step += 1
 
