@@ -57,6 +57,12 @@ def test_flow_loss_and_time_sampling():
     assert float(shift_time(torch.tensor(0.0), 3.0)) == 0 and float(shift_time(torch.tensor(1.0), 3.0)) == 1
 
 
+def test_cosine_schedule():
+    betas = ddpm_betas("cosine", 1000)
+    assert betas.max() <= 0.999 and (np.diff(betas) >= -1e-12).all()
+    assert abs(DDPMSchedule(betas).alphas_cumprod[499] - np.cos((0.5 + 0.008) / 1.008 * np.pi / 2) ** 2 / np.cos(0.008 / 1.008 * np.pi / 2) ** 2) < 1e-3
+
+
 def test_respacing_modes():
     assert space_timesteps(1000, 4, "leading") == [0, 250, 500, 750]
     assert space_timesteps(1000, 4, "trailing") == [249, 499, 749, 999]

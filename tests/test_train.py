@@ -136,6 +136,26 @@ def test_torchrun_launch_equals_one_process(tmp_path):
     assert_same_weights(state_of(tmp_path / "one"), state_of(tmp_path / "ddp"), atol=2e-6)
 
 
+def test_ema_half_life_and_warmup():
+    from ldmkit.train.loop import ema_beta
+
+    cfg = tiny_config("train.ema_halflife_images=1000", "train.ema_rampup=0.5", "train.global_batch=10")
+    # after one half-life of images the old EMA keeps half its weight
+    assert abs(ema_beta(cfg, 10**6) ** (1000 / 10) - 0.5) < 1e-9
+    # ramp-up: early on the half-life is images_seen * rampup (here 50 images at 100 seen)
+    assert abs(ema_beta(cfg, 100) ** (50 / 10) - 0.5) < 1e-9
+    assert ema_beta(cfg, 0) == 0.0  # the EMA starts as a copy
+    assert ema_beta(tiny_config(), 10**6) == 0.9999  # DiT's per-step decay when no half-life is set
+
+
+def test_learning_rate_warms_up_linearly(tmp_path):
+    import json
+
+    run = training_loop(tiny_config("train.warmup_images=64", "train.lr=0.001", "train.total_images=128"), tmp_path / "run", quiet=True)
+    lrs = [json.loads(line)["lr"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([0.0005, 0.001, 0.001, 0.001])  # logged every 32 images
+
+
 def test_global_batch_must_divide():
     with pytest.raises(ConfigError, match="global_batch"):
         training_loop(tiny_config("train.micro_batch=5"), "/tmp/never-created-ldmkit", quiet=True)

@@ -8,6 +8,7 @@ and produces the same weights as an uninterrupted run.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -182,7 +183,7 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
             x0 = autoencoder.encode(images, posterior_noise[part])
             cond = Cond(class_labels=labels, drop_semantic=drop[part])
             sync = r == rounds - 1 or d.world_size == 1
-            ctx = train_model.no_sync() if (d.world_size > 1 and not sync) else _nullcontext()
+            ctx = train_model.no_sync() if (d.world_size > 1 and not sync) else contextlib.nullcontext()
             with ctx:
                 with autocast:
                     terms = objective.loss(train_model, x0, cond, times[part], noise[part])
@@ -269,11 +270,3 @@ def peak_rss_gb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

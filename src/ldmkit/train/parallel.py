@@ -51,14 +51,6 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def broadcast_object(obj, d: Dist):
-    if d.world_size == 1:
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
 def compile_blocks(model: nn.Module) -> None:
     """torch.compile each transformer block in place (shorter compiles than the whole model, and the
     same compiled code serves every block of one shape)."""
