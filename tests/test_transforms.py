@@ -1,0 +1,72 @@
+"""Crop strategies record the metadata of what they did."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldmkit.data.transforms import CROP_STRATEGIES, crop_with_metadata
+
+
+def gradient_image(h=300, w=200):
+    """Pixel value encodes position, so a crop's content tells where it came from."""
+    y, x = np.mgrid[0:h, 0:w]
+    return Image.fromarray(np.stack([y * 255 // h, x * 255 // w, np.zeros_like(x)], -1).astype(np.uint8))
+
+
+def test_center_crop_metadata():
+    out, meta = crop_with_metadata(gradient_image(300, 200), 64, "center")
+    assert out.size == (64, 64)
+    assert meta.original_size == (300, 200) and meta.crop_size == (200.0, 200.0) and meta.crop_top_left == (50.0, 0.0)
+    assert meta.target_size == (64, 64) and meta.aspect_ratio == pytest.approx(2 / 3) and meta.flip == 0
+    # the centre row of the output comes from the centre row of the source (red channel = row position)
+    assert abs(np.asarray(out)[32, 32, 0] - 255 * 150 // 300) <= 3
+
+
+def test_random_crop_stays_inside_and_is_reproducible():
+    seen = set()
+    for seed in range(20):
+        out, meta = crop_with_metadata(gradient_image(300, 200), 32, "random", np.random.default_rng(seed))
+        top, left = meta.crop_top_left
+        assert 0 <= top <= 100 and left == 0 and meta.crop_size == (200.0, 200.0)
+        seen.add(top)
+        again, meta2 = crop_with_metadata(gradient_image(300, 200), 32, "random", np.random.default_rng(seed))
+        assert meta2 == meta and np.array_equal(np.asarray(again), np.asarray(out))
+        # content matches the recorded position: the top row's red value is the crop's top row
+        assert abs(int(np.asarray(out)[0, 16, 0]) - 255 * top / 300) <= 6
+    assert len(seen) > 5
+
+
+def test_random_resized_crop_respects_scale_and_ratio():
+    for seed in range(30):
+        _, meta = crop_with_metadata(gradient_image(300, 200), 32, "random_resized", np.random.default_rng(seed), scale=(0.25, 0.5))
+        h, w = meta.crop_size
+        top, left = meta.crop_top_left
+        assert 0 <= top and top + h <= 300 and 0 <= left and left + w <= 200
+        assert 0.24 <= h * w / (300 * 200) <= 0.51 and 3 / 4 - 0.02 <= w / h <= 4 / 3 + 0.02
+
+
+def test_none_keeps_the_whole_image():
+    out, meta = crop_with_metadata(gradient_image(300, 200), 16, "none")
+    assert meta.crop_top_left == (0.0, 0.0) and meta.crop_size == (300.0, 200.0) and out.size == (16, 16)
+
+
+def test_flip_is_recorded_and_mirrors():
+    flips = []
+    for seed in range(40):
+        out, meta = crop_with_metadata(gradient_image(200, 200), 32, "center", np.random.default_rng(seed), flip_prob=0.5)
+        plain, _ = crop_with_metadata(gradient_image(200, 200), 32, "center")
+        expected = np.asarray(plain)[:, ::-1] if meta.flip else np.asarray(plain)
+        assert np.array_equal(np.asarray(out), expected)
+        flips.append(meta.flip)
+    assert 10 < sum(flips) < 30
+
+
+def test_control_values_and_errors():
+    _, meta = crop_with_metadata(gradient_image(300, 200), 32, "center")
+    control = meta.as_control()
+    assert control["original_size"] == [300.0, 200.0] and control["flip"] == [0.0] and set(control) == {
+        "original_size", "crop_top_left", "crop_size", "target_size", "aspect_ratio", "flip"}
+    with pytest.raises(ValueError, match="unknown crop strategy"):
+        crop_with_metadata(gradient_image(), 32, "zoom")
+    with pytest.raises(ValueError, match="needs a random generator"):
+        crop_with_metadata(gradient_image(), 32, "random")
+    assert set(CROP_STRATEGIES) == {"center", "random", "random_resized", "none"}
