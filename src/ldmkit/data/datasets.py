@@ -6,6 +6,7 @@ subfolders (ImageNet layout); unreadable files are skipped and counted at scan t
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -67,18 +68,48 @@ def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+def read_class_index(path: str | Path) -> dict[str, int]:
+    """Class ids from a file: JSON {name: id}, or text with one name per line (id = line number) or
+    'name id' per line. Fixes ids across splits and subsets (e.g. ImageNet wnids)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"class index file not found: {path}")
+    text = path.read_text()
+    if path.suffix == ".json":
+        try:
+            return {str(k): int(v) for k, v in json.loads(text).items()}
+        except (ValueError, AttributeError) as e:
+            raise DataError(f"class index {path} is not a JSON mapping of name -> id ({e})") from None
+    index = {}
+    for n, line in enumerate(l for l in text.splitlines() if l.strip()):
+        parts = line.split()
+        if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+            raise DataError(f"class index {path}: line {n + 1} is not 'name' or 'name id': {line!r}")
+        index[parts[0]] = int(parts[1]) if len(parts) == 2 else n
+    return index
+
+
 class ImageFolder(torch.utils.data.Dataset):
-    def __init__(self, root: str | Path, resolution: int, channels: int = 3):
+    def __init__(self, root: str | Path, resolution: int, channels: int = 3, class_index: str | Path | None = None):
         root = Path(root).expanduser()
         if not root.is_dir():
             raise DataError(f"dataset folder not found: {root}")
         classes = sorted(p.name for p in root.iterdir() if p.is_dir())
         if not classes:
             raise DataError(f"dataset folder {root} has no class subfolders (expected root/<class>/<image>)")
+        if class_index is not None:
+            index = read_class_index(class_index)
+            unknown = [c for c in classes if c not in index]
+            if unknown:
+                raise DataError(f"class folder '{unknown[0]}' of {root} is not in the class index {class_index} ({len(unknown)} unknown)")
+            ids = [index[c] for c in classes]
+            self.num_classes = max(index.values()) + 1
+        else:
+            ids = list(range(len(classes)))
+            self.num_classes = len(classes)
         self.classes, self.resolution, self.channels = classes, resolution, channels
-        self.num_classes = len(classes)
         self.files, labels, self.skipped = [], [], []
-        for label, name in enumerate(classes):
+        for label, name in zip(ids, classes):
             for path in sorted((root / name).rglob("*")):
                 if path.suffix.lower() not in IMAGE_SUFFIXES:
                     continue
@@ -121,4 +152,4 @@ def build_dataset(data_cfg, split: str = "train") -> torch.utils.data.Dataset:
         return ds
     if split != "train":
         raise DataError(f"the image_folder dataset has no {split!r} split; pass a reference folder instead")
-    return ImageFolder(data_cfg.path, data_cfg.resolution, data_cfg.channels)
+    return ImageFolder(data_cfg.path, data_cfg.resolution, data_cfg.channels, data_cfg.class_index)
