@@ -88,19 +88,16 @@ def cmd_sample(args):
     import torch
 
     from .eval.evaluate import load_generator
-    from .eval.generate import generate, save_grid, save_images
+    from .eval.generate import generate, grid_labels, save_grid, save_images
 
     cfg, model, objective, autoencoder, run_dir = load_generator(args.source, use_ema=not args.no_ema)
-    classes = [int(c) for c in args.classes.split(",")] if args.classes else list(range(min(cfg.model.num_classes, 10)))
-    bad = [c for c in classes if not 0 <= c < cfg.model.num_classes]
-    if bad:
-        raise ValueError(f"--classes: class {bad[0]} is out of range 0..{cfg.model.num_classes - 1}")
-    per = args.per_class or cfg.sample.per_class
+    classes = [int(c) for c in args.classes.split(",")] if args.classes else None
+    labels, per = grid_labels(cfg, cfg.model.num_classes, classes, args.per_class)
     if args.num is not None:
-        if args.num < len(classes):
-            raise ValueError(f"--num {args.num} is fewer than the {len(classes)} classes asked for")
-        per = args.num // len(classes)
-    labels = torch.tensor([c for c in classes for _ in range(per)])
+        rows = len(labels) // per
+        if args.num < rows:
+            raise ValueError(f"--num {args.num} is fewer than the {rows} classes asked for")
+        labels, per = grid_labels(cfg, cfg.model.num_classes, classes, args.num // rows)
     images = generate(model, cfg, objective, autoencoder, labels, list(range(len(labels))), "cpu",
                       guidance_scale=args.guidance, sampler=args.sampler, steps=args.steps, seed=args.seed)
     seed = cfg.sample.seed if args.seed is None else args.seed
@@ -177,7 +174,7 @@ def cmd_convert(args):
     from .config import RunConfig, build
 
     model = build_model(build(RunConfig, cfg_dict).model)
-    sd = {k: v for k, v in sd.items()}
+    sd = dict(sd)  # pos_embed is a fixed table: fill it in when the source has none
     sd.setdefault("pos_embed", model.pos_embed)
     load_weights(model, sd, f"weights {args.source}")
     state = {"model": model.state_dict(), "ema": model.state_dict(), "config": cfg_dict, "images_seen": 0, "step": 0,

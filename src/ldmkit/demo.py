@@ -32,7 +32,6 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, config: str | P
         raise ConfigError(f"demo config not found: {config} (run from a clone of ldmkit, or pass --config)")
     cfg = load_config(config, (QUICK_OVERRIDES if quick else []) + list(overrides or []))
     out = Path(out)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     timings = {}
     t0 = time.time()
     training_loop(cfg, out)

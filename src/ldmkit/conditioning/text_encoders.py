@@ -60,10 +60,6 @@ class TextEncoder(nn.Module):
         self.model.eval().requires_grad_(False)
         self.name = f"{kind}:{Path(source).name if Path(source).exists() else source}"
 
-    @property
-    def dim(self) -> int:
-        return self.model.config.hidden_size if self.kind != "t5" else self.model.config.d_model
-
     @torch.no_grad()
     def forward(self, captions: list[str]) -> TextEmbedding:
         if isinstance(captions, str):

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .transforms import center_crop_resize
+
 log = logging.getLogger("ldmkit")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
@@ -57,15 +59,10 @@ class TensorImages(torch.utils.data.Dataset):
         return self.images[i], self.labels[i]
 
 
-def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
-    """ADM/DiT's centre crop: halve with a box filter while the short side allows, bicubic resize the short
-    side to size, then crop the centre."""
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
-    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
-    return image.crop((left, top, left + size, top + size))
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """A PIL image (L or RGB) -> [C, H, W] float tensor in [-1, 1]."""
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1)
+    return x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
 
 
 def read_class_index(path: str | Path) -> dict[str, int]:
@@ -134,9 +131,7 @@ class ImageFolder(torch.utils.data.Dataset):
         with Image.open(self.files[i]) as im:
             im = im.convert("L" if self.channels == 1 else "RGB")
             im = center_crop_resize(im, self.resolution)
-        x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1)
-        x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
-        return x, self.labels[i]
+        return pil_to_tensor(im), self.labels[i]
 
 
 def build_dataset(data_cfg, split: str = "train") -> torch.utils.data.Dataset:

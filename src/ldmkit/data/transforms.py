@@ -6,8 +6,8 @@ resized image instead: multiply by target / min(original) to convert). Randomnes
 Generator the caller passes, so a sample's crop is reproducible from its seed.
 
 Strategies:
-- `center`: resize the short side to the target, crop the centre (ADM/DiT; box-halving as ADM for large
-  reductions).
+- `center`: ADM/DiT's centre crop, exactly (box-halving, bicubic resize of the short side, centre crop);
+  its recorded region is the centred square, exact to within a source pixel of rounding.
 - `random`: resize the short side to the target, crop a random target x target window.
 - `random_resized`: a random region covering `scale` of the area with aspect ratio in `ratio` (as
   torchvision's RandomResizedCrop), resized to the target.
@@ -36,6 +36,17 @@ class CropMetadata:
     def as_control(self) -> dict[str, list[float]]:
         """Named control values, each a flat list of floats (what the conditioner embeds)."""
         return {k: [float(x) for x in (v if isinstance(v, tuple) else (v,))] for k, v in asdict(self).items()}
+
+
+def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
+    """ADM/DiT's centre crop: halve with a box filter while the short side allows, bicubic resize the short
+    side to size, then crop the centre."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+    return image.crop((left, top, left + size, top + size))
 
 
 def _resize_region(image: Image.Image, box: tuple[float, float, float, float], size: tuple[int, int]) -> Image.Image:
@@ -69,7 +80,10 @@ def crop_with_metadata(image: Image.Image, target: int, strategy: str = "center"
         top, left, h, w = _random_resized_region(H, W, rng, scale, ratio)
     else:  # none
         top, left, h, w = 0.0, 0.0, H, W
-    out = _resize_region(image, (left, top, left + w, top + h), (target, target))
+    if strategy == "center":
+        out = center_crop_resize(image, target)
+    else:
+        out = _resize_region(image, (left, top, left + w, top + h), (target, target))
     flip = int(flip_prob > 0 and rng.random() < flip_prob)
     if flip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)

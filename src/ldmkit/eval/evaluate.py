@@ -6,13 +6,12 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from ..autoencoders import build_autoencoder
 from ..config import RunConfig, build, validate
-from ..data.datasets import DataError, IMAGE_SUFFIXES, build_dataset
+from ..data.datasets import IMAGE_SUFFIXES, DataError, build_dataset, pil_to_tensor
 from ..diffusion.objectives import build_objective
 from ..models.registry import build_model
 from ..train.state import CheckpointError, latest_checkpoint, load_checkpoint, load_weights
@@ -54,11 +53,9 @@ def read_image_folder(folder: str | Path, channels: int, limit: int | None = Non
                 im = im.convert("L" if channels == 1 else "RGB")
                 if size and im.size != (size, size):
                     im = im.resize((size, size), Image.BICUBIC)
-                a = np.asarray(im, dtype=np.float32) / 127.5 - 1
-        except Exception:
+                images.append(pil_to_tensor(im))
+        except Exception:  # any decoder error: the file is skipped
             continue
-        t = torch.from_numpy(a)
-        images.append(t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1))
     if len(images) < 2:
         raise DataError(f"image folder {folder} holds fewer than 2 readable images")
     return torch.stack(images)

@@ -36,10 +36,14 @@ def generate(model, cfg, objective, autoencoder, labels: torch.Tensor, indices: 
     return torch.cat(out)
 
 
-def grid_labels(cfg, num_classes: int) -> tuple[torch.Tensor, int]:
-    """Labels for a grid with one row per class: (labels [rows * per_class], per_class)."""
-    classes = cfg.sample.classes or list(range(min(num_classes, 10)))
-    per = cfg.sample.per_class
+def grid_labels(cfg, num_classes: int, classes: list[int] | None = None, per_class: int | None = None) -> tuple[torch.Tensor, int]:
+    """Labels for a grid with one row per class: (labels [rows * per_class], per_class). Defaults: the
+    config's sample.classes (else the first 10 classes) and sample.per_class."""
+    classes = classes or cfg.sample.classes or list(range(min(num_classes, 10)))
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"class {bad[0]} is out of range 0..{num_classes - 1}")
+    per = per_class or cfg.sample.per_class
     return torch.tensor([c for c in classes for _ in range(per)]), per
 
 
