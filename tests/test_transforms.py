@@ -69,4 +69,6 @@ def test_control_values_and_errors():
         crop_with_metadata(gradient_image(), 32, "zoom")
     with pytest.raises(ValueError, match="needs a random generator"):
         crop_with_metadata(gradient_image(), 32, "random")
+    with pytest.raises(ValueError, match="needs a random generator"):  # flips are random for every strategy
+        crop_with_metadata(gradient_image(), 32, "center", flip_prob=0.5)
     assert set(CROP_STRATEGIES) == {"center", "random", "random_resized", "none"}

@@ -67,7 +67,7 @@ def crop_with_metadata(image: Image.Image, target: int, strategy: str = "center"
     """Crop and resize `image` to target x target with `strategy`; returns the image and its metadata."""
     if strategy not in CROP_STRATEGIES:
         raise ValueError(f"unknown crop strategy {strategy!r} (one of {', '.join(CROP_STRATEGIES)})")
-    if strategy != "center" and rng is None and (strategy != "none" or flip_prob > 0):
+    if rng is None and (strategy in ("random", "random_resized") or flip_prob > 0):
         raise ValueError(f"crop strategy {strategy!r} needs a random generator")
     W, H = image.size
     short = min(H, W)
