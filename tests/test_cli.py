@@ -75,3 +75,22 @@ def test_convert_official_layout_to_ldmkit_and_diffusers(tmp_path):
         assert torch.equal(back["ema"][k], v), k
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert main(["convert", str(tmp_path / "junk.pt"), "--out", str(tmp_path / "x.pt")]) == 2
+
+
+def test_eval_a_folder_of_images(tmp_path, capsys):
+    """`ldmkit eval FOLDER --ref FOLDER`: FD-EffNetLite0 of two image folders; identical folders give ~0."""
+    import json
+
+    from ldmkit.data.datasets import mnist_digits
+    from ldmkit.eval.generate import save_images
+
+    images, labels = mnist_digits(32)
+    save_images(images[::250][:20], tmp_path / "a", list(range(20)), labels[::250][:20])
+    save_images(images[1::250][:20], tmp_path / "b", list(range(20)))
+    save_images(images[::250][:20], tmp_path / "a_copy", list(range(20)))
+    assert main(["eval", str(tmp_path / "a"), "--ref", str(tmp_path / "b"), "--json", str(tmp_path / "ab.json")]) == 0
+    assert main(["eval", str(tmp_path / "a"), "--ref", str(tmp_path / "a_copy"), "--json", str(tmp_path / "aa.json")]) == 0
+    ab, aa = (json.loads((tmp_path / f).read_text()) for f in ("ab.json", "aa.json"))
+    assert ab["num_images"] == 20 and ab["fd_reference_count"] == 20 and ab["fd_effnetlite0"] > 1.0
+    assert abs(aa["fd_effnetlite0"]) < 1e-3
+    assert main(["eval", str(tmp_path / "missing")]) == 2

@@ -1,0 +1,40 @@
+"""Classifier-free guidance: u + s (c - u) on the noise channels, the learned variance from the conditional half."""
+import torch
+
+from ldmkit.conditioning.cond import Cond
+from ldmkit.diffusion.guidance import guided
+
+
+class Recorder(torch.nn.Module):
+    """Output depends on the class (or the null class) and on x, and records the calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, t, cond):
+        self.calls.append(cond)
+        label = torch.where(cond.drop_semantic, torch.full_like(cond.class_labels, -5), cond.class_labels) if cond.drop_semantic is not None else cond.class_labels
+        eps = x + label.view(-1, 1, 1, 1).float()
+        var = x * 0 + 10 * label.view(-1, 1, 1, 1).float()
+        return torch.cat([eps, var], 1)
+
+
+def test_guidance_formula_and_variance_from_conditional_half():
+    model = Recorder()
+    x, t = torch.randn(2, 1, 2, 2), torch.rand(2)
+    cond = Cond(class_labels=torch.tensor([3, 7]))
+    out = guided(model, cond, 4.0, guided_channels=1)(x, t)
+    c_eps, u_eps = x + torch.tensor([3.0, 7.0]).view(-1, 1, 1, 1), x - 5
+    assert torch.allclose(out[:, :1], u_eps + 4.0 * (c_eps - u_eps))
+    assert torch.allclose(out[:, 1:], torch.tensor([30.0, 70.0]).view(-1, 1, 1, 1).expand(2, 1, 2, 2))
+    (both,) = model.calls  # one batched evaluation of [conditional; unconditional]
+    assert both.drop_semantic.tolist() == [False, False, True, True] and both.class_labels.tolist() == [3, 7, 3, 7]
+
+
+def test_scale_one_is_the_conditional_model_alone():
+    model = Recorder()
+    x, t = torch.randn(2, 1, 2, 2), torch.rand(2)
+    cond = Cond(class_labels=torch.tensor([1, 2]))
+    assert torch.equal(guided(model, cond, 1.0, 1)(x, t), model(x, t, cond))
+    assert len(model.calls) == 2 and model.calls[0].batch_size == 2
