@@ -23,12 +23,19 @@ def make_folder(root, n=4, size=40):
     return root
 
 
-def test_image_folder_skips_and_counts_bad_files(tmp_path):
+def test_image_folder_replaces_bad_files_and_records_metadata(tmp_path, caplog):
     ds = ImageFolder(make_folder(tmp_path / "data"), resolution=32)
-    assert len(ds) == 9 and len(ds.skipped) == 1 and ds.skipped[0][0].endswith("corrupt.jpg")
-    x, y = ds[8]
+    assert len(ds) == 10 and ds.classes == ["n01440764", "n01443537"]  # listing only: no decode at scan time
+    sample = ds[9]  # gray.png: converted to RGB
+    x, y = sample["image"], sample["label"]
     assert x.shape == (3, 32, 32) and -1 <= x.min() and x.max() <= 1 and int(y) == 1
-    assert ds.classes == ["n01440764", "n01443537"]
+    control = {k: v.tolist() for k, v in sample["control"].items()}
+    assert control["original_size"] == [40, 40] and control["target_size"] == [32, 32] and control["flip"] == [0]
+    assert control["crop_size"] == [40, 40] and control["crop_top_left"] == [0, 0]
+    assert ds.files[4].name == "corrupt.jpg"
+    bad = ds[4]  # replaced by the next usable file (the first of the next class), with a warning
+    assert torch.equal(bad["image"], ds[5]["image"]) and int(bad["label"]) == 1
+    assert "corrupt.jpg" in caplog.text and "corrupt" in caplog.text
 
 
 def test_class_index_fixes_ids(tmp_path):

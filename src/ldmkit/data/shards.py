@@ -2,18 +2,27 @@
 `{key}.txt` (caption) and `{key}.json` (metadata), shards named `prefix-00000.tar`.
 
 `write_mnist_caption_shards` gives the embedded digits that form ("a handwritten digit seven"), so the
-text-to-image path runs offline. `read_shards` streams (image, caption, meta) from local paths or any URL
-WebDataset accepts (including `pipe:` commands for object stores); `shards_for_rank` splits the shard list
-across processes explicitly, so ranks never overlap.
+text-to-image path runs offline. `tar_records` streams the raw samples of one shard from a local path or any
+URL WebDataset's gopen accepts (`pipe:` commands for object stores, http); `shards_for_rank` splits the shard
+list across processes explicitly, so ranks never overlap. `ShardStream` is the training stream: a
+deterministic, resumable order per process (see its docstring).
 """
 from __future__ import annotations
 
 import io
 import json
+import logging
+import tarfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+
+from .transforms import BadImage, crop_with_metadata, load_image
+
+log = logging.getLogger("ldmkit")
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -33,7 +42,8 @@ def write_mnist_caption_shards(out_dir: str | Path, data_cfg, split: str = "trai
     ds = build_dataset(data_cfg, split)
     with wds.ShardWriter(str(out_dir / f"{prefix}-%05d.tar"), maxcount=shard_size, verbose=0) as sink:
         for i in range(len(ds)):
-            image, label = ds[i]
+            sample = ds[i]
+            image, label = sample["image"], sample["label"]
             pixels = ((image[0].numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
             buffer = io.BytesIO()
             Image.fromarray(pixels).save(buffer, format="PNG")
@@ -50,22 +60,171 @@ def shards_for_rank(urls: list[str], rank: int, world_size: int) -> list[str]:
     return list(urls)[rank::world_size]
 
 
-def read_shards(urls: list[str]):
-    """Iterate (PIL image, caption, meta dict) over the shards, in order. Samples with an unreadable image
-    are skipped (WebDataset's warn_and_continue) rather than stopping the stream."""
-    import webdataset as wds
+def read_shards(urls: list[str], channels: int | None = None):
+    """Iterate (PIL image, caption, meta dict) over the shards, in order; samples whose image cannot be
+    decoded are skipped."""
+    for url in urls:
+        for record in tar_records(str(url)):
+            try:
+                image, _ = record_image(record, channels, 0)
+            except BadImage:
+                continue
+            meta = json.loads(record["json"]) if "json" in record else {}
+            meta["key"] = record["__key__"]
+            yield image, record_caption(record), meta
 
-    dataset = wds.WebDataset([str(u) for u in urls], shardshuffle=False, handler=wds.warn_and_continue,
-                             nodesplitter=None, empty_check=False)
-    for sample in dataset:
-        key = next((k for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
-        if key is None or "txt" not in sample:
-            continue
-        try:
-            image = Image.open(io.BytesIO(sample[key]))
-            image.load()
-        except Exception:
-            continue
-        meta = json.loads(sample["json"]) if "json" in sample else {}
-        meta["key"] = sample["__key__"]
-        yield image, sample["txt"].decode("utf-8"), meta
+
+def expand_urls(spec: str | list[str]) -> list[str]:
+    """Shard URLs from a brace pattern ('/data/cc12m/{00000..01242}.tar', several joined by '::'), a glob of
+    local files, a text file listing one URL per line, or a list of any of these."""
+    import glob
+
+    from braceexpand import braceexpand
+
+    if isinstance(spec, (list, tuple)):
+        return [u for s in spec for u in expand_urls(s)]
+    spec = str(spec)
+    local = Path(spec).expanduser()
+    if local.is_file() and local.suffix in (".txt", ".list"):
+        return [line.strip() for line in local.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    urls = [u for part in spec.split("::") for u in braceexpand(part)]
+    if any(ch in spec for ch in "*?[") and not spec.startswith(("pipe:", "http")):
+        urls = sorted(glob.glob(str(local)))
+    if not urls:
+        raise ValueError(f"no shards match {spec!r}")
+    return urls
+
+
+def tar_records(url: str):
+    """The samples of one tar shard, in file order, as dicts {'__key__', '__url__', ext: bytes}. Files
+    belong to the sample named by their path up to the first dot of the file name (WebDataset's rule). A
+    truncated or unreadable tar ends the shard with a warning instead of stopping the stream."""
+    from webdataset.gopen import gopen
+
+    current: dict | None = None
+    try:
+        with gopen(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, _, name = member.name.rpartition("/")
+                if name.startswith(".") or "." not in name:
+                    continue
+                stem, ext = name.split(".", 1)
+                key = f"{folder}/{stem}" if folder else stem
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                current[ext.lower()] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        log.warning("shard %s ends early (%s: %s)", url, type(e).__name__, e)
+    if current is not None:
+        yield current
+
+
+def record_caption(record: dict) -> str:
+    return record["txt"].decode("utf-8", errors="replace").strip() if "txt" in record else ""
+
+
+def record_label(record: dict, label_field: str | None) -> int:
+    """The class id from the sample's JSON (label_field), or -1 for text-only data."""
+    if not label_field:
+        return -1
+    try:
+        return int(json.loads(record["json"])[label_field])
+    except (KeyError, ValueError, TypeError):
+        raise BadImage(f"no integer '{label_field}' in its json") from None
+
+
+def record_image(record: dict, channels: int, min_size: int):
+    key = next((k for k in IMAGE_KEYS if k in record), None)
+    if key is None:
+        raise BadImage("no image file")
+    return load_image(record[key], channels, min_size)
+
+
+def shuffled(records, buffer_size: int, rng: np.random.Generator):
+    """A seeded shuffle buffer: the order depends only on the input order and the generator."""
+    buffer = []
+    for record in records:
+        buffer.append(record)
+        if len(buffer) >= buffer_size:
+            i = int(rng.integers(len(buffer)))
+            buffer[i], buffer[-1] = buffer[-1], buffer[i]
+            yield buffer.pop()
+    while buffer:
+        i = int(rng.integers(len(buffer)))
+        buffer[i], buffer[-1] = buffer[-1], buffer[i]
+        yield buffer.pop()
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """This process's micro-batches from WebDataset shards, for training from raw images.
+
+    Order: epoch e permutes the shard list with (seed, e); process `rank` reads every world-th shard of that
+    order, through a shuffle buffer seeded by (seed, e, rank); epochs follow each other without a gap. Sample
+    number p of this process's stream belongs to micro-batch p // micro; DataLoader worker w of W decodes
+    only the micro-batches k with k % W == w (each worker reads the tar bytes, decoding is what costs), so
+    the batches arrive in stream order whatever the worker count. Resuming at `start` (= images seen / world,
+    restored from the checkpoint) skips the first `start` samples without decoding them: no sample repeats
+    or goes missing. An undecodable sample is replaced by another sample of its micro-batch and logged.
+    The order depends on the number of processes (shards are split by rank): resume with the same count.
+    """
+
+    def __init__(self, urls: list[str], data_cfg, seed: int, rank: int, world_size: int, micro: int, start: int = 0,
+                 with_labels: bool = False):
+        if len(urls) < world_size:
+            raise ValueError(f"{len(urls)} shard(s) cannot be split across {world_size} processes; write more, smaller shards")
+        self.urls, self.cfg, self.seed = list(urls), data_cfg, seed
+        self.rank, self.world_size, self.micro, self.start = rank, world_size, micro, start
+        self.label_field = data_cfg.label_field if with_labels else None
+
+    def records(self):
+        """(position, record) of this process's endless stream."""
+        position, epoch = 0, 0
+        while True:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.urls))
+            mine = [self.urls[i] for i in order[self.rank::self.world_size]]
+            rng = np.random.default_rng([self.seed, epoch, self.rank])
+            before = position
+            for record in shuffled((r for url in mine for r in tar_records(url)), self.cfg.shuffle_buffer, rng):
+                yield position, record
+                position += 1
+            if position == before:
+                raise ValueError(f"shards {mine[:3]}... of process {self.rank} hold no samples")
+            epoch += 1
+
+    def sample(self, record: dict, position: int) -> dict:
+        cfg = self.cfg
+        image, _ = record_image(record, cfg.channels, cfg.min_size)
+        label = record_label(record, self.label_field)
+        rng = np.random.default_rng([self.seed, self.rank, position])
+        image, meta = crop_with_metadata(image, cfg.resolution, cfg.crop, rng, 0.5 if cfg.hflip else 0.0,
+                                         tuple(cfg.crop_scale), tuple(cfg.crop_ratio))
+        from .datasets import control_tensors, pil_to_tensor
+
+        return {"image": pil_to_tensor(image), "label": torch.tensor(label), "caption": record_caption(record),
+                "control": control_tensors(meta)}
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        batch, last_good = [], None
+        for position, record in self.records():
+            if position < self.start or (position // self.micro) % workers != worker:
+                continue
+            try:
+                batch.append(self.sample(record, position))
+                last_good = batch[-1]
+            except BadImage as e:
+                log.warning("skipping sample %s of %s: %s", record.get("__key__"), record.get("__url__"), e)
+                batch.append(None)
+            if len(batch) == self.micro:
+                good = [s for s in batch if s is not None] or ([last_good] if last_good is not None else [])
+                if not good:
+                    raise ValueError("no decodable sample in a whole micro-batch of the shards; check the data")
+                batch = [s if s is not None else good[i % len(good)] for i, s in enumerate(batch)]
+                yield torch.utils.data.default_collate(batch)
+                batch = []

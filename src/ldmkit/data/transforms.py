@@ -1,14 +1,16 @@
 """Resize/crop strategies that record the control metadata of what they did (PAPER.md sections 2-3).
 
-Every call returns the square target image and a `CropMetadata`, whose fields are the named control values
+Every call returns the target image (square, or a bucket's h x w) and a `CropMetadata`, whose fields are the named control values
 the conditioner embeds. Coordinates are in pixels of the ORIGINAL image (SDXL records the crop corner in the
 resized image instead: multiply by target / min(original) to convert). Randomness comes from the numpy
 Generator the caller passes, so a sample's crop is reproducible from its seed.
 
 Strategies:
 - `center`: ADM/DiT's centre crop, exactly (box-halving, bicubic resize of the short side, centre crop);
-  its recorded region is the centred square, exact to within a source pixel of rounding.
-- `random`: resize the short side to the target, crop a random target x target window.
+  its recorded region is the centred square, exact to within a source pixel of rounding. For a non-square
+  target (a bucket): the largest centred region of the target's aspect ratio.
+- `random`: the largest region of the target's aspect ratio at a random position (for a square target:
+  resize the short side to the target, crop a random window).
 - `random_resized`: a random region covering `scale` of the area with aspect ratio in `ratio` (as
   torchvision's RandomResizedCrop), resized to the target.
 - `none`: the whole image resized to target x target (aspect ratio not kept).
@@ -61,34 +63,74 @@ def _resize_region(image: Image.Image, box: tuple[float, float, float, float], s
     return image.resize(size, resample=Image.BICUBIC, box=(left, top, right, bottom))
 
 
-def crop_with_metadata(image: Image.Image, target: int, strategy: str = "center", rng: np.random.Generator | None = None,
+def crop_with_metadata(image: Image.Image, target: int | tuple[int, int], strategy: str = "center", rng: np.random.Generator | None = None,
                        flip_prob: float = 0.0, scale: tuple[float, float] = (0.5, 1.0),
                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[Image.Image, CropMetadata]:
-    """Crop and resize `image` to target x target with `strategy`; returns the image and its metadata."""
+    """Crop and resize `image` to target (side, or (h, w)) with `strategy`; returns the image and its metadata."""
     if strategy not in CROP_STRATEGIES:
         raise ValueError(f"unknown crop strategy {strategy!r} (one of {', '.join(CROP_STRATEGIES)})")
     if rng is None and (strategy in ("random", "random_resized") or flip_prob > 0):
         raise ValueError(f"crop strategy {strategy!r} needs a random generator")
+    th, tw = (target, target) if isinstance(target, int) else (int(target[0]), int(target[1]))
     W, H = image.size
-    short = min(H, W)
+    # The largest region of the target's aspect ratio (the short side's square for a square target).
+    rh, rw = (H, H * tw / th) if W * th >= H * tw else (W * th / tw, W)
+    if th == tw:
+        rh = rw = min(H, W)
     if strategy == "center":
-        top, left, h, w = (H - short) / 2, (W - short) / 2, short, short
+        top, left, h, w = (H - rh) / 2, (W - rw) / 2, rh, rw
     elif strategy == "random":
-        top, left = float(rng.integers(0, H - short + 1)), float(rng.integers(0, W - short + 1))
-        h = w = short
+        top, left = float(rng.integers(0, int(H - rh) + 1)), float(rng.integers(0, int(W - rw) + 1))
+        h, w = rh, rw
     elif strategy == "random_resized":
         top, left, h, w = _random_resized_region(H, W, rng, scale, ratio)
     else:  # none
         top, left, h, w = 0.0, 0.0, H, W
-    if strategy == "center":
-        out = center_crop_resize(image, target)
+    if strategy == "center" and th == tw:
+        out = center_crop_resize(image, th)
     else:
-        out = _resize_region(image, (left, top, left + w, top + h), (target, target))
+        out = _resize_region(image, (left, top, left + w, top + h), (tw, th))
     flip = int(flip_prob > 0 and rng.random() < flip_prob)
     if flip:
         out = out.transpose(Image.FLIP_LEFT_RIGHT)
-    meta = CropMetadata((H, W), (float(top), float(left)), (float(h), float(w)), (target, target), W / H, flip)
+    meta = CropMetadata((H, W), (float(top), float(left)), (float(h), float(w)), (th, tw), W / H, flip)
     return out, meta
+
+
+def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> int:
+    """Index of the bucket (h, w) whose aspect ratio is closest to the image's, in log space (so 1:2 and
+    2:1 are equally far from 1:1); ties go to the first bucket listed."""
+    aspect = math.log(width / height)
+    return min(range(len(buckets)), key=lambda i: abs(math.log(buckets[i][1] / buckets[i][0]) - aspect))
+
+
+class BadImage(ValueError):
+    """An image that cannot be used; the message is the reason recorded in the skip counts."""
+
+
+def load_image(source, channels: int | None = 3, min_size: int = 0) -> tuple[Image.Image, str | None]:
+    """Decode a file path or bytes into an 'RGB' (channels 3) or 'L' (channels 1) image. Returns the image and
+    the source mode when it had to be converted (channels None: keep the file's mode) (grayscale, CMYK, palette, alpha), else None. Raises BadImage
+    for corrupt, truncated or too-small images."""
+    import io
+
+    try:
+        image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+        image.load()  # decodes fully: truncated files fail here, not later in a worker
+    except Exception as e:  # PIL raises many types for bad data (UnidentifiedImageError, OSError, SyntaxError...)
+        reason = "truncated" if "truncated" in str(e).lower() else "corrupt"
+        raise BadImage(f"{reason} ({type(e).__name__})") from None
+    if min(image.size) < max(min_size, 1):
+        raise BadImage(f"too small ({image.size[1]}x{image.size[0]} < {min_size})")
+    want = {3: "RGB", 1: "L", None: image.mode}[channels]
+    if image.mode == want:
+        return image, None
+    mode = image.mode
+    if want == "RGB" and (mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info)):
+        rgba = image.convert("RGBA")  # transparent pixels become white, not black
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return image.convert(want), mode
 
 
 def _random_resized_region(H: int, W: int, rng: np.random.Generator, scale, ratio, attempts: int = 10):

@@ -18,7 +18,7 @@ def guided(model, cond: Cond, scale: float, guided_channels: int | None = None):
         return lambda x, t: model(x, t, cond)
     uncond = cond.map(lambda v: v)
     B = cond.batch_size
-    device = cond.class_labels.device if cond.class_labels is not None else None
+    device = next(getattr(cond, f) for f in ("class_labels", "pooled", "context") if getattr(cond, f) is not None).device
     uncond.drop_semantic = torch.ones(B, dtype=torch.bool, device=device)
     both = Cond.cat([cond, uncond])
 

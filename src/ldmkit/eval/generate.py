@@ -1,11 +1,11 @@
-"""Generation: class-conditional samples with one seed per sample index, decoded to images."""
+"""Generation: class- or text-conditional samples with one seed per sample index, decoded to images."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-from ..conditioning.cond import Cond
+from ..conditioning.build import build_text_encoder, prompts_for_labels, sampling_cond
 from ..diffusion import samplers
 from ..diffusion.guidance import guided
 
@@ -18,8 +18,13 @@ def sample_seed(base_seed: int, index: int) -> int:
 @torch.no_grad()
 def generate(model, cfg, objective, autoencoder, labels: torch.Tensor, indices: list[int], device,
              batch: int = 64, guidance_scale: float | None = None, sampler: str | None = None,
-             steps: int | None = None, seed: int | None = None) -> torch.Tensor:
-    """Images [N, C, H, W] in [-1, 1] for class `labels[i]` drawn with the seed of sample `indices[i]`."""
+             steps: int | None = None, seed: int | None = None, prompts: list[str] | None = None,
+             text_encoder=None) -> torch.Tensor:
+    """Images [N, C, H, W] in [-1, 1] for class `labels[i]` (text-conditional models: for prompts[i], by
+    default sample.class_prompts[labels[i]]) drawn with the seed of sample `indices[i]`."""
+    if cfg.model.conditioning != "class":
+        prompts = prompts or prompts_for_labels(cfg, labels)
+        text_encoder = text_encoder or build_text_encoder(cfg, device)
     model.eval()
     scale = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
     seed = cfg.sample.seed if seed is None else seed
@@ -29,7 +34,7 @@ def generate(model, cfg, objective, autoencoder, labels: torch.Tensor, indices: 
     for lo in range(0, len(indices), batch):
         idx = indices[lo: lo + batch]
         gens = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in idx]
-        cond = Cond(class_labels=labels[lo: lo + len(idx)].to(device))
+        cond = sampling_cond(cfg, labels[lo: lo + len(idx)], prompts[lo: lo + len(idx)] if prompts else None, text_encoder, device)
         fn = guided(model, cond, scale, guided_channels)
         z = samplers.sample(fn, cfg, objective, shape, gens, device, steps=steps, sampler=sampler)
         out.append(autoencoder.decode(z).clamp(-1, 1).cpu())

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..conditioning.cond import Cond
-from .layers import Attention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, modulate
+from .layers import Attention, LabelEmbedder, Mlp, PatchEmbed, PooledTextEmbedder, TimestepEmbedder, get_2d_sincos_pos_embed, modulate
 
 
 class DiTBlock(nn.Module):
@@ -47,8 +47,11 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """Class-conditional DiT. With learn_sigma the output has 2*C channels: the noise prediction, then the
-    interpolation coefficient of the learned variance (Improved DDPM)."""
+    """DiT. With learn_sigma the output has 2*C channels: the noise prediction, then the interpolation
+    coefficient of the learned variance (Improved DDPM). conditioning="class" is the published model;
+    "pooled_text" replaces the label embedding by an embedding of the pooled caption vector (the additive
+    text baseline, as SDXL adds pooled text to the time embedding). Latents of another shape than
+    input_size x input_size (aspect-ratio buckets) get a sin-cos table computed for their grid."""
 
     def __init__(
         self,
@@ -62,6 +65,8 @@ class DiT(nn.Module):
         num_classes: int = 1000,
         learn_sigma: bool = True,
         timestep_freq_shift: float = 0.0,
+        conditioning: str = "class",
+        pooled_dim: int = 384,
     ):
         super().__init__()
         if input_size % patch_size:
@@ -77,7 +82,13 @@ class DiT(nn.Module):
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=timestep_freq_shift)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        self.conditioning = conditioning
+        if conditioning == "class":
+            self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        elif conditioning == "pooled_text":
+            self.text_embedder = PooledTextEmbedder(pooled_dim, hidden_size)
+        else:
+            raise ValueError(f"DiT conditioning must be class or pooled_text, got {conditioning!r}")
         num_patches = (input_size // patch_size) ** 2
         # Fixed sin-cos table, kept in the state dict as the official checkpoints do.
         self.register_buffer("pos_embed", torch.zeros(1, num_patches, hidden_size))
@@ -99,7 +110,8 @@ class DiT(nn.Module):
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if self.conditioning == "class":
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         # adaLN-Zero: every block starts as the identity, the output as zero.
@@ -111,28 +123,41 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        # [B, T, p*p*C] -> [B, C, H, W]
+    def unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        # [B, T = h*w, p*p*C] -> [B, C, h*p, w*p]
         c, p = self.out_channels, self.patch_size
-        h = w = int(x.shape[1] ** 0.5)
         x = x.reshape(x.shape[0], h, w, p, p, c)
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
+    def pos_embed_for(self, h: int, w: int) -> torch.Tensor:
+        # [1, h*w, D]: the stored table for the training grid, a computed one for other grids (buckets).
+        grid = self.input_size // self.patch_size
+        if (h, w) == (grid, grid):
+            return self.pos_embed
+        table = torch.from_numpy(get_2d_sincos_pos_embed(self.hidden_size, (h, w))).float()
+        return table.unsqueeze(0).to(self.pos_embed.device)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        # x [B, C, H, W] latents, t [B] noise level in [0, 1], cond.class_labels [B]
-        if x.shape[1:] != (self.in_channels, self.input_size, self.input_size):
-            raise ValueError(
-                f"DiT expects input [B, {self.in_channels}, {self.input_size}, {self.input_size}], got {list(x.shape)}"
-            )
-        if cond.class_labels is None:
-            raise ValueError("DiT is class-conditional: cond.class_labels is required")
-        x = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # [B, T, D]
-        c = self.t_embedder(t) + self.y_embedder(cond.class_labels, cond.drop_semantic)  # [B, D]
+        # x [B, C, H, W] latents, t [B] noise level in [0, 1], cond.class_labels [B] or cond.pooled [B, Dp]
+        p = self.patch_size
+        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2] % p or x.shape[3] % p:
+            raise ValueError(f"DiT expects input [B, {self.in_channels}, H, W] with H and W multiples of {p}, got {list(x.shape)}")
+        h, w = x.shape[2] // p, x.shape[3] // p
+        x = self.x_embedder(x) + self.pos_embed_for(h, w).to(x.dtype)  # [B, T, D]
+        if self.conditioning == "class":
+            if cond.class_labels is None:
+                raise ValueError("this DiT is class-conditional: cond.class_labels is required")
+            y = self.y_embedder(cond.class_labels, cond.drop_semantic)  # [B, D]
+        else:
+            if cond.pooled is None:
+                raise ValueError("this DiT is text-conditional: cond.pooled (the pooled caption vector) is required")
+            y = self.text_embedder(cond.pooled, cond.drop_semantic)  # [B, D]
+        c = self.t_embedder(t) + y  # [B, D]
         for block in self.blocks:
             x = block(x, c)
         x = self.final_layer(x, c)  # [B, T, p*p*C_out]
-        return self.unpatchify(x)  # [B, C_out, H, W]
+        return self.unpatchify(x, h, w)  # [B, C_out, H, W]
 
 
 # Sizes of the DiT paper (Table 1): depth, width, heads. Every size has patch 2, 4 and 8.

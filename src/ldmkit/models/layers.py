@@ -115,6 +115,24 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
+class PooledTextEmbedder(nn.Module):
+    """Pooled caption vector [B, Dp] -> [B, D] (Linear-SiLU-Linear, as SDXL's add_embedding), summed into the
+    adaLN vector like a class embedding. Dropped rows (cond.drop_semantic) use a learned null vector."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.in_dim = in_dim
+        self.null = nn.Parameter(torch.zeros(in_dim))
+        self.mlp = nn.Sequential(nn.Linear(in_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, pooled: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        if pooled.ndim != 2 or pooled.shape[1] != self.in_dim:
+            raise ValueError(f"pooled text vector must be [B, {self.in_dim}], got {list(pooled.shape)}")
+        if drop is not None:
+            pooled = torch.where(drop[:, None], self.null.to(pooled.dtype).expand_as(pooled), pooled)
+        return self.mlp(pooled)
+
+
 # ---------------------------------------------------------------- fixed 2D sin-cos positional tables
 def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
     """[M] positions -> [M, dim] (sin half, then cos half), float64 as in MAE/DiT."""
@@ -130,7 +148,7 @@ def sincos_2d(dim: int, grid_h: np.ndarray, grid_w: np.ndarray) -> np.ndarray:
     return np.concatenate([sincos_1d(dim // 2, w), sincos_1d(dim // 2, h)], axis=1)
 
 
-def get_2d_sincos_pos_embed(dim: int, grid_size: int) -> np.ndarray:
-    """DiT's table for a square grid of integer positions 0..grid_size-1: [grid_size**2, dim]."""
-    positions = np.arange(grid_size, dtype=np.float64)
-    return sincos_2d(dim, positions, positions)
+def get_2d_sincos_pos_embed(dim: int, grid_size: int | tuple[int, int]) -> np.ndarray:
+    """DiT's table for a grid of integer positions (square side, or (rows, cols)): [rows * cols, dim]."""
+    rows, cols = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
+    return sincos_2d(dim, np.arange(rows, dtype=np.float64), np.arange(cols, dtype=np.float64))

@@ -32,6 +32,8 @@ def build_model(model_cfg) -> nn.Module:
         learn_sigma=model_cfg.learn_sigma,
         timestep_freq_shift=model_cfg.timestep_freq_shift,
         mlp_ratio=model_cfg.mlp_ratio,
+        conditioning=model_cfg.conditioning,
+        pooled_dim=model_cfg.pooled_dim,
         **arch,
     )
 

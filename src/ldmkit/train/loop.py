@@ -20,8 +20,8 @@ import torch
 
 from ..autoencoders import build_autoencoder
 from ..config import ConfigError, RunConfig, diff_configs, dump_config, load_config, to_dict
-from ..conditioning.cond import Cond
-from ..data.datasets import build_dataset
+from ..conditioning.build import build_text_encoder, cond_from_batch
+from ..data.loader import training_batches
 from ..diffusion.objectives import build_objective
 from ..eval.generate import generate, grid_labels, save_grid
 from ..models.registry import build_model
@@ -32,44 +32,6 @@ from .state import atomic_save, checkpoint_path, latest_checkpoint, load_checkpo
 
 def step_seed(seed: int, step: int) -> int:
     return (seed * 6_364_136_223_846_793_005 + step * 1_442_695_040_888_963_407 + 1) % (2**63 - 1)
-
-
-@functools.lru_cache(maxsize=2)
-def epoch_permutation(dataset_len: int, seed: int, epoch: int) -> np.ndarray:
-    """The data order of one epoch, computed once (17 ms for ImageNet's 1.28M images) rather than per step."""
-    perm = np.random.default_rng([seed, epoch]).permutation(dataset_len)
-    perm.flags.writeable = False
-    return perm
-
-
-def batch_indices(dataset_len: int, seed: int, start: int, count: int) -> np.ndarray:
-    """Dataset indices of stream positions start..start+count-1; each epoch is a fresh permutation."""
-    out, pos = [], start
-    while len(out) < count:
-        epoch, offset = divmod(pos, dataset_len)
-        perm = epoch_permutation(dataset_len, seed, epoch)
-        take = min(count - len(out), dataset_len - offset)
-        out.extend(perm[offset: offset + take])
-        pos += take
-    return np.asarray(out)
-
-
-class StreamBatches(torch.utils.data.Sampler):
-    """This process's micro-batches of dataset indices, step after step from stream position `start`:
-    for each step, the global batch of batch_indices(), sliced by (accumulation round, rank). Given to a
-    DataLoader as batch_sampler, so worker processes load in this exact order."""
-
-    def __init__(self, dataset_len: int, seed: int, start: int, end: int, global_batch: int, micro: int, rounds: int, world: int, rank: int):
-        self.args = (dataset_len, seed, start, end, global_batch, micro, rounds, world, rank)
-
-    def __iter__(self):
-        n, seed, pos, end, global_batch, micro, rounds, world, rank = self.args
-        while pos < end:
-            idx = batch_indices(n, seed, pos, global_batch)
-            for r in range(rounds):
-                lo = (r * world + rank) * micro
-                yield idx[lo: lo + micro].tolist()
-            pos += global_batch
 
 
 # Keys that do not change the trained weights: a run may resume with other values.
@@ -113,21 +75,17 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tc.tf32
         torch.backends.cudnn.allow_tf32 = tc.tf32
-    if d.is_main:
-        prepare_run_dir(cfg, run_dir, allow_config_change, True)
-    parallel.barrier(d)
-
     # Batch arithmetic: global batch = micro batch x processes x accumulation rounds.
     micro = tc.micro_batch or tc.global_batch // d.world_size
     if tc.global_batch % (micro * d.world_size):
         raise ConfigError(f"config key 'train.global_batch': {tc.global_batch} is not a multiple of micro batch {micro} x {d.world_size} processes")
     rounds = tc.global_batch // (micro * d.world_size)
 
-    # Data, autoencoder, model, EMA, optimizer, objective.
-    dataset = build_dataset(cfg.data, "train")
-    num_classes = getattr(dataset, "num_classes", cfg.model.num_classes)
-    if num_classes > cfg.model.num_classes:
-        raise ConfigError(f"config key 'model.num_classes': the data has {num_classes} classes, the model {cfg.model.num_classes}")
+    if d.is_main:
+        prepare_run_dir(cfg, run_dir, allow_config_change, True)
+    parallel.barrier(d)
+
+    # Autoencoder, text encoder, model, EMA, optimizer, objective.
     autoencoder = build_autoencoder(cfg.autoencoder, cfg.data.channels).to(device)
     if cfg.data.resolution // autoencoder.downsample != cfg.model.input_size:
         raise ConfigError(
@@ -135,12 +93,15 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
         )
     if autoencoder.latent_channels != cfg.model.in_channels:
         raise ConfigError(f"config key 'model.in_channels': {cfg.model.in_channels}, but the autoencoder gives {autoencoder.latent_channels} latent channels")
+    # Captions are encoded on the fly unless the cache holds their embeddings.
+    text_encoder = build_text_encoder(cfg, device) if cfg.model.conditioning != "class" and not cfg.data.from_cache else None
+    if text_encoder is not None and text_encoder.pooled_dim != cfg.model.pooled_dim:
+        raise ConfigError(f"config key 'model.pooled_dim': {cfg.model.pooled_dim}, but the {text_encoder.name} pooled vectors have {text_encoder.pooled_dim}")
     torch.manual_seed(tc.seed)
     model = build_model(cfg.model).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay, eps=tc.eps)
     objective = build_objective(cfg)
-    latent_shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
 
     # Resume from the newest checkpoint, if any.
     images_seen, step, nan_skips = 0, 0, 0
@@ -152,8 +113,17 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
         optimizer.load_state_dict(state["optimizer"])
         images_seen, step, nan_skips = state["images_seen"], state["step"], state.get("nan_skips", 0)
         torch.set_rng_state(state["rng"]["torch"])
+        saved_world = state.get("world_size", d.world_size)
+        if cfg.data.name == "shards" and not cfg.data.from_cache and saved_world != d.world_size:
+            raise ConfigError(f"this run streams shards split over {saved_world} process(es); resume it with {saved_world}, "
+                              f"not {d.world_size} (or train from the latent cache, which does not depend on the process count)")
         if d.is_main and not quiet:
             print_status(f"resumed from {resume_from} at {images_seen:,} images")
+    # Data from the stream position the run has reached; the source fixes the classes the model must hold.
+    end = min(tc.total_images, stop_after_images or tc.total_images)
+    batches, source = training_batches(cfg, d, micro, rounds, images_seen, end)
+    check_data_matches_model(cfg, source)
+    num_classes = getattr(source, "num_classes", 0) or cfg.model.num_classes
     train_model = parallel.parallelize(model, d, compile=tc.compile)
     logger = RunLogger(run_dir, enabled=d.is_main)
     if d.is_main and not quiet:
@@ -162,35 +132,34 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
                      f"global batch {tc.global_batch} = {micro} x {d.world_size} x {rounds}")
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
-    end = min(tc.total_images, stop_after_images or tc.total_images)
     stat_loss, stat_mse, stat_n = torch.zeros((), device=device), torch.zeros((), device=device), 0
     tick_time, tick_images = time.time(), images_seen
     next_log = (images_seen // tc.log_every_images + 1) * tc.log_every_images
     next_ckpt = (images_seen // tc.checkpoint_every_images + 1) * tc.checkpoint_every_images
     next_grid = (images_seen // tc.sample_every_images + 1) * tc.sample_every_images if tc.sample_every_images else None
-    loader = torch.utils.data.DataLoader(
-        dataset, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-        batch_sampler=StreamBatches(len(dataset), tc.seed, images_seen, end, tc.global_batch, micro, rounds, d.world_size, d.rank))
-    batches = iter(loader)
 
     while images_seen < end:
+        # ---- this step's micro-batches (crops and flips were drawn from each sample's seed by the loader).
+        micro_batches = [next(batches) for _ in range(rounds)]
+        latent_shape = batch_latent_shape(micro_batches[0], autoencoder)  # one bucket per global batch
+
         # ---- the step's global randomness; this process takes its slices.
         gen = torch.Generator(device).manual_seed(step_seed(tc.seed, step))
         times = objective.sample_time(tc.global_batch, gen, device)
         noise = torch.randn((tc.global_batch, *latent_shape), generator=gen, device=device)
         posterior_noise = torch.randn((tc.global_batch, *latent_shape), generator=gen, device=device)
         drop = torch.rand(tc.global_batch, generator=gen, device=device) < tc.class_dropout
-        flip = torch.rand(tc.global_batch, generator=gen, device=device) < (0.5 if cfg.data.hflip else 0.0)
 
         optimizer.zero_grad(set_to_none=True)
-        for r in range(rounds):
+        for r, batch in enumerate(micro_batches):
             lo = (r * d.world_size + d.rank) * micro
             part = slice(lo, lo + micro)
-            images, labels = next(batches)
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            images = torch.where(flip[part].view(-1, 1, 1, 1), images.flip(-1), images)
-            x0 = autoencoder.encode(images, posterior_noise[part])
-            cond = Cond(class_labels=labels, drop_semantic=drop[part])
+            if "latent_mean" in batch:  # from the cache: sample the stored posterior
+                mean, std = batch["latent_mean"].to(device, non_blocking=True), batch["latent_std"].to(device, non_blocking=True)
+                x0 = autoencoder.latents(mean, std, posterior_noise[part])
+            else:
+                x0 = autoencoder.encode(batch["image"].to(device, non_blocking=True), posterior_noise[part])
+            cond = cond_from_batch(cfg, batch, text_encoder, drop[part], device)
             sync = r == rounds - 1 or d.world_size == 1
             ctx = train_model.no_sync() if (d.world_size > 1 and not sync) else contextlib.nullcontext()
             with ctx:
@@ -250,7 +219,7 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
         if next_grid is not None and images_seen >= next_grid and d.is_main:
             next_grid = (images_seen // tc.sample_every_images + 1) * tc.sample_every_images
             labels, per = grid_labels(cfg, num_classes)
-            images = generate(ema, cfg, objective, autoencoder, labels, list(range(len(labels))), device)
+            images = generate(ema, cfg, objective, autoencoder, labels, list(range(len(labels))), device, text_encoder=text_encoder)
             save_grid(images, run_dir / "samples" / f"grid-{images_seen:010d}.png", per)
 
         # ---- checkpoint (also at the end).
@@ -262,7 +231,9 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
                     "images_seen": images_seen, "step": step, "nan_skips": nan_skips,
                     # The lr schedule is a pure function of images_seen (warm-up, then constant).
                     "lr_schedule": {"base_lr": tc.lr, "warmup_images": tc.warmup_images},
-                    "data_position": images_seen, "rng": {"torch": torch.get_rng_state()},
+                    # Where the data stream continues: images seen (indexed sets, cache); shard streams also
+                    # need the process count, since each process reads its own shards.
+                    "data_position": images_seen, "world_size": d.world_size, "rng": {"torch": torch.get_rng_state()},
                     "config": to_dict(cfg),
                 }
                 atomic_save(state, checkpoint_path(run_dir, images_seen))
@@ -273,6 +244,34 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
     if d.is_main:
         plot_loss_curve(run_dir)
     return run_dir
+
+
+def batch_latent_shape(batch: dict, autoencoder) -> tuple[int, int, int]:
+    """(C, h, w) of the latents of a micro-batch: cached latents, or images / the autoencoder's downsampling."""
+    if "latent_mean" in batch:
+        return tuple(batch["latent_mean"].shape[1:])
+    _, _, H, W = batch["image"].shape
+    return (autoencoder.latent_channels, H // autoencoder.downsample, W // autoencoder.downsample)
+
+
+def check_data_matches_model(cfg, source) -> None:
+    """One-line errors when the data cannot feed the configured model."""
+    m = cfg.model
+    classes = getattr(source, "num_classes", 0)
+    if m.conditioning == "class" and classes > m.num_classes:
+        raise ConfigError(f"config key 'model.num_classes': the data has {classes} classes, the model {m.num_classes}")
+    if cfg.data.from_cache:
+        shape = source.manifest["latent_shape"]
+        if shape[0] != m.in_channels:
+            raise ConfigError(f"config key 'model.in_channels': {m.in_channels}, but the cache at {cfg.data.cache} holds {shape[0]}-channel latents")
+        if m.conditioning == "class" and classes == 0:
+            raise ConfigError(f"config key 'model.conditioning': the cache at {cfg.data.cache} has no class labels; use pooled_text")
+        if m.conditioning == "pooled_text":
+            text = source.manifest.get("text_encoder")
+            if not source.has_text:
+                raise ConfigError(f"config key 'text.encoder': the cache at {cfg.data.cache} holds no text embeddings; encode with a text encoder")
+            if text["pooled_dim"] != m.pooled_dim:
+                raise ConfigError(f"config key 'model.pooled_dim': {m.pooled_dim}, but the cache's {text['name']} pooled vectors have {text['pooled_dim']}")
 
 
 def peak_rss_gb() -> float:
