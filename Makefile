@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean bench
+.PHONY: demo demo-text test venv clean bench
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/ldmkit demo --out runs/demo
+
+# The text-to-image path on the same digits: captioned shards -> MiniLM -> latent cache -> training.
+demo-text: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/ldmkit demo --config configs/demo/mnist_text_dit.yaml --out runs/demo-text/run
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests

@@ -28,3 +28,36 @@ def state_of(run_dir):
     from ldmkit.train.state import latest_checkpoint, load_checkpoint
 
     return load_checkpoint(latest_checkpoint(run_dir))
+
+
+def make_folder(root, n=4, size=40):
+    """Two ImageNet-style class folders of random RGB images, plus a corrupt file, a grayscale image and a
+    non-image file."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("n01440764", "n01443537"):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    (root / "n01440764" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(root / "n01443537" / "gray.png")  # grayscale: converted
+    (root / "n01443537" / "notes.txt").write_text("ignored")
+    return root
+
+
+def save_tiny_vae(path, latent_channels=4):
+    """A tiny random diffusers AutoencoderKL (downsampling 2), saved with save_pretrained."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=4, sample_size=32)
+    vae.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_vae(tmp_path):
+    return save_tiny_vae(tmp_path / "vae")

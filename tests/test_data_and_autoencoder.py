@@ -4,23 +4,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import state_of
+from conftest import make_folder, state_of
 from ldmkit.cli import main
 from ldmkit.config import ConfigError, load_config
 from ldmkit.data.datasets import DataError, ImageFolder, build_dataset, mnist_digits
 from ldmkit.train.loop import training_loop
-
-
-def make_folder(root, n=4, size=40):
-    rng = np.random.default_rng(0)
-    for c in ("n01440764", "n01443537"):
-        (root / c).mkdir(parents=True)
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
-    (root / "n01440764" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
-    Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(root / "n01443537" / "gray.png")  # grayscale: converted
-    (root / "n01443537" / "notes.txt").write_text("ignored")
-    return root
 
 
 def test_image_folder_replaces_bad_files_and_records_metadata(tmp_path, caplog):
@@ -68,17 +56,6 @@ def test_mnist_split_is_balanced():
     held = build_dataset(cfg.data, "held_out")
     train = build_dataset(cfg.data, "train")
     assert len(held) == 500 and len(train) == 4500 and held.labels.bincount().tolist() == [50] * 10
-
-
-@pytest.fixture
-def tiny_vae(tmp_path):
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=4, sample_size=32)
-    vae.save_pretrained(tmp_path / "vae")
-    return tmp_path / "vae"
 
 
 def test_latent_training_and_sampling_through_autoencoder_kl(tmp_path, tiny_vae):

@@ -82,7 +82,9 @@ def build_autoencoder(ae_cfg, image_channels: int) -> nn.Module:
     if not ae_cfg.path:
         raise ConfigError("config key 'autoencoder.path': the kl autoencoder needs a local folder or hub id")
     from diffusers import AutoencoderKL
+    from diffusers.utils import logging as diffusers_logging
 
+    diffusers_logging.set_verbosity_error()  # not the "accelerate not installed" advice at every load
     local = Path(ae_cfg.path).expanduser()
     try:
         vae = AutoencoderKL.from_pretrained(str(local) if local.exists() else ae_cfg.path, subfolder=ae_cfg.subfolder)

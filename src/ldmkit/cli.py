@@ -30,11 +30,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue a run directory even though its config differs (the new config wins)")
     p.add_argument("--stop-after", type=int, metavar="IMAGES", help="stop (with a checkpoint) after this many images, e.g. to split a job")
 
+    p = sub.add_parser("encode", help="precompute VAE latents and text embeddings into the latent cache (data.cache)",
+                       description="Encode the config's data (data.name, crop, buckets) with its autoencoder and, for shards, "
+                                   "its text encoder into data.cache: sharded safetensors (posterior mean and std of each image "
+                                   "and its mirror image, text tokens/mask/pooled, labels, crop metadata) and manifest.json. "
+                                   "Re-running continues an interrupted run. Several processes (each takes every N-th unit): "
+                                   "torchrun --nproc_per_node N -m ldmkit.cli encode CONFIG. Train from it with data.from_cache: true.")
+    p.add_argument("config", help="YAML config file (the one you train with)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument("--batch", type=int, default=64, help="images per encoder call (default 64)")
+
+    p = sub.add_parser("mnist-shards", help="write the embedded MNIST digits with captions as WebDataset shards",
+                       description="Write the digits with captions ('a handwritten digit seven') and JSON metadata "
+                                   "({'label', 'width', 'height'}) as tar shards in the img2dataset layout, "
+                                   "for the offline text-to-image path (configs/demo/mnist_text_dit.yaml).")
+    p.add_argument("out", help="output folder; shards are named mnist-00000.tar, ...")
+    p.add_argument("--split", choices=["train", "held_out"], default="train", help="which digits (default train: 4,500)")
+    p.add_argument("--shard-size", type=int, default=500, help="samples per shard (default 500)")
+    p.add_argument("--resolution", type=int, default=32, help="image side in pixels (default 32)")
+
     p = sub.add_parser("sample", help="draw images from a run or checkpoint",
-                       description="Draw class-conditional images from a run folder (newest checkpoint) or a checkpoint file, "
-                                   "as a grid (one row per class) and/or a folder of PNGs.")
+                       description="Draw images from a run folder (newest checkpoint) or a checkpoint file, as a grid "
+                                   "(one row per class, or per prompt for text-conditional runs) and/or a folder of PNGs.")
     p.add_argument("source", help="run folder or checkpoint file")
     p.add_argument("--classes", help="comma-separated class ids, one grid row each (default: the first 10 classes)")
+    p.add_argument("--prompt", action="append", default=[], help="text-conditional runs: a prompt, one grid row each (repeatable; "
+                                                                   "default: the run's sample.class_prompts)")
     p.add_argument("--per-class", type=int, help="images per class (default: the run's sample.per_class)")
     p.add_argument("--num", type=int, help="total number of images, split evenly over the classes (overrides --per-class)")
     p.add_argument("--grid", help="write the grid PNG here (default: <run>/samples/sample-seed<seed>.png)")
@@ -92,20 +113,44 @@ def cmd_sample(args):
 
     cfg, model, objective, autoencoder, run_dir = load_generator(args.source, use_ema=not args.no_ema)
     classes = [int(c) for c in args.classes.split(",")] if args.classes else None
-    labels, per = grid_labels(cfg, cfg.model.num_classes, classes, args.per_class)
+    prompts = None
+    if args.prompt:
+        if cfg.model.conditioning == "class":
+            raise ValueError("--prompt needs a text-conditional run; this one is class-conditional (use --classes)")
+        classes = list(range(len(args.prompt)))
+    labels, per = grid_labels(cfg, max(cfg.model.num_classes, len(args.prompt)), classes, args.per_class)
     if args.num is not None:
         rows = len(labels) // per
         if args.num < rows:
             raise ValueError(f"--num {args.num} is fewer than the {rows} classes asked for")
-        labels, per = grid_labels(cfg, cfg.model.num_classes, classes, args.num // rows)
+        labels, per = grid_labels(cfg, max(cfg.model.num_classes, len(args.prompt)), classes, args.num // rows)
+    if args.prompt:
+        prompts = [args.prompt[int(i)] for i in labels]
     images = generate(model, cfg, objective, autoencoder, labels, list(range(len(labels))), "cpu",
-                      guidance_scale=args.guidance, sampler=args.sampler, steps=args.steps, seed=args.seed)
+                      guidance_scale=args.guidance, sampler=args.sampler, steps=args.steps, seed=args.seed, prompts=prompts)
     seed = cfg.sample.seed if args.seed is None else args.seed
     grid = Path(args.grid) if args.grid else Path(run_dir or ".") / "samples" / f"sample-seed{seed}.png"
     print(save_grid(images, grid, per))
     if args.out:
         save_images(images, args.out, list(range(len(labels))), labels)
         print(args.out)
+
+
+def cmd_encode(args):
+    from .config import load_config
+    from .data.encode import encode_dataset
+
+    cfg = load_config(args.config, args.overrides)
+    encode_dataset(cfg, batch_size=args.batch)
+
+
+def cmd_mnist_shards(args):
+    from .config import load_config
+    from .data.shards import write_mnist_caption_shards
+
+    cfg = load_config(overrides=[f"data.resolution={args.resolution}"])
+    paths = write_mnist_caption_shards(args.out, cfg.data, args.split, shard_size=args.shard_size)
+    print(f"{len(paths)} shard(s): {paths[0]} ... {paths[-1]}")
 
 
 def cmd_eval(args):
@@ -195,7 +240,7 @@ def cmd_presets(args):
             print(f"{name:6s} {preset:12s} {count_parameters(model) / 1e6:9.2f}M parameters (32x32x4 latents, 1000 classes)")
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "demo": cmd_demo, "convert": cmd_convert, "presets": cmd_presets}
+COMMANDS = {"train": cmd_train, "encode": cmd_encode, "mnist-shards": cmd_mnist_shards, "sample": cmd_sample, "eval": cmd_eval, "demo": cmd_demo, "convert": cmd_convert, "presets": cmd_presets}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -139,6 +139,8 @@ class EvalConfig:
     classifier: bool = True           # digit classifier accuracy (mnist only)
     fd_effnet: bool = True            # FD-EffNetLite0 against held-out real images (not FID)
     classifier_epochs: int = 20
+    digits: bool = False              # the data are the embedded digits in another form (captioned shards, a cache
+                                      # of them): evaluate with the digit classifier and the held-out digits
 
 
 @dataclass

@@ -43,6 +43,7 @@ class TextEncoder(nn.Module):
             raise ValueError(f"unknown text encoder {kind!r} (one of {', '.join(TEXT_ENCODERS)})")
         import transformers
 
+        transformers.utils.logging.disable_progress_bar()  # no per-load weight progress bars in logs
         self.kind, self.max_length = kind, max_length
         source = str(path or (minilm_path() if kind == "minilm" else ""))
         if not source:

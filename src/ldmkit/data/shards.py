@@ -35,11 +35,12 @@ def write_mnist_caption_shards(out_dir: str | Path, data_cfg, split: str = "trai
     """Write the MNIST digits of `split` with captions as shards of `shard_size` samples; returns their paths."""
     import webdataset as wds
 
+    from ..config import DataConfig
     from .datasets import build_dataset
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ds = build_dataset(data_cfg, split)
+    ds = build_dataset(DataConfig(name="mnist", resolution=data_cfg.resolution, channels=1, held_out=data_cfg.held_out), split)
     with wds.ShardWriter(str(out_dir / f"{prefix}-%05d.tar"), maxcount=shard_size, verbose=0) as sink:
         for i in range(len(ds)):
             sample = ds[i]
@@ -206,7 +207,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         from .datasets import control_tensors, pil_to_tensor
 
         return {"image": pil_to_tensor(image), "label": torch.tensor(label), "caption": record_caption(record),
-                "control": control_tensors(meta)}
+                "key": record["__key__"], "control": control_tensors(meta)}
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()

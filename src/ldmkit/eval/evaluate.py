@@ -77,6 +77,16 @@ def fd_effnet(images: torch.Tensor, reference: torch.Tensor, batch: int = 100) -
     return frechet_distance_of(extract(net, images, batch).numpy(), extract(net, reference, batch).numpy())
 
 
+def digit_data(cfg):
+    """The MNIST DataConfig when the run is evaluated on the embedded digits (data.name mnist, or eval.digits
+    for digits read otherwise, e.g. the captioned shards), else None."""
+    from ..config import DataConfig
+
+    if cfg.data.name == "mnist" or cfg.eval.digits:
+        return DataConfig(name="mnist", resolution=cfg.data.resolution, channels=1, held_out=cfg.data.held_out)
+    return None
+
+
 def evaluate_run(path, num_images: int | None = None, guidance_scale: float | None = None, steps: int | None = None,
                  sampler: str | None = None, seed: int | None = None, classifier_path: str | Path | None = None,
                  reference: str | Path | None = None, fd: bool | None = None, device="cpu", log=print,
@@ -87,7 +97,8 @@ def evaluate_run(path, num_images: int | None = None, guidance_scale: float | No
     if eval_cfg is not None:
         cfg.eval = eval_cfg
     n = num_images or cfg.eval.num_images
-    classes = cfg.model.num_classes if cfg.data.name != "mnist" else 10
+    digits = digit_data(cfg)
+    classes = cfg.model.num_classes if digits is None else 10
     labels = torch.arange(n) % classes
     t0 = time.time()
     images = generate(model, cfg, objective, autoencoder, labels, list(range(n)), device, batch=cfg.eval.batch,
@@ -96,11 +107,11 @@ def evaluate_run(path, num_images: int | None = None, guidance_scale: float | No
                "sampler": sampler or cfg.sample.sampler, "steps": steps or cfg.sample.steps,
                "seed": cfg.sample.seed if seed is None else seed, "generation_seconds": round(time.time() - t0, 1)}
     log(f"generated {n} images in {metrics['generation_seconds']} s")
-    if cfg.data.name == "mnist" and cfg.eval.classifier:
+    if digits is not None and cfg.eval.classifier:
         from .digits import load_or_train_classifier
 
         clf_path = Path(classifier_path or (Path(run_dir or ".") / "digit_classifier.pt"))
-        classifier, clf_acc = load_or_train_classifier(cfg.data, clf_path, cfg.eval.classifier_epochs)
+        classifier, clf_acc = load_or_train_classifier(digits, clf_path, cfg.eval.classifier_epochs)
         metrics["classifier_heldout_accuracy"] = clf_acc
         metrics.update(digit_metrics(images, labels, classifier))
         log(f"digit classifier: held-out accuracy {clf_acc:.4f}; generated digits labelled as conditioned: {metrics['class_agreement']:.4f}")
@@ -108,8 +119,8 @@ def evaluate_run(path, num_images: int | None = None, guidance_scale: float | No
         if reference is not None:
             ref = read_image_folder(reference, cfg.data.channels, size=cfg.data.resolution)
             metrics["fd_reference"] = str(reference)
-        elif cfg.data.name == "mnist":
-            ref = build_dataset(cfg.data, "held_out").images
+        elif digits is not None:
+            ref = build_dataset(digits, "held_out").images
             metrics["fd_reference"] = f"mnist held-out split ({len(ref)} real digits)"
         else:
             ref = None

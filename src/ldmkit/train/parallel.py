@@ -24,7 +24,9 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(device_pref: str = "auto") -> Dist:
+def init_distributed(device_pref: str = "auto", process_group: bool = True) -> Dist:
+    """This process's rank and device from torchrun's variables; with process_group, also join the group
+    (training). `ldmkit encode` needs none: its processes share only the file system."""
     cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
     if device_pref == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device is 'cuda' but no GPU is visible")
@@ -33,7 +35,7 @@ def init_distributed(device_pref: str = "auto") -> Dist:
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    if process_group and world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return Dist(rank, world, local, device)
 
