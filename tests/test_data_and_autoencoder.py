@@ -94,3 +94,32 @@ def test_kl_encode_uses_the_given_posterior_noise(tiny_vae):
     assert mean.shape == (2, 4, 16, 16) and not torch.allclose(mean, sampled)
     assert torch.allclose(ae.encode(x, noise), sampled)
     assert ae.decode(mean).shape == (2, 3, 32, 32)
+
+
+def test_vae_layouts_set_factors_and_check_channels(tmp_path):
+    from conftest import save_tiny_vae
+    from ldmkit.autoencoders import build_autoencoder
+
+    four = save_tiny_vae(tmp_path / "vae4")
+    sixteen = save_tiny_vae(tmp_path / "vae16", latent_channels=16)
+    ae = lambda *o: build_autoencoder(load_config(overrides=["autoencoder.name=kl", *o]).autoencoder, 3)
+    assert (ae(f"autoencoder.path={four}", "autoencoder.layout=sdxl").scaling_factor, ae(f"autoencoder.path={four}", "autoencoder.layout=sdxl").shift_factor) == (0.13025, 0.0)
+    sd3 = ae(f"autoencoder.path={sixteen}", "autoencoder.layout=sd3")
+    assert (sd3.scaling_factor, sd3.shift_factor, sd3.latent_channels) == (1.5305, 0.0609, 16)
+    assert ae(f"autoencoder.path={four}").scaling_factor == 0.18215  # no layout: the VAE config's own factor
+    assert ae(f"autoencoder.path={four}", "autoencoder.layout=sd", "autoencoder.scaling_factor=0.5").scaling_factor == 0.5
+    with pytest.raises(ConfigError, match="sd3 latents have 16 channels"):
+        ae(f"autoencoder.path={four}", "autoencoder.layout=sd3")
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    mean, std = sd3.moments(x)
+    assert torch.allclose(sd3.encode(x), (mean - 0.0609) * 1.5305, atol=1e-6)
+
+
+def test_shipped_imagenet_class_indexes():
+    from ldmkit.data.datasets import read_class_index
+
+    in1k, in22k = read_class_index("imagenet1k"), read_class_index("imagenet22k")
+    assert len(in1k) == 1000 and len(in22k) == 21841
+    assert in1k["n01440764"] == 0 and in1k["n15075141"] == 999  # tench first, toilet tissue last
+    assert list(in22k) == sorted(in22k)  # the standard order of ImageNet-21k: sorted WordNet ids
+    assert [w for w in in1k if w not in in22k] == ["n04399382"]  # teddy bear is absent from the fall 2011 release

@@ -68,3 +68,29 @@ def test_arch_inference_of_official_layout():
     assert arch == dict(hidden_size=384, in_channels=4, patch_size=4, depth=2, num_heads=6, num_classes=1000, learn_sigma=True, input_size=32)
     with pytest.raises(ck.ConversionError, match="x_embedder"):
         ck.dit_arch_from_state_dict({"foo": torch.zeros(1)})
+
+
+def test_dit_takes_other_grids_and_pooled_text():
+    from ldmkit.conditioning.cond import Cond
+    from ldmkit.models.dit import DiT
+    from ldmkit.models.layers import get_2d_sincos_pos_embed
+
+    torch.manual_seed(0)
+    model = DiT(input_size=16, patch_size=4, in_channels=3, hidden_size=32, depth=1, num_heads=2, learn_sigma=False,
+                conditioning="pooled_text", pooled_dim=12)
+    for block in model.blocks:  # leave adaLN-Zero so the output depends on the input
+        torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.02)
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.02)
+    pooled, t = torch.randn(2, 12), torch.rand(2)
+    out = model(torch.randn(2, 3, 16, 24), t, Cond(pooled=pooled))
+    assert out.shape == (2, 3, 16, 24)
+    # a 4x6 grid gets the sin-cos table of that grid; the square training grid keeps the stored one
+    assert torch.allclose(model.pos_embed_for(4, 6)[0], torch.from_numpy(get_2d_sincos_pos_embed(32, (4, 6))).float())
+    assert model.pos_embed_for(4, 4) is model.pos_embed
+    dropped = model.text_embedder(pooled, torch.tensor([True, False]))
+    assert torch.allclose(dropped[0], model.text_embedder(torch.zeros(1, 12))[0])  # learned null, zero at init
+    assert torch.allclose(dropped[1], model.text_embedder(pooled[1:])[0])
+    with pytest.raises(ValueError, match="cond.pooled"):
+        model(torch.randn(1, 3, 16, 16), t[:1], Cond(class_labels=torch.tensor([0])))
+    with pytest.raises(ValueError, match="multiples of 4"):
+        model(torch.randn(1, 3, 16, 18), t[:1], Cond(pooled=pooled[:1]))

@@ -61,3 +61,64 @@ def test_a_corrupt_sample_is_skipped(tmp_path):
 
 def test_captions():
     assert digit_caption(7) == "a handwritten digit seven" and digit_caption(0) == "a handwritten digit zero"
+
+
+def stream_keys(stream, batches):
+    it = iter(stream)
+    return [k for _ in range(batches) for k in next(it)["key"]]
+
+
+def shard_cfg(**kw):
+    return load_config(overrides=["data.name=shards", "data.path=unused", "data.label_field=label", "data.crop=random",
+                                  "data.hflip=true", "data.shuffle_buffer=30"] + [f"data.{k}={v}" for k, v in kw.items()]).data
+
+
+def test_shard_stream_is_deterministic_resumable_and_worker_independent(shards):
+    import torch
+
+    from ldmkit.data.shards import ShardStream
+
+    paths, _ = shards
+    cfg = shard_cfg()
+    full = ShardStream(paths, cfg, seed=0, rank=0, world_size=1, micro=8)
+    keys = stream_keys(full, 70)  # 560 samples: past the end of the first epoch (500)
+    assert sorted(keys[:500]) == sorted(f"held_out{i:07d}" for i in range(500))  # each sample once per epoch
+    assert keys[500:560] != keys[:60]  # the next epoch is reshuffled
+    resumed = ShardStream(paths, cfg, seed=0, rank=0, world_size=1, micro=8, start=96)
+    assert stream_keys(resumed, 10) == keys[96:176]  # no sample repeated or skipped
+    a, b = next(iter(full)), next(iter(ShardStream(paths, cfg, 0, 0, 1, 8)))
+    assert torch.equal(a["image"], b["image"]) and all(torch.equal(a["control"][k], b["control"][k]) for k in a["control"])
+    workers = torch.utils.data.DataLoader(ShardStream(paths, cfg, 0, 0, 1, 8), batch_size=None, num_workers=2)
+    batches = [batch for _, batch in zip(range(10), workers)]
+    assert [k for b in batches for k in b["key"]] == keys[:80]
+    first = next(iter(full))
+    assert torch.equal(batches[0]["image"], first["image"])  # same crops and flips in a worker
+    flips = torch.cat([b["control"]["flip"] for b in batches])
+    assert 0 < flips.sum() < len(flips)  # both flipped and plain samples
+
+
+def test_shard_stream_splits_ranks_and_replaces_corrupt_samples(shards, tmp_path, caplog):
+    from ldmkit.data.shards import ShardStream
+
+    paths, _ = shards
+    cfg = shard_cfg()
+    per_rank = [set(stream_keys(ShardStream(paths, cfg, 0, r, 2, 10), 20)) for r in range(2)]
+    assert not per_rank[0] & per_rank[1]
+    with pytest.raises(ValueError, match="cannot be split across 8 processes"):
+        ShardStream(paths, cfg, 0, 0, 8, 10)
+
+    bad = tmp_path / "bad-00000.tar"
+    with tarfile.open(bad, "w") as tar:
+        for i in range(4):
+            buf = io.BytesIO()
+            from PIL import Image
+
+            Image.new("L", (30, 30), 40 * i).save(buf, format="PNG")
+            payload = buf.getvalue() if i != 2 else b"broken"
+            for ext, data in (("png", payload), ("txt", f"caption {i}".encode()), ("json", b'{"label": 1}')):
+                info = tarfile.TarInfo(f"s{i}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    batch = next(iter(ShardStream([bad], shard_cfg(shuffle_buffer=1, hflip="false"), 0, 0, 1, 4)))
+    assert batch["key"] == ["s0", "s1", "s3", "s3"]  # the broken sample is replaced by another of its micro-batch
+    assert "s2" in caplog.text and "corrupt" in caplog.text

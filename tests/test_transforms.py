@@ -72,3 +72,37 @@ def test_control_values_and_errors():
     with pytest.raises(ValueError, match="needs a random generator"):  # flips are random for every strategy
         crop_with_metadata(gradient_image(), 32, "center", flip_prob=0.5)
     assert set(CROP_STRATEGIES) == {"center", "random", "random_resized", "none"}
+
+
+def test_bucket_targets_keep_the_bucket_aspect_ratio():
+    image = Image.new("RGB", (200, 100))
+    out, meta = crop_with_metadata(image, (32, 48), "center")
+    assert out.size == (48, 32) and meta.target_size == (32, 48)
+    assert meta.crop_size == (100.0, 150.0) and meta.crop_top_left == (0.0, 25.0)  # largest 2:3 region, centred
+    rng = np.random.default_rng(0)
+    lefts = {crop_with_metadata(image, (32, 48), "random", rng)[1].crop_top_left[1] for _ in range(20)}
+    assert len(lefts) > 1 and all(0 <= x <= 50 for x in lefts)
+
+
+def test_load_image_converts_and_rejects():
+    import io
+
+    from ldmkit.data.transforms import BadImage, load_image
+
+    def encoded(image, fmt):
+        buf = io.BytesIO()
+        image.save(buf, format=fmt)
+        return buf.getvalue()
+
+    cmyk, mode = load_image(encoded(Image.new("CMYK", (20, 20), (0, 255, 255, 0)), "JPEG"))
+    assert cmyk.mode == "RGB" and mode == "CMYK" and np.asarray(cmyk)[0, 0, 0] > 200  # red stays red
+    rgba, mode = load_image(encoded(Image.new("RGBA", (20, 20), (0, 0, 0, 0)), "PNG"))
+    assert mode == "RGBA" and np.asarray(rgba).min() == 255  # transparent -> white
+    gray, mode = load_image(encoded(Image.new("RGB", (20, 20)), "PNG"), channels=1)
+    assert gray.mode == "L" and mode == "RGB"
+    whole = encoded(Image.new("RGB", (64, 64), (1, 2, 3)), "JPEG")
+    for data, reason in ((b"nonsense", "corrupt"), (whole[: len(whole) // 2], "truncated")):
+        with pytest.raises(BadImage, match=reason):
+            load_image(data)
+    with pytest.raises(BadImage, match="too small"):
+        load_image(encoded(Image.new("RGB", (8, 12)), "PNG"), min_size=10)

@@ -178,7 +178,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                  with_labels: bool = False):
         if len(urls) < world_size:
             raise ValueError(f"{len(urls)} shard(s) cannot be split across {world_size} processes; write more, smaller shards")
-        self.urls, self.cfg, self.seed = list(urls), data_cfg, seed
+        self.urls, self.cfg, self.seed = [str(u) for u in urls], data_cfg, seed
         self.rank, self.world_size, self.micro, self.start = rank, world_size, micro, start
         self.label_field = data_cfg.label_field if with_labels else None
 
