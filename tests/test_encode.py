@@ -237,3 +237,16 @@ def test_cache_errors_are_one_line(tmp_path):
         load_config(overrides=["data.from_cache=true"])
     with pytest.raises(ConfigError, match="text.encoder"):
         load_config(overrides=["model.conditioning=pooled_text"])
+
+
+def test_cache_pickles_without_copying_its_arrays(tmp_path):
+    import pickle
+
+    base = TINY + [f"data.cache={tmp_path / 'cache'}", "data.encode_chunk=2000"]
+    encode_dataset(load_config(overrides=base), log=quiet)
+    cache = LatentCache(tmp_path / "cache", hflip=True)
+    blob = pickle.dumps(cache)
+    assert len(blob) < 200_000  # 4,500 digits of 32x32 would be megabytes
+    clone = pickle.loads(blob)
+    a, b = cache.__getitems__([(3, 7), (4000, 1)]), clone.__getitems__([(3, 7), (4000, 1)])
+    assert torch.equal(a["latent_mean"], b["latent_mean"]) and torch.equal(a["control"]["flip"], b["control"]["flip"])

@@ -122,3 +122,19 @@ def test_shard_stream_splits_ranks_and_replaces_corrupt_samples(shards, tmp_path
     batch = next(iter(ShardStream([bad], shard_cfg(shuffle_buffer=1, hflip="false"), 0, 0, 1, 4)))
     assert batch["key"] == ["s0", "s1", "s3", "s3"]  # the broken sample is replaced by another of its micro-batch
     assert "s2" in caplog.text and "corrupt" in caplog.text
+
+
+def test_shard_urls_from_patterns_lists_globs_and_pipes(shards, tmp_path):
+    from ldmkit.data.shards import expand_urls, tar_records
+
+    paths, _ = shards
+    folder = paths[0].parent
+    assert expand_urls(f"{folder}/mnist-{{00000..00004}}.tar") == [str(p) for p in paths]
+    assert expand_urls(f"{folder}/mnist-0000[0-1].tar") == [str(p) for p in paths[:2]]
+    assert expand_urls(f"{folder}/mnist-00000.tar::{folder}/mnist-{{00003..00004}}.tar") == [str(paths[i]) for i in (0, 3, 4)]
+    (tmp_path / "urls.txt").write_text(f"# CC12M\n{paths[1]}\npipe:cat {paths[2]}\n")
+    assert expand_urls(tmp_path / "urls.txt") == [str(paths[1]), f"pipe:cat {paths[2]}"]
+    # a pipe: command streams the same samples as the file (how object stores are read)
+    assert [r["__key__"] for r in tar_records(f"pipe:cat {paths[2]}")] == [r["__key__"] for r in tar_records(str(paths[2]))]
+    with pytest.raises(ValueError, match="no shards match"):
+        expand_urls(f"{folder}/nothing-*.tar")

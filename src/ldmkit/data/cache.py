@@ -96,6 +96,16 @@ class LatentCache(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
+    def __getstate__(self):
+        # DataLoader workers started by spawn (macOS, Windows) re-map the files instead of receiving copies.
+        state = dict(self.__dict__)
+        state["parts"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.parts = [memmap_safetensors(self.folder / part["file"])[:2] for part in self.manifest["parts"]]
+
     def __getitem__(self, item) -> dict:
         batch = self.__getitems__([item])
         return {k: ({n: v[0] for n, v in x.items()} if isinstance(x, dict) else x[0]) for k, x in batch.items()}
