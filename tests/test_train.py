@@ -189,3 +189,12 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
 def test_nan_guard_stops_a_diverging_run(tmp_path):
     with pytest.raises(FloatingPointError, match="non-finite"):
         training_loop(tiny_config("train.lr=1e30", "train.total_images=320", "train.max_nan_skips=1", "train.grad_clip=null"), tmp_path / "run", quiet=True)
+
+
+def test_a_failed_start_does_not_block_the_corrected_config(tmp_path):
+    from ldmkit.data.datasets import DataError
+
+    with pytest.raises(DataError, match="no latent cache"):
+        training_loop(tiny_config("data.from_cache=true", f"data.cache={tmp_path / 'missing'}"), tmp_path / "run", quiet=True)
+    run = training_loop(tiny_config("train.total_images=32"), tmp_path / "run", quiet=True)  # no checkpoint to protect
+    assert state_of(run)["images_seen"] == 32

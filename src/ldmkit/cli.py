@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-EPILOG = "Configs: configs/ (demo/mnist_dit.yaml, imagenet256/dit_xl2.yaml). Docs: README.md, docs/."
+EPILOG = "Configs: configs/ (demo/mnist_dit.yaml, demo/mnist_text_dit.yaml, imagenet256/dit_xl2.yaml). Docs: README.md, docs/ (data: docs/data.md)."
 
 
 def _add_sampling_options(p):

@@ -45,7 +45,8 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, allow_config_change: bool, is
     if config_file.exists():
         previous = load_config(config_file)
         changed = [k for k in diff_configs(to_dict(previous), to_dict(cfg)) if not k.startswith(NOT_TRAINING_KEYS)]
-        if changed and not allow_config_change:
+        # A folder without checkpoints holds no training to protect (e.g. a start that failed on bad data).
+        if changed and not allow_config_change and latest_checkpoint(run_dir) is not None:
             raise ConfigError(
                 f"run directory {run_dir} holds a run of a different config (differs at: {', '.join(changed[:5])}); "
                 "use another --out, or --resume to continue it with the new config"
