@@ -234,10 +234,14 @@ def cmd_presets(args):
     from .config import ModelConfig
     from .models.registry import build_model, count_parameters, preset_names
 
+    import torch
+
+    print("class-conditional, 32x32x4 latents (ImageNet 256), 1000 classes:")
     for name, presets in preset_names().items():
         for preset in presets:
-            model = build_model(ModelConfig(name=name, preset=preset, input_size=32, in_channels=4, num_classes=1000))
-            print(f"{name:6s} {preset:12s} {count_parameters(model) / 1e6:9.2f}M parameters (32x32x4 latents, 1000 classes)")
+            with torch.device("meta"):  # counts only: no memory, no init time
+                model = build_model(ModelConfig(name=name, preset=preset, input_size=32, in_channels=4, num_classes=1000))
+            print(f"{name:7s} {preset:20s} {count_parameters(model) / 1e6:9.2f}M parameters")
 
 
 COMMANDS = {"train": cmd_train, "encode": cmd_encode, "mnist-shards": cmd_mnist_shards, "sample": cmd_sample, "eval": cmd_eval, "demo": cmd_demo, "convert": cmd_convert, "presets": cmd_presets}

@@ -33,8 +33,11 @@ class ModelConfig:
     num_heads: int | None = None
     patch_size: int | None = None
     mlp_ratio: float = 4.0
-    conditioning: str = "class"       # class (label embedding) | pooled_text (pooled caption vector, summed into adaLN)
+    conditioning: str = "class"       # class | pooled_text (pooled caption vector, DiT) | text (caption tokens, attended)
     pooled_dim: int = 384             # pooled_text: width of the text encoder's pooled vector (MiniLM 384)
+    context_dim: int = 4096           # text: width of the caption tokens (T5-XXL 4096, flan-t5-xl 2048, MiniLM 384)
+    max_tokens: int = 120             # text: longest caption (PixArt-alpha: 120 T5 tokens); size of the null caption
+    micro_conditions: bool = False    # PixArt-alpha MS: embed resolution and aspect ratio (from cond.control)
 
 
 @dataclass
@@ -282,7 +285,7 @@ def validate(cfg: RunConfig) -> None:
         "data.crop": (cfg.data.crop, ("center", "random", "random_resized", "none")),
         "data.cache_dtype": (cfg.data.cache_dtype, ("float16", "bfloat16", "float32")),
         "autoencoder.layout": (cfg.autoencoder.layout, (None, "sd", "sdxl", "sd3")),
-        "model.conditioning": (cfg.model.conditioning, ("class", "pooled_text")),
+        "model.conditioning": (cfg.model.conditioning, ("class", "pooled_text", "text")),
         "text.encoder": (cfg.text.encoder, ("none", "minilm", "t5", "clip")),
         "train.precision": (cfg.train.precision, ("fp32", "bf16")),
         "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
@@ -307,12 +310,14 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("config key 'sample.steps' must be positive")
     if cfg.data.name == "shards" and not cfg.data.path:
         raise ConfigError("config key 'data.path': shards needs a brace pattern (e.g. /data/cc12m/{00000..01242}.tar) or a file listing URLs")
-    if cfg.model.conditioning == "pooled_text" and cfg.text.encoder == "none":
-        raise ConfigError("config key 'text.encoder': model.conditioning pooled_text needs a text encoder (minilm, t5 or clip)")
-    if cfg.model.conditioning == "pooled_text" and cfg.data.name == "image_folder":
+    if cfg.model.conditioning != "class" and cfg.text.encoder == "none":
+        raise ConfigError(f"config key 'text.encoder': model.conditioning {cfg.model.conditioning} needs a text encoder (minilm, t5 or clip)")
+    if cfg.model.conditioning != "class" and cfg.data.name == "image_folder":
         raise ConfigError("config key 'model.conditioning': image_folder data has class labels, not captions; use class")
     if cfg.model.conditioning == "class" and cfg.data.name == "shards" and not cfg.data.label_field:
         raise ConfigError("config key 'data.label_field': class conditioning on shards needs the JSON field holding the class id")
+    if cfg.model.conditioning == "text" and cfg.text.max_length > cfg.model.max_tokens:
+        raise ConfigError(f"config key 'model.max_tokens': {cfg.model.max_tokens} is shorter than text.max_length {cfg.text.max_length}")
     if cfg.data.from_cache and not cfg.data.cache:
         raise ConfigError("config key 'data.cache': data.from_cache needs the folder written by 'ldmkit encode'")
     for bucket in cfg.data.buckets:

@@ -54,7 +54,12 @@ def prompts_for_labels(cfg, labels: torch.Tensor) -> list[str]:
 def sampling_cond(cfg, labels: torch.Tensor | None, prompts: list[str] | None, text_encoder: TextEncoder | None, device) -> Cond:
     """Cond for generation: class labels, or the text embedding of prompts."""
     if cfg.model.conditioning == "class":
-        return Cond(class_labels=labels.to(device))
-    if text_encoder is None:
+        cond = Cond(class_labels=labels.to(device))
+    elif text_encoder is None:
         raise ValueError("a text-conditional model needs its text encoder to sample")
-    return text_cond(text_encoder(list(prompts)), labels.to(device) if labels is not None else None)
+    else:
+        cond = text_cond(text_encoder(list(prompts)), labels.to(device) if labels is not None else None)
+    if cfg.model.micro_conditions:  # sample at the training resolution, as if from an uncropped image of that size
+        n, side = cond.batch_size, float(cfg.data.resolution)
+        cond.control = {k: torch.full((n, 2), side, device=device) for k in ("original_size", "target_size")}
+    return cond

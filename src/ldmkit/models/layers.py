@@ -38,14 +38,42 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention of tokens x [B, T, D] to a context [B, L, Dc] (already projected to D, or
+    projected here when context_dim differs), with an optional key mask [B, L] (True = attend).
+    Fused kv projection, as PixArt-alpha's MultiHeadCrossAttention."""
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention width {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.q_linear = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv_linear = nn.Linear(context_dim or dim, dim * 2, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, D = x.shape
+        L, H = context.shape[1], self.num_heads
+        q = self.q_linear(x).reshape(B, T, H, D // H).transpose(1, 2)  # [B, H, T, D/H]
+        k, v = self.kv_linear(context).reshape(B, L, 2, H, D // H).permute(2, 0, 3, 1, 4)  # 2 x [B, H, L, D/H]
+        attn_mask = None
+        if mask is not None:
+            # A row with no valid token attends to all (rather than producing NaN).
+            mask = mask.bool() | ~mask.bool().any(dim=1, keepdim=True)
+            attn_mask = mask[:, None, None, :]  # [B, 1, 1, L]
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
 class Mlp(nn.Module):
     """Two-layer MLP with tanh-approximated GELU (as DiT and PixArt)."""
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, out_dim: int | None = None):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = nn.Linear(hidden_dim, out_dim or dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))

@@ -4,12 +4,18 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .dit import DIT_PRESETS, DiT
+from .pixart import PIXART_PRESETS, PixArt
 
-BACKBONES = {"dit": (DiT, DIT_PRESETS)}
+# name -> (class, presets, conditionings it takes, config keys it reads beyond the common ones)
+BACKBONES = {
+    "dit": (DiT, DIT_PRESETS, ("class", "pooled_text"), ("num_classes", "timestep_freq_shift", "pooled_dim")),
+    "pixart": (PixArt, PIXART_PRESETS, ("class", "text"), ("num_classes", "context_dim", "max_tokens", "micro_conditions")),
+}
+CONDITIONING_HELP = {"class": "class labels", "pooled_text": "a pooled caption vector in adaLN", "text": "caption tokens by attention"}
 
 
 def preset_names() -> dict[str, list[str]]:
-    return {name: sorted(presets) for name, (_, presets) in BACKBONES.items()}
+    return {name: sorted(presets) for name, (_, presets, _, _) in BACKBONES.items()}
 
 
 def build_model(model_cfg) -> nn.Module:
@@ -17,7 +23,10 @@ def build_model(model_cfg) -> nn.Module:
 
     if model_cfg.name not in BACKBONES:
         raise ConfigError(f"config key 'model.name': unknown backbone {model_cfg.name!r} (available: {', '.join(BACKBONES)})")
-    cls, presets = BACKBONES[model_cfg.name]
+    cls, presets, conditionings, extra_keys = BACKBONES[model_cfg.name]
+    if model_cfg.conditioning not in conditionings:
+        takes = "; ".join(f"{c} ({CONDITIONING_HELP[c]})" for c in conditionings)
+        raise ConfigError(f"config key 'model.conditioning': {model_cfg.name} takes {takes}, not {model_cfg.conditioning}")
     if model_cfg.preset not in presets:
         raise ConfigError(f"config key 'model.preset': unknown preset {model_cfg.preset!r} for {model_cfg.name} (available: {', '.join(sorted(presets))})")
     arch = dict(presets[model_cfg.preset])
@@ -25,33 +34,57 @@ def build_model(model_cfg) -> nn.Module:
         value = getattr(model_cfg, key)
         if value is not None:
             arch[key] = value
-    return cls(
-        input_size=model_cfg.input_size,
-        in_channels=model_cfg.in_channels,
-        num_classes=model_cfg.num_classes,
-        learn_sigma=model_cfg.learn_sigma,
-        timestep_freq_shift=model_cfg.timestep_freq_shift,
-        mlp_ratio=model_cfg.mlp_ratio,
-        conditioning=model_cfg.conditioning,
-        pooled_dim=model_cfg.pooled_dim,
-        **arch,
-    )
+    extra = {key: getattr(model_cfg, key) for key in extra_keys}
+    if "context_dim" in extra:
+        extra["caption_channels"] = extra.pop("context_dim")
+    return cls(input_size=model_cfg.input_size, in_channels=model_cfg.in_channels, learn_sigma=model_cfg.learn_sigma,
+               mlp_ratio=model_cfg.mlp_ratio, conditioning=model_cfg.conditioning, **extra, **arch)
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def flops_per_image(model: nn.Module) -> float:
-    """Analytic forward FLOPs per image of a DiT (2 per multiply-add; matmuls and attention only).
-    Training costs about 3x this (forward + backward)."""
-    if not isinstance(model, DiT):
-        raise NotImplementedError(f"no FLOP count for {type(model).__name__}")
+def flops_per_image(model: nn.Module, tokens_per_caption: int = 120) -> float:
+    """Analytic forward FLOPs per image (2 per multiply-add; matmuls, convolutions and attention only, as
+    torch.utils.flop_counter counts them). Training costs about 3x this (forward + backward)."""
+    if isinstance(model, DiT):
+        return _dit_flops(model)
+    if isinstance(model, PixArt):
+        return _pixart_flops(model, tokens_per_caption)
+    raise NotImplementedError(f"no FLOP count for {type(model).__name__}")
+
+
+def _transformer_block_flops(T: int, D: int, mlp_hidden: int) -> float:
+    # qkv + output projection, attention scores and values, MLP
+    return 2 * T * (3 * D * D + D * D + 2 * D * mlp_hidden) + 2 * 2 * T * T * D
+
+
+def _dit_flops(model) -> float:
     D, p = model.hidden_size, model.patch_size
     T = (model.input_size // p) ** 2
     mlp_hidden = model.blocks[0].mlp.fc1.out_features
-    per_block = 2 * T * (3 * D * D + D * D + 2 * D * mlp_hidden) + 2 * 2 * T * T * D + 2 * D * 6 * D
+    per_block = _transformer_block_flops(T, D, mlp_hidden) + 2 * D * 6 * D  # + adaLN
     patch = 2 * T * model.in_channels * p * p * D
     final = 2 * T * D * p * p * model.out_channels + 2 * D * 2 * D
     time = 2 * (256 * D + D * D)
-    return float(len(model.blocks) * per_block + patch + final + time)
+    cond = 2 * (model.text_embedder.in_dim * D + D * D) if model.conditioning == "pooled_text" else 0
+    return float(len(model.blocks) * per_block + patch + final + time + cond)
+
+
+def _pixart_flops(model, L: int) -> float:
+    D, p = model.hidden_size, model.patch_size
+    T = (model.input_size // p) ** 2
+    mlp_hidden = model.blocks[0].mlp.fc1.out_features
+    if model.conditioning == "class":
+        L, caption = 1, 0
+    else:
+        caption = 2 * L * (model.y_embedder.y_proj.fc1.in_features * D + D * D)
+    cross = 2 * T * D * D + 2 * L * 2 * D * D + 2 * T * D * D + 2 * 2 * T * L * D  # q, kv, proj, attention
+    per_block = _transformer_block_flops(T, D, mlp_hidden) + cross
+    patch = 2 * T * model.in_channels * p * p * D
+    final = 2 * T * D * p * p * model.out_channels
+    time = 2 * (256 * D + D * D) + 2 * D * 6 * D
+    if model.micro_conditions:
+        time += 3 * 2 * (256 * (D // 3) + (D // 3) ** 2)
+    return float(len(model.blocks) * per_block + patch + final + time + caption)

@@ -96,8 +96,8 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
         raise ConfigError(f"config key 'model.in_channels': {cfg.model.in_channels}, but the autoencoder gives {autoencoder.latent_channels} latent channels")
     # Captions are encoded on the fly unless the cache holds their embeddings.
     text_encoder = build_text_encoder(cfg, device) if cfg.model.conditioning != "class" and not cfg.data.from_cache else None
-    if text_encoder is not None and text_encoder.pooled_dim != cfg.model.pooled_dim:
-        raise ConfigError(f"config key 'model.pooled_dim': {cfg.model.pooled_dim}, but the {text_encoder.name} pooled vectors have {text_encoder.pooled_dim}")
+    if text_encoder is not None:
+        check_text_width(cfg, text_encoder.name, text_encoder.pooled_dim, text_encoder.token_dim)
     torch.manual_seed(tc.seed)
     model = build_model(cfg.model).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -267,12 +267,19 @@ def check_data_matches_model(cfg, source) -> None:
             raise ConfigError(f"config key 'model.in_channels': {m.in_channels}, but the cache at {cfg.data.cache} holds {shape[0]}-channel latents")
         if m.conditioning == "class" and classes == 0:
             raise ConfigError(f"config key 'model.conditioning': the cache at {cfg.data.cache} has no class labels; use pooled_text")
-        if m.conditioning == "pooled_text":
+        if m.conditioning != "class":
             text = source.manifest.get("text_encoder")
             if not source.has_text:
                 raise ConfigError(f"config key 'text.encoder': the cache at {cfg.data.cache} holds no text embeddings; encode with a text encoder")
-            if text["pooled_dim"] != m.pooled_dim:
-                raise ConfigError(f"config key 'model.pooled_dim': {m.pooled_dim}, but the cache's {text['name']} pooled vectors have {text['pooled_dim']}")
+            check_text_width(cfg, f"cache's {text['name']}", text["pooled_dim"], text["token_dim"])
+
+
+def check_text_width(cfg, encoder_name: str, pooled_dim: int, token_dim: int) -> None:
+    m = cfg.model
+    if m.conditioning == "pooled_text" and pooled_dim != m.pooled_dim:
+        raise ConfigError(f"config key 'model.pooled_dim': {m.pooled_dim}, but the {encoder_name} pooled vectors have {pooled_dim}")
+    if m.conditioning == "text" and token_dim != m.context_dim:
+        raise ConfigError(f"config key 'model.context_dim': {m.context_dim}, but the {encoder_name} tokens have {token_dim}")
 
 
 def peak_rss_gb() -> float:

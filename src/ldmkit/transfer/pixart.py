@@ -1,0 +1,84 @@
+"""PixArt-alpha weights between ldmkit (the official PixArt-alpha module names) and diffusers'
+`PixArtTransformer2DModel`.
+
+Not carried by diffusers: the null caption `y_embedder.y_embedding` (diffusers' pipelines encode an empty
+prompt instead) and the fixed `pos_embed` table (recomputed from the config); importing keeps ldmkit's own.
+"""
+from __future__ import annotations
+
+import torch
+
+from .checkpoints import ConversionError, _block_count
+
+# ldmkit name -> diffusers name, for tensors that map one to one (per-block names use "{i}").
+_RENAMES = {
+    "x_embedder.proj": "pos_embed.proj",
+    "t_embedder.mlp.0": "adaln_single.emb.timestep_embedder.linear_1",
+    "t_embedder.mlp.2": "adaln_single.emb.timestep_embedder.linear_2",
+    "t_block.1": "adaln_single.linear",
+    "csize_embedder.mlp.0": "adaln_single.emb.resolution_embedder.linear_1",
+    "csize_embedder.mlp.2": "adaln_single.emb.resolution_embedder.linear_2",
+    "ar_embedder.mlp.0": "adaln_single.emb.aspect_ratio_embedder.linear_1",
+    "ar_embedder.mlp.2": "adaln_single.emb.aspect_ratio_embedder.linear_2",
+    "y_embedder.y_proj.fc1": "caption_projection.linear_1",
+    "y_embedder.y_proj.fc2": "caption_projection.linear_2",
+    "final_layer.linear": "proj_out",
+}
+_BLOCK_RENAMES = {
+    "attn.proj": "attn1.to_out.0",
+    "cross_attn.q_linear": "attn2.to_q",
+    "cross_attn.proj": "attn2.to_out.0",
+    "mlp.fc1": "ff.net.0.proj",
+    "mlp.fc2": "ff.net.2",
+}
+
+
+def pixart_to_diffusers(sd: dict) -> dict:
+    out = {}
+    for src, dst in _RENAMES.items():
+        for part in ("weight", "bias"):
+            if f"{src}.{part}" in sd:
+                out[f"{dst}.{part}"] = sd[f"{src}.{part}"]
+    out["scale_shift_table"] = sd["final_layer.scale_shift_table"]
+    for i in range(_block_count(sd, "blocks.")):
+        src, dst = f"blocks.{i}.", f"transformer_blocks.{i}."
+        out[dst + "scale_shift_table"] = sd[src + "scale_shift_table"]
+        for part in ("weight", "bias"):
+            for a, b in _BLOCK_RENAMES.items():
+                out[f"{dst}{b}.{part}"] = sd[f"{src}{a}.{part}"]
+            q, k, v = sd[f"{src}attn.qkv.{part}"].chunk(3)
+            out[f"{dst}attn1.to_q.{part}"], out[f"{dst}attn1.to_k.{part}"], out[f"{dst}attn1.to_v.{part}"] = q, k, v
+            k, v = sd[f"{src}cross_attn.kv_linear.{part}"].chunk(2)
+            out[f"{dst}attn2.to_k.{part}"], out[f"{dst}attn2.to_v.{part}"] = k, v
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def pixart_from_diffusers(sd: dict) -> dict:
+    if "adaln_single.linear.weight" not in sd or "caption_projection.linear_1.weight" not in sd:
+        raise ConversionError("not a diffusers PixArtTransformer2DModel state dict (no adaln_single / caption_projection)")
+    out = {}
+    for dst, src in _RENAMES.items():
+        for part in ("weight", "bias"):
+            if f"{src}.{part}" in sd:
+                out[f"{dst}.{part}"] = sd[f"{src}.{part}"]
+    out["final_layer.scale_shift_table"] = sd["scale_shift_table"]
+    for i in range(_block_count(sd, "transformer_blocks.")):
+        src, dst = f"transformer_blocks.{i}.", f"blocks.{i}."
+        out[dst + "scale_shift_table"] = sd[src + "scale_shift_table"]
+        for part in ("weight", "bias"):
+            for a, b in _BLOCK_RENAMES.items():
+                out[f"{dst}{a}.{part}"] = sd[f"{src}{b}.{part}"]
+            out[f"{dst}attn.qkv.{part}"] = torch.cat([sd[f"{src}attn1.to_{n}.{part}"] for n in "qkv"])
+            out[f"{dst}cross_attn.kv_linear.{part}"] = torch.cat([sd[f"{src}attn2.to_{n}.{part}"] for n in "kv"])
+    return out
+
+
+def pixart_diffusers_config(model) -> dict:
+    """The PixArtTransformer2DModel config of an ldmkit PixArt (text-conditional)."""
+    return dict(
+        num_attention_heads=model.num_heads, attention_head_dim=model.hidden_size // model.num_heads,
+        in_channels=model.in_channels, out_channels=model.out_channels, num_layers=len(model.blocks),
+        sample_size=model.input_size, patch_size=model.patch_size, caption_channels=model.y_embedder.y_proj.fc1.in_features,
+        cross_attention_dim=model.hidden_size, use_additional_conditions=model.micro_conditions,
+        interpolation_scale=model.pe_interpolation, norm_eps=1e-6,
+    )
