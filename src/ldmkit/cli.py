@@ -81,16 +81,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="demo config (default configs/demo/mnist_dit.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
-    p = sub.add_parser("convert", help="convert DiT weights: official / diffusers / ldmkit layouts",
-                       description="Read DiT weights in the official facebookresearch/DiT layout, the diffusers DiTTransformer2DModel "
-                                   "layout (folder or file) or an ldmkit checkpoint, and write them as an ldmkit checkpoint (.pt, usable "
-                                   "by 'ldmkit sample') or a diffusers folder.")
+    p = sub.add_parser("convert", help="import weights: official DiT, diffusers DiT / PixArt-alpha -> ldmkit",
+                       description="Read DiT weights in the official facebookresearch/DiT layout or the diffusers DiTTransformer2DModel "
+                                   "layout, or a diffusers PixArtTransformer2DModel folder, and write them as an ldmkit checkpoint "
+                                   "(.pt, usable by 'ldmkit sample' and for fine-tuning) with the matching recipe embedded; "
+                                   "'--to diffusers' writes DiT weights as a diffusers folder (for runs, see 'ldmkit export').")
     p.add_argument("source", help="weights file or folder")
     p.add_argument("--to", choices=["ldmkit", "diffusers"], default="ldmkit", help="output layout (default ldmkit)")
     p.add_argument("--out", required=True, help="output file (ldmkit) or folder (diffusers)")
     p.add_argument("--num-heads", type=int, help="attention heads (default: DiT's for the width)")
     p.add_argument("--timestep-freq-shift", type=float, help="timestep features: 0 official DiT, 1 diffusers (default: by source layout)")
     p.add_argument("--config", help="ldmkit config to embed for sampling (default: configs/imagenet256/dit_xl2.yaml with the weights' architecture)")
+
+    p = sub.add_parser("export", help="write a run's model in the diffusers layout (DiT, PixArt-alpha)",
+                       description="Write the EMA weights of a run folder (newest checkpoint) or checkpoint file as a diffusers "
+                                   "model folder: DiTTransformer2DModel (class-conditional DiT) or PixArtTransformer2DModel "
+                                   "(text-conditional PixArt-alpha), loadable with from_pretrained.")
+    p.add_argument("source", help="run folder or checkpoint file")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
 
     sub.add_parser("presets", help="list the backbone size presets", description="List backbone presets with parameter counts.")
     return parser
@@ -181,10 +190,12 @@ def cmd_convert(args):
 
     from .config import load_config, to_dict
     from .models.registry import build_model
-    from .train.state import atomic_save, load_weights
     from .transfer import checkpoints as ck
+    from .transfer.pixart import is_diffusers_pixart
 
     sd, layout, embedded, folder_config = ck.read_weights(args.source)
+    if layout == "diffusers" and is_diffusers_pixart(sd):
+        return convert_pixart(args, sd, folder_config)
     if layout == "diffusers":
         sd = ck.diffusers_to_ldmkit(sd)
     heads = args.num_heads or folder_config.get("num_attention_heads")
@@ -221,6 +232,13 @@ def cmd_convert(args):
     model = build_model(build(RunConfig, cfg_dict).model)
     sd = dict(sd)  # pos_embed is a fixed table: fill it in when the source has none
     sd.setdefault("pos_embed", model.pos_embed)
+    save_imported(model, sd, cfg_dict, args, layout)
+
+
+def save_imported(model, sd: dict, cfg_dict: dict, args, layout: str) -> None:
+    """Load sd into model and write an ldmkit checkpoint (weights as model and EMA, config embedded)."""
+    from .train.state import atomic_save, load_weights
+
     load_weights(model, sd, f"weights {args.source}")
     state = {"model": model.state_dict(), "ema": model.state_dict(), "config": cfg_dict, "images_seen": 0, "step": 0,
              "source": {"path": str(args.source), "layout": layout}}
@@ -228,6 +246,53 @@ def cmd_convert(args):
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_save(state, out)
     print(out)
+
+
+def convert_pixart(args, sd: dict, folder_config: dict) -> None:
+    """A diffusers PixArtTransformer2DModel -> an ldmkit checkpoint with the CC12M PixArt recipe embedded."""
+    from .config import RunConfig, build, load_config, to_dict
+    from .demo import REPO_CONFIGS
+    from .models.registry import build_model
+    from .transfer.pixart import pixart_from_diffusers, pixart_overrides
+
+    if args.to == "diffusers":
+        raise ValueError("the source is already in the diffusers layout")
+    cfg_dict = to_dict(load_config(args.config or (REPO_CONFIGS / "cc12m256" / "pixart_xl2.yaml"), pixart_overrides(folder_config)))
+    model = build_model(build(RunConfig, cfg_dict).model)
+    sd = pixart_from_diffusers(sd)
+    # Not in diffusers' layout: the fixed positional table and the null caption (kept from ldmkit's init).
+    sd.update({k: v for k, v in model.state_dict().items() if k in ("pos_embed", "y_embedder.y_embedding")})
+    save_imported(model, sd, cfg_dict, args, "diffusers")
+
+
+def cmd_export(args):
+    from .config import RunConfig, build
+    from .models.dit import DiT
+    from .models.pixart import PixArt
+    from .models.registry import build_model
+    from .train.state import latest_checkpoint, load_checkpoint, load_weights
+    from .transfer import checkpoints as ck
+    from .transfer.pixart import write_pixart_diffusers
+
+    source = Path(args.source)
+    ckpt = latest_checkpoint(source) if source.is_dir() else source
+    if ckpt is None or not Path(ckpt).is_file():
+        raise FileNotFoundError(f"no ldmkit checkpoint at {source}")
+    state = load_checkpoint(ckpt)
+    if "config" not in state:
+        raise ValueError(f"{ckpt} is not an ldmkit checkpoint (no config)")
+    model = build_model(build(RunConfig, state["config"]).model)
+    load_weights(model, state["model" if args.no_ema else "ema"], f"checkpoint {ckpt}")
+    if isinstance(model, PixArt):
+        write_pixart_diffusers(model, args.out)
+    elif isinstance(model, DiT):
+        if model.conditioning != "class":
+            raise ValueError("diffusers' DiTTransformer2DModel is class-conditional; a pooled-text DiT has no diffusers form")
+        arch = ck.dit_arch_from_state_dict(model.state_dict(), model.num_heads)
+        ck.write_diffusers(model.state_dict(), arch, args.out)
+    else:
+        raise ValueError(f"no diffusers export for {type(model).__name__}")
+    print(args.out)
 
 
 def cmd_presets(args):
@@ -244,7 +309,7 @@ def cmd_presets(args):
             print(f"{name:7s} {preset:20s} {count_parameters(model) / 1e6:9.2f}M parameters")
 
 
-COMMANDS = {"train": cmd_train, "encode": cmd_encode, "mnist-shards": cmd_mnist_shards, "sample": cmd_sample, "eval": cmd_eval, "demo": cmd_demo, "convert": cmd_convert, "presets": cmd_presets}
+COMMANDS = {"train": cmd_train, "encode": cmd_encode, "mnist-shards": cmd_mnist_shards, "sample": cmd_sample, "eval": cmd_eval, "demo": cmd_demo, "convert": cmd_convert, "export": cmd_export, "presets": cmd_presets}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,3 +82,40 @@ def pixart_diffusers_config(model) -> dict:
         cross_attention_dim=model.hidden_size, use_additional_conditions=model.micro_conditions,
         interpolation_scale=model.pe_interpolation, norm_eps=1e-6,
     )
+
+
+def is_diffusers_pixart(sd: dict) -> bool:
+    return "adaln_single.linear.weight" in sd
+
+
+def pixart_overrides(config: dict) -> list[str]:
+    """ldmkit config overrides describing the PixArtTransformer2DModel of a diffusers config.json."""
+    if not config:
+        raise ConversionError("a diffusers PixArt folder needs its config.json (heads, sample size) to be converted")
+    heads, head_dim = config.get("num_attention_heads", 16), config.get("attention_head_dim", 72)
+    in_channels = config.get("in_channels", 4)
+    out_channels = config.get("out_channels") or in_channels
+    size = config.get("sample_size", 128)
+    micro = config.get("use_additional_conditions")
+    micro = size == 128 if micro is None else micro  # diffusers' default rule
+    return [f"model.input_size={size}", f"model.in_channels={in_channels}", f"model.learn_sigma={str(out_channels == 2 * in_channels).lower()}",
+            f"model.depth={config.get('num_layers', 28)}", f"model.hidden_size={heads * head_dim}", f"model.num_heads={heads}",
+            f"model.patch_size={config.get('patch_size', 2)}", f"model.context_dim={config.get('caption_channels') or 4096}",
+            f"model.micro_conditions={str(micro).lower()}", f"data.resolution={size * 8}"]
+
+
+def write_pixart_diffusers(model, out_dir) -> "Path":
+    """Write a text-conditional ldmkit PixArt as a diffusers PixArtTransformer2DModel folder."""
+    from pathlib import Path
+
+    from diffusers import PixArtTransformer2DModel
+
+    if model.conditioning != "text":
+        raise ConversionError("diffusers' PixArtTransformer2DModel is text-conditional; a class-conditional PixArt has no diffusers form")
+    ref = PixArtTransformer2DModel(**pixart_diffusers_config(model))
+    missing, unexpected = ref.load_state_dict(pixart_to_diffusers(model.state_dict()), strict=False)
+    missing = [k for k in missing if "pos_embed.pos_embed" not in k]
+    if missing or unexpected:
+        raise ConversionError(f"export does not fit PixArtTransformer2DModel: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    ref.save_pretrained(out_dir)
+    return Path(out_dir)
