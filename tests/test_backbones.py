@@ -25,27 +25,30 @@ def losses(run):
 @pytest.mark.parametrize("overrides", [
     ["model.name=dit", "model.preset=DiT-tiny/4"],
     ["model.name=pixart", "model.preset=PixArt-alpha-tiny/4", "model.conditioning=class"],
-], ids=["dit-class", "pixart-class"])
+    ["model.name=mmdit", "model.preset=mmDiT-tiny/4", "model.conditioning=class"],
+], ids=["dit-class", "pixart-class", "mmdit-class"])
 def test_backbone_trains_on_the_digits(tmp_path, overrides):
     run = training_loop(load_config(overrides=TINY + SHORT + overrides), tmp_path / "run", quiet=True)
     curve = losses(run)
     assert len(curve) == 6 and curve[-1] < 0.8 * curve[0], curve  # 300 steps
 
 
-def test_pixart_trains_on_captions_from_the_cache(tmp_path):
+@pytest.mark.parametrize("backbone", [["model.name=pixart", "model.preset=PixArt-alpha-tiny/4"],
+                                      ["model.name=mmdit", "model.preset=mmDiT-tiny/4", "model.pooled_dim=384"]], ids=["pixart", "mmdit"])
+def test_text_backbone_trains_on_captions_from_the_cache(tmp_path, backbone):
     from ldmkit.data.shards import write_mnist_caption_shards
 
     write_mnist_caption_shards(tmp_path / "shards", load_config().data, "held_out", shard_size=100)
     text = ["data.name=shards", f"data.path={tmp_path}/shards/mnist-{{00000..00004}}.tar", "data.label_field=label",
             "data.crop=none", f"data.cache={tmp_path / 'cache'}", "data.from_cache=true", "text.encoder=minilm",
             "text.max_length=16", "model.context_dim=384", "model.max_tokens=16"]
-    cfg = load_config(overrides=TINY + SHORT + text + ["model.name=pixart", "model.preset=PixArt-alpha-tiny/4", "model.conditioning=text"])
+    cfg = load_config(overrides=TINY + SHORT + text + backbone + ["model.conditioning=text"])
     encode_dataset(cfg, log=lambda *a: None)
     curve = losses(training_loop(cfg, tmp_path / "run", quiet=True))
     assert curve[-1] < 0.8 * curve[0], curve
     with pytest.raises(ConfigError, match="model.context_dim"):
-        training_loop(load_config(overrides=TINY + SHORT + text + ["model.name=pixart", "model.preset=PixArt-alpha-tiny/4",
-                                                                    "model.conditioning=text", "model.context_dim=512"]), tmp_path / "run2", quiet=True)
+        training_loop(load_config(overrides=TINY + SHORT + text + backbone + ["model.conditioning=text", "model.context_dim=512"]),
+                      tmp_path / "run2", quiet=True)
 
 
 def test_impossible_conditioning_is_a_config_error():

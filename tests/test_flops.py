@@ -6,6 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ldmkit.conditioning.cond import Cond
 from ldmkit.models.dit import DiT
+from ldmkit.models.mmdit import MMDiT
 from ldmkit.models.pixart import PixArt
 from ldmkit.models.registry import flops_per_image
 
@@ -24,7 +25,10 @@ def counted(model, x, cond):
     (PixArt(input_size=32, patch_size=2, hidden_size=384, depth=4, num_heads=6, caption_channels=512, max_tokens=120, micro_conditions=True),
      Cond(context=torch.randn(2, 120, 512), control={"original_size": torch.full((2, 2), 256.0), "target_size": torch.full((2, 2), 32.0)})),
     (PixArt(input_size=32, patch_size=2, hidden_size=384, depth=4, num_heads=6, conditioning="class"), Cond(class_labels=torch.tensor([1, 2]))),
-], ids=["dit", "dit-pooled-text", "pixart-ms", "pixart-class"])
+    (MMDiT(input_size=32, patch_size=2, in_channels=16, hidden_size=384, depth=4, num_heads=6, context_dim=512, pooled_dim=256),
+     Cond(context=torch.randn(2, 120, 512), pooled=torch.randn(2, 256))),
+    (MMDiT(input_size=32, patch_size=2, in_channels=4, hidden_size=384, depth=4, num_heads=6, conditioning="class"), Cond(class_labels=torch.tensor([1, 2]))),
+], ids=["dit", "dit-pooled-text", "pixart-ms", "pixart-class", "mmdit-text", "mmdit-class"])
 def test_analytic_flops_match_the_counter(model, cond):
     x = torch.randn(2, model.in_channels, model.input_size, model.input_size)
     analytic, measured = flops_per_image(model), counted(model, x, cond)

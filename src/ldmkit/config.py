@@ -38,6 +38,8 @@ class ModelConfig:
     context_dim: int = 4096           # text: width of the caption tokens (T5-XXL 4096, flan-t5-xl 2048, MiniLM 384)
     max_tokens: int = 120             # text: longest caption (PixArt-alpha: 120 T5 tokens); size of the null caption
     micro_conditions: bool = False    # PixArt-alpha MS: embed resolution and aspect ratio (from cond.control)
+    qk_norm: bool = False             # mmDiT: RMS-normalise queries and keys (SD3.5)
+    pos_embed_max_size: int | None = None  # mmDiT: grid of the positional table, centre-cropped per input (SD3: 96)
 
 
 @dataclass

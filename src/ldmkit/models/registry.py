@@ -4,12 +4,14 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .dit import DIT_PRESETS, DiT
+from .mmdit import MMDIT_PRESETS, MMDiT
 from .pixart import PIXART_PRESETS, PixArt
 
 # name -> (class, presets, conditionings it takes, config keys it reads beyond the common ones)
 BACKBONES = {
     "dit": (DiT, DIT_PRESETS, ("class", "pooled_text"), ("num_classes", "timestep_freq_shift", "pooled_dim")),
     "pixart": (PixArt, PIXART_PRESETS, ("class", "text"), ("num_classes", "context_dim", "max_tokens", "micro_conditions")),
+    "mmdit": (MMDiT, MMDIT_PRESETS, ("class", "text"), ("num_classes", "context_dim", "pooled_dim", "qk_norm", "pos_embed_max_size")),
 }
 CONDITIONING_HELP = {"class": "class labels", "pooled_text": "a pooled caption vector in adaLN", "text": "caption tokens by attention"}
 
@@ -35,7 +37,7 @@ def build_model(model_cfg) -> nn.Module:
         if value is not None:
             arch[key] = value
     extra = {key: getattr(model_cfg, key) for key in extra_keys}
-    if "context_dim" in extra:
+    if cls is PixArt:
         extra["caption_channels"] = extra.pop("context_dim")
     return cls(input_size=model_cfg.input_size, in_channels=model_cfg.in_channels, learn_sigma=model_cfg.learn_sigma,
                mlp_ratio=model_cfg.mlp_ratio, conditioning=model_cfg.conditioning, **extra, **arch)
@@ -52,6 +54,8 @@ def flops_per_image(model: nn.Module, tokens_per_caption: int = 120) -> float:
         return _dit_flops(model)
     if isinstance(model, PixArt):
         return _pixart_flops(model, tokens_per_caption)
+    if isinstance(model, MMDiT):
+        return _mmdit_flops(model, tokens_per_caption)
     raise NotImplementedError(f"no FLOP count for {type(model).__name__}")
 
 
@@ -88,3 +92,23 @@ def _pixart_flops(model, L: int) -> float:
     if model.micro_conditions:
         time += 3 * 2 * (256 * (D // 3) + (D // 3) ** 2)
     return float(len(model.blocks) * per_block + patch + final + time + caption)
+
+
+def _mmdit_flops(model, L: int) -> float:
+    D, p = model.hidden_size, model.patch_size
+    T = (model.input_size // p) ** 2
+    mlp_hidden = model.joint_blocks[0].x_block.mlp.fc1.out_features
+    if model.conditioning == "class":
+        L, embed = 1, 0
+    else:
+        embed = 2 * L * model.context_embedder.in_features * D + 2 * (model.y_embedder[0].in_features * D + D * D)
+    depth = len(model.joint_blocks)
+    N = T + L
+    stream = lambda n: 2 * n * (3 * D * D + D * D + 2 * D * mlp_hidden) + 2 * D * 6 * D  # qkv, proj, MLP, adaLN
+    per_block = stream(T) + stream(L) + 2 * 2 * N * N * D  # both streams, joint attention
+    # the last context block is pre-only: qkv and a 2-way modulation only
+    pre_only_saving = 2 * L * (D * D + 2 * D * mlp_hidden) + 2 * D * 4 * D
+    patch = 2 * T * model.in_channels * p * p * D
+    final = 2 * T * D * p * p * model.out_channels + 2 * D * 2 * D
+    time = 2 * (256 * D + D * D)
+    return float(depth * per_block - pre_only_saving + patch + final + time + embed)

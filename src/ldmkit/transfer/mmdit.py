@@ -1,0 +1,130 @@
+"""mmDiT weights between ldmkit (the official SD3 module names) and diffusers' `SD3Transformer2DModel`.
+
+diffusers stores the two-way modulations of the pre-only context block and of the final layer as
+(scale, shift); the official layout, and ldmkit, as (shift, scale): those halves are swapped.
+"""
+from __future__ import annotations
+
+import torch
+
+from .checkpoints import ConversionError, _block_count
+
+_RENAMES = {
+    "x_embedder.proj": "pos_embed.proj",
+    "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+    "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+    "y_embedder.0": "time_text_embed.text_embedder.linear_1",
+    "y_embedder.2": "time_text_embed.text_embedder.linear_2",
+    "context_embedder": "context_embedder",
+    "final_layer.linear": "proj_out",
+}
+_STREAMS = {  # ldmkit stream -> diffusers names: (adaLN, q, k, v, out, norm q, norm k, mlp)
+    "x_block": ("norm1.linear", "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.norm_q", "attn.norm_k", "ff"),
+    "context_block": ("norm1_context.linear", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+                      "attn.norm_added_q", "attn.norm_added_k", "ff_context"),
+}
+
+
+def _swap_halves(w: torch.Tensor) -> torch.Tensor:
+    a, b = w.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def mmdit_to_diffusers(sd: dict) -> dict:
+    out = {"pos_embed.pos_embed": sd["pos_embed"]}
+    for src, dst in _RENAMES.items():
+        for part in ("weight", "bias"):
+            if f"{src}.{part}" in sd:
+                out[f"{dst}.{part}"] = sd[f"{src}.{part}"]
+    for part in ("weight", "bias"):
+        out[f"norm_out.linear.{part}"] = _swap_halves(sd[f"final_layer.adaLN_modulation.1.{part}"])
+    depth = _block_count(sd, "joint_blocks.")
+    for i in range(depth):
+        for stream, (ada, q, k, v, proj, nq, nk, ff) in _STREAMS.items():
+            src, dst = f"joint_blocks.{i}.{stream}.", f"transformer_blocks.{i}."
+            pre_only = f"{src}attn.proj.weight" not in sd
+            for part in ("weight", "bias"):
+                mod = sd[f"{src}adaLN_modulation.1.{part}"]
+                out[f"{dst}{ada}.{part}"] = _swap_halves(mod) if pre_only else mod
+                out[f"{dst}{q}.{part}"], out[f"{dst}{k}.{part}"], out[f"{dst}{v}.{part}"] = sd[f"{src}attn.qkv.{part}"].chunk(3)
+                if not pre_only:
+                    out[f"{dst}{proj}.{part}"] = sd[f"{src}attn.proj.{part}"]
+                    out[f"{dst}{ff}.net.0.proj.{part}"] = sd[f"{src}mlp.fc1.{part}"]
+                    out[f"{dst}{ff}.net.2.{part}"] = sd[f"{src}mlp.fc2.{part}"]
+            if f"{src}attn.ln_q.weight" in sd:
+                out[f"{dst}{nq}.weight"], out[f"{dst}{nk}.weight"] = sd[f"{src}attn.ln_q.weight"], sd[f"{src}attn.ln_k.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def mmdit_from_diffusers(sd: dict) -> dict:
+    if "time_text_embed.timestep_embedder.linear_1.weight" not in sd or "context_embedder.weight" not in sd:
+        raise ConversionError("not a diffusers SD3Transformer2DModel state dict (no time_text_embed / context_embedder)")
+    out = {"pos_embed": sd["pos_embed.pos_embed"]}
+    for dst, src in _RENAMES.items():
+        for part in ("weight", "bias"):
+            if f"{src}.{part}" in sd:
+                out[f"{dst}.{part}"] = sd[f"{src}.{part}"]
+    for part in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{part}"] = _swap_halves(sd[f"norm_out.linear.{part}"])
+    for i in range(_block_count(sd, "transformer_blocks.")):
+        for stream, (ada, q, k, v, proj, nq, nk, ff) in _STREAMS.items():
+            src, dst = f"transformer_blocks.{i}.", f"joint_blocks.{i}.{stream}."
+            pre_only = f"{src}{proj}.weight" not in sd
+            for part in ("weight", "bias"):
+                mod = sd[f"{src}{ada}.{part}"]
+                out[f"{dst}adaLN_modulation.1.{part}"] = _swap_halves(mod) if pre_only else mod
+                out[f"{dst}attn.qkv.{part}"] = torch.cat([sd[f"{src}{n}.{part}"] for n in (q, k, v)])
+                if not pre_only:
+                    out[f"{dst}attn.proj.{part}"] = sd[f"{src}{proj}.{part}"]
+                    out[f"{dst}mlp.fc1.{part}"] = sd[f"{src}{ff}.net.0.proj.{part}"]
+                    out[f"{dst}mlp.fc2.{part}"] = sd[f"{src}{ff}.net.2.{part}"]
+            if f"{src}{nq}.weight" in sd:
+                out[f"{dst}attn.ln_q.weight"], out[f"{dst}attn.ln_k.weight"] = sd[f"{src}{nq}.weight"], sd[f"{src}{nk}.weight"]
+    return out
+
+
+def is_diffusers_mmdit(sd: dict) -> bool:
+    return "time_text_embed.timestep_embedder.linear_1.weight" in sd and "context_embedder.weight" in sd
+
+
+def mmdit_diffusers_config(model) -> dict:
+    """The SD3Transformer2DModel config of a text-conditional ldmkit mmDiT."""
+    return dict(
+        sample_size=model.input_size, patch_size=model.patch_size, in_channels=model.in_channels, out_channels=model.out_channels,
+        num_layers=len(model.joint_blocks), attention_head_dim=model.hidden_size // model.num_heads, num_attention_heads=model.num_heads,
+        joint_attention_dim=model.context_embedder.in_features, caption_projection_dim=model.hidden_size,
+        pooled_projection_dim=model.y_embedder[0].in_features, pos_embed_max_size=model.pos_embed_max_size,
+        qk_norm="rms_norm" if isinstance(model.joint_blocks[0].x_block.attn.ln_q, torch.nn.RMSNorm) else None,
+    )
+
+
+def mmdit_overrides(config: dict) -> list[str]:
+    """ldmkit config overrides describing the SD3Transformer2DModel of a diffusers config.json."""
+    if not config:
+        raise ConversionError("a diffusers SD3 folder needs its config.json (heads, sample size) to be converted")
+    if config.get("dual_attention_layers"):
+        raise ConversionError("SD3.5's dual-attention (MMDiT-X) blocks are not part of ldmkit's mmDiT")
+    heads, head_dim = config.get("num_attention_heads", 18), config.get("attention_head_dim", 64)
+    in_channels = config.get("in_channels", 16)
+    out_channels = config.get("out_channels") or in_channels
+    size = config.get("sample_size", 128)
+    return [f"model.input_size={size}", f"model.in_channels={in_channels}", f"model.learn_sigma={str(out_channels == 2 * in_channels).lower()}",
+            f"model.depth={config.get('num_layers', 18)}", f"model.hidden_size={heads * head_dim}", f"model.num_heads={heads}",
+            f"model.patch_size={config.get('patch_size', 2)}", f"model.context_dim={config.get('joint_attention_dim', 4096)}",
+            f"model.pooled_dim={config.get('pooled_projection_dim', 2048)}", f"model.qk_norm={str(config.get('qk_norm') == 'rms_norm').lower()}",
+            f"model.pos_embed_max_size={config.get('pos_embed_max_size') or size // config.get('patch_size', 2)}", f"data.resolution={size * 8}"]
+
+
+def write_mmdit_diffusers(model, out_dir):
+    from pathlib import Path
+
+    from diffusers import SD3Transformer2DModel
+
+    if model.conditioning != "text":
+        raise ConversionError("diffusers' SD3Transformer2DModel is text-conditional; a class-conditional mmDiT has no diffusers form")
+    ref = SD3Transformer2DModel(**mmdit_diffusers_config(model))
+    missing, unexpected = ref.load_state_dict(mmdit_to_diffusers(model.state_dict()), strict=False)
+    if missing or unexpected:
+        raise ConversionError(f"export does not fit SD3Transformer2DModel: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    ref.save_pretrained(out_dir)
+    return Path(out_dir)
