@@ -26,7 +26,8 @@ def losses(run):
     ["model.name=dit", "model.preset=DiT-tiny/4"],
     ["model.name=pixart", "model.preset=PixArt-alpha-tiny/4", "model.conditioning=class"],
     ["model.name=mmdit", "model.preset=mmDiT-tiny/4", "model.conditioning=class"],
-], ids=["dit-class", "pixart-class", "mmdit-class"])
+    ["model.name=unet", "model.preset=UNet-tiny", "model.conditioning=class"],
+], ids=["dit-class", "pixart-class", "mmdit-class", "unet-class"])
 def test_backbone_trains_on_the_digits(tmp_path, overrides):
     run = training_loop(load_config(overrides=TINY + SHORT + overrides), tmp_path / "run", quiet=True)
     curve = losses(run)
@@ -34,7 +35,8 @@ def test_backbone_trains_on_the_digits(tmp_path, overrides):
 
 
 @pytest.mark.parametrize("backbone", [["model.name=pixart", "model.preset=PixArt-alpha-tiny/4"],
-                                      ["model.name=mmdit", "model.preset=mmDiT-tiny/4", "model.pooled_dim=384"]], ids=["pixart", "mmdit"])
+                                      ["model.name=mmdit", "model.preset=mmDiT-tiny/4", "model.pooled_dim=384"],
+                                      ["model.name=unet", "model.preset=UNet-tiny"]], ids=["pixart", "mmdit", "unet"])
 def test_text_backbone_trains_on_captions_from_the_cache(tmp_path, backbone):
     from ldmkit.data.shards import write_mnist_caption_shards
 

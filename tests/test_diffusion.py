@@ -72,3 +72,12 @@ def test_respacing_modes():
 def test_normal_kl_is_zero_for_equal_gaussians():
     m, lv = torch.randn(5), torch.randn(5)
     assert normal_kl(m, lv, m, lv).abs().max() < 1e-6
+
+
+def test_scaled_linear_betas_match_diffusers():
+    from diffusers import DDPMScheduler
+
+    from ldmkit.diffusion.schedules import ddpm_betas
+
+    ref = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195, num_train_timesteps=1000).betas.double().numpy()
+    assert np.allclose(ddpm_betas("scaled_linear", 1000, 0.0015, 0.0195), ref, rtol=1e-6, atol=0)

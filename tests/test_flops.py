@@ -8,6 +8,7 @@ from ldmkit.conditioning.cond import Cond
 from ldmkit.models.dit import DiT
 from ldmkit.models.mmdit import MMDiT
 from ldmkit.models.pixart import PixArt
+from ldmkit.models.unet import UNET_PRESETS, UNet
 from ldmkit.models.registry import flops_per_image
 
 
@@ -28,7 +29,12 @@ def counted(model, x, cond):
     (MMDiT(input_size=32, patch_size=2, in_channels=16, hidden_size=384, depth=4, num_heads=6, context_dim=512, pooled_dim=256),
      Cond(context=torch.randn(2, 120, 512), pooled=torch.randn(2, 256))),
     (MMDiT(input_size=32, patch_size=2, in_channels=4, hidden_size=384, depth=4, num_heads=6, conditioning="class"), Cond(class_labels=torch.tensor([1, 2]))),
-], ids=["dit", "dit-pooled-text", "pixart-ms", "pixart-class", "mmdit-text", "mmdit-class"])
+    (UNet(input_size=32, in_channels=4, **UNET_PRESETS["UNet-S"]), Cond(class_labels=torch.tensor([1, 2]))),
+    (UNet(input_size=32, in_channels=4, conditioning="text", micro_conditions=True, pooled_dim=64, block_out_channels=(64, 128, 256),
+          transformer_depth=(0, 2, 3), head_channels=32, context_dim=96, linear_projection=True),
+     Cond(context=torch.randn(2, 120, 96), pooled=torch.randn(2, 64),
+          control={k: torch.full((2, 2), 64.0) for k in ("original_size", "crop_top_left", "target_size")})),
+], ids=["dit", "dit-pooled-text", "pixart-ms", "pixart-class", "mmdit-text", "mmdit-class", "unet-class", "unet-sdxl-like"])
 def test_analytic_flops_match_the_counter(model, cond):
     x = torch.randn(2, model.in_channels, model.input_size, model.input_size)
     analytic, measured = flops_per_image(model), counted(model, x, cond)

@@ -46,7 +46,7 @@ class ModelConfig:
 class DiffusionConfig:
     objective: str = "ddpm"           # ddpm (epsilon + learned variance, as DiT) | flow (rectified flow, as SD3)
     num_timesteps: int = 1000         # DDPM discrete steps
-    beta_schedule: str = "linear"     # linear | cosine
+    beta_schedule: str = "linear"     # linear (DiT/ADM) | scaled_linear (LDM/SD: linear in sqrt(beta)) | cosine
     beta_start: float = 0.0001
     beta_end: float = 0.02
     time_sampler: str = "uniform"     # uniform | logit_normal (flow)
@@ -278,7 +278,7 @@ def validate(cfg: RunConfig) -> None:
     """Cross-field checks, each a one-line ConfigError naming the key."""
     choices = {
         "diffusion.objective": (cfg.diffusion.objective, ("ddpm", "flow")),
-        "diffusion.beta_schedule": (cfg.diffusion.beta_schedule, ("linear", "cosine")),
+        "diffusion.beta_schedule": (cfg.diffusion.beta_schedule, ("linear", "scaled_linear", "cosine")),
         "diffusion.time_sampler": (cfg.diffusion.time_sampler, ("uniform", "logit_normal")),
         "sample.sampler": (cfg.sample.sampler, ("ddpm", "ddim", "euler", "heun")),
         "sample.respacing": (cfg.sample.respacing, ("adm", "leading", "trailing")),

@@ -15,6 +15,9 @@ def ddpm_betas(schedule: str, num_timesteps: int, beta_start: float = 1e-4, beta
         # DiT/ADM: the 1000-step endpoints, rescaled when the number of steps differs.
         scale = 1000 / num_timesteps
         return np.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=np.float64)
+    if schedule == "scaled_linear":
+        # LDM / Stable Diffusion: linear in sqrt(beta) (latent-diffusion linear_start 0.00085 or 0.0015, linear_end 0.012 or 0.0195).
+        return np.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=np.float64) ** 2
     if schedule == "cosine":
         def alpha_bar(t):
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2

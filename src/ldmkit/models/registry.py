@@ -6,13 +6,18 @@ import torch.nn as nn
 from .dit import DIT_PRESETS, DiT
 from .mmdit import MMDIT_PRESETS, MMDiT
 from .pixart import PIXART_PRESETS, PixArt
+from .unet import UNET_PRESETS, UNet
 
-# name -> (class, presets, conditionings it takes, config keys it reads beyond the common ones)
+# name -> (class, presets, conditionings it takes, config keys it reads beyond input_size, in_channels,
+# learn_sigma and conditioning)
 BACKBONES = {
-    "dit": (DiT, DIT_PRESETS, ("class", "pooled_text"), ("num_classes", "timestep_freq_shift", "pooled_dim")),
-    "pixart": (PixArt, PIXART_PRESETS, ("class", "text"), ("num_classes", "context_dim", "max_tokens", "micro_conditions")),
-    "mmdit": (MMDiT, MMDIT_PRESETS, ("class", "text"), ("num_classes", "context_dim", "pooled_dim", "qk_norm", "pos_embed_max_size")),
+    "dit": (DiT, DIT_PRESETS, ("class", "pooled_text"), ("num_classes", "timestep_freq_shift", "pooled_dim", "mlp_ratio")),
+    "pixart": (PixArt, PIXART_PRESETS, ("class", "text"), ("num_classes", "context_dim", "max_tokens", "micro_conditions", "mlp_ratio")),
+    "mmdit": (MMDiT, MMDIT_PRESETS, ("class", "text"), ("num_classes", "context_dim", "pooled_dim", "qk_norm", "pos_embed_max_size", "mlp_ratio")),
+    "unet": (UNet, UNET_PRESETS, ("class", "text"), ("num_classes", "micro_conditions", "pooled_dim")),
 }
+# Transformer presets may be overridden key by key; the UNet's text context width comes from model.context_dim.
+ARCH_OVERRIDES = ("depth", "hidden_size", "num_heads", "patch_size")
 CONDITIONING_HELP = {"class": "class labels", "pooled_text": "a pooled caption vector in adaLN", "text": "caption tokens by attention"}
 
 
@@ -32,15 +37,19 @@ def build_model(model_cfg) -> nn.Module:
     if model_cfg.preset not in presets:
         raise ConfigError(f"config key 'model.preset': unknown preset {model_cfg.preset!r} for {model_cfg.name} (available: {', '.join(sorted(presets))})")
     arch = dict(presets[model_cfg.preset])
-    for key in ("depth", "hidden_size", "num_heads", "patch_size"):
+    for key in ARCH_OVERRIDES:
         value = getattr(model_cfg, key)
         if value is not None:
+            if key not in arch:
+                raise ConfigError(f"config key 'model.{key}': {model_cfg.name} presets have no {key}")
             arch[key] = value
+    if cls is UNet and model_cfg.conditioning == "text":
+        arch["context_dim"] = model_cfg.context_dim  # the caption width; class tokens keep the preset's width
     extra = {key: getattr(model_cfg, key) for key in extra_keys}
     if cls is PixArt:
         extra["caption_channels"] = extra.pop("context_dim")
     return cls(input_size=model_cfg.input_size, in_channels=model_cfg.in_channels, learn_sigma=model_cfg.learn_sigma,
-               mlp_ratio=model_cfg.mlp_ratio, conditioning=model_cfg.conditioning, **extra, **arch)
+               conditioning=model_cfg.conditioning, **extra, **arch)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -56,6 +65,8 @@ def flops_per_image(model: nn.Module, tokens_per_caption: int = 120) -> float:
         return _pixart_flops(model, tokens_per_caption)
     if isinstance(model, MMDiT):
         return _mmdit_flops(model, tokens_per_caption)
+    if isinstance(model, UNet):
+        return _unet_flops(model, 1 if model.conditioning == "class" else tokens_per_caption)
     raise NotImplementedError(f"no FLOP count for {type(model).__name__}")
 
 
@@ -112,3 +123,50 @@ def _mmdit_flops(model, L: int) -> float:
     final = 2 * T * D * p * p * model.out_channels + 2 * D * 2 * D
     time = 2 * (256 * D + D * D)
     return float(depth * per_block - pre_only_saving + patch + final + time + embed)
+
+
+def _unet_flops(model, L: int) -> float:
+    """Convolutions, projections and attention of the UNet, level by level (each level halves H and W)."""
+    from .unet import ResnetBlock, SpatialTransformer
+
+    def conv(cin, cout, k, hw):
+        return 2 * cin * cout * k * k * hw
+
+    def resnet(block: ResnetBlock, hw):
+        cin, cout = block.conv1.in_channels, block.conv1.out_channels
+        skip = conv(cin, cout, 1, hw) if block.conv_shortcut is not None else 0
+        return conv(cin, cout, 3, hw) + conv(cout, cout, 3, hw) + skip + 2 * block.time_emb_proj.in_features * cout
+
+    def transformer(st: SpatialTransformer, hw):
+        C = st.norm.num_channels
+        Dc = st.transformer_blocks[0].attn2.to_k.in_features
+        per_block = (2 * hw * 4 * C * C + 2 * 2 * hw * hw * C  # self-attention: q, k, v, out; scores and values
+                     + 2 * hw * 2 * C * C + 2 * L * 2 * Dc * C + 2 * 2 * hw * L * C  # cross-attention
+                     + 2 * hw * (C * 8 * C + 4 * C * C))  # GEGLU feed-forward
+        return 2 * 2 * hw * C * C + len(st.transformer_blocks) * per_block  # + projections in and out
+
+    side = model.input_size
+    total = conv(model.in_channels, model.model_channels, 3, side * side) + conv(model.model_channels, model.out_channels, 3, side * side)
+    temb = model.time_embedding
+    total += 2 * (temb.linear_1.in_features * temb.linear_1.out_features + temb.linear_2.in_features * temb.linear_2.out_features)
+    if model.micro_conditions:
+        add = model.add_embedding
+        total += 2 * (add.linear_1.in_features * add.linear_1.out_features + add.linear_2.in_features * add.linear_2.out_features)
+    for level, block in enumerate(model.down_blocks):
+        hw = (side >> level) ** 2
+        for i, r in enumerate(block.resnets):
+            total += resnet(r, hw) + (transformer(block.attentions[i], hw) if hasattr(block, "attentions") else 0)
+        if block.downsamplers is not None:
+            c = block.downsamplers[0].conv.in_channels
+            total += conv(c, c, 3, (side >> (level + 1)) ** 2)
+    hw = (side >> (len(model.down_blocks) - 1)) ** 2
+    total += sum(resnet(r, hw) for r in model.mid_block.resnets) + transformer(model.mid_block.attentions[0], hw)
+    for i, block in enumerate(model.up_blocks):
+        level = len(model.up_blocks) - 1 - i
+        hw = (side >> level) ** 2
+        for j, r in enumerate(block.resnets):
+            total += resnet(r, hw) + (transformer(block.attentions[j], hw) if hasattr(block, "attentions") else 0)
+        if block.upsamplers is not None:
+            c = block.upsamplers[0].conv.in_channels
+            total += conv(c, c, 3, (side >> (level - 1)) ** 2)
+    return float(total)

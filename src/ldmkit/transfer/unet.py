@@ -1,0 +1,51 @@
+"""UNet weights between ldmkit and diffusers' `UNet2DConditionModel`.
+
+ldmkit's UNet uses diffusers' module names, so the state dicts map one to one; the class-token embedder
+(`class_embedder`, LDM's ClassEmbedder) has no diffusers counterpart (diffusers' UNet takes the context
+tokens from outside) and is kept on import.
+"""
+from __future__ import annotations
+
+from .checkpoints import ConversionError
+
+UNET_ONLY = ("class_embedder.",)
+
+
+def unet_to_diffusers(sd: dict) -> dict:
+    return {k: v.contiguous() for k, v in sd.items() if not k.startswith(UNET_ONLY)}
+
+
+def unet_from_diffusers(sd: dict) -> dict:
+    if "conv_in.weight" not in sd or "time_embedding.linear_1.weight" not in sd:
+        raise ConversionError("not a diffusers UNet2DConditionModel state dict (no conv_in / time_embedding)")
+    unsupported = [k for k in sd if k.startswith(("class_embedding.", "encoder_hid_proj.", "time_embed_act"))]
+    if unsupported:
+        raise ConversionError(f"UNet2DConditionModel with {unsupported[0].split('.')[0]} is not part of ldmkit's UNet")
+    return dict(sd)
+
+
+def is_diffusers_unet(sd: dict) -> bool:
+    return "conv_in.weight" in sd and "time_embedding.linear_1.weight" in sd
+
+
+def unet_diffusers_config(model) -> dict:
+    """The UNet2DConditionModel config of an ldmkit UNet."""
+    down = [block for block in model.down_blocks]
+    depth = [len(b.attentions[0].transformer_blocks) if hasattr(b, "attentions") else 0 for b in down]
+    heads = [b.attentions[0].transformer_blocks[0].attn1.num_heads if hasattr(b, "attentions") else 1 for b in down]
+    mid = model.mid_block.attentions[0]
+    heads[-1] = mid.transformer_blocks[0].attn1.num_heads
+    first = model.down_blocks[0].resnets[0]
+    config = dict(
+        sample_size=model.input_size, in_channels=model.in_channels, out_channels=model.out_channels,
+        down_block_types=["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depth],
+        up_block_types=["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(depth)],
+        block_out_channels=list(model.block_out_channels), layers_per_block=len(model.down_blocks[0].resnets),
+        norm_num_groups=first.norm1.num_groups, cross_attention_dim=mid.transformer_blocks[0].attn2.to_k.in_features,
+        transformer_layers_per_block=[d or 1 for d in depth[:-1]] + [len(mid.transformer_blocks)],
+        attention_head_dim=heads, use_linear_projection=mid.linear_projection,
+    )
+    if model.micro_conditions:
+        config.update(addition_embed_type="text_time", addition_time_embed_dim=model.micro_embed_dim,
+                      projection_class_embeddings_input_dim=model.add_embedding.linear_1.in_features)
+    return config
