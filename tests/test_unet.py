@@ -64,3 +64,36 @@ def test_unet_round_trip_and_class_tokens():
     assert fresh(x, t, Cond(class_labels=torch.tensor([1, 2]))).abs().max() == 0  # zero-initialised output convolution
     with pytest.raises(ValueError, match="multiples of 4"):
         ours(torch.randn(1, 4, 18, 16), t[:1], Cond(class_labels=torch.tensor([1])))
+
+
+def test_export_then_convert_reproduces_an_sdxl_like_unet(tmp_path):
+    """Export a text UNet with micro-conditioning (an SDXL-like preset), load it with from_pretrained, and
+    import it back: same weights, same outputs; a UNet that matches no preset is a clear error."""
+    from conftest import TINY
+    from ldmkit.cli import main
+    from ldmkit.config import load_config, to_dict
+    from ldmkit.models.registry import build_model
+    from ldmkit.train.state import atomic_save, load_checkpoint
+
+    cfg = load_config(overrides=TINY + ["model.name=unet", "model.preset=UNet-S", "model.conditioning=text", "model.context_dim=384",
+                                        "model.micro_conditions=true", "model.pooled_dim=384", "model.learn_sigma=false",
+                                        "text.encoder=minilm", "text.max_length=16", "model.max_tokens=16", "data.name=shards", "data.path=x.tar"])
+    model = randomised(build_model(cfg.model), scale=0.05).eval()
+    atomic_save({"model": model.state_dict(), "ema": model.state_dict(), "config": to_dict(cfg), "images_seen": 0, "step": 0}, tmp_path / "m.pt")
+    assert main(["export", str(tmp_path / "m.pt"), "--out", str(tmp_path / "hf")]) == 0
+    ref = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "hf").eval()
+    assert main(["convert", str(tmp_path / "hf"), "--out", str(tmp_path / "back.pt")]) == 0
+    back = load_checkpoint(tmp_path / "back.pt")
+    assert back["config"]["model"]["preset"] == "UNet-S" and back["config"]["model"]["micro_conditions"] is True
+    assert all(torch.equal(back["ema"][k], v) for k, v in model.state_dict().items())
+    x, steps, context, pooled = torch.randn(2, 1, 32, 32), torch.tensor([5, 700]), torch.randn(2, 16, 384), torch.randn(2, 384)
+    control = {k: torch.tensor([[64.0, 64.0], [32.0, 48.0]]) for k in ("original_size", "crop_top_left", "target_size")}
+    time_ids = torch.cat([control[k] for k in ("original_size", "crop_top_left", "target_size")], dim=1)
+    with torch.no_grad():
+        expected = ref(x, steps, encoder_hidden_states=context, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        got = model(x, steps / 1000, Cond(context=context, pooled=pooled, control=control))
+    assert (got - expected).abs().max() <= 1e-5
+    odd = diffusers.UNet2DConditionModel(block_out_channels=(8, 16), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, cross_attention_dim=8, sample_size=8)
+    odd.save_pretrained(tmp_path / "odd")
+    assert main(["convert", str(tmp_path / "odd"), "--out", str(tmp_path / "odd.pt")]) == 2

@@ -81,9 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="demo config (default configs/demo/mnist_dit.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
-    p = sub.add_parser("convert", help="import weights: official DiT, diffusers DiT / PixArt-alpha / SD3 -> ldmkit",
+    p = sub.add_parser("convert", help="import weights: official DiT, diffusers DiT / PixArt-alpha / SD3 / UNet -> ldmkit",
                        description="Read DiT weights in the official facebookresearch/DiT layout or the diffusers DiTTransformer2DModel "
-                                   "layout, or a diffusers PixArtTransformer2DModel or SD3Transformer2DModel folder, and write them as an ldmkit checkpoint "
+                                   "layout, or a diffusers PixArtTransformer2DModel, SD3Transformer2DModel or UNet2DConditionModel "
+                                   "folder (a UNet must match a UNet preset, e.g. SDXL's), and write them as an ldmkit checkpoint "
                                    "(.pt, usable by 'ldmkit sample' and for fine-tuning) with the matching recipe embedded; "
                                    "'--to diffusers' writes DiT weights as a diffusers folder (for runs, see 'ldmkit export').")
     p.add_argument("source", help="weights file or folder")
@@ -93,11 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timestep-freq-shift", type=float, help="timestep features: 0 official DiT, 1 diffusers (default: by source layout)")
     p.add_argument("--config", help="ldmkit config to embed for sampling (default: configs/imagenet256/dit_xl2.yaml with the weights' architecture)")
 
-    p = sub.add_parser("export", help="write a run's model in the diffusers layout (DiT, PixArt-alpha, mmDiT)",
+    p = sub.add_parser("export", help="write a run's model in the diffusers layout (DiT, PixArt-alpha, mmDiT, UNet)",
                        description="Write the EMA weights of a run folder (newest checkpoint) or checkpoint file as a diffusers "
                                    "model folder: DiTTransformer2DModel (class-conditional DiT), PixArtTransformer2DModel "
-                                   "(text-conditional PixArt-alpha) or SD3Transformer2DModel (text-conditional mmDiT), "
-                                   "loadable with from_pretrained.")
+                                   "(text-conditional PixArt-alpha), SD3Transformer2DModel (text-conditional mmDiT) or "
+                                   "UNet2DConditionModel (text-conditional UNet), loadable with from_pretrained.")
     p.add_argument("source", help="run folder or checkpoint file")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
@@ -194,10 +195,13 @@ def cmd_convert(args):
     from .transfer import checkpoints as ck
     from .transfer.mmdit import is_diffusers_mmdit
     from .transfer.pixart import is_diffusers_pixart
+    from .transfer.unet import is_diffusers_unet
 
     sd, layout, embedded, folder_config = ck.read_weights(args.source)
     if layout == "diffusers" and (is_diffusers_pixart(sd) or is_diffusers_mmdit(sd)):
         return convert_transformer(args, sd, folder_config, "pixart" if is_diffusers_pixart(sd) else "mmdit")
+    if is_diffusers_unet(sd):
+        return convert_transformer(args, sd, folder_config, "unet")
     if layout == "diffusers":
         sd = ck.diffusers_to_ldmkit(sd)
     heads = args.num_heads or folder_config.get("num_attention_heads")
@@ -251,18 +255,19 @@ def save_imported(model, sd: dict, cfg_dict: dict, args, layout: str) -> None:
 
 
 def convert_transformer(args, sd: dict, folder_config: dict, family: str) -> None:
-    """A diffusers PixArtTransformer2DModel or SD3Transformer2DModel -> an ldmkit checkpoint, with the
-    backbone's CC12M recipe embedded (the architecture read from config.json)."""
+    """A diffusers PixArtTransformer2DModel, SD3Transformer2DModel or UNet2DConditionModel -> an ldmkit
+    checkpoint, with the backbone's CC12M recipe embedded (the architecture read from config.json)."""
     from .config import RunConfig, build, load_config, to_dict
     from .demo import REPO_CONFIGS
     from .models.registry import build_model
-    from .transfer import mmdit, pixart
+    from .transfer import mmdit, pixart, unet
 
     if args.to == "diffusers":
         raise ValueError("the source is already in the diffusers layout")
     from_diffusers, overrides, base = {
         "pixart": (pixart.pixart_from_diffusers, pixart.pixart_overrides, "pixart_xl2.yaml"),
         "mmdit": (mmdit.mmdit_from_diffusers, mmdit.mmdit_overrides, "mmdit_xl2.yaml"),
+        "unet": (unet.unet_from_diffusers, unet.unet_overrides, "unet_ldm.yaml"),
     }[family]
     cfg_dict = to_dict(load_config(args.config or (REPO_CONFIGS / "cc12m256" / base), overrides(folder_config)))
     model = build_model(build(RunConfig, cfg_dict).model)
@@ -280,8 +285,10 @@ def cmd_export(args):
     from .models.registry import build_model
     from .train.state import latest_checkpoint, load_checkpoint, load_weights
     from .transfer import checkpoints as ck
+    from .models.unet import UNet
     from .transfer.mmdit import write_mmdit_diffusers
     from .transfer.pixart import write_pixart_diffusers
+    from .transfer.unet import write_unet_diffusers
 
     source = Path(args.source)
     ckpt = latest_checkpoint(source) if source.is_dir() else source
@@ -296,6 +303,8 @@ def cmd_export(args):
         write_pixart_diffusers(model, args.out)
     elif isinstance(model, MMDiT):
         write_mmdit_diffusers(model, args.out)
+    elif isinstance(model, UNet):
+        write_unet_diffusers(model, args.out)
     elif isinstance(model, DiT):
         if model.conditioning != "class":
             raise ValueError("diffusers' DiTTransformer2DModel is class-conditional; a pooled-text DiT has no diffusers form")

@@ -1,4 +1,5 @@
-"""Weights in and out of ldmkit's DiT.
+"""Weights in and out of ldmkit's DiT, and reading weight files of every layout (the other backbones'
+diffusers mappings are in transfer/pixart.py, mmdit.py and unet.py).
 
 In: the official facebookresearch/DiT layout (`DiT-XL-2-256x256.pt`, or a DiT train.py checkpoint holding
 `model`/`ema`), whose module names ldmkit's DiT shares; and the diffusers `DiTTransformer2DModel` layout
@@ -135,9 +136,9 @@ def read_weights(path: str | Path) -> tuple[dict, str, dict | None, dict]:
         if (path / "config.json").is_file():
             folder_config = json.loads((path / "config.json").read_text())
         files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
-        sub = path / "transformer"
-        if not files and sub.is_dir():
-            return read_weights(sub)
+        for sub in (path / "transformer", path / "unet"):  # a pipeline folder: its denoiser
+            if not files and sub.is_dir():
+                return read_weights(sub)
         if not files:
             raise ConversionError(f"no weights (*.safetensors or *.bin) in folder {path}")
         path = files[0]
@@ -155,11 +156,12 @@ def read_weights(path: str | Path) -> tuple[dict, str, dict | None, dict]:
     if isinstance(sd, dict) and "config" in sd and "ema" in sd and "images_seen" in sd:
         return sd["ema"], "ldmkit", sd["config"], folder_config
     sd = unwrap_official(sd)
-    if any(k.startswith("transformer_blocks.") for k in sd):
+    if any(k.startswith("transformer_blocks.") for k in sd) or "time_embedding.linear_1.weight" in sd:
         return sd, "diffusers", None, folder_config
     if "x_embedder.proj.weight" in sd:
         return sd, "official", None, folder_config
-    raise ConversionError(f"{path}: unrecognised weight layout (neither ldmkit/official DiT nor diffusers DiTTransformer2DModel)")
+    raise ConversionError(f"{path}: unrecognised weight layout (not an ldmkit checkpoint, an official DiT, or a diffusers "
+                          "DiT / PixArt / SD3 transformer or UNet)")
 
 
 def write_diffusers(sd_ldmkit: dict, arch: dict, out_dir: str | Path) -> Path:

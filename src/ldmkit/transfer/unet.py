@@ -49,3 +49,57 @@ def unet_diffusers_config(model) -> dict:
         config.update(addition_embed_type="text_time", addition_time_embed_dim=model.micro_embed_dim,
                       projection_class_embeddings_input_dim=model.add_embedding.linear_1.in_features)
     return config
+
+
+def unet_overrides(config: dict) -> list[str]:
+    """ldmkit config overrides for a diffusers UNet2DConditionModel config.json: its architecture must be one
+    of the UNet presets (matched by channels, blocks, depths, heads, projection and groups); sizes, context
+    width and SDXL micro-conditioning come from config.json."""
+    import torch
+
+    from ..models.unet import UNET_PRESETS, UNet
+
+    if not config:
+        raise ConversionError("a diffusers UNet folder needs its config.json to be converted")
+    levels = len(config.get("block_out_channels", ()))
+    given = {
+        "block_out_channels": list(config.get("block_out_channels", ())), "layers_per_block": config.get("layers_per_block", 2),
+        "down_block_types": list(config.get("down_block_types", ())), "use_linear_projection": config.get("use_linear_projection", False),
+        "transformer_layers_per_block": _per_level(config.get("transformer_layers_per_block", 1), levels),
+        "attention_head_dim": _per_level(config.get("attention_head_dim", 8), levels), "norm_num_groups": config.get("norm_num_groups", 32),
+    }
+    for name, preset in UNET_PRESETS.items():
+        if len(preset["block_out_channels"]) != levels:
+            continue
+        with torch.device("meta"):
+            candidate = UNet(input_size=2 ** levels, conditioning="text", **{**preset, "context_dim": 8})
+        reference = unet_diffusers_config(candidate)
+        if all(given[k] == reference[k] for k in given):
+            size, in_channels = config.get("sample_size", 64), config.get("in_channels", 4)
+            micro = config.get("addition_embed_type") == "text_time"
+            out = [f"model.preset={name}", f"model.input_size={size}", f"model.in_channels={in_channels}",
+                   f"model.learn_sigma={str(config.get('out_channels', in_channels) == 2 * in_channels).lower()}",
+                   f"model.context_dim={config.get('cross_attention_dim', 768)}", f"model.micro_conditions={str(micro).lower()}",
+                   f"data.resolution={size * 8}"]
+            if micro:
+                out.append(f"model.pooled_dim={config['projection_class_embeddings_input_dim'] - 6 * config.get('addition_time_embed_dim', 256)}")
+            return out
+    raise ConversionError(f"the UNet with block_out_channels {given['block_out_channels']} matches no ldmkit UNet preset ({', '.join(UNET_PRESETS)})")
+
+
+def _per_level(value, levels: int) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value] * levels
+
+
+def write_unet_diffusers(model, out_dir):
+    from pathlib import Path
+
+    from diffusers import UNet2DConditionModel
+
+    if model.conditioning != "text":
+        raise ConversionError("diffusers' UNet2DConditionModel takes context tokens; export a text-conditional UNet "
+                              "(a class-conditional UNet's class-token embedder has no diffusers counterpart)")
+    ref = UNet2DConditionModel(**unet_diffusers_config(model))
+    ref.load_state_dict(unet_to_diffusers(model.state_dict()), strict=True)
+    ref.save_pretrained(out_dir)
+    return Path(out_dir)
