@@ -27,7 +27,8 @@ def losses(run):
     ["model.name=pixart", "model.preset=PixArt-alpha-tiny/4", "model.conditioning=class"],
     ["model.name=mmdit", "model.preset=mmDiT-tiny/4", "model.conditioning=class"],
     ["model.name=unet", "model.preset=UNet-tiny", "model.conditioning=class"],
-], ids=["dit-class", "pixart-class", "mmdit-class", "unet-class"])
+    ["model.name=mdt", "model.preset=mDT-v2-tiny/4", "model.mask_ratio=0.3"],
+], ids=["dit-class", "pixart-class", "mmdit-class", "unet-class", "mdt-class"])
 def test_backbone_trains_on_the_digits(tmp_path, overrides):
     run = training_loop(load_config(overrides=TINY + SHORT + overrides), tmp_path / "run", quiet=True)
     curve = losses(run)

@@ -81,3 +81,17 @@ def test_scaled_linear_betas_match_diffusers():
 
     ref = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195, num_train_timesteps=1000).betas.double().numpy()
     assert np.allclose(ddpm_betas("scaled_linear", 1000, 0.0015, 0.0195), ref, rtol=1e-6, atol=0)
+
+
+def test_min_snr_weighting():
+    """min(SNR, 5) / SNR: 1 at the noisy end (SNR < 5), below 1 where the image dominates."""
+    schedule = DDPMSchedule(ddpm_betas("linear", 1000))
+    plain, weighted = DDPMObjective(schedule, learn_sigma=False), DDPMObjective(schedule, learn_sigma=False, min_snr_gamma=5.0)
+    zero = lambda x, t, c: torch.zeros_like(x)  # noqa: E731  a model predicting 0: the loss is mean(noise^2)
+    x0, noise = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    index = torch.tensor([10, 900])
+    a, b = plain.loss(zero, x0, Cond(), index, noise)["loss"], weighted.loss(zero, x0, Cond(), index, noise)["loss"]
+    alpha_bar = torch.from_numpy(schedule.alphas_cumprod[[10, 900]]).float()
+    snr = alpha_bar / (1 - alpha_bar)
+    assert snr[0] > 5 > snr[1]
+    assert torch.allclose(b, a * torch.clamp(snr, max=5) / snr) and torch.allclose(b[1], a[1])

@@ -6,6 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ldmkit.conditioning.cond import Cond
 from ldmkit.models.dit import DiT
+from ldmkit.models.mdt import MDT
 from ldmkit.models.mmdit import MMDiT
 from ldmkit.models.pixart import PixArt
 from ldmkit.models.unet import UNET_PRESETS, UNet
@@ -34,7 +35,10 @@ def counted(model, x, cond):
           transformer_depth=(0, 2, 3), head_channels=32, context_dim=96, linear_projection=True),
      Cond(context=torch.randn(2, 120, 96), pooled=torch.randn(2, 64),
           control={k: torch.full((2, 2), 64.0) for k in ("original_size", "crop_top_left", "target_size")})),
-], ids=["dit", "dit-pooled-text", "pixart-ms", "pixart-class", "mmdit-text", "mmdit-class", "unet-class", "unet-sdxl-like"])
+    (MDT(input_size=32, patch_size=2, hidden_size=384, depth=6, num_heads=6, decode_layers=2), Cond(class_labels=torch.tensor([1, 2]))),
+    (MDT(input_size=32, patch_size=2, hidden_size=384, depth=6, num_heads=6, decode_layers=2, conditioning="pooled_text", pooled_dim=256),
+     Cond(pooled=torch.randn(2, 256))),
+], ids=["dit", "dit-pooled-text", "pixart-ms", "pixart-class", "mmdit-text", "mmdit-class", "unet-class", "unet-sdxl-like", "mdt", "mdt-text"])
 def test_analytic_flops_match_the_counter(model, cond):
     x = torch.randn(2, model.in_channels, model.input_size, model.input_size)
     analytic, measured = flops_per_image(model), counted(model, x, cond)

@@ -81,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="demo config (default configs/demo/mnist_dit.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
-    p = sub.add_parser("convert", help="import weights: official DiT, diffusers DiT / PixArt-alpha / SD3 / UNet -> ldmkit",
+    p = sub.add_parser("convert", help="import weights: official DiT / MDT, diffusers DiT / PixArt-alpha / SD3 / UNet -> ldmkit",
                        description="Read DiT weights in the official facebookresearch/DiT layout or the diffusers DiTTransformer2DModel "
-                                   "layout, or a diffusers PixArtTransformer2DModel, SD3Transformer2DModel or UNet2DConditionModel "
+                                   "layout, an official sail-sg/MDT (MDTv2) checkpoint, or a diffusers PixArtTransformer2DModel, SD3Transformer2DModel or UNet2DConditionModel "
                                    "folder (a UNet must match a UNet preset, e.g. SDXL's), and write them as an ldmkit checkpoint "
                                    "(.pt, usable by 'ldmkit sample' and for fine-tuning) with the matching recipe embedded; "
                                    "'--to diffusers' writes DiT weights as a diffusers folder (for runs, see 'ldmkit export').")
@@ -198,6 +198,8 @@ def cmd_convert(args):
     from .transfer.unet import is_diffusers_unet
 
     sd, layout, embedded, folder_config = ck.read_weights(args.source)
+    if layout == "official" and "en_inblocks.0.attn.qkv.weight" in sd:
+        return convert_mdt(args, sd)
     if layout == "diffusers" and (is_diffusers_pixart(sd) or is_diffusers_mmdit(sd)):
         return convert_transformer(args, sd, folder_config, "pixart" if is_diffusers_pixart(sd) else "mmdit")
     if is_diffusers_unet(sd):
@@ -275,6 +277,21 @@ def convert_transformer(args, sd: dict, folder_config: dict, family: str) -> Non
     # Not in diffusers' PixArt layout: the fixed positional table and the null caption (kept from ldmkit's init).
     sd.update({k: v for k, v in model.state_dict().items() if k in ("pos_embed", "y_embedder.y_embedding") and k not in sd})
     save_imported(model, sd, cfg_dict, args, "diffusers")
+
+
+def convert_mdt(args, sd: dict) -> None:
+    """An official sail-sg/MDT checkpoint (same module names) -> an ldmkit checkpoint with the MDT-v2 recipe."""
+    from .config import RunConfig, build, load_config, to_dict
+    from .demo import REPO_CONFIGS
+    from .models.mdt import mdt_arch_from_state_dict
+    from .models.registry import build_model
+
+    if args.to == "diffusers":
+        raise ValueError("diffusers has no MDT model; convert to ldmkit")
+    arch = mdt_arch_from_state_dict(sd)
+    overrides = [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in arch.items()]
+    cfg_dict = to_dict(load_config(args.config or (REPO_CONFIGS / "imagenet256" / "mdt_xl2.yaml"), overrides + [f"data.resolution={arch['input_size'] * 8}"]))
+    save_imported(build_model(build(RunConfig, cfg_dict).model), sd, cfg_dict, args, "official MDT")
 
 
 def cmd_export(args):

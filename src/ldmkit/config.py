@@ -32,6 +32,7 @@ class ModelConfig:
     hidden_size: int | None = None
     num_heads: int | None = None
     patch_size: int | None = None
+    decode_layers: int | None = None  # MDT: decoder blocks (MDT-v2: 4)
     mlp_ratio: float = 4.0
     conditioning: str = "class"       # class | pooled_text (pooled caption vector, DiT) | text (caption tokens, attended)
     pooled_dim: int = 384             # pooled_text: width of the text encoder's pooled vector (MiniLM 384)
@@ -39,6 +40,8 @@ class ModelConfig:
     max_tokens: int = 120             # text: longest caption (PixArt-alpha: 120 T5 tokens); size of the null caption
     micro_conditions: bool = False    # PixArt-alpha MS: embed resolution and aspect ratio (from cond.control)
     qk_norm: bool = False             # mmDiT: RMS-normalise queries and keys (SD3.5)
+    mask_ratio: float | None = None   # MDT: masked share of tokens in the second (masked) training pass is
+                                      # U[mask_ratio, mask_ratio + 0.2] (MDT-v2: 0.3); None = no masked pass
     pos_embed_max_size: int | None = None  # mmDiT: grid of the positional table, centre-cropped per input (SD3: 96)
 
 
@@ -53,6 +56,7 @@ class DiffusionConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     time_shift: float = 1.0           # flow: t' = a t / (1 + (a - 1) t); 1 = no shift
+    min_snr_gamma: float | None = None  # ddpm: weight the epsilon loss by min(SNR, gamma) / SNR (MDT-v2: 5)
 
 
 @dataclass

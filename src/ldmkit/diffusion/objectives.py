@@ -41,14 +41,15 @@ class DDPMObjective:
     """Epsilon prediction; with learn_sigma, Improved DDPM's learned-range variance and the hybrid loss
     L = L_simple + L_vlb, the variational term computed on a stopped-gradient mean (DiT's recipe)."""
 
-    def __init__(self, schedule: DDPMSchedule, learn_sigma: bool = True):
+    def __init__(self, schedule: DDPMSchedule, learn_sigma: bool = True, min_snr_gamma: float | None = None):
         self.schedule = schedule
         self.learn_sigma = learn_sigma
+        self.min_snr_gamma = min_snr_gamma
 
     @classmethod
     def from_config(cls, diffusion_cfg, learn_sigma: bool) -> "DDPMObjective":
         betas = ddpm_betas(diffusion_cfg.beta_schedule, diffusion_cfg.num_timesteps, diffusion_cfg.beta_start, diffusion_cfg.beta_end)
-        return cls(DDPMSchedule(betas), learn_sigma)
+        return cls(DDPMSchedule(betas), learn_sigma, diffusion_cfg.min_snr_gamma)
 
     def sample_time(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
         return torch.randint(0, self.schedule.num_steps, (n,), generator=generator, device=device)
@@ -83,6 +84,11 @@ class DDPMObjective:
         out = model(x_t, self.schedule.model_time(index), cond)
         C = x0.shape[1]
         terms = {"mse": mean_flat((noise - out[:, :C].float()) ** 2)}
+        if self.min_snr_gamma is not None:
+            # Min-SNR weighting for epsilon prediction (Hang et al. 2023; MDT-v2): min(SNR, gamma) / SNR.
+            alpha_bar = self.schedule.gather("alphas_cumprod", index, 1)
+            snr = alpha_bar / (1 - alpha_bar)
+            terms["mse"] = terms["mse"] * torch.clamp(snr, max=self.min_snr_gamma) / snr
         if self.learn_sigma:
             # The variational bound trains only the variance: the mean's gradient comes from the mse term.
             frozen = torch.cat([out[:, :C].detach(), out[:, C:]], dim=1).float()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .dit import DIT_PRESETS, DiT
+from .mdt import MDT, MDT_PRESETS
 from .mmdit import MMDIT_PRESETS, MMDiT
 from .pixart import PIXART_PRESETS, PixArt
 from .unet import UNET_PRESETS, UNet
@@ -15,9 +16,10 @@ BACKBONES = {
     "pixart": (PixArt, PIXART_PRESETS, ("class", "text"), ("num_classes", "context_dim", "max_tokens", "micro_conditions", "mlp_ratio")),
     "mmdit": (MMDiT, MMDIT_PRESETS, ("class", "text"), ("num_classes", "context_dim", "pooled_dim", "qk_norm", "pos_embed_max_size", "mlp_ratio")),
     "unet": (UNet, UNET_PRESETS, ("class", "text"), ("num_classes", "micro_conditions", "pooled_dim")),
+    "mdt": (MDT, MDT_PRESETS, ("class", "pooled_text"), ("num_classes", "pooled_dim", "mask_ratio", "mlp_ratio")),
 }
 # Transformer presets may be overridden key by key; the UNet's text context width comes from model.context_dim.
-ARCH_OVERRIDES = ("depth", "hidden_size", "num_heads", "patch_size")
+ARCH_OVERRIDES = ("depth", "hidden_size", "num_heads", "patch_size", "decode_layers")
 CONDITIONING_HELP = {"class": "class labels", "pooled_text": "a pooled caption vector in adaLN", "text": "caption tokens by attention"}
 
 
@@ -67,6 +69,8 @@ def flops_per_image(model: nn.Module, tokens_per_caption: int = 120) -> float:
         return _mmdit_flops(model, tokens_per_caption)
     if isinstance(model, UNet):
         return _unet_flops(model, 1 if model.conditioning == "class" else tokens_per_caption)
+    if isinstance(model, MDT):
+        return _mdt_flops(model)
     raise NotImplementedError(f"no FLOP count for {type(model).__name__}")
 
 
@@ -170,3 +174,18 @@ def _unet_flops(model, L: int) -> float:
             c = block.upsamplers[0].conv.in_channels
             total += conv(c, c, 3, (side >> (level - 1)) ** 2)
     return float(total)
+
+
+def _mdt_flops(model) -> float:
+    """The full (sampling) pass; a masked training pass adds the encoder on the kept tokens and the side block."""
+    D, p = model.hidden_size, model.patch_size
+    T = model.grid**2
+    mlp_hidden = model.en_inblocks[0].mlp.fc1.out_features
+    blocks = len(model.en_inblocks) + len(model.en_outblocks) + len(model.de_blocks)
+    skips = len(model.en_outblocks) + len(model.de_blocks)
+    per_block = _transformer_block_flops(T, D, mlp_hidden) + 2 * D * 6 * D
+    patch = 2 * T * model.in_channels * p * p * D
+    final = 2 * T * D * p * p * model.out_channels + 2 * D * 2 * D
+    time = 2 * (256 * D + D * D)
+    cond = 2 * (model.text_embedder.in_dim * D + D * D) if model.conditioning == "pooled_text" else 0
+    return float(blocks * per_block + skips * 2 * T * 2 * D * D + patch + final + time + cond)

@@ -24,6 +24,7 @@ from ..conditioning.build import build_text_encoder, cond_from_batch
 from ..data.loader import training_batches
 from ..diffusion.objectives import build_objective
 from ..eval.generate import generate, grid_labels, save_grid
+from ..models.mdt import draw_token_keep
 from ..models.registry import build_model
 from . import parallel
 from .logging import RunLogger, plot_loss_curve, print_status, status_line
@@ -103,6 +104,7 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay, eps=tc.eps)
     objective = build_objective(cfg)
+    masked_modelling = getattr(model, "mask_ratio", None) is not None  # MDT-v2: two losses per step
 
     # Resume from the newest checkpoint, if any.
     images_seen, step, nan_skips = 0, 0, 0
@@ -150,6 +152,8 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
         noise = torch.randn((tc.global_batch, *latent_shape), generator=gen, device=device)
         posterior_noise = torch.randn((tc.global_batch, *latent_shape), generator=gen, device=device)
         drop = torch.rand(tc.global_batch, generator=gen, device=device) < tc.class_dropout
+        # MDT-v2's masked latent modelling: the tokens each sample keeps in the step's second, masked pass.
+        keep = draw_token_keep(tc.global_batch, model.grid**2, model.mask_ratio, gen, device) if masked_modelling else None
 
         optimizer.zero_grad(set_to_none=True)
         for r, batch in enumerate(micro_batches):
@@ -166,6 +170,9 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
             with ctx:
                 with autocast:
                     terms = objective.loss(train_model, x0, cond, times[part], noise[part])
+                    if keep is not None:  # the same noisy latents again, seen through the kept tokens only; the losses add
+                        masked = objective.loss(functools.partial(train_model, keep=keep[part]), x0, cond, times[part], noise[part])
+                        terms = {k: terms[k] + masked[k] for k in ("loss", "mse")}
                 # Sum over this slice, scaled so that DDP's mean over processes is the global-batch mean.
                 loss = terms["loss"].sum() * d.world_size / tc.global_batch
                 loss.backward()
