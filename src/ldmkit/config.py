@@ -119,6 +119,7 @@ class TrainConfig:
     total_images: int = 100_000       # training length, counted in images
     global_batch: int = 256           # images per optimizer step, summed over all processes
     micro_batch: int | None = None    # per-process images per forward pass; None = global_batch / world
+    optimizer: str = "adamw"          # adamw | adan (MDT-v2; betas then take three values, e.g. [0.98, 0.92, 0.99])
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
@@ -294,6 +295,7 @@ def validate(cfg: RunConfig) -> None:
         "model.conditioning": (cfg.model.conditioning, ("class", "pooled_text", "text")),
         "text.encoder": (cfg.text.encoder, ("none", "minilm", "t5", "clip")),
         "train.precision": (cfg.train.precision, ("fp32", "bf16")),
+        "train.optimizer": (cfg.train.optimizer, ("adamw", "adan")),
         "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
     }
     for key, (value, allowed) in choices.items():
@@ -308,8 +310,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("config key 'model.learn_sigma': the flow objective has no learned variance; set it to false")
     if cfg.train.global_batch <= 0 or cfg.train.total_images <= 0:
         raise ConfigError("config keys 'train.global_batch' and 'train.total_images' must be positive")
-    if len(cfg.train.betas) != 2:
-        raise ConfigError("config key 'train.betas': expected two values [beta1, beta2]")
+    want = 3 if cfg.train.optimizer == "adan" else 2
+    if len(cfg.train.betas) != want:
+        raise ConfigError(f"config key 'train.betas': {cfg.train.optimizer} takes {want} values, got {cfg.train.betas}")
     if cfg.data.name == "image_folder" and not cfg.data.path:
         raise ConfigError("config key 'data.path': image_folder needs a folder of class subfolders")
     if cfg.sample.steps <= 0:

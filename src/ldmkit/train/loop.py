@@ -27,6 +27,7 @@ from ..eval.generate import generate, grid_labels, save_grid
 from ..models.mdt import draw_token_keep
 from ..models.registry import build_model
 from . import parallel
+from .optim import build_optimizer
 from .logging import RunLogger, plot_loss_curve, print_status, status_line
 from .state import atomic_save, checkpoint_path, latest_checkpoint, load_checkpoint, load_weights, prune_checkpoints
 
@@ -102,7 +103,7 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
     torch.manual_seed(tc.seed)
     model = build_model(cfg.model).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay, eps=tc.eps)
+    optimizer = build_optimizer(model.parameters(), tc)
     objective = build_objective(cfg)
     masked_modelling = getattr(model, "mask_ratio", None) is not None  # MDT-v2: two losses per step
 
