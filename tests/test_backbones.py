@@ -68,3 +68,18 @@ def test_shipped_configs_load_and_build(path):
     with torch.device("meta"):
         model = build_model(cfg.model)
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize("preset", ["DiT-tiny/4", "PixArt-alpha-tiny/4", "mmDiT-tiny/4", "UNet-tiny", "mDT-v2-tiny/4"])
+def test_every_backbone_exposes_its_repeated_blocks_for_compilation(preset):
+    from ldmkit.models.registry import backbone_of_preset
+    from ldmkit.train.parallel import compile_blocks, repeated_blocks
+
+    model = build_model(load_config(overrides=[f"model.name={backbone_of_preset(preset)}", f"model.preset={preset}"]).model)
+    blocks = repeated_blocks(model)
+    # every parameter outside the repeated blocks belongs to the embedders and the output layer
+    inside = {id(p) for b in blocks for p in b.parameters()}
+    share = sum(p.numel() for p in model.parameters() if id(p) in inside) / sum(p.numel() for p in model.parameters())
+    assert len(blocks) >= 2 and share > 0.5
+    compile_blocks(model)
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)

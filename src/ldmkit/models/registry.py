@@ -23,6 +23,14 @@ ARCH_OVERRIDES = ("depth", "hidden_size", "num_heads", "patch_size", "decode_lay
 CONDITIONING_HELP = {"class": "class labels", "pooled_text": "a pooled caption vector in adaLN", "text": "caption tokens by attention"}
 
 
+def backbone_of_preset(preset: str) -> str:
+    """The backbone a preset name belongs to (e.g. 'mmDiT-XL/2' -> 'mmdit')."""
+    for name, (_, presets, _, _) in BACKBONES.items():
+        if preset in presets:
+            return name
+    raise KeyError(f"unknown preset {preset!r}")
+
+
 def preset_names() -> dict[str, list[str]]:
     return {name: sorted(presets) for name, (_, presets, _, _) in BACKBONES.items()}
 

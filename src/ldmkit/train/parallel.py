@@ -53,10 +53,22 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
+# The repeated blocks of each backbone: DiT/PixArt blocks, mmDiT joint_blocks, MDT's encoder/decoder/side
+# blocks, the UNet's down/up blocks and middle block.
+REPEATED_BLOCKS = ("blocks", "joint_blocks", "en_inblocks", "en_outblocks", "de_blocks", "sideblocks", "down_blocks", "up_blocks")
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    blocks = [b for name in REPEATED_BLOCKS for b in getattr(model, name, [])]
+    if hasattr(model, "mid_block"):
+        blocks.append(model.mid_block)
+    return blocks
+
+
 def compile_blocks(model: nn.Module) -> None:
-    """torch.compile each transformer block in place (shorter compiles than the whole model, and the
-    same compiled code serves every block of one shape)."""
-    for block in getattr(model, "blocks", []):
+    """torch.compile each repeated block in place (shorter compiles than the whole model, and the same
+    compiled code serves every block of one shape)."""
+    for block in repeated_blocks(model):
         block.compile()
 
 
