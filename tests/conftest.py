@@ -61,3 +61,12 @@ def save_tiny_vae(path, latent_channels=4):
 @pytest.fixture
 def tiny_vae(tmp_path):
     return save_tiny_vae(tmp_path / "vae")
+
+
+def randomised(model, seed: int = 0, scale: float = 0.1):
+    """Give every parameter random values (zero-initialised outputs would make parity comparisons trivial)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model

@@ -3,20 +3,13 @@ and weight round trips through the converters."""
 import pytest
 import torch
 
+from conftest import randomised
+
 from ldmkit.conditioning.cond import Cond
 from ldmkit.models.dit import DiT
 from ldmkit.transfer import checkpoints as ck
 
 diffusers = pytest.importorskip("diffusers")
-
-
-def randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every parameter random values (DiT's zero init would make the comparison trivial)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model
 
 
 @pytest.mark.parametrize("learn_sigma,patch", [(True, 2), (False, 4)])

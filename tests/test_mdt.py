@@ -3,19 +3,11 @@ two losses (exact resume included)."""
 import pytest
 import torch
 
-from conftest import TINY, state_of
+from conftest import TINY, state_of, randomised
 from ldmkit.conditioning.cond import Cond
 from ldmkit.config import load_config
 from ldmkit.models.mdt import MDT, draw_token_keep
 from ldmkit.train.loop import training_loop
-
-
-def randomised(model, seed=0, scale=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return model
 
 
 def tiny(**kw):

@@ -3,19 +3,12 @@ weight round trips, class conditioning and guidance dropout."""
 import pytest
 import torch
 
+from conftest import randomised
 from ldmkit.conditioning.cond import Cond
 from ldmkit.models.mmdit import MMDiT
 from ldmkit.transfer.mmdit import mmdit_diffusers_config, mmdit_from_diffusers, mmdit_to_diffusers
 
 diffusers = pytest.importorskip("diffusers")
-
-
-def randomised(model, seed=0, scale=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return model
 
 
 def tiny(**kw):

@@ -3,7 +3,7 @@ weight round trips, class conditioning, caption dropout and other grids."""
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import TINY, randomised
 from ldmkit.cli import main
 from ldmkit.conditioning.cond import Cond
 from ldmkit.config import load_config, to_dict
@@ -13,14 +13,6 @@ from ldmkit.train.state import atomic_save, load_checkpoint
 from ldmkit.transfer.pixart import pixart_diffusers_config, pixart_from_diffusers, pixart_to_diffusers
 
 diffusers = pytest.importorskip("diffusers")
-
-
-def randomised(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
 
 
 def tiny(**kw):

@@ -3,19 +3,12 @@
 import pytest
 import torch
 
+from conftest import randomised
 from ldmkit.conditioning.cond import Cond
 from ldmkit.models.unet import UNet
 from ldmkit.transfer.unet import unet_diffusers_config, unet_from_diffusers, unet_to_diffusers
 
 diffusers = pytest.importorskip("diffusers")
-
-
-def randomised(model, seed=0, scale=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return model
 
 
 LDM_LIKE = dict(block_out_channels=(16, 32, 48), layers_per_block=2, transformer_depth=(0, 1, 1), num_heads=1, context_dim=12, norm_groups=4)

@@ -1,6 +1,6 @@
 """DiT: Scalable Diffusion Models with Transformers (Peebles & Xie, 2023), after facebookresearch/DiT.
 
-Embedders, one adaLN-Zero block, final layer, model, explicit init, size presets. Module names follow the
+Embedders, one adaLN-Zero block, model, explicit init, size presets (the final layer is shared: layers.py). Module names follow the
 official checkpoint, so its state dicts load as they are (see ldmkit.transfer.checkpoints).
 Shapes: B batch, C latent channels, T = (H/p)*(W/p) tokens, D width.
 """
@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..conditioning.cond import Cond
-from .layers import Attention, LabelEmbedder, Mlp, PatchEmbed, PooledTextEmbedder, TimestepEmbedder, get_2d_sincos_pos_embed, modulate
+from .layers import Attention, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, PooledTextEmbedder, TimestepEmbedder, get_2d_sincos_pos_embed, modulate, unpatchify, xavier_init_linears
 
 
 class DiTBlock(nn.Module):
@@ -30,20 +30,6 @@ class DiTBlock(nn.Module):
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
-
-
-class FinalLayer(nn.Module):
-    """adaLN-modulated LayerNorm, then a linear map of each token to its p*p*C_out patch values."""
-
-    def __init__(self, dim: int, patch_size: int, out_channels: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))  # [B, T, p*p*C_out]
 
 
 class DiT(nn.Module):
@@ -97,13 +83,7 @@ class DiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(_basic_init)
+        xavier_init_linears(self)
         grid = int(self.pos_embed.shape[1] ** 0.5)
         self.pos_embed.data.copy_(torch.from_numpy(get_2d_sincos_pos_embed(self.hidden_size, grid)).float().unsqueeze(0))
         # Patch embedding like a linear layer.
@@ -122,13 +102,6 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
-
-    def unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        # [B, T = h*w, p*p*C] -> [B, C, h*p, w*p]
-        c, p = self.out_channels, self.patch_size
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, h * p, w * p)
 
     def pos_embed_for(self, h: int, w: int) -> torch.Tensor:
         # [1, h*w, D]: the stored table for the training grid, a computed one for other grids (buckets).
@@ -157,7 +130,7 @@ class DiT(nn.Module):
         for block in self.blocks:
             x = block(x, c)
         x = self.final_layer(x, c)  # [B, T, p*p*C_out]
-        return self.unpatchify(x, h, w)  # [B, C_out, H, W]
+        return unpatchify(x, h, w, self.patch_size, self.out_channels)  # [B, C_out, H, W]
 
 
 # Sizes of the DiT paper (Table 1): depth, width, heads. Every size has patch 2, 4 and 8.

@@ -66,6 +66,37 @@ class CrossAttention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
 
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm, then a linear map of each token to its p*p*C_out patch values (DiT, MDT, mmDiT)."""
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # [B, T, p*p*C_out]
+
+
+def unpatchify(x: torch.Tensor, h: int, w: int, patch_size: int, channels: int) -> torch.Tensor:
+    """Tokens [B, h*w, p*p*C] -> image [B, C, h*p, w*p] (the inverse of PatchEmbed's layout)."""
+    p = patch_size
+    x = x.reshape(x.shape[0], h, w, p, p, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(x.shape[0], channels, h * p, w * p)
+
+
+def xavier_init_linears(module: nn.Module) -> None:
+    """Xavier-uniform weights and zero biases for every Linear below module (the transformers' base init)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 class Mlp(nn.Module):
     """Two-layer MLP with tanh-approximated GELU (as DiT and PixArt)."""
 

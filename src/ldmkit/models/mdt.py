@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..conditioning.cond import Cond
-from .layers import LabelEmbedder, Mlp, PatchEmbed, PooledTextEmbedder, TimestepEmbedder, get_2d_sincos_pos_embed, modulate
+from .layers import FinalLayer, LabelEmbedder, Mlp, PatchEmbed, PooledTextEmbedder, TimestepEmbedder, get_2d_sincos_pos_embed, modulate, unpatchify, xavier_init_linears
 
 
 class RelativePositionBias(nn.Module):
@@ -79,18 +79,6 @@ class MDTBlock(nn.Module):
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
-class FinalLayer(nn.Module):
-    def __init__(self, dim: int, patch_size: int, out_channels: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-
-    def forward(self, x, c):
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))  # [B, T, p*p*C_out]
-
-
 class MDT(nn.Module):
     """MDT-v2: class-conditional as published; "pooled_text" is the additive text variant (as DiT's). forward(x, t, cond, keep=None): keep [B, K] are the indices
     of the tokens the masked training pass keeps (None: the full pass, used for sampling). mask_ratio is the
@@ -143,13 +131,7 @@ class MDT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(_basic_init)
+        xavier_init_linears(self)
         table = torch.from_numpy(get_2d_sincos_pos_embed(self.hidden_size, self.grid)).float().unsqueeze(0)
         self.pos_embed.data.copy_(table)
         self.decoder_pos_embed.data.copy_(table)
@@ -183,12 +165,6 @@ class MDT(nn.Module):
             side = block(side, c)
         return side * masked + full * (1 - masked)
 
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        c, p, g = self.out_channels, self.patch_size, self.grid
-        x = x.reshape(x.shape[0], g, g, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, g * p, g * p)
-
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, keep: torch.Tensor | None = None) -> torch.Tensor:
         # x [B, C, H, W] latents, t [B] noise level in [0, 1], cond.class_labels [B], keep [B, K] or None
         if x.shape[1:] != (self.in_channels, self.input_size, self.input_size):
@@ -215,7 +191,7 @@ class MDT(nn.Module):
         x = self.side_interpolate(x, c, keep) if keep is not None else x + self.decoder_pos_embed.to(x.dtype)
         for block in self.de_blocks:
             x = block(x, c, skip=input_skip)
-        return self.unpatchify(self.final_layer(x, c))  # [B, C_out, H, W]
+        return unpatchify(self.final_layer(x, c), self.grid, self.grid, self.patch_size, self.out_channels)  # [B, C_out, H, W]
 
 
 def draw_token_keep(batch: int, tokens: int, mask_ratio: float, generator: torch.Generator, device) -> torch.Tensor:

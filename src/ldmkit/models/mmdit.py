@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..conditioning.cond import Cond
-from .layers import LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate, sincos_2d
+from .layers import FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate, sincos_2d, unpatchify, xavier_init_linears
 
 
 class StreamAttention(nn.Module):
@@ -87,20 +87,6 @@ class JointBlock(nn.Module):
         return context, x
 
 
-class FinalLayer(nn.Module):
-    """adaLN-modulated LayerNorm, then a linear map of each token to its p*p*C_out patch values."""
-
-    def __init__(self, dim: int, patch_size: int, out_channels: int):
-        super().__init__()
-        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))  # [B, T, p*p*C_out]
-
-
 class MMDiT(nn.Module):
     """mmDiT. conditioning "text": caption tokens cond.context [B, L, context_dim] (projected by
     context_embedder) and pooled vector cond.pooled [B, pooled_dim]; guidance dropout (cond.drop_semantic)
@@ -149,13 +135,7 @@ class MMDiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(_basic_init)
+        xavier_init_linears(self)
         M = self.pos_embed_max_size
         positions = np.arange(M, dtype=np.float64) / (M / self.base_size)
         self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(self.hidden_size, positions, positions)).float().unsqueeze(0))
@@ -185,13 +165,6 @@ class MMDiT(nn.Module):
         table = self.pos_embed.reshape(1, M, M, -1)[:, top: top + h, left: left + w, :]
         return table.reshape(1, h * w, -1)
 
-    def unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        # [B, T = h*w, p*p*C] -> [B, C, h*p, w*p]
-        c, p = self.out_channels, self.patch_size
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, h * p, w * p)
-
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         # x [B, C, H, W] latents, t [B] noise level in [0, 1] (SD3: sigma; the embedder sees 1000 * t)
         p = self.patch_size
@@ -216,7 +189,7 @@ class MMDiT(nn.Module):
         for block in self.joint_blocks:
             context, x = block(context, x, c)
         x = self.final_layer(x, c)  # [B, T, p*p*C_out]
-        return self.unpatchify(x, h, w)  # [B, C_out, H, W]
+        return unpatchify(x, h, w, self.patch_size, self.out_channels)  # [B, C_out, H, W]
 
 
 # DiT's sizes (each block holds two streams, so about twice DiT's parameters per block), and tiny for tests.

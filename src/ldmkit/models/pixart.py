@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..conditioning.cond import Cond
-from .layers import Attention, CrossAttention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, sincos_2d
+from .layers import Attention, CrossAttention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, sincos_2d, unpatchify, xavier_init_linears
 
 
 def t2i_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -132,13 +132,7 @@ class PixArt(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        def _basic_init(module):
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-
-        self.apply(_basic_init)
+        xavier_init_linears(self)
         self.pos_embed.data.copy_(self.pos_table(self.base_size, self.base_size))
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -169,13 +163,6 @@ class PixArt(nn.Module):
             return self.pos_embed
         return self.pos_table(h, w).to(self.pos_embed.device)
 
-    def unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        # [B, T = h*w, p*p*C] -> [B, C, h*p, w*p]
-        c, p = self.out_channels, self.patch_size
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(x.shape[0], c, h * p, w * p)
-
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         # x [B, C, H, W] latents, t [B] noise level in [0, 1]
         p = self.patch_size
@@ -204,7 +191,7 @@ class PixArt(nn.Module):
         for block in self.blocks:
             x = block(x, t0, context, mask)
         x = self.final_layer(x, t_emb)  # [B, T, p*p*C_out]
-        return self.unpatchify(x, h, w)  # [B, C_out, H, W]
+        return unpatchify(x, h, w, self.patch_size, self.out_channels)  # [B, C_out, H, W]
 
 
 # PixArt-alpha's model (XL/2: DiT-XL's depth, width and heads) and small sizes for tests and CPU runs.

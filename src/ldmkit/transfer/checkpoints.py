@@ -25,6 +25,17 @@ class ConversionError(ValueError):
     """Weights that cannot be converted, reported as one line."""
 
 
+def copy_renamed(sd: dict, renames: dict[str, str], out: dict, reverse: bool = False) -> dict:
+    """out[new + '.weight' / '.bias'] = sd[old + ...] for each old -> new of renames (new -> old when
+    reverse); modules absent from sd (an optional embedder) are skipped."""
+    for a, b in renames.items():
+        src, dst = (b, a) if reverse else (a, b)
+        for part in ("weight", "bias"):
+            if f"{src}.{part}" in sd:
+                out[f"{dst}.{part}"] = sd[f"{src}.{part}"]
+    return out
+
+
 def _block_count(sd: dict, prefix: str) -> int:
     ids = {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)}
     return max(ids) + 1 if ids else 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .checkpoints import ConversionError, _block_count
+from .checkpoints import ConversionError, _block_count, copy_renamed
 
 _RENAMES = {
     "x_embedder.proj": "pos_embed.proj",
@@ -31,11 +31,7 @@ def _swap_halves(w: torch.Tensor) -> torch.Tensor:
 
 
 def mmdit_to_diffusers(sd: dict) -> dict:
-    out = {"pos_embed.pos_embed": sd["pos_embed"]}
-    for src, dst in _RENAMES.items():
-        for part in ("weight", "bias"):
-            if f"{src}.{part}" in sd:
-                out[f"{dst}.{part}"] = sd[f"{src}.{part}"]
+    out = copy_renamed(sd, _RENAMES, {"pos_embed.pos_embed": sd["pos_embed"]})
     for part in ("weight", "bias"):
         out[f"norm_out.linear.{part}"] = _swap_halves(sd[f"final_layer.adaLN_modulation.1.{part}"])
     depth = _block_count(sd, "joint_blocks.")
@@ -59,11 +55,7 @@ def mmdit_to_diffusers(sd: dict) -> dict:
 def mmdit_from_diffusers(sd: dict) -> dict:
     if "time_text_embed.timestep_embedder.linear_1.weight" not in sd or "context_embedder.weight" not in sd:
         raise ConversionError("not a diffusers SD3Transformer2DModel state dict (no time_text_embed / context_embedder)")
-    out = {"pos_embed": sd["pos_embed.pos_embed"]}
-    for dst, src in _RENAMES.items():
-        for part in ("weight", "bias"):
-            if f"{src}.{part}" in sd:
-                out[f"{dst}.{part}"] = sd[f"{src}.{part}"]
+    out = copy_renamed(sd, _RENAMES, {"pos_embed": sd["pos_embed.pos_embed"]}, reverse=True)
     for part in ("weight", "bias"):
         out[f"final_layer.adaLN_modulation.1.{part}"] = _swap_halves(sd[f"norm_out.linear.{part}"])
     for i in range(_block_count(sd, "transformer_blocks.")):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .checkpoints import ConversionError, _block_count
+from .checkpoints import ConversionError, _block_count, copy_renamed
 
 # ldmkit name -> diffusers name, for tensors that map one to one (per-block names use "{i}").
 _RENAMES = {
@@ -34,18 +34,13 @@ _BLOCK_RENAMES = {
 
 
 def pixart_to_diffusers(sd: dict) -> dict:
-    out = {}
-    for src, dst in _RENAMES.items():
-        for part in ("weight", "bias"):
-            if f"{src}.{part}" in sd:
-                out[f"{dst}.{part}"] = sd[f"{src}.{part}"]
+    out = copy_renamed(sd, _RENAMES, {})
     out["scale_shift_table"] = sd["final_layer.scale_shift_table"]
     for i in range(_block_count(sd, "blocks.")):
         src, dst = f"blocks.{i}.", f"transformer_blocks.{i}."
         out[dst + "scale_shift_table"] = sd[src + "scale_shift_table"]
+        copy_renamed(sd, {src + a: dst + b for a, b in _BLOCK_RENAMES.items()}, out)
         for part in ("weight", "bias"):
-            for a, b in _BLOCK_RENAMES.items():
-                out[f"{dst}{b}.{part}"] = sd[f"{src}{a}.{part}"]
             q, k, v = sd[f"{src}attn.qkv.{part}"].chunk(3)
             out[f"{dst}attn1.to_q.{part}"], out[f"{dst}attn1.to_k.{part}"], out[f"{dst}attn1.to_v.{part}"] = q, k, v
             k, v = sd[f"{src}cross_attn.kv_linear.{part}"].chunk(2)
@@ -56,18 +51,13 @@ def pixart_to_diffusers(sd: dict) -> dict:
 def pixart_from_diffusers(sd: dict) -> dict:
     if "adaln_single.linear.weight" not in sd or "caption_projection.linear_1.weight" not in sd:
         raise ConversionError("not a diffusers PixArtTransformer2DModel state dict (no adaln_single / caption_projection)")
-    out = {}
-    for dst, src in _RENAMES.items():
-        for part in ("weight", "bias"):
-            if f"{src}.{part}" in sd:
-                out[f"{dst}.{part}"] = sd[f"{src}.{part}"]
+    out = copy_renamed(sd, _RENAMES, {}, reverse=True)
     out["final_layer.scale_shift_table"] = sd["scale_shift_table"]
     for i in range(_block_count(sd, "transformer_blocks.")):
         src, dst = f"transformer_blocks.{i}.", f"blocks.{i}."
         out[dst + "scale_shift_table"] = sd[src + "scale_shift_table"]
+        copy_renamed(sd, {dst + a: src + b for a, b in _BLOCK_RENAMES.items()}, out, reverse=True)
         for part in ("weight", "bias"):
-            for a, b in _BLOCK_RENAMES.items():
-                out[f"{dst}{a}.{part}"] = sd[f"{src}{b}.{part}"]
             out[f"{dst}attn.qkv.{part}"] = torch.cat([sd[f"{src}attn1.to_{n}.{part}"] for n in "qkv"])
             out[f"{dst}cross_attn.kv_linear.{part}"] = torch.cat([sd[f"{src}attn2.to_{n}.{part}"] for n in "kv"])
     return out
