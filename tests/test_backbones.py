@@ -83,3 +83,12 @@ def test_every_backbone_exposes_its_repeated_blocks_for_compilation(preset):
     assert len(blocks) >= 2 and share > 0.5
     compile_blocks(model)
     assert all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
+
+
+def test_presets_answer_to_the_papers_names():
+    from ldmkit.models.registry import backbone_of_preset
+
+    for preset, backbone in (("UNet/LDM", "unet"), ("DiT-XL/2", "dit"), ("mDT-v2-XL/2", "mdt"), ("PixArt-α-XL/2", "pixart"), ("mmDiT-XL/2", "mmdit")):
+        assert backbone_of_preset(preset) == backbone
+        with torch.device("meta"):
+            build_model(load_config(overrides=[f"model.name={backbone}", f"model.preset={preset}"]).model)

@@ -26,7 +26,7 @@ CONDITIONING_HELP = {"class": "class labels", "pooled_text": "a pooled caption v
 def backbone_of_preset(preset: str) -> str:
     """The backbone a preset name belongs to (e.g. 'mmDiT-XL/2' -> 'mmdit')."""
     for name, (_, presets, _, _) in BACKBONES.items():
-        if preset in presets:
+        if preset.replace("α", "alpha") in presets:
             return name
     raise KeyError(f"unknown preset {preset!r}")
 
@@ -41,12 +41,16 @@ def build_model(model_cfg) -> nn.Module:
     if model_cfg.name not in BACKBONES:
         raise ConfigError(f"config key 'model.name': unknown backbone {model_cfg.name!r} (available: {', '.join(BACKBONES)})")
     cls, presets, conditionings, extra_keys = BACKBONES[model_cfg.name]
+    preset = model_cfg.preset.replace("α", "alpha")  # the paper writes PixArt-α-XL/2
     if model_cfg.conditioning not in conditionings:
         takes = "; ".join(f"{c} ({CONDITIONING_HELP[c]})" for c in conditionings)
         raise ConfigError(f"config key 'model.conditioning': {model_cfg.name} takes {takes}, not {model_cfg.conditioning}")
-    if model_cfg.preset not in presets:
+    if preset not in presets:
+        other = next((name for name, entry in BACKBONES.items() if preset in entry[1]), None)
+        if other is not None:
+            raise ConfigError(f"config key 'model.name': preset {model_cfg.preset!r} belongs to {other}; set model.name: {other}")
         raise ConfigError(f"config key 'model.preset': unknown preset {model_cfg.preset!r} for {model_cfg.name} (available: {', '.join(sorted(presets))})")
-    arch = dict(presets[model_cfg.preset])
+    arch = dict(presets[preset])
     for key in ARCH_OVERRIDES:
         value = getattr(model_cfg, key)
         if value is not None:

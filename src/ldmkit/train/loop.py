@@ -84,9 +84,6 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
         raise ConfigError(f"config key 'train.global_batch': {tc.global_batch} is not a multiple of micro batch {micro} x {d.world_size} processes")
     rounds = tc.global_batch // (micro * d.world_size)
 
-    if d.is_main:
-        prepare_run_dir(cfg, run_dir, allow_config_change, True)
-    parallel.barrier(d)
 
     # Autoencoder, text encoder, model, EMA, optimizer, objective.
     autoencoder = build_autoencoder(cfg.autoencoder, cfg.data.channels).to(device)
@@ -106,6 +103,10 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
     optimizer = build_optimizer(model.parameters(), tc)
     objective = build_objective(cfg)
     masked_modelling = getattr(model, "mask_ratio", None) is not None  # MDT-v2: two losses per step
+    # The run folder is written only once the config has built (a bad key or preset leaves nothing behind).
+    if d.is_main:
+        prepare_run_dir(cfg, run_dir, allow_config_change, True)
+    parallel.barrier(d)
 
     # Resume from the newest checkpoint, if any.
     images_seen, step, nan_skips = 0, 0, 0
