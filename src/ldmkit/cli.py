@@ -40,6 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--batch", type=int, default=64, help="images per encoder call (default 64)")
 
+    p = sub.add_parser("reference", help="compute and cache reference statistics of real images (for FID and friends)",
+                       description="Features of real images (an image folder such as an ImageNet split, a shard set, or ADM's .npz) "
+                                   "with their float64 mean and covariance, saved as .npz with the extractor's name and the count; "
+                                   "'ldmkit eval --fid REF.npz' then compares sample sets against it.")
+    p.add_argument("source", help="image folder (recursive), shard pattern / .tar / URL list, or ADM .npz")
+    p.add_argument("--out", required=True, help="output .npz")
+    p.add_argument("--features", choices=["inception", "effnet"], default="inception", help="feature extractor (default inception)")
+    p.add_argument("--weights", help="extractor weights (inception: the pt_inception-2015-12-05 file)")
+    p.add_argument("--resolution", type=int, default=256, help="centre-crop and resize to this side first (default 256)")
+    p.add_argument("--num", type=int, default=50_000, help="at most this many images (default 50,000)")
+    p.add_argument("--batch", type=int, default=100)
+
     p = sub.add_parser("mnist-shards", help="write the embedded MNIST digits with captions as WebDataset shards",
                        description="Write the digits with captions ('a handwritten digit seven') and JSON metadata "
                                    "({'label', 'width', 'height'}) as tar shards in the img2dataset layout, "
@@ -62,11 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write one PNG per image into this folder")
     _add_sampling_options(p)
 
-    p = sub.add_parser("eval", help="compute metrics for a run or a folder of images",
-                       description="Metrics available offline: the digit-classifier agreement (MNIST runs) and FD-EffNetLite0 "
-                                   "(Frechet distance in EfficientNet-Lite0 features, NOT FID) against held-out or reference real images.")
+    p = sub.add_parser("eval", help="generate a run's sample set and compute its metrics (or a folder's)",
+                       description="Generate the run's evaluation sample set (one seed per sample index, class-balanced, PNGs and ADM's "
+                                   "samples.npz under <run>/eval/; several processes: torchrun --nproc_per_node N -m ldmkit.cli eval RUN; "
+                                   "re-running continues an interrupted set), then the metrics: digit-classifier agreement (digit runs), "
+                                   "FD-EffNetLite0 (offline; NOT FID), and with --fid: FID, KID, precision/recall, density/coverage on "
+                                   "Inception-v3 features against reference statistics.")
     p.add_argument("source", help="run folder, checkpoint file, or a folder of images")
-    p.add_argument("--num", type=int, help="images to generate (default: the run's eval.num_images)")
+    p.add_argument("--num-images", "--num", dest="num", type=int,
+                   help="images to generate (default: the run's eval.num_images; under torchrun spell it --num-images)")
+    p.add_argument("--fid", metavar="REFERENCE", help="compute FID/KID/precision-recall/density-coverage against REFERENCE: a .npz from "
+                                                     "'ldmkit reference', ADM's VIRTUAL_*.npz, an image folder or shards")
+    p.add_argument("--inception-weights", help="the pt_inception-2015-12-05 weights file (default: eval.inception_weights, "
+                                               "$LDMKIT_INCEPTION_WEIGHTS, ~/.cache/ldmkit/)")
+    p.add_argument("--samples", help="sample set folder (default: <run>/eval/samples-n<N>-<sampler><steps>-cfg<g>-seed<s>)")
     p.add_argument("--ref", help="folder of real reference images for FD-EffNetLite0 (default: the MNIST held-out split)")
     p.add_argument("--json", help="write the metrics here (default: <run>/metrics.json)")
     p.add_argument("--resolution", type=int, default=32, help="image folders: resize images to this side (default 32)")
@@ -155,6 +176,15 @@ def cmd_encode(args):
     encode_dataset(cfg, batch_size=args.batch)
 
 
+def cmd_reference(args):
+    from .eval.features import build_feature_extractor
+    from .eval.reference import compute_reference, save_reference
+
+    extractor = build_feature_extractor(args.features, args.weights)
+    ref = compute_reference(args.source, extractor, args.resolution, args.num, args.batch)
+    print(f"{save_reference(ref, args.out)}: {ref['count']} images, {ref['extractor']} features")
+
+
 def cmd_mnist_shards(args):
     from .config import load_config
     from .data.shards import write_mnist_caption_shards
@@ -170,8 +200,22 @@ def cmd_eval(args):
     source = Path(args.source)
     is_run = source.is_file() or (source / "checkpoints").is_dir()
     if is_run:
+        eval_cfg = None
+        if args.fid or args.inception_weights:
+            from .config import EvalConfig, build, load_config, to_dict
+            from .train.state import latest_checkpoint, load_checkpoint
+
+            ckpt = source if source.is_file() else latest_checkpoint(source)
+            if ckpt is None:
+                raise FileNotFoundError(f"no checkpoint in run folder {source}")
+            eval_cfg = build(EvalConfig, load_checkpoint(ckpt).get("config", {}).get("eval", {}))
+            eval_cfg.fid = bool(args.fid) or eval_cfg.fid
+            eval_cfg.reference = args.fid or eval_cfg.reference
+            eval_cfg.inception_weights = args.inception_weights or eval_cfg.inception_weights
         metrics, _, _ = evaluate_run(source, num_images=args.num, guidance_scale=args.guidance, steps=args.steps,
-                                     sampler=args.sampler, seed=args.seed, reference=args.ref)
+                                     sampler=args.sampler, seed=args.seed, reference=args.ref, eval_cfg=eval_cfg, sample_dir=args.samples)
+        if metrics is None:  # not process 0 of a torchrun evaluation
+            return
         default_json = (source if source.is_dir() else source.parent) / "metrics.json"
     elif source.is_dir():
         metrics = evaluate_folder(source, args.ref, args.channels, args.resolution)
@@ -346,7 +390,7 @@ def cmd_presets(args):
             print(f"{name:7s} {preset:20s} {count_parameters(model) / 1e6:9.2f}M parameters")
 
 
-COMMANDS = {"train": cmd_train, "encode": cmd_encode, "mnist-shards": cmd_mnist_shards, "sample": cmd_sample, "eval": cmd_eval, "demo": cmd_demo, "convert": cmd_convert, "export": cmd_export, "presets": cmd_presets}
+COMMANDS = {"train": cmd_train, "encode": cmd_encode, "mnist-shards": cmd_mnist_shards, "reference": cmd_reference, "sample": cmd_sample, "eval": cmd_eval, "demo": cmd_demo, "convert": cmd_convert, "export": cmd_export, "presets": cmd_presets}
 
 
 def main(argv: list[str] | None = None) -> int:

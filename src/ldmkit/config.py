@@ -151,6 +151,11 @@ class EvalConfig:
     classifier_epochs: int = 20
     digits: bool = False              # the data are the embedded digits in another form (captioned shards, a cache
                                       # of them): evaluate with the digit classifier and the held-out digits
+    fid: bool = False                 # FID, KID, precision/recall, density/coverage on Inception-v3 features
+    inception_weights: str | None = None  # the pt_inception-2015-12-05 weights file (else $LDMKIT_INCEPTION_WEIGHTS)
+    reference: str | None = None      # real-image reference: a .npz from 'ldmkit reference' or ADM's, a folder, shards
+    reference_images: int = 50_000    # at most this many reference images when features are computed from images
+    npz: bool = True                  # also write the sample set as ADM's samples.npz
 
 
 @dataclass

@@ -1,11 +1,13 @@
-"""Evaluation of a run or a folder of images with the metrics available offline:
-digit-classifier agreement (MNIST runs) and FD-EffNetLite0 against held-out or reference real images."""
+"""Evaluation of a run or a folder of images: the run's sample set (eval/sampleset.py), then digit-classifier
+agreement (digit runs), FD-EffNetLite0 (offline), and with Inception-v3 weights FID, KID, precision/recall and
+density/coverage against reference statistics (eval/reference.py)."""
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -15,7 +17,8 @@ from ..data.datasets import IMAGE_SUFFIXES, DataError, build_dataset, pil_to_ten
 from ..diffusion.objectives import build_objective
 from ..models.registry import build_model
 from ..train.state import CheckpointError, latest_checkpoint, load_checkpoint, load_weights
-from .generate import generate
+from .features import extract
+from .metrics import frechet_distance_of
 
 
 def load_generator(path: str | Path, use_ema: bool = True, device="cpu"):
@@ -61,17 +64,8 @@ def read_image_folder(folder: str | Path, channels: int, limit: int | None = Non
     return torch.stack(images)
 
 
-def digit_metrics(images: torch.Tensor, labels: torch.Tensor, classifier) -> dict:
-    from .digits import predict
-
-    pred = predict(classifier, images)
-    per_class = {int(c): float((pred[labels == c] == c).float().mean()) for c in labels.unique()}
-    return {"class_agreement": float((pred == labels).float().mean()), "class_agreement_per_class": per_class}
-
-
 def fd_effnet(images: torch.Tensor, reference: torch.Tensor, batch: int = 100) -> float:
-    from .features import EffNetLite0Features, extract
-    from .metrics import frechet_distance_of
+    from .features import EffNetLite0Features
 
     net = EffNetLite0Features()
     return frechet_distance_of(extract(net, images, batch).numpy(), extract(net, reference, batch).numpy())
@@ -87,49 +81,116 @@ def digit_data(cfg):
     return None
 
 
+def sample_set_folder(cfg, run_dir, checkpoint_path: Path, n: int, guidance: float, sampler: str, steps: int, seed: int) -> Path:
+    """Where a run's evaluation sample set goes: one folder per setting, so settings never mix."""
+    base = Path(run_dir) / "eval" if run_dir is not None else checkpoint_path.parent / f"{checkpoint_path.stem}-eval"
+    return base / f"samples-n{n}-{sampler}{steps}-cfg{guidance:g}-seed{seed}"
+
+
 def evaluate_run(path, num_images: int | None = None, guidance_scale: float | None = None, steps: int | None = None,
                  sampler: str | None = None, seed: int | None = None, classifier_path: str | Path | None = None,
-                 reference: str | Path | None = None, fd: bool | None = None, device="cpu", log=print,
-                 eval_cfg=None) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Generate class-balanced samples from a run and compute its metrics. Returns (metrics, images, labels).
+                 reference: str | Path | None = None, fd: bool | None = None, device=None, log=print,
+                 eval_cfg=None, sample_dir: str | Path | None = None) -> tuple[dict | None, torch.Tensor | None, torch.Tensor | None]:
+    """Generate the class-balanced sample set of a run (one seed per sample index, over all torchrun
+    processes, resumable, PNGs + ADM .npz) and compute its metrics on process 0.
+    Returns (metrics, images [N, C, H, W] when N <= 5000, labels); other processes get (None, None, None).
     Evaluation settings come from the run's config unless eval_cfg (an EvalConfig) is given."""
-    cfg, model, objective, autoencoder, run_dir = load_generator(path, device=device)
+    from ..train import parallel
+    from .sampleset import finish_sample_set, read_sample_set, sample_labels, write_sample_set
+
+    path = Path(path)
+    d = parallel.init_distributed("auto" if device is None else str(device))
+    cfg, model, objective, autoencoder, run_dir = load_generator(path, device=d.device)
     if eval_cfg is not None:
         cfg.eval = eval_cfg
     n = num_images or cfg.eval.num_images
+    guidance = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
+    sampler, steps = sampler or cfg.sample.sampler, steps or cfg.sample.steps
+    seed = cfg.sample.seed if seed is None else seed
     digits = digit_data(cfg)
-    classes = cfg.model.num_classes if digits is None else 10
-    labels = torch.arange(n) % classes
+    labels = sample_labels(n, cfg.model.num_classes if digits is None else 10)
+    folder = Path(sample_dir) if sample_dir else sample_set_folder(cfg, run_dir, path, n, guidance, sampler, steps, seed)
     t0 = time.time()
-    images = generate(model, cfg, objective, autoencoder, labels, list(range(n)), device, batch=cfg.eval.batch,
-                      guidance_scale=guidance_scale, sampler=sampler, steps=steps, seed=seed)
-    metrics = {"num_images": n, "guidance_scale": cfg.sample.guidance_scale if guidance_scale is None else guidance_scale,
-               "sampler": sampler or cfg.sample.sampler, "steps": steps or cfg.sample.steps,
-               "seed": cfg.sample.seed if seed is None else seed, "generation_seconds": round(time.time() - t0, 1)}
-    log(f"generated {n} images in {metrics['generation_seconds']} s")
+    write_sample_set(folder, model, cfg, objective, autoencoder, n, cfg.eval.batch, d.device, labels=labels,
+                     guidance_scale=guidance, sampler=sampler, steps=steps, seed=seed, rank=d.rank, world_size=d.world_size,
+                     log=lambda *a: None)
+    parallel.barrier(d)
+    if not d.is_main:
+        return None, None, None
+    info = {"source": str(path), "guidance_scale": guidance, "sampler": sampler, "steps": steps, "seed": seed, "processes": d.world_size}
+    finish_sample_set(folder, n, labels, info, npz=cfg.eval.npz)
+    metrics = dict(info, num_images=n, sample_set=str(folder), generation_seconds=round(time.time() - t0, 1))
+    log(f"sample set of {n} images in {folder} ({metrics['generation_seconds']} s)")
+
+    # Extractors and references, then one pass over the sample set.
+    extractors, references = {}, {}
     if digits is not None and cfg.eval.classifier:
         from .digits import load_or_train_classifier
 
-        clf_path = Path(classifier_path or (Path(run_dir or ".") / "digit_classifier.pt"))
+        clf_path = Path(classifier_path or (Path(run_dir or folder) / "digit_classifier.pt"))
         classifier, clf_acc = load_or_train_classifier(digits, clf_path, cfg.eval.classifier_epochs)
         metrics["classifier_heldout_accuracy"] = clf_acc
-        metrics.update(digit_metrics(images, labels, classifier))
-        log(f"digit classifier: held-out accuracy {clf_acc:.4f}; generated digits labelled as conditioned: {metrics['class_agreement']:.4f}")
     if cfg.eval.fd_effnet if fd is None else fd:
+        from .features import EffNetLite0Features
+
         if reference is not None:
-            ref = read_image_folder(reference, cfg.data.channels, size=cfg.data.resolution)
-            metrics["fd_reference"] = str(reference)
+            ref_images, name = read_image_folder(reference, 3, size=cfg.data.resolution), str(reference)
         elif digits is not None:
-            ref = build_dataset(digits, "held_out").images
-            metrics["fd_reference"] = f"mnist held-out split ({len(ref)} real digits)"
+            ref_images, name = build_dataset(digits, "held_out").images, f"mnist held-out split ({len(build_dataset(digits, 'held_out'))} real digits)"
         else:
-            ref = None
-        if ref is not None:
-            t0 = time.time()
-            metrics["fd_effnetlite0"] = fd_effnet(images, ref, cfg.eval.batch)
-            metrics["fd_reference_count"] = len(ref)
-            log(f"FD-EffNetLite0 {metrics['fd_effnetlite0']:.2f} against {metrics['fd_reference']} ({time.time() - t0:.0f} s)")
-    return metrics, images, labels
+            ref_images = None
+        if ref_images is not None:
+            extractors["effnet"] = EffNetLite0Features()
+            references["effnet"] = (extract(extractors["effnet"], ref_images, cfg.eval.batch).numpy(), name)
+    if cfg.eval.fid:
+        from .features import InceptionV3Features
+        from .reference import compute_reference, load_reference
+
+        extractors["inception"] = InceptionV3Features(cfg.eval.inception_weights)
+        if not cfg.eval.reference:
+            raise ValueError("eval.fid needs eval.reference: a reference .npz ('ldmkit reference'), ADM's reference batch, a folder or shards")
+        ref_path = Path(cfg.eval.reference).expanduser()
+        ref = load_reference(ref_path) if ref_path.suffix == ".npz" else compute_reference(
+            cfg.eval.reference, extractors["inception"], cfg.data.resolution, cfg.eval.reference_images, cfg.eval.batch)
+        references["inception"] = (ref, ref["source"])
+
+    predictions, features, kept = [], {k: [] for k in extractors}, []
+    for images in read_sample_set(folder, n, cfg.eval.batch):
+        if "classifier_heldout_accuracy" in metrics:
+            from .digits import predict
+
+            predictions.append(predict(classifier, images.mean(dim=1, keepdim=True)))
+        for key, extractor in extractors.items():
+            features[key].append(extractor(images.to(next(extractor.parameters()).device)).double().cpu())
+        if n <= 5000:
+            kept.append(images if digits is None else images.mean(dim=1, keepdim=True))
+    if predictions:
+        pred = torch.cat(predictions)
+        metrics["class_agreement"] = float((pred == labels).float().mean())
+        metrics["class_agreement_per_class"] = {int(c): float((pred[labels == c] == c).float().mean()) for c in labels.unique()}
+        log(f"digit classifier: held-out accuracy {metrics['classifier_heldout_accuracy']:.4f}; generated digits labelled as conditioned: {metrics['class_agreement']:.4f}")
+    if "effnet" in features:
+        ref_features, name = references["effnet"]
+        metrics["fd_effnetlite0"] = frechet_distance_of(torch.cat(features["effnet"]).numpy(), ref_features)
+        metrics["fd_reference"], metrics["fd_reference_count"] = name, len(ref_features)
+        log(f"FD-EffNetLite0 {metrics['fd_effnetlite0']:.2f} against {name}")
+    if "inception" in features:
+        metrics.update(inception_metrics(torch.cat(features["inception"]).numpy(), references["inception"][0]))
+        log(f"FID {metrics['fid']:.3f} against {metrics['fid_reference']} ({metrics['fid_reference_count']} images)")
+    return metrics, (torch.cat(kept) if kept else None), labels
+
+
+def inception_metrics(gen_features: np.ndarray, ref: dict) -> dict:
+    """FID from float64 statistics; KID, precision/recall and density/coverage when the reference has features."""
+    from .metrics import density_coverage, feature_statistics, frechet_distance, kernel_inception_distance, precision_recall
+
+    out = {"fid": frechet_distance(*feature_statistics(gen_features), ref["mu"], ref["sigma"]),
+           "fid_reference": ref["source"], "fid_reference_count": ref["count"], "feature_extractor": "InceptionV3 (pt_inception-2015-12-05)"}
+    if ref.get("features") is not None:
+        out.update(kernel_inception_distance(gen_features, ref["features"]))
+        out.update(precision_recall(gen_features, ref["features"]))
+        out.update(density_coverage(gen_features, ref["features"]))
+    return out
 
 
 def evaluate_folder(folder, reference=None, channels: int = 1, resolution: int = 32, data_cfg=None, log=print) -> dict:

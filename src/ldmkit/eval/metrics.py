@@ -40,3 +40,36 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
 
 def frechet_distance_of(features_a, features_b) -> float:
     return frechet_distance(*feature_statistics(features_a), *feature_statistics(features_b))
+
+
+def kernel_inception_distance(features_gen, features_ref, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> dict:
+    """KID (unbiased MMD^2, cubic polynomial kernel) by torch-fidelity, over random subsets; the subset size is
+    capped by the smaller set (torch-fidelity's default, 1000, needs that many samples)."""
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    a, b = torch.as_tensor(np.asarray(features_gen, dtype=np.float64)), torch.as_tensor(np.asarray(features_ref, dtype=np.float64))
+    size = min(subset_size, len(a), len(b))
+    out = kid_features_to_metric(a, b, kid_subsets=subsets, kid_subset_size=size, rng_seed=seed, verbose=False,
+                                 kid_kernel="poly", kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1)
+    return {"kid": out["kernel_inception_distance_mean"], "kid_std": out["kernel_inception_distance_std"], "kid_subset_size": size}
+
+
+def precision_recall(features_gen, features_ref, k: int = 3) -> dict:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) with k-NN manifolds, by torch-fidelity."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    a, b = torch.as_tensor(np.asarray(features_gen, dtype=np.float32)), torch.as_tensor(np.asarray(features_ref, dtype=np.float32))
+    out = prc_features_to_metric(a, b, prc_neighborhood=k, prc_batch_size=10000, save_cpu_ram=False, verbose=False)
+    return {"precision": float(out["precision"]), "recall": float(out["recall"])}
+
+
+def density_coverage(features_gen, features_ref, k: int = 5) -> dict:
+    """Density and coverage (Naeem et al. 2020): with r_i the distance of real sample i to its k-th nearest
+    real neighbour, density = mean over generated j of #{i: d(j, i) < r_i} / k, and coverage = the share of
+    real samples with at least one generated sample inside their radius."""
+    real = torch.as_tensor(np.asarray(features_ref, dtype=np.float64))
+    fake = torch.as_tensor(np.asarray(features_gen, dtype=np.float64))
+    real_d = torch.cdist(real, real)
+    radius = real_d.kthvalue(k + 1, dim=1).values  # k+1: the nearest is the point itself
+    inside = torch.cdist(fake, real) < radius[None, :]  # [n_fake, n_real]
+    return {"density": float(inside.sum() / (k * len(fake))), "coverage": float(inside.any(dim=0).float().mean())}

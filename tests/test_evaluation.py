@@ -1,0 +1,113 @@
+"""Evaluation at scale: sample sets identical on 1 and 2 processes and resumable, the Inception-v3 path end to
+end with randomly initialised weights of the standard layout, reference statistics, ADM's .npz layout,
+KID / precision-recall / density-coverage."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY
+from ldmkit.cli import main
+from ldmkit.config import load_config
+from ldmkit.eval.features import FeatureWeightsMissing, InceptionV3Features, random_inception_weights
+from ldmkit.eval.metrics import density_coverage, kernel_inception_distance, precision_recall
+from ldmkit.eval.reference import compute_reference, load_reference, save_reference
+from ldmkit.train.loop import training_loop
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("evalrun") / "run"
+    return training_loop(load_config(overrides=TINY + ["train.total_images=64"]), out, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def inception(tmp_path_factory):
+    return random_inception_weights(tmp_path_factory.mktemp("inception") / "weights-inception-2015-12-05-6726825d.pth")
+
+
+def test_sample_set_is_identical_on_one_and_two_processes(run, tmp_path):
+    assert main(["eval", str(run), "--num", "12", "--steps", "2", "--samples", str(tmp_path / "one")]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "ldmkit.cli",
+           "eval", str(run), "--num-images", "12", "--steps", "2", "--samples", str(tmp_path / "two"), "--json", str(tmp_path / "two.json")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for i in range(12):
+        assert (tmp_path / "one" / "images" / f"{i:06d}.png").read_bytes() == (tmp_path / "two" / "images" / f"{i:06d}.png").read_bytes()
+    one, two = np.load(tmp_path / "one" / "samples.npz"), np.load(tmp_path / "two" / "samples.npz")
+    assert one["arr_0"].shape == (12, 32, 32, 3) and np.array_equal(one["arr_0"], two["arr_0"]) and one["arr_1"].tolist() == [i % 10 for i in range(12)]
+    assert json.loads((tmp_path / "two" / "manifest.json").read_text())["processes"] == 2
+
+
+def test_interrupted_sample_set_resumes_without_duplicates(run, tmp_path):
+    from ldmkit.eval.evaluate import load_generator
+    from ldmkit.eval.sampleset import sample_labels, write_sample_set
+
+    cfg, model, objective, ae, _ = load_generator(run)
+    labels = sample_labels(10, 10)
+    args = dict(labels=labels, steps=2)
+    assert write_sample_set(tmp_path / "s", model, cfg, objective, ae, 10, 4, "cpu", rank=0, world_size=3, log=print, **args) == 4  # batch 0 only
+    first = (tmp_path / "s" / "images" / "000000.png").stat().st_mtime_ns
+    assert write_sample_set(tmp_path / "s", model, cfg, objective, ae, 10, 4, "cpu", log=print, **args) == 6  # the rest, not batch 0
+    assert (tmp_path / "s" / "images" / "000000.png").stat().st_mtime_ns == first
+    assert sorted(p.name for p in (tmp_path / "s" / "images").iterdir()) == [f"{i:06d}.png" for i in range(10)]
+    write_sample_set(tmp_path / "full", model, cfg, objective, ae, 10, 4, "cpu", log=print, **args)
+    assert all((tmp_path / "s" / "images" / f"{i:06d}.png").read_bytes() == (tmp_path / "full" / "images" / f"{i:06d}.png").read_bytes() for i in range(10))
+
+
+def test_inception_path_end_to_end_with_random_weights_of_the_standard_layout(run, inception, tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(real / f"{i}.png")
+    assert main(["reference", str(real), "--out", str(tmp_path / "ref.npz"), "--weights", str(inception), "--resolution", "32"]) == 0
+    assert main(["eval", str(run), "--num", "20", "--steps", "2", "--fid", str(tmp_path / "ref.npz"), "--inception-weights", str(inception),
+                 "--json", str(tmp_path / "m.json")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    for key in ("fid", "kid", "precision", "recall", "density", "coverage"):
+        assert np.isfinite(metrics[key]), key
+    assert metrics["fid"] > 0 and metrics["fid_reference_count"] == 24 and metrics["kid_subset_size"] == 20
+    assert main(["eval", str(run), "--num", "20", "--steps", "2", "--fid", str(tmp_path / "ref.npz"),
+                 "--inception-weights", str(tmp_path / "missing.pth")]) == 2  # one-line error naming the file
+
+
+def test_missing_inception_weights_name_the_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("LDMKIT_INCEPTION_WEIGHTS", str(tmp_path / "nowhere.pth"))
+    with pytest.raises(FeatureWeightsMissing, match="nowhere.pth.*weights-inception-2015-12-05-6726825d.pth"):
+        InceptionV3Features()
+
+
+def test_reference_round_trip_and_adm_layout(inception, tmp_path):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 255, (16, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "batch.npz", images)  # ADM's sample batches: arr_0 only
+    net = InceptionV3Features(str(inception))
+    ref = compute_reference(str(tmp_path / "batch.npz"), net, 32)
+    back = load_reference(save_reference(ref, tmp_path / "ref.npz"))
+    assert back["count"] == 16 and back["extractor"] == "InceptionV3" and np.allclose(back["mu"], ref["mu"]) and np.allclose(back["sigma"], ref["sigma"])
+    assert np.allclose(back["features"], ref["features"], atol=1e-4)
+    # ADM's reference batch: arr_0 images with mu / sigma (and spatial mu_s / sigma_s)
+    mu, sigma = rng.normal(size=2048), np.eye(2048) * 0.5
+    np.savez(tmp_path / "VIRTUAL_imagenet256_labeled.npz", arr_0=images, mu=mu, sigma=sigma, mu_s=mu[:7], sigma_s=np.eye(7))
+    adm = load_reference(tmp_path / "VIRTUAL_imagenet256_labeled.npz")
+    assert np.array_equal(adm["mu"], mu) and np.array_equal(adm["sigma"], sigma) and adm["count"] == 16 and adm["resolution"] == 32
+
+
+def test_kid_precision_recall_density_coverage_behave():
+    rng = np.random.default_rng(0)
+    a, b, far = rng.normal(size=(400, 8)), rng.normal(size=(400, 8)), rng.normal(loc=3, size=(400, 8))
+    same, apart = kernel_inception_distance(a, b, subsets=20), kernel_inception_distance(far, b, subsets=20)
+    assert abs(same["kid"]) < 0.05 < apart["kid"]
+    pr_same, pr_far = precision_recall(a, b), precision_recall(far, b)
+    assert pr_same["precision"] > 0.6 and pr_same["recall"] > 0.6 and pr_far["precision"] < 0.05
+    dc = density_coverage(a, b)
+    assert 0.8 < dc["density"] < 1.2 and dc["coverage"] > 0.9 and density_coverage(far, b)["coverage"] < 0.05
