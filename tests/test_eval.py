@@ -51,3 +51,19 @@ def test_digit_classifier_learns_real_digits():
     train, test = perm[:1500], perm[4000:]
     model = train_classifier(images[train], labels[train], epochs=2)
     assert accuracy(model, images[test], labels[test]) > 0.85
+
+
+def test_frechet_distance_matches_scipy_sqrtm_and_survives_singular_covariances():
+    from scipy import linalg
+
+    from ldmkit.eval.metrics import feature_statistics, frechet_distance
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(500, 20)), rng.normal(size=(500, 20)) @ rng.normal(size=(20, 20)) * 0.3 + 1
+    (m1, s1), (m2, s2) = feature_statistics(a), feature_statistics(b)
+    reference = ((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(linalg.sqrtm(s1 @ s2).real)
+    assert frechet_distance(m1, s1, m2, s2) == pytest.approx(reference, rel=1e-9)
+    few = feature_statistics(rng.normal(size=(5, 64)))  # rank-deficient covariances (5 samples, 64 dimensions)
+    assert np.isfinite(frechet_distance(*few, *feature_statistics(rng.normal(size=(6, 64)))))
+    with pytest.raises(ValueError, match="NaN"):
+        frechet_distance(m1, s1 * np.nan, m2, s2)

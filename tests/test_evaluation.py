@@ -34,10 +34,10 @@ def inception(tmp_path_factory):
 
 
 def test_sample_set_is_identical_on_one_and_two_processes(run, tmp_path):
-    assert main(["eval", str(run), "--num", "12", "--steps", "2", "--samples", str(tmp_path / "one")]) == 0
+    assert main(["eval", str(run), "--num", "12", "--steps", "2", "--samples", str(tmp_path / "one"), "--metrics", "none"]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "ldmkit.cli",
-           "eval", str(run), "--num-images", "12", "--steps", "2", "--samples", str(tmp_path / "two"), "--json", str(tmp_path / "two.json")]
+           "eval", str(run), "--num-images", "12", "--steps", "2", "--samples", str(tmp_path / "two"), "--json", str(tmp_path / "two.json"), "--metrics", "none"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     for i in range(12):
@@ -70,14 +70,22 @@ def test_inception_path_end_to_end_with_random_weights_of_the_standard_layout(ru
     for i in range(24):
         Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(real / f"{i}.png")
     assert main(["reference", str(real), "--out", str(tmp_path / "ref.npz"), "--weights", str(inception), "--resolution", "32"]) == 0
-    assert main(["eval", str(run), "--num", "20", "--steps", "2", "--fid", str(tmp_path / "ref.npz"), "--inception-weights", str(inception),
+    assert main(["eval", str(run), "--num", "20", "--steps", "2", "--fid", str(tmp_path / "ref.npz"), "--inception-weights", str(inception), "--metrics", "fid",
                  "--json", str(tmp_path / "m.json")]) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
     for key in ("fid", "kid", "precision", "recall", "density", "coverage"):
         assert np.isfinite(metrics[key]), key
     assert metrics["fid"] > 0 and metrics["fid_reference_count"] == 24 and metrics["kid_subset_size"] == 20
-    assert main(["eval", str(run), "--num", "20", "--steps", "2", "--fid", str(tmp_path / "ref.npz"),
-                 "--inception-weights", str(tmp_path / "missing.pth")]) == 2  # one-line error naming the file
+    before = set((run / "eval").iterdir())
+    assert main(["eval", str(run), "--num", "30", "--steps", "2", "--fid", str(tmp_path / "ref.npz"),
+                 "--inception-weights", str(tmp_path / "missing.pth")]) == 2  # one-line error naming the file ...
+    assert set((run / "eval").iterdir()) == before  # ... before any sampling
+    # against the statistics of its own images, the same sample set scores ~0
+    assert main(["reference", metrics["sample_set"] + "/images", "--out", str(tmp_path / "self.npz"), "--weights", str(inception), "--resolution", "32"]) == 0
+    assert main(["eval", str(run), "--num", "20", "--steps", "2", "--fid", str(tmp_path / "self.npz"), "--inception-weights", str(inception),
+                 "--metrics", "fid", "--json", str(tmp_path / "self.json")]) == 0
+    self_fid = json.loads((tmp_path / "self.json").read_text())["fid"]
+    assert abs(self_fid) < 1e-3 * metrics["fid"]
 
 
 def test_missing_inception_weights_name_the_file(monkeypatch, tmp_path):

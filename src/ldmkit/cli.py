@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception-weights", help="the pt_inception-2015-12-05 weights file (default: eval.inception_weights, "
                                                "$LDMKIT_INCEPTION_WEIGHTS, ~/.cache/ldmkit/)")
     p.add_argument("--samples", help="sample set folder (default: <run>/eval/samples-n<N>-<sampler><steps>-cfg<g>-seed<s>)")
+    p.add_argument("--metrics", help="comma-separated subset of classifier,fd_effnet,fid to compute (default: the run's eval settings; "
+                                     "'none' writes the sample set only)")
     p.add_argument("--ref", help="folder of real reference images for FD-EffNetLite0 (default: the MNIST held-out split)")
     p.add_argument("--json", help="write the metrics here (default: <run>/metrics.json)")
     p.add_argument("--resolution", type=int, default=32, help="image folders: resize images to this side (default 32)")
@@ -201,8 +203,8 @@ def cmd_eval(args):
     is_run = source.is_file() or (source / "checkpoints").is_dir()
     if is_run:
         eval_cfg = None
-        if args.fid or args.inception_weights:
-            from .config import EvalConfig, build, load_config, to_dict
+        if args.fid or args.inception_weights or args.metrics:
+            from .config import EvalConfig, build
             from .train.state import latest_checkpoint, load_checkpoint
 
             ckpt = source if source.is_file() else latest_checkpoint(source)
@@ -212,6 +214,12 @@ def cmd_eval(args):
             eval_cfg.fid = bool(args.fid) or eval_cfg.fid
             eval_cfg.reference = args.fid or eval_cfg.reference
             eval_cfg.inception_weights = args.inception_weights or eval_cfg.inception_weights
+            if args.metrics:
+                chosen = set(args.metrics.split(",")) - {"none", ""}
+                unknown = chosen - {"classifier", "fd_effnet", "fid"}
+                if unknown:
+                    raise ValueError(f"--metrics: unknown {', '.join(sorted(unknown))} (choose from classifier, fd_effnet, fid, none)")
+                eval_cfg.classifier, eval_cfg.fd_effnet, eval_cfg.fid = ("classifier" in chosen, "fd_effnet" in chosen, "fid" in chosen)
         metrics, _, _ = evaluate_run(source, num_images=args.num, guidance_scale=args.guidance, steps=args.steps,
                                      sampler=args.sampler, seed=args.seed, reference=args.ref, eval_cfg=eval_cfg, sample_dir=args.samples)
         if metrics is None:  # not process 0 of a torchrun evaluation

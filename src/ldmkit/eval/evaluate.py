@@ -103,6 +103,12 @@ def evaluate_run(path, num_images: int | None = None, guidance_scale: float | No
     cfg, model, objective, autoencoder, run_dir = load_generator(path, device=d.device)
     if eval_cfg is not None:
         cfg.eval = eval_cfg
+    if cfg.eval.fid:  # fail before hours of sampling, not after
+        from .features import inception_weights_path
+
+        inception_weights_path(cfg.eval.inception_weights)
+        if not cfg.eval.reference:
+            raise ValueError("eval.fid needs eval.reference: a reference .npz ('ldmkit reference'), ADM's reference batch, a folder or shards")
     n = num_images or cfg.eval.num_images
     guidance = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
     sampler, steps = sampler or cfg.sample.sampler, steps or cfg.sample.steps
@@ -147,8 +153,6 @@ def evaluate_run(path, num_images: int | None = None, guidance_scale: float | No
         from .reference import compute_reference, load_reference
 
         extractors["inception"] = InceptionV3Features(cfg.eval.inception_weights)
-        if not cfg.eval.reference:
-            raise ValueError("eval.fid needs eval.reference: a reference .npz ('ldmkit reference'), ADM's reference batch, a folder or shards")
         ref_path = Path(cfg.eval.reference).expanduser()
         ref = load_reference(ref_path) if ref_path.suffix == ".npz" else compute_reference(
             cfg.eval.reference, extractors["inception"], cfg.data.resolution, cfg.eval.reference_images, cfg.eval.batch)

@@ -1,11 +1,8 @@
 """Metrics from features, with float64 statistics."""
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
-from scipy import linalg
 
 
 def feature_statistics(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -15,27 +12,26 @@ def feature_statistics(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray,
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)); a singular product is regularised with eps*I
-    (as pytorch-fid) and a tiny imaginary part from round-off is dropped."""
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2)), in float64.
+
+    The trace of the matrix square root is computed as sum(sqrt(eig(A S2 A))) with A = S1^(1/2): A S2 A is
+    symmetric positive semi-definite and has the eigenvalues of S1 S2, so two symmetric eigendecompositions
+    replace a general sqrtm: no complex round-off to discard, no failure on singular covariances (fewer samples
+    than dimensions), negative round-off eigenvalues clipped at 0, and several times faster at 2048 dimensions."""
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"statistics of different dimension: {mu1.shape} vs {mu2.shape}")
+    if not (np.isfinite(sigma1).all() and np.isfinite(sigma2).all() and np.isfinite(mu1).all() and np.isfinite(mu2).all()):
+        raise ValueError("statistics hold NaN or inf (features of broken images?)")
+    w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    middle = root1 @ sigma2 @ root1
+    eig = np.linalg.eigvalsh((middle + middle.T) / 2)
+    trace_sqrt = np.sqrt(np.clip(eig, 0, None)).sum()
     diff = mu1 - mu2
-    with warnings.catch_warnings():
-        # With fewer samples than feature dimensions the covariances are singular; sqrtm still returns a
-        # usable root (checked below), so its warning is only noise here.
-        warnings.simplefilter("ignore")
-        covmean = linalg.sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"matrix square root has a large imaginary part ({np.max(np.abs(covmean.imag)):.3g})")
-        covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
 def frechet_distance_of(features_a, features_b) -> float:
