@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "'ldmkit reference', ADM's VIRTUAL_*.npz, an image folder or shards")
     p.add_argument("--inception-weights", help="the pt_inception-2015-12-05 weights file (default: eval.inception_weights, "
                                                "$LDMKIT_INCEPTION_WEIGHTS, ~/.cache/ldmkit/)")
+    p.add_argument("--clip-model", help="text runs: CLIP score with this transformers CLIP (folder or hub id, e.g. openai/clip-vit-base-patch16)")
+    p.add_argument("--prompts", help="text runs: a file of captions, one per line, cycled over the samples")
     p.add_argument("--samples", help="sample set folder (default: <run>/eval/samples-n<N>-<sampler><steps>-cfg<g>-seed<s>)")
     p.add_argument("--metrics", help="comma-separated subset of classifier,fd_effnet,fid to compute (default: the run's eval settings; "
                                      "'none' writes the sample set only)")
@@ -203,7 +205,7 @@ def cmd_eval(args):
     is_run = source.is_file() or (source / "checkpoints").is_dir()
     if is_run:
         eval_cfg = None
-        if args.fid or args.inception_weights or args.metrics:
+        if args.fid or args.inception_weights or args.metrics or args.clip_model or args.prompts:
             from .config import EvalConfig, build
             from .train.state import latest_checkpoint, load_checkpoint
 
@@ -214,6 +216,8 @@ def cmd_eval(args):
             eval_cfg.fid = bool(args.fid) or eval_cfg.fid
             eval_cfg.reference = args.fid or eval_cfg.reference
             eval_cfg.inception_weights = args.inception_weights or eval_cfg.inception_weights
+            eval_cfg.clip_model = args.clip_model or eval_cfg.clip_model
+            eval_cfg.prompts_file = args.prompts or eval_cfg.prompts_file
             if args.metrics:
                 chosen = set(args.metrics.split(",")) - {"none", ""}
                 unknown = chosen - {"classifier", "fd_effnet", "fid"}

@@ -156,6 +156,10 @@ class EvalConfig:
     reference: str | None = None      # real-image reference: a .npz from 'ldmkit reference' or ADM's, a folder, shards
     reference_images: int = 50_000    # at most this many reference images when features are computed from images
     npz: bool = True                  # also write the sample set as ADM's samples.npz
+    clip_model: str | None = None     # text runs: CLIP score with this transformers CLIP (folder or hub id,
+                                      # e.g. openai/clip-vit-base-patch16)
+    prompts_file: str | None = None   # text runs: one caption per line, sample i uses line i mod lines
+                                      # (default: sample.class_prompts of the balanced labels)
 
 
 @dataclass

@@ -115,9 +115,10 @@ def evaluate_run(path, num_images: int | None = None, guidance_scale: float | No
     seed = cfg.sample.seed if seed is None else seed
     digits = digit_data(cfg)
     labels = sample_labels(n, cfg.model.num_classes if digits is None else 10)
+    prompts = eval_prompts(cfg, labels)
     folder = Path(sample_dir) if sample_dir else sample_set_folder(cfg, run_dir, path, n, guidance, sampler, steps, seed)
     t0 = time.time()
-    write_sample_set(folder, model, cfg, objective, autoencoder, n, cfg.eval.batch, d.device, labels=labels,
+    write_sample_set(folder, model, cfg, objective, autoencoder, n, cfg.eval.batch, d.device, labels=labels, prompts=prompts,
                      guidance_scale=guidance, sampler=sampler, steps=steps, seed=seed, rank=d.rank, world_size=d.world_size,
                      log=lambda *a: None)
     parallel.barrier(d)
@@ -158,7 +159,12 @@ def evaluate_run(path, num_images: int | None = None, guidance_scale: float | No
             cfg.eval.reference, extractors["inception"], cfg.data.resolution, cfg.eval.reference_images, cfg.eval.batch)
         references["inception"] = (ref, ref["source"])
 
-    predictions, features, kept = [], {k: [] for k in extractors}, []
+    clip_metric = None
+    if cfg.eval.clip_model and prompts:
+        from .clip_score import clip_score_metric
+
+        clip_metric = clip_score_metric(cfg.eval.clip_model)
+    predictions, features, kept, start = [], {k: [] for k in extractors}, [], 0
     for images in read_sample_set(folder, n, cfg.eval.batch):
         if "classifier_heldout_accuracy" in metrics:
             from .digits import predict
@@ -168,6 +174,14 @@ def evaluate_run(path, num_images: int | None = None, guidance_scale: float | No
             features[key].append(extractor(images.to(next(extractor.parameters()).device)).double().cpu())
         if n <= 5000:
             kept.append(images if digits is None else images.mean(dim=1, keepdim=True))
+        if clip_metric is not None:
+            from .clip_score import clip_score
+
+            clip_score(images, prompts[start: start + len(images)], cfg.eval.clip_model, metric=clip_metric)
+        start += len(images)
+    if clip_metric is not None:
+        metrics["clip_score"], metrics["clip_model"] = float(clip_metric.compute()), cfg.eval.clip_model
+        log(f"CLIP score {metrics['clip_score']:.2f} ({cfg.eval.clip_model})")
     if predictions:
         pred = torch.cat(predictions)
         metrics["class_agreement"] = float((pred == labels).float().mean())
@@ -182,6 +196,23 @@ def evaluate_run(path, num_images: int | None = None, guidance_scale: float | No
         metrics.update(inception_metrics(torch.cat(features["inception"]).numpy(), references["inception"][0]))
         log(f"FID {metrics['fid']:.3f} against {metrics['fid_reference']} ({metrics['fid_reference_count']} images)")
     return metrics, (torch.cat(kept) if kept else None), labels
+
+
+def eval_prompts(cfg, labels: torch.Tensor) -> list[str] | None:
+    """Text runs: the caption of each sample (eval.prompts_file cycled, else sample.class_prompts per label)."""
+    if cfg.model.conditioning == "class":
+        return None
+    if cfg.eval.prompts_file:
+        file = Path(cfg.eval.prompts_file).expanduser()
+        if not file.is_file():
+            raise FileNotFoundError(f"eval.prompts_file not found: {file}")
+        lines = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+        if not lines:
+            raise ValueError(f"eval.prompts_file {file} holds no prompts")
+        return [lines[i % len(lines)] for i in range(len(labels))]
+    from ..conditioning.build import prompts_for_labels
+
+    return prompts_for_labels(cfg, labels)
 
 
 def inception_metrics(gen_features: np.ndarray, ref: dict) -> dict:

@@ -1,0 +1,88 @@
+"""CLIP score (Hessel et al. 2021) through torchmetrics' CLIPScore, with a transformers CLIP model from a local
+folder or a hub id (mosaicml/diffusion reports openai/clip-vit-base-patch16).
+
+Two things break between torchmetrics 1.x and transformers 5, fixed here rather than patched in place:
+`get_image_features` / `get_text_features` now return a ModelOutput (the projected embedding is its
+`pooler_output`), and torchmetrics only loads model names containing "openai", "jinaai" or "zer0int", so a
+local folder is refused. `clip_score_metric` loads the model itself and hands torchmetrics an adapter that
+returns the tensors torchmetrics expects.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+
+class FeatureTensors(nn.Module):
+    """A transformers CLIPModel whose get_*_features return the projected embeddings as tensors."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    @staticmethod
+    def _tensor(out) -> torch.Tensor:
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def get_image_features(self, *args, **kwargs) -> torch.Tensor:
+        return self._tensor(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs) -> torch.Tensor:
+        return self._tensor(self.model.get_text_features(*args, **kwargs))
+
+
+def clip_score_metric(path: str):
+    """torchmetrics' CLIPScore for the CLIP model at path (a folder with the model and its processor, or a hub id)."""
+    from torchmetrics.multimodal.clip_score import CLIPScore
+    from transformers import CLIPModel, CLIPProcessor
+
+    local = Path(str(path)).expanduser()
+    source = str(local) if local.exists() else str(path)
+    try:
+        model, processor = CLIPModel.from_pretrained(source).eval(), CLIPProcessor.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load the CLIP model from {path!r}: {str(e).splitlines()[0][:160]}") from None
+    return CLIPScore(model_name_or_path=lambda: (FeatureTensors(model), processor))
+
+
+@torch.no_grad()
+def clip_score(images: torch.Tensor, prompts: list[str], path: str, batch: int = 64, metric=None) -> float:
+    """Mean CLIP score of images [N, C, H, W] in [-1, 1] against their prompts (100 x cosine, floored at 0)."""
+    metric = metric or clip_score_metric(path)
+    pixels = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    if pixels.shape[1] == 1:
+        pixels = pixels.repeat(1, 3, 1, 1)
+    for lo in range(0, len(pixels), batch):
+        metric.update(list(pixels[lo: lo + batch]), list(prompts[lo: lo + batch]))
+    return float(metric.compute())
+
+
+def byte_symbols() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table, which CLIP's BPE uses: printable bytes map to
+    themselves, the other 68 to the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    table, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return dict(sorted(table.items(), key=lambda kv: (kv[0] not in printable, printable.index(kv[0]) if kv[0] in printable else kv[0])))
+
+
+def clip_tokenizer_files(bpe_gz: str | Path, out_dir: str | Path) -> Path:
+    """vocab.json and merges.txt of CLIP's tokenizer, rebuilt from OpenAI's bpe_simple_vocab_16e6.txt.gz (the
+    file OpenAI's clip and open_clip ship): the 256 byte symbols, the same with the end-of-word marker, one
+    token per merge (48,894 merges), then <|startoftext|> and <|endoftext|> (49,408 tokens)."""
+    merges = gzip.open(bpe_gz).read().decode("utf-8").split("\n")[1: 49152 - 256 - 2 + 1]
+    symbols = list(byte_symbols().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return out_dir
