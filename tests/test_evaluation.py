@@ -119,3 +119,20 @@ def test_kid_precision_recall_density_coverage_behave():
     assert pr_same["precision"] > 0.6 and pr_same["recall"] > 0.6 and pr_far["precision"] < 0.05
     dc = density_coverage(a, b)
     assert 0.8 < dc["density"] < 1.2 and dc["coverage"] > 0.9 and density_coverage(far, b)["coverage"] < 0.05
+
+
+def test_validation_loss_and_small_metric_during_training_leave_the_weights_alone(tmp_path):
+    plain = training_loop(load_config(overrides=TINY), tmp_path / "plain", quiet=True)
+    watched = training_loop(load_config(overrides=TINY + ["train.val_every_images=64", "train.metric_every_images=128", "eval.val_batch=16",
+                                                          "eval.train_metric_images=20", "eval.classifier_epochs=1"]), tmp_path / "watched", quiet=True)
+    from conftest import state_of
+
+    a, b = state_of(plain)["model"], state_of(watched)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    records = [json.loads(line) for line in (watched / "eval.jsonl").read_text().splitlines()]
+    losses = [r for r in records if "val_loss" in r]
+    assert [r["images"] for r in losses] == [64, 128] and set(losses[0]["val_loss"]) == {"0.1", "0.3", "0.5", "0.7", "0.9"}
+    assert losses[1]["val_loss_mean"] < losses[0]["val_loss_mean"]  # the EMA model improves on the fixed batch
+    metric = next(r for r in records if "class_agreement" in r)
+    assert metric["images"] == 128 and metric["metric_images"] == 20 and metric["fd_effnetlite0"] > 0
+    assert not (plain / "eval.jsonl").exists()

@@ -138,6 +138,8 @@ class TrainConfig:
     log_every_images: int = 2_000
     checkpoint_every_images: int = 50_000
     sample_every_images: int = 0      # periodic sample grids; 0 = only at the end
+    val_every_images: int = 0         # fixed-timestep validation loss of the EMA model (eval.val_*); 0 = off
+    metric_every_images: int = 0      # small-N metric of the EMA model (eval.train_metric_images samples); 0 = off
     keep_checkpoints: int = 2         # newest kept; older ones are deleted
     max_nan_skips: int = 10           # consecutive non-finite losses tolerated (step skipped) before stopping
 
@@ -156,6 +158,9 @@ class EvalConfig:
     reference: str | None = None      # real-image reference: a .npz from 'ldmkit reference' or ADM's, a folder, shards
     reference_images: int = 50_000    # at most this many reference images when features are computed from images
     npz: bool = True                  # also write the sample set as ADM's samples.npz
+    val_batch: int = 64               # validation loss: the fixed batch's size
+    val_times: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # its noise levels (1 = noise)
+    train_metric_images: int = 100    # samples of the small-N metric during training
     clip_model: str | None = None     # text runs: CLIP score with this transformers CLIP (folder or hub id,
                                       # e.g. openai/clip-vit-base-patch16)
     prompts_file: str | None = None   # text runs: one caption per line, sample i uses line i mod lines

@@ -18,6 +18,7 @@ from ..diffusion.objectives import build_objective
 from ..models.registry import build_model
 from ..train.state import CheckpointError, latest_checkpoint, load_checkpoint, load_weights
 from .features import extract
+from .generate import generate
 from .metrics import frechet_distance_of
 
 
@@ -196,6 +197,46 @@ def evaluate_run(path, num_images: int | None = None, guidance_scale: float | No
         metrics.update(inception_metrics(torch.cat(features["inception"]).numpy(), references["inception"][0]))
         log(f"FID {metrics['fid']:.3f} against {metrics['fid_reference']} ({metrics['fid_reference_count']} images)")
     return metrics, (torch.cat(kept) if kept else None), labels
+
+
+_REFERENCE_CACHE: dict = {}
+
+
+@torch.no_grad()
+def quick_metrics(model, cfg, objective, autoencoder, device, run_dir, n: int) -> dict:
+    """A small-N metric of a model while it trains: n class-balanced samples generated in memory (quantised as a
+    PNG would be), then the digit-classifier agreement and FD-EffNetLite0 for digit runs and FID when eval.fid is
+    set. Small-N values are biased (FID grows as N shrinks): compare them across runs at the same N only."""
+    from .features import EffNetLite0Features, InceptionV3Features
+    from .sampleset import sample_labels
+
+    digits = digit_data(cfg)
+    labels = sample_labels(n, cfg.model.num_classes if digits is None else 10)
+    images = generate(model, cfg, objective, autoencoder, labels, list(range(n)), device, batch=cfg.eval.batch, prompts=eval_prompts(cfg, labels))
+    images = ((images + 1) * 127.5).round().clamp(0, 255) / 127.5 - 1
+    out = {"metric_images": n}
+    if digits is not None:
+        from .digits import load_or_train_classifier, predict
+
+        with torch.enable_grad():  # trains the classifier the first time
+            classifier, _ = load_or_train_classifier(digits, Path(run_dir) / "digit_classifier.pt", cfg.eval.classifier_epochs)
+        out["class_agreement"] = float((predict(classifier, images) == labels).float().mean())
+        key = ("effnet", cfg.data.resolution)
+        if key not in _REFERENCE_CACHE:
+            net = EffNetLite0Features()
+            _REFERENCE_CACHE[key] = (net, extract(net, build_dataset(digits, "held_out").images, cfg.eval.batch).numpy())
+        net, ref = _REFERENCE_CACHE[key]
+        out["fd_effnetlite0"] = frechet_distance_of(extract(net, images, cfg.eval.batch).numpy(), ref)
+    if cfg.eval.fid:
+        from .metrics import feature_statistics, frechet_distance
+        from .reference import load_reference
+
+        key = ("inception", cfg.eval.reference)
+        if key not in _REFERENCE_CACHE:
+            _REFERENCE_CACHE[key] = (InceptionV3Features(cfg.eval.inception_weights), load_reference(cfg.eval.reference))
+        net, ref = _REFERENCE_CACHE[key]
+        out["fid"] = frechet_distance(*feature_statistics(extract(net, images, cfg.eval.batch).numpy()), ref["mu"], ref["sigma"])
+    return out
 
 
 def eval_prompts(cfg, labels: torch.Tensor) -> list[str] | None:

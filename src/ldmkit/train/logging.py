@@ -20,13 +20,20 @@ class RunLogger:
             except ImportError:  # tensorboard is a dependency, but a missing one should not stop training
                 self.tb = None
 
-    def log(self, record: dict) -> None:
+    def log(self, record: dict, file: str = "log.jsonl") -> None:
+        """Append record to file (log.jsonl: training status; eval.jsonl: validation loss and small-N metrics)
+        and its numbers (nested dicts flattened as key/sub) to TensorBoard."""
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
+        with open(self.path.parent / file, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
+            flat = {}
             for key, value in record.items():
+                items = value.items() if isinstance(value, dict) else [(None, value)]
+                for sub, v in items:
+                    flat[f"{key}/{sub}" if sub is not None else key] = v
+            for key, value in flat.items():
                 if isinstance(value, (int, float)) and key != "images":
                     self.tb.add_scalar(key, value, record["images"])
             self.tb.flush()
@@ -36,8 +43,8 @@ class RunLogger:
             self.tb.close()
 
 
-def read_log(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "log.jsonl"
+def read_log(run_dir: Path, file: str = "log.jsonl") -> list[dict]:
+    path = Path(run_dir) / file
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

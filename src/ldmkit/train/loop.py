@@ -23,11 +23,13 @@ from ..config import ConfigError, RunConfig, diff_configs, dump_config, load_con
 from ..conditioning.build import build_text_encoder, cond_from_batch
 from ..data.loader import training_batches
 from ..diffusion.objectives import build_objective
+from ..eval.evaluate import quick_metrics
 from ..eval.generate import generate, grid_labels, save_grid
 from ..models.mdt import draw_token_keep
 from ..models.registry import build_model
 from . import parallel
 from .optim import build_optimizer
+from .validation import Validator
 from .logging import RunLogger, plot_loss_curve, print_status, status_line
 from .state import atomic_save, checkpoint_path, latest_checkpoint, load_checkpoint, load_weights, prune_checkpoints
 
@@ -38,7 +40,8 @@ def step_seed(seed: int, step: int) -> int:
 
 # Keys that do not change the trained weights: a run may resume with other values.
 NOT_TRAINING_KEYS = ("name", "sample.", "eval.", "data.num_workers", "train.total_images", "train.log_every_images",
-                     "train.checkpoint_every_images", "train.sample_every_images", "train.keep_checkpoints", "train.max_nan_skips")
+                     "train.checkpoint_every_images", "train.sample_every_images", "train.keep_checkpoints", "train.max_nan_skips",
+                     "train.val_every_images", "train.metric_every_images")
 
 
 def prepare_run_dir(cfg: RunConfig, run_dir: Path, allow_config_change: bool, is_main: bool) -> None:
@@ -142,6 +145,9 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
     next_log = (images_seen // tc.log_every_images + 1) * tc.log_every_images
     next_ckpt = (images_seen // tc.checkpoint_every_images + 1) * tc.checkpoint_every_images
     next_grid = (images_seen // tc.sample_every_images + 1) * tc.sample_every_images if tc.sample_every_images else None
+    next_val = (images_seen // tc.val_every_images + 1) * tc.val_every_images if tc.val_every_images else None
+    next_metric = (images_seen // tc.metric_every_images + 1) * tc.metric_every_images if tc.metric_every_images else None
+    validator = Validator(cfg, objective, autoencoder, text_encoder, device) if next_val is not None and d.is_main else None
 
     while images_seen < end:
         # ---- this step's micro-batches (crops and flips were drawn from each sample's seed by the loader).
@@ -224,6 +230,15 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
                 print_status(status_line(images_seen, tc.total_images, record["loss"], speed, mem))
             stat_loss.zero_(), stat_mse.zero_()
             stat_n, tick_time, tick_images = 0, time.time(), images_seen
+
+        # ---- signals for comparing runs while they train (process 0, EMA weights): eval.jsonl.
+        if validator is not None and images_seen >= next_val:
+            next_val = (images_seen // tc.val_every_images + 1) * tc.val_every_images
+            logger.log({"images": images_seen, **validator.loss(ema)}, file="eval.jsonl")
+        if next_metric is not None and images_seen >= next_metric and d.is_main:
+            next_metric = (images_seen // tc.metric_every_images + 1) * tc.metric_every_images
+            logger.log({"images": images_seen, **quick_metrics(ema, cfg, objective, autoencoder, device, run_dir, cfg.eval.train_metric_images)},
+                       file="eval.jsonl")
 
         # ---- periodic sample grid from the EMA weights.
         if next_grid is not None and images_seen >= next_grid and d.is_main:
