@@ -136,3 +136,23 @@ def test_validation_loss_and_small_metric_during_training_leave_the_weights_alon
     metric = next(r for r in records if "class_agreement" in r)
     assert metric["images"] == 128 and metric["metric_images"] == 20 and metric["fd_effnetlite0"] > 0
     assert not (plain / "eval.jsonl").exists()
+
+
+def test_report_compares_runs_with_a_guidance_sweep(tmp_path):
+    import csv
+
+    common = TINY + ["eval.classifier_epochs=1", "train.val_every_images=64", "eval.val_batch=8"]
+    a = training_loop(load_config(overrides=common + ["name=small-lr", "train.lr=0.0005"]), tmp_path / "a", quiet=True)
+    b = training_loop(load_config(overrides=common + ["name=big-lr", "train.lr=0.002"]), tmp_path / "b", quiet=True)
+    assert main(["eval", str(a), "--num", "10", "--steps", "2", "--metrics", "classifier", "--sweep-guidance", "1,3"]) == 0
+    sweep = json.loads((a / "eval" / "sweep.json").read_text())
+    assert [p["guidance_scale"] for p in sweep] == [1.0, 3.0] and all("class_agreement" in p for p in sweep)
+    assert main(["eval", str(b), "--num", "10", "--steps", "2", "--metrics", "classifier"]) == 0
+    assert main(["report", str(a), str(b), "--out", str(tmp_path / "rep")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "rep" / "comparison.csv")))
+    assert [r["run"] for r in rows] == ["small-lr", "big-lr"] and rows[0]["images_seen"] == "128" and float(rows[1]["cpu_hours"]) > 0
+    assert rows[0]["class_agreement"] == "" and 0 <= float(rows[1]["class_agreement"]) <= 1  # a's metrics.json holds no single eval
+    table = (tmp_path / "rep" / "comparison.md").read_text()
+    assert "| small-lr |" in table and "lr" in table.splitlines()[2]
+    for plot in ("loss.png", "val_loss.png", "guidance_sweep_class_agreement.png"):
+        assert (tmp_path / "rep" / plot).is_file(), plot

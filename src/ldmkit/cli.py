@@ -1,7 +1,8 @@
-"""ldmkit command line: train, sample, eval, demo, convert, presets."""
+"""ldmkit command line: train, encode, sample, eval, reference, report, demo, convert, export, presets."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -39,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file (the one you train with)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--batch", type=int, default=64, help="images per encoder call (default 64)")
+
+    p = sub.add_parser("report", help="compare runs: a table (markdown, CSV) of metrics, images seen, device hours, settings, and plots",
+                       description="Compare runs: comparison.md and comparison.csv (metrics from each run's metrics.json, images seen, "
+                                   "device hours, settings) and PNG plots: training loss, validation loss and small-N metrics against "
+                                   "images seen (eval.jsonl), guidance sweeps (eval/sweep.json from 'ldmkit eval --sweep-guidance').")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--out", default="runs/report", help="output folder (default runs/report)")
 
     p = sub.add_parser("reference", help="compute and cache reference statistics of real images (for FID and friends)",
                        description="Features of real images (an image folder such as an ImageNet split, a shard set, or ADM's .npz) "
@@ -90,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-model", help="text runs: CLIP score with this transformers CLIP (folder or hub id, e.g. openai/clip-vit-base-patch16)")
     p.add_argument("--prompts", help="text runs: a file of captions, one per line, cycled over the samples")
     p.add_argument("--samples", help="sample set folder (default: <run>/eval/samples-n<N>-<sampler><steps>-cfg<g>-seed<s>)")
+    p.add_argument("--sweep-guidance", metavar="SCALES", help="comma-separated guidance scales: evaluate each (its own sample set) "
+                                                               "and write <run>/eval/sweep.json for 'ldmkit report'")
     p.add_argument("--metrics", help="comma-separated subset of classifier,fd_effnet,fid to compute (default: the run's eval settings; "
                                      "'none' writes the sample set only)")
     p.add_argument("--ref", help="folder of real reference images for FD-EffNetLite0 (default: the MNIST held-out split)")
@@ -180,6 +190,13 @@ def cmd_encode(args):
     encode_dataset(cfg, batch_size=args.batch)
 
 
+def cmd_report(args):
+    from .eval.compare import write_comparison
+
+    for name, path in write_comparison(args.runs, args.out).items():
+        print(path)
+
+
 def cmd_reference(args):
     from .eval.features import build_feature_extractor
     from .eval.reference import compute_reference, save_reference
@@ -224,6 +241,20 @@ def cmd_eval(args):
                 if unknown:
                     raise ValueError(f"--metrics: unknown {', '.join(sorted(unknown))} (choose from classifier, fd_effnet, fid, none)")
                 eval_cfg.classifier, eval_cfg.fd_effnet, eval_cfg.fid = ("classifier" in chosen, "fd_effnet" in chosen, "fid" in chosen)
+        if args.sweep_guidance:
+            scales = [float(x) for x in args.sweep_guidance.split(",") if x.strip()]
+            sweep = []
+            for scale in scales:
+                metrics, _, _ = evaluate_run(source, num_images=args.num, guidance_scale=scale, steps=args.steps, sampler=args.sampler,
+                                             seed=args.seed, reference=args.ref, eval_cfg=eval_cfg)
+                sweep.append(metrics)
+            if sweep[0] is None:  # not process 0 of a torchrun evaluation
+                return
+            out = (source if source.is_dir() else source.parent) / "eval" / "sweep.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(sweep, indent=1))
+            print(out)
+            return
         metrics, _, _ = evaluate_run(source, num_images=args.num, guidance_scale=args.guidance, steps=args.steps,
                                      sampler=args.sampler, seed=args.seed, reference=args.ref, eval_cfg=eval_cfg, sample_dir=args.samples)
         if metrics is None:  # not process 0 of a torchrun evaluation
@@ -402,7 +433,7 @@ def cmd_presets(args):
             print(f"{name:7s} {preset:20s} {count_parameters(model) / 1e6:9.2f}M parameters")
 
 
-COMMANDS = {"train": cmd_train, "encode": cmd_encode, "mnist-shards": cmd_mnist_shards, "reference": cmd_reference, "sample": cmd_sample, "eval": cmd_eval, "demo": cmd_demo, "convert": cmd_convert, "export": cmd_export, "presets": cmd_presets}
+COMMANDS = {"train": cmd_train, "encode": cmd_encode, "mnist-shards": cmd_mnist_shards, "reference": cmd_reference, "report": cmd_report, "sample": cmd_sample, "eval": cmd_eval, "demo": cmd_demo, "convert": cmd_convert, "export": cmd_export, "presets": cmd_presets}
 
 
 def main(argv: list[str] | None = None) -> int:

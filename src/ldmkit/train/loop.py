@@ -224,7 +224,7 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
             mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else peak_rss_gb()
             record = {"images": images_seen, "step": step, "loss": totals[0].item(), "mse": totals[1].item(),
                       "lr": optimizer.param_groups[0]["lr"], "images_per_s": speed, "time": time.time()}
-            record["memory_gb"] = mem
+            record.update(memory_gb=mem, processes=d.world_size, device=device.type, interval_s=elapsed)
             logger.log(record)
             if d.is_main and not quiet:
                 print_status(status_line(images_seen, tc.total_images, record["loss"], speed, mem))

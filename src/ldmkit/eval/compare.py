@@ -1,0 +1,97 @@
+"""`ldmkit report RUN...`: the comparison of runs (the point of an apples-to-apples study) as a markdown and a
+CSV table of metrics, images seen, device hours and settings, and PNG plots: the small-N metric and the
+validation loss against images seen (eval.jsonl), the training loss curves (log.jsonl), and the guidance
+sweeps (eval/sweep.json, from `ldmkit eval --sweep-guidance`)."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from ..config import RunConfig, build
+from ..train.logging import read_log
+from ..train.state import latest_checkpoint, load_checkpoint
+
+METRIC_KEYS = ("fid", "kid", "precision", "recall", "density", "coverage", "clip_score", "fd_effnetlite0", "class_agreement")
+
+
+def run_summary(run_dir: Path) -> dict:
+    """One row: settings, images seen, device hours (training wall time x processes) and the last metrics."""
+    run_dir = Path(run_dir)
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint in run folder {run_dir}")
+    state = load_checkpoint(ckpt)
+    cfg = build(RunConfig, state["config"])
+    log = read_log(run_dir)
+    seconds = sum(r.get("interval_s", 0.0) * r.get("processes", 1) for r in log)
+    device = log[-1].get("device", "?") if log else "?"
+    row = {"run": cfg.name, "folder": str(run_dir), "backbone": cfg.model.name, "preset": cfg.model.preset, "conditioning": cfg.model.conditioning,
+           "objective": cfg.diffusion.objective, "data": f"{cfg.data.name} {cfg.data.resolution}px", "global_batch": cfg.train.global_batch,
+           "lr": cfg.train.lr, "images_seen": state["images_seen"], f"{device}_hours": round(seconds / 3600, 4)}
+    metrics_file = run_dir / "metrics.json"
+    if metrics_file.is_file():
+        metrics = json.loads(metrics_file.read_text())
+        row.update({k: metrics[k] for k in METRIC_KEYS if k in metrics})
+        row.update({k: metrics[k] for k in ("num_images", "guidance_scale", "sampler", "steps") if k in metrics})
+    return row
+
+
+def write_comparison(runs: list[str | Path], out_dir: str | Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = [run_summary(Path(r)) for r in runs]
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    paths = {"csv": out_dir / "comparison.csv", "markdown": out_dir / "comparison.md"}
+    with open(paths["csv"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
+
+    table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    table += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    notes = ["", "Metrics are the runs' metrics.json (`ldmkit eval`); compare them only at equal num_images, sampler, steps and "
+             "guidance. Device hours = training wall time x processes, from log.jsonl."]
+    paths["markdown"].write_text("# Run comparison\n\n" + "\n".join(table) + "\n" + "\n".join(notes) + "\n")
+
+    def plot(name: str, ylabel: str, series: list[tuple[str, list, list]], xlabel: str = "images seen"):
+        series = [s for s in series if s[1]]
+        if not series:
+            return
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+        for label, xs, ys in series:
+            ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / name)
+        plt.close(fig)
+        paths[name] = out_dir / name
+
+    names = [row["run"] for row in rows]
+    logs = [read_log(Path(r)) for r in runs]
+    plot("loss.png", "training loss", [(n, [r["images"] for r in log], [r["loss"] for r in log]) for n, log in zip(names, logs)])
+    evals = [read_log(Path(r), "eval.jsonl") for r in runs]
+    plot("val_loss.png", "validation loss (fixed batch, mean over levels)",
+         [(n, [r["images"] for r in ev if "val_loss_mean" in r], [r["val_loss_mean"] for r in ev if "val_loss_mean" in r]) for n, ev in zip(names, evals)])
+    for key in ("fid", "fd_effnetlite0", "class_agreement"):
+        plot(f"{key}_vs_images.png", f"{key} (small-N, during training)",
+             [(n, [r["images"] for r in ev if key in r], [r[key] for r in ev if key in r]) for n, ev in zip(names, evals)])
+    sweeps = []
+    for n, r in zip(names, runs):
+        file = Path(r) / "eval" / "sweep.json"
+        if file.is_file():
+            sweeps.append((n, json.loads(file.read_text())))
+    for key in METRIC_KEYS:
+        plot(f"guidance_sweep_{key}.png", key, [(n, [p["guidance_scale"] for p in s if key in p], [p[key] for p in s if key in p]) for n, s in sweeps],
+             xlabel="guidance scale")
+    return paths
