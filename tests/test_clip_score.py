@@ -69,3 +69,8 @@ def test_eval_of_a_text_run_reports_clip_score_for_a_prompt_file(tiny_clip, tmp_
                  "--clip-model", str(tiny_clip), "--json", str(tmp_path / "m.json")]) == 0
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert 0 <= metrics["clip_score"] <= 100 and metrics["clip_model"] == str(tiny_clip)
+    from ldmkit.eval.evaluate import eval_prompts
+
+    cfg.eval.prompts_file = f"{tmp_path}/shards/mnist-00000.tar"  # a validation shard set's captions
+    prompts = eval_prompts(cfg, torch.arange(3))
+    assert len(prompts) == 3 and all(p.startswith("a handwritten digit ") for p in prompts)

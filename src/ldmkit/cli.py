@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inception-weights", help="the pt_inception-2015-12-05 weights file (default: eval.inception_weights, "
                                                "$LDMKIT_INCEPTION_WEIGHTS, ~/.cache/ldmkit/)")
     p.add_argument("--clip-model", help="text runs: CLIP score with this transformers CLIP (folder or hub id, e.g. openai/clip-vit-base-patch16)")
-    p.add_argument("--prompts", help="text runs: a file of captions, one per line, cycled over the samples")
+    p.add_argument("--prompts", help="text runs: captions, cycled over the samples: a .txt file (one per line) or a "
+                                     "validation shard set (pattern / .tar)")
     p.add_argument("--samples", help="sample set folder (default: <run>/eval/samples-n<N>-<sampler><steps>-cfg<g>-seed<s>)")
     p.add_argument("--sweep-guidance", metavar="SCALES", help="comma-separated guidance scales: evaluate each (its own sample set) "
                                                                "and write <run>/eval/sweep.json for 'ldmkit report'")

@@ -240,14 +240,24 @@ def quick_metrics(model, cfg, objective, autoencoder, device, run_dir, n: int) -
 
 
 def eval_prompts(cfg, labels: torch.Tensor) -> list[str] | None:
-    """Text runs: the caption of each sample (eval.prompts_file cycled, else sample.class_prompts per label)."""
+    """Text runs: the caption of each sample: eval.prompts_file (a text file, one caption per line, or a
+    validation shard set's captions), cycled; else sample.class_prompts per label."""
     if cfg.model.conditioning == "class":
         return None
     if cfg.eval.prompts_file:
         file = Path(cfg.eval.prompts_file).expanduser()
-        if not file.is_file():
-            raise FileNotFoundError(f"eval.prompts_file not found: {file}")
-        lines = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+        if file.suffix in (".txt", ""):
+            if not file.is_file():
+                raise FileNotFoundError(f"eval.prompts_file not found: {file}")
+            lines = [line.strip() for line in file.read_text().splitlines() if line.strip()]
+        else:  # the captions of a validation shard set, in order
+            from ..data.shards import expand_urls, record_caption, tar_records
+
+            lines = []
+            for url in expand_urls(cfg.eval.prompts_file):
+                lines += [record_caption(r) for r in tar_records(url) if "txt" in r]
+                if len(lines) >= len(labels):
+                    break
         if not lines:
             raise ValueError(f"eval.prompts_file {file} holds no prompts")
         return [lines[i % len(lines)] for i in range(len(labels))]
