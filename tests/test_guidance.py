@@ -38,3 +38,23 @@ def test_scale_one_is_the_conditional_model_alone():
     cond = Cond(class_labels=torch.tensor([1, 2]))
     assert torch.equal(guided(model, cond, 1.0, 1)(x, t), model(x, t, cond))
     assert len(model.calls) == 2 and model.calls[0].batch_size == 2
+
+
+def test_control_guidance_formula_and_plain_cfg_at_control_scale_one():
+    """A toy model whose output is 1 + 2*[semantic kept] + 5*[control kept]: the three-evaluation formula picks
+    the right branches, and control scale 1 is plain CFG with the control kept in both branches."""
+    from ldmkit.conditioning.cond import Cond
+    from ldmkit.diffusion.guidance import guided
+
+    def toy(x, t, cond):
+        sem = (~cond.drop_semantic).float() if cond.drop_semantic is not None else torch.ones(len(x))
+        ctrl = (~cond.drop_control).float() if cond.drop_control is not None else torch.ones(len(x))
+        return (1 + 2 * sem + 5 * ctrl)[:, None, None, None] * torch.ones_like(x)
+
+    x, t = torch.zeros(2, 1, 2, 2), torch.rand(2)
+    cond = Cond(class_labels=torch.tensor([1, 2]), control={"flip": torch.zeros(2, 1)})
+    u, c_sem, c_full = 1.0, 3.0, 8.0
+    out = guided(toy, cond, scale=3.0, control_scale=2.0)(x, t)
+    assert torch.allclose(out, torch.full_like(x, u + 3.0 * (c_sem - u) + 2.0 * (c_full - c_sem)))
+    plain = guided(toy, cond, scale=3.0, control_scale=1.0)(x, t)
+    assert torch.allclose(plain, torch.full_like(x, 6.0 + 3.0 * (8.0 - 6.0)))  # u' = control kept, no semantic: 6

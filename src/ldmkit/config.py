@@ -64,6 +64,7 @@ class SampleConfig:
     sampler: str = "ddpm"             # ddpm | ddim (DDPM objective); euler | heun (flow)
     steps: int = 250
     guidance_scale: float = 1.5       # classifier-free guidance; 1 = no guidance
+    control_guidance_scale: float = 1.0  # separate guidance on control values (3 evaluations); 1 = plain CFG
     respacing: str = "adm"            # DDPM step selection: adm (round(linspace), as DiT) | leading | trailing
     seed: int = 0
     per_class: int = 10               # grid: images per class row

@@ -35,7 +35,7 @@ def generate(model, cfg, objective, autoencoder, labels: torch.Tensor, indices: 
         idx = indices[lo: lo + batch]
         gens = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in idx]
         cond = sampling_cond(cfg, labels[lo: lo + len(idx)], prompts[lo: lo + len(idx)] if prompts else None, text_encoder, device)
-        fn = guided(model, cond, scale, guided_channels)
+        fn = guided(model, cond, scale, guided_channels, control_scale=cfg.sample.control_guidance_scale)
         z = samplers.sample(fn, cfg, objective, shape, gens, device, steps=steps, sampler=sampler)
         out.append(autoencoder.decode(z).clamp(-1, 1).cpu())
     return torch.cat(out)
