@@ -15,6 +15,10 @@ def _add_sampling_options(p):
     p.add_argument("--sampler", choices=["ddpm", "ddim", "euler", "heun"], help="sampler (default: the run's sample.sampler)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--control", action="append", default=[], metavar="KEY=V[,V]",
+                   help="a control value to sample with, e.g. --control original_size=512,512 --control flip=1 (repeatable; "
+                        "default: an uncropped, unflipped image of the training resolution)")
+    p.add_argument("--control-guidance", type=float, help="guidance scale on the control values (1 = plain CFG; default: the run's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,6 +165,9 @@ def cmd_sample(args):
     from .eval.generate import generate, grid_labels, save_grid, save_images
 
     cfg, model, objective, autoencoder, run_dir = load_generator(args.source, use_ema=not args.no_ema)
+    cfg.sample.control = list(cfg.sample.control) + list(args.control)
+    if args.control_guidance is not None:
+        cfg.sample.control_guidance_scale = args.control_guidance
     classes = [int(c) for c in args.classes.split(",")] if args.classes else None
     prompts = None
     if args.prompt:
@@ -259,7 +266,8 @@ def cmd_eval(args):
             print(out)
             return
         metrics, _, _ = evaluate_run(source, num_images=args.num, guidance_scale=args.guidance, steps=args.steps,
-                                     sampler=args.sampler, seed=args.seed, reference=args.ref, eval_cfg=eval_cfg, sample_dir=args.samples)
+                                     sampler=args.sampler, seed=args.seed, reference=args.ref, eval_cfg=eval_cfg, sample_dir=args.samples,
+                                     control=args.control, control_guidance=args.control_guidance)
         if metrics is None:  # not process 0 of a torchrun evaluation
             return
         default_json = (source if source.is_dir() else source.parent) / "metrics.json"
@@ -404,7 +412,8 @@ def cmd_export(args):
     state = load_checkpoint(ckpt)
     if "config" not in state:
         raise ValueError(f"{ckpt} is not an ldmkit checkpoint (no config)")
-    model = build_model(build(RunConfig, state["config"]).model)
+    run_cfg = build(RunConfig, state["config"])
+    model = build_model(run_cfg.model, run_cfg.conditioning)
     load_weights(model, state["model" if args.no_ema else "ema"], f"checkpoint {ckpt}")
     if isinstance(model, PixArt):
         write_pixart_diffusers(model, args.out)
@@ -413,8 +422,8 @@ def cmd_export(args):
     elif isinstance(model, UNet):
         write_unet_diffusers(model, args.out)
     elif isinstance(model, DiT):
-        if model.conditioning != "class":
-            raise ValueError("diffusers' DiTTransformer2DModel is class-conditional; a pooled-text DiT has no diffusers form")
+        if model.conditioning != "class" or model.semantic_path != "adaln" or model.control_embedder is not None:
+            raise ValueError("diffusers' DiTTransformer2DModel is DiT as published (class in adaLN, no control embeddings); this DiT has no diffusers form")
         arch = ck.dit_arch_from_state_dict(model.state_dict(), model.num_heads)
         ck.write_diffusers(model.state_dict(), arch, args.out)
     else:

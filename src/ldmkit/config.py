@@ -65,6 +65,8 @@ class SampleConfig:
     steps: int = 250
     guidance_scale: float = 1.5       # classifier-free guidance; 1 = no guidance
     control_guidance_scale: float = 1.0  # separate guidance on control values (3 evaluations); 1 = plain CFG
+    control: list[str] = field(default_factory=list)  # control values to sample with, e.g. ["original_size=512,512", "flip=0"]
+                                      # (default: an uncropped, unflipped image of the training resolution)
     respacing: str = "adm"            # DDPM step selection: adm (round(linspace), as DiT) | leading | trailing
     seed: int = 0
     per_class: int = 10               # grid: images per class row
@@ -169,6 +171,27 @@ class EvalConfig:
 
 
 @dataclass
+class ConditioningConfig:
+    """The paper's conditioning (docs: PAPER.md section 2; our reading, every unknown an option)."""
+    mechanism: str = "additive"       # additive (semantic and control summed into adaLN, as DiT/SDXL) |
+                                      # disentangled (semantic as attended tokens, control phased in by w(t))
+    control: list[str] = field(default_factory=list)  # control keys to embed (crop metadata names); empty = none
+    low_level: list[str] = field(default_factory=lambda: ["original_size", "target_size", "aspect_ratio"])  # the rest: high level
+    low_schedule: str = "cosine"      # w(t) of low-level controls: cosine | linear | constant
+    low_start: float = 0.0
+    low_end: float = 1.0
+    low_power: float = 1.0
+    high_schedule: str = "constant"   # w(t) of high-level controls (crop, flip)
+    high_start: float = 0.0
+    high_end: float = 1.0
+    high_power: float = 1.0
+    control_dropout: float = 0.1      # guidance dropout of the control values (independent of the semantic one)
+    value_scale: float = 1.0          # control values are multiplied by this before their sinusoidal features
+    padding: str = "zero"             # text tokens: zero (+mask) | replicate | noisy_replicate
+    padding_sigma: float = 0.1        # noisy_replicate: noise std relative to the caption's token std
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -177,6 +200,7 @@ class RunConfig:
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     data: DataConfig = field(default_factory=DataConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -311,6 +335,10 @@ def validate(cfg: RunConfig) -> None:
         "text.encoder": (cfg.text.encoder, ("none", "minilm", "t5", "clip")),
         "train.precision": (cfg.train.precision, ("fp32", "bf16")),
         "train.optimizer": (cfg.train.optimizer, ("adamw", "adan")),
+        "conditioning.mechanism": (cfg.conditioning.mechanism, ("additive", "disentangled")),
+        "conditioning.low_schedule": (cfg.conditioning.low_schedule, ("cosine", "linear", "constant")),
+        "conditioning.high_schedule": (cfg.conditioning.high_schedule, ("cosine", "linear", "constant")),
+        "conditioning.padding": (cfg.conditioning.padding, ("zero", "replicate", "noisy_replicate")),
         "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
     }
     for key, (value, allowed) in choices.items():
@@ -340,6 +368,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("config key 'model.conditioning': image_folder data has class labels, not captions; use class")
     if cfg.model.conditioning == "class" and cfg.data.name == "shards" and not cfg.data.label_field:
         raise ConfigError("config key 'data.label_field': class conditioning on shards needs the JSON field holding the class id")
+    from .data.transforms import CONTROL_SIZES
+
+    unknown = [k for k in cfg.conditioning.control if k not in CONTROL_SIZES]
+    if unknown:
+        raise ConfigError(f"config key 'conditioning.control': unknown control {unknown[0]!r} (known: {', '.join(CONTROL_SIZES)})")
     if cfg.model.conditioning == "text" and cfg.text.max_length > cfg.model.max_tokens:
         raise ConfigError(f"config key 'model.max_tokens': {cfg.model.max_tokens} is shorter than text.max_length {cfg.text.max_length}")
     if cfg.data.from_cache and not cfg.data.cache:

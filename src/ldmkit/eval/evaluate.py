@@ -37,7 +37,7 @@ def load_generator(path: str | Path, use_ema: bool = True, device="cpu"):
         raise CheckpointError(f"{ckpt} is not an ldmkit checkpoint (no config); import foreign weights with 'ldmkit convert'")
     cfg = build(RunConfig, state["config"])
     validate(cfg)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, cfg.conditioning)
     load_weights(model, state["ema" if use_ema else "model"], f"checkpoint {ckpt}")
     model.to(device).eval()
     autoencoder = build_autoencoder(cfg.autoencoder, cfg.data.channels).to(device)
@@ -85,13 +85,20 @@ def digit_data(cfg):
 def sample_set_folder(cfg, run_dir, checkpoint_path: Path, n: int, guidance: float, sampler: str, steps: int, seed: int) -> Path:
     """Where a run's evaluation sample set goes: one folder per setting, so settings never mix."""
     base = Path(run_dir) / "eval" if run_dir is not None else checkpoint_path.parent / f"{checkpoint_path.stem}-eval"
-    return base / f"samples-n{n}-{sampler}{steps}-cfg{guidance:g}-seed{seed}"
+    name = f"samples-n{n}-{sampler}{steps}-cfg{guidance:g}-seed{seed}"
+    if cfg.conditioning.control:  # control values and their guidance are settings too
+        import hashlib
+
+        values = hashlib.sha1(json.dumps(sorted(cfg.sample.control)).encode()).hexdigest()[:8]
+        name += f"-ctrlcfg{cfg.sample.control_guidance_scale:g}-{values}"
+    return base / name
 
 
 def evaluate_run(path, num_images: int | None = None, guidance_scale: float | None = None, steps: int | None = None,
                  sampler: str | None = None, seed: int | None = None, classifier_path: str | Path | None = None,
                  reference: str | Path | None = None, fd: bool | None = None, device=None, log=print,
-                 eval_cfg=None, sample_dir: str | Path | None = None) -> tuple[dict | None, torch.Tensor | None, torch.Tensor | None]:
+                 eval_cfg=None, sample_dir: str | Path | None = None, control: list[str] | None = None,
+                 control_guidance: float | None = None) -> tuple[dict | None, torch.Tensor | None, torch.Tensor | None]:
     """Generate the class-balanced sample set of a run (one seed per sample index, over all torchrun
     processes, resumable, PNGs + ADM .npz) and compute its metrics on process 0.
     Returns (metrics, images [N, C, H, W] when N <= 5000, labels); other processes get (None, None, None).
@@ -104,6 +111,9 @@ def evaluate_run(path, num_images: int | None = None, guidance_scale: float | No
     cfg, model, objective, autoencoder, run_dir = load_generator(path, device=d.device)
     if eval_cfg is not None:
         cfg.eval = eval_cfg
+    cfg.sample.control = list(cfg.sample.control) + list(control or [])
+    if control_guidance is not None:
+        cfg.sample.control_guidance_scale = control_guidance
     if cfg.eval.fid:  # fail before hours of sampling, not after
         from .features import inception_weights_path
 
@@ -126,6 +136,8 @@ def evaluate_run(path, num_images: int | None = None, guidance_scale: float | No
     if not d.is_main:
         return None, None, None
     info = {"source": str(path), "guidance_scale": guidance, "sampler": sampler, "steps": steps, "seed": seed, "processes": d.world_size}
+    if cfg.conditioning.control:
+        info.update(control=list(cfg.sample.control), control_guidance_scale=cfg.sample.control_guidance_scale)
     finish_sample_set(folder, n, labels, info, npz=cfg.eval.npz)
     metrics = dict(info, num_images=n, sample_set=str(folder), generation_seconds=round(time.time() - t0, 1))
     log(f"sample set of {n} images in {folder} ({metrics['generation_seconds']} s)")

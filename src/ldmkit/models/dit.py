@@ -10,24 +10,32 @@ import torch
 import torch.nn as nn
 
 from ..conditioning.cond import Cond
-from .layers import Attention, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, PooledTextEmbedder, TimestepEmbedder, get_2d_sincos_pos_embed, modulate, unpatchify, xavier_init_linears
+from ..conditioning.control import ControlEmbedder
+from .layers import Attention, CrossAttention, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, PooledTextEmbedder, TimestepEmbedder, get_2d_sincos_pos_embed, modulate, unpatchify, xavier_init_linears
 
 
 class DiTBlock(nn.Module):
-    """Transformer block whose LayerNorms are modulated by the conditioning vector c (adaLN-Zero)."""
+    """Transformer block whose LayerNorms are modulated by the conditioning vector c (adaLN-Zero); with
+    cross_attention (the disentangled mechanism), a cross-attention to the semantic tokens follows the
+    self-attention (zero-initialised output, so a new block starts as DiT's)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, cross_attention: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias=True)
+        if cross_attention:
+            self.norm_cross = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+            self.cross_attn = CrossAttention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        # x [B, T, D], c [B, D]
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        # x [B, T, D], c [B, D], context [B, L, D] (semantic tokens), mask [B, L]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        if context is not None:
+            x = x + self.cross_attn(self.norm_cross(x), context, mask)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
@@ -53,6 +61,9 @@ class DiT(nn.Module):
         timestep_freq_shift: float = 0.0,
         conditioning: str = "class",
         pooled_dim: int = 384,
+        semantic_path: str = "adaln",
+        context_dim: int = 4096,
+        control: dict | None = None,
     ):
         super().__init__()
         if input_size % patch_size:
@@ -68,17 +79,23 @@ class DiT(nn.Module):
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=timestep_freq_shift)
-        self.conditioning = conditioning
+        self.conditioning, self.semantic_path = conditioning, semantic_path
+        if semantic_path not in ("adaln", "attention"):
+            raise ValueError(f"DiT semantic_path must be adaln or attention, got {semantic_path!r}")
         if conditioning == "class":
-            self.y_embedder = LabelEmbedder(num_classes, hidden_size)
-        elif conditioning == "pooled_text":
+            self.y_embedder = LabelEmbedder(num_classes, hidden_size)  # one vector in adaLN, or one attended token
+        elif conditioning == "pooled_text" and semantic_path == "adaln":
             self.text_embedder = PooledTextEmbedder(pooled_dim, hidden_size)
+        elif conditioning == "text" and semantic_path == "attention":
+            self.context_embedder = nn.Linear(context_dim, hidden_size)  # caption tokens -> attended tokens
         else:
-            raise ValueError(f"DiT conditioning must be class or pooled_text, got {conditioning!r}")
+            raise ValueError(f"DiT takes class (adaln or attention), pooled_text (adaln) or text (attention), not {conditioning} via {semantic_path}")
+        # Control metadata (crop, size, flip): per-key Fourier embeddings, grouped, weighted by w_group(t).
+        self.control_embedder = ControlEmbedder(hidden_size, **control) if control else None
         num_patches = (input_size // patch_size) ** 2
         # Fixed sin-cos table, kept in the state dict as the official checkpoints do.
         self.register_buffer("pos_embed", torch.zeros(1, num_patches, hidden_size))
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, semantic_path == "attention") for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
@@ -94,6 +111,15 @@ class DiT(nn.Module):
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # Conditioning added by ldmkit starts silent: zero cross-attention outputs and control embeddings.
+        for block in self.blocks:
+            if hasattr(block, "cross_attn"):
+                nn.init.zeros_(block.cross_attn.proj.weight)
+                nn.init.zeros_(block.cross_attn.proj.bias)
+        if self.control_embedder is not None:
+            for mlp in self.control_embedder.embedders.values():
+                nn.init.zeros_(mlp[-1].weight)
+                nn.init.zeros_(mlp[-1].bias)
         # adaLN-Zero: every block starts as the identity, the output as zero.
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
@@ -118,17 +144,31 @@ class DiT(nn.Module):
             raise ValueError(f"DiT expects input [B, {self.in_channels}, H, W] with H and W multiples of {p}, got {list(x.shape)}")
         h, w = x.shape[2] // p, x.shape[3] // p
         x = self.x_embedder(x) + self.pos_embed_for(h, w).to(x.dtype)  # [B, T, D]
+        c = self.t_embedder(t)  # [B, D]
+        context = mask = None
         if self.conditioning == "class":
             if cond.class_labels is None:
                 raise ValueError("this DiT is class-conditional: cond.class_labels is required")
             y = self.y_embedder(cond.class_labels, cond.drop_semantic)  # [B, D]
-        else:
+            if self.semantic_path == "adaln":
+                c = c + y
+            else:
+                context = y[:, None]  # [B, 1, D]: the class as an attended token
+        elif self.conditioning == "pooled_text":
             if cond.pooled is None:
                 raise ValueError("this DiT is text-conditional: cond.pooled (the pooled caption vector) is required")
-            y = self.text_embedder(cond.pooled, cond.drop_semantic)  # [B, D]
-        c = self.t_embedder(t) + y  # [B, D]
+            c = c + self.text_embedder(cond.pooled, cond.drop_semantic)  # [B, D]
+        else:
+            if cond.context is None:
+                raise ValueError("this DiT attends to caption tokens: cond.context is required")
+            tokens = cond.context
+            if cond.drop_semantic is not None:  # dropped captions: zero tokens
+                tokens = tokens * (~cond.drop_semantic).to(tokens.dtype)[:, None, None]
+            context, mask = self.context_embedder(tokens), cond.context_mask  # [B, L, D]
+        if self.control_embedder is not None:
+            c = c + self.control_embedder(cond.control, t, cond.drop_control)
         for block in self.blocks:
-            x = block(x, c)
+            x = block(x, c, context, mask)
         x = self.final_layer(x, c)  # [B, T, p*p*C_out]
         return unpatchify(x, h, w, self.patch_size, self.out_channels)  # [B, C_out, H, W]
 

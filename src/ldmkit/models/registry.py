@@ -12,7 +12,7 @@ from .unet import UNET_PRESETS, UNet
 # name -> (class, presets, conditionings it takes, config keys it reads beyond input_size, in_channels,
 # learn_sigma and conditioning)
 BACKBONES = {
-    "dit": (DiT, DIT_PRESETS, ("class", "pooled_text"), ("num_classes", "timestep_freq_shift", "pooled_dim", "mlp_ratio")),
+    "dit": (DiT, DIT_PRESETS, ("class", "pooled_text", "text"), ("num_classes", "timestep_freq_shift", "pooled_dim", "context_dim", "mlp_ratio")),
     "pixart": (PixArt, PIXART_PRESETS, ("class", "text"), ("num_classes", "context_dim", "max_tokens", "micro_conditions", "mlp_ratio")),
     "mmdit": (MMDiT, MMDIT_PRESETS, ("class", "text"), ("num_classes", "context_dim", "pooled_dim", "qk_norm", "pos_embed_max_size", "mlp_ratio")),
     "unet": (UNet, UNET_PRESETS, ("class", "text"), ("num_classes", "micro_conditions", "pooled_dim")),
@@ -35,7 +35,30 @@ def preset_names() -> dict[str, list[str]]:
     return {name: sorted(presets) for name, (_, presets, _, _) in BACKBONES.items()}
 
 
-def build_model(model_cfg) -> nn.Module:
+def control_spec(conditioning_cfg) -> dict | None:
+    """ControlEmbedder arguments from the conditioning config: the configured keys, grouped into low_level and
+    high_level, with their schedules (additive: constant weight 1, as summing into adaLN does)."""
+    from ..conditioning.control import ControlSchedule
+    from ..data.transforms import CONTROL_SIZES
+
+    cc = conditioning_cfg
+    if cc is None or not cc.control:
+        return None
+    low = [k for k in cc.control if k in cc.low_level]
+    high = [k for k in cc.control if k not in cc.low_level]
+    groups = {name: keys for name, keys in (("low_level", low), ("high_level", high)) if keys}
+    if cc.mechanism == "additive":
+        schedules = {g: ControlSchedule("constant") for g in groups}
+    else:
+        schedules = {"low_level": ControlSchedule(cc.low_schedule, cc.low_start, cc.low_end, cc.low_power),
+                     "high_level": ControlSchedule(cc.high_schedule, cc.high_start, cc.high_end, cc.high_power)}
+    return dict(keys={k: CONTROL_SIZES[k] for k in cc.control}, groups=groups, schedules={g: schedules[g] for g in groups},
+                value_scale=cc.value_scale)
+
+
+def build_model(model_cfg, conditioning_cfg=None) -> nn.Module:
+    """The backbone of model_cfg; conditioning_cfg (the config's `conditioning` section) adds the paper's
+    mechanisms: the disentangled semantic path and control embeddings (DiT so far)."""
     from ..config import ConfigError
 
     if model_cfg.name not in BACKBONES:
@@ -60,6 +83,16 @@ def build_model(model_cfg) -> nn.Module:
     if cls is UNet and model_cfg.conditioning == "text":
         arch["context_dim"] = model_cfg.context_dim  # the caption width; class tokens keep the preset's width
     extra = {key: getattr(model_cfg, key) for key in extra_keys}
+    cc = conditioning_cfg
+    if cc is not None and (cc.mechanism != "additive" or cc.control):
+        if cls is not DiT:
+            raise ConfigError(f"config key 'conditioning': the disentangled mechanism and control embeddings are implemented for dit so far, not {model_cfg.name}")
+        extra.update(semantic_path="attention" if cc.mechanism == "disentangled" else "adaln", control=control_spec(cc))
+    if cls is DiT:
+        path = extra.get("semantic_path", "adaln")
+        if (model_cfg.conditioning == "text") != (path == "attention" and model_cfg.conditioning != "class"):
+            raise ConfigError(f"config key 'model.conditioning': dit takes caption tokens (text) only with conditioning.mechanism "
+                              f"disentangled, and pooled_text only with additive (got {model_cfg.conditioning} with {path})")
     if cls is PixArt:
         extra["caption_channels"] = extra.pop("context_dim")
     return cls(input_size=model_cfg.input_size, in_channels=model_cfg.in_channels, learn_sigma=model_cfg.learn_sigma,

@@ -101,7 +101,7 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
     if text_encoder is not None:
         check_text_width(cfg, text_encoder.name, text_encoder.pooled_dim, text_encoder.token_dim)
     torch.manual_seed(tc.seed)
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model, cfg.conditioning).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = build_optimizer(model.parameters(), tc)
     objective = build_objective(cfg)
@@ -162,6 +162,8 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
         drop = torch.rand(tc.global_batch, generator=gen, device=device) < tc.class_dropout
         # MDT-v2's masked latent modelling: the tokens each sample keeps in the step's second, masked pass.
         keep = draw_token_keep(tc.global_batch, model.grid**2, model.mask_ratio, gen, device) if masked_modelling else None
+        # Control metadata has its own guidance dropout, drawn independently of the semantic one.
+        drop_control = torch.rand(tc.global_batch, generator=gen, device=device) < cfg.conditioning.control_dropout if cfg.conditioning.control else None
 
         optimizer.zero_grad(set_to_none=True)
         for r, batch in enumerate(micro_batches):
@@ -172,7 +174,8 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
                 x0 = autoencoder.latents(mean, std, posterior_noise[part])
             else:
                 x0 = autoencoder.encode(batch["image"].to(device, non_blocking=True), posterior_noise[part])
-            cond = cond_from_batch(cfg, batch, text_encoder, drop[part], device)
+            cond = cond_from_batch(cfg, batch, text_encoder, drop[part], device, drop_control=None if drop_control is None else drop_control[part],
+                                   padding_seeds=[step_seed(tc.seed, step) + lo + i for i in range(micro)])
             sync = r == rounds - 1 or d.world_size == 1
             ctx = train_model.no_sync() if (d.world_size > 1 and not sync) else contextlib.nullcontext()
             with ctx:

@@ -1,0 +1,108 @@
+"""The paper's conditioning on DiT: disentangled semantic path, control embeddings phased in by w(t),
+independent dropout, sampling with control values and control guidance."""
+import json
+
+import pytest
+import torch
+
+from conftest import TINY, randomised, state_of
+from ldmkit.cli import main
+from ldmkit.conditioning.cond import Cond
+from ldmkit.config import ConfigError, load_config
+from ldmkit.models.registry import build_model
+from ldmkit.train.loop import training_loop
+
+CONTROL = ["conditioning.control=[original_size, crop_top_left, flip]", "data.hflip=true"]
+
+
+def dit(*extra):
+    cfg = load_config(overrides=TINY + list(extra))
+    return build_model(cfg.model, cfg.conditioning), cfg
+
+
+def test_low_level_control_has_no_effect_where_its_weight_is_zero():
+    model, _ = dit(*CONTROL, "conditioning.mechanism=disentangled", "conditioning.low_end=0.5", "conditioning.value_scale=0.01")
+    randomised(model)
+    x, labels = torch.randn(2, 1, 32, 32), torch.tensor([3, 7])
+
+    def run(t, size):
+        control = {"original_size": torch.tensor(size), "crop_top_left": torch.zeros(2, 2), "flip": torch.zeros(2, 1)}
+        with torch.no_grad():
+            return model(x, torch.tensor(t), Cond(class_labels=labels, control=control))
+
+    small, large = [[32.0, 32.0], [32.0, 32.0]], [[900.0, 600.0], [64.0, 300.0]]
+    assert torch.equal(run([0.6, 0.9], small), run([0.6, 0.9], large))  # t >= end: low-level weight 0
+    assert not torch.allclose(run([0.1, 0.2], small), run([0.1, 0.2], large))  # early enough: it acts
+    flip_a = model(x, torch.tensor([0.9, 0.9]), Cond(class_labels=labels, control={"original_size": torch.tensor(small), "crop_top_left": torch.zeros(2, 2), "flip": torch.zeros(2, 1)}))
+    flip_b = model(x, torch.tensor([0.9, 0.9]), Cond(class_labels=labels, control={"original_size": torch.tensor(small), "crop_top_left": torch.zeros(2, 2), "flip": torch.ones(2, 1)}))
+    assert not torch.allclose(flip_a, flip_b)  # high-level controls act at every noise level (constant schedule)
+
+
+def test_disentangled_class_goes_through_attention_not_adaln():
+    model, _ = dit("conditioning.mechanism=disentangled")
+    assert hasattr(model.blocks[0], "cross_attn") and model.semantic_path == "attention"
+    randomised(model)
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([0.5, 0.5])
+    with torch.no_grad():
+        a, b = model(x, t, Cond(class_labels=torch.tensor([1, 2]))), model(x, t, Cond(class_labels=torch.tensor([1, 3])))
+        for block in model.blocks:  # without the cross-attention the class has no way in
+            torch.nn.init.zeros_(block.cross_attn.proj.weight), torch.nn.init.zeros_(block.cross_attn.proj.bias)
+        c, d = model(x, t, Cond(class_labels=torch.tensor([1, 2]))), model(x, t, Cond(class_labels=torch.tensor([1, 3])))
+    assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1]) and torch.equal(c, d)
+
+
+def test_dropout_frequencies_match_their_probabilities(tmp_path, monkeypatch):
+    from ldmkit.models.dit import DiT
+
+    seen = []
+    forward = DiT.forward
+
+    def recording(self, x, t, cond):
+        seen.append((cond.drop_semantic.clone(), cond.drop_control.clone()))
+        return forward(self, x, t, cond)
+
+    monkeypatch.setattr(DiT, "forward", recording)
+    training_loop(load_config(overrides=TINY + CONTROL + ["conditioning.control_dropout=0.3", "train.class_dropout=0.1",
+                                                          "train.total_images=1024", "train.global_batch=64"]), tmp_path / "run", quiet=True)
+    sem, ctrl = torch.cat([s for s, _ in seen]).float(), torch.cat([c for _, c in seen]).float()
+    assert len(sem) == 1024
+    assert abs(sem.mean() - 0.1) < 0.03 and abs(ctrl.mean() - 0.3) < 0.04
+    assert abs((sem * ctrl).mean() - sem.mean() * ctrl.mean()) < 0.02  # drawn independently
+
+
+def test_training_and_sampling_with_control_values_and_control_guidance(tmp_path):
+    overrides = TINY + CONTROL + ["conditioning.mechanism=disentangled", "train.total_images=64"]
+    run = training_loop(load_config(overrides=overrides), tmp_path / "run", quiet=True)
+    assert state_of(run)["images_seen"] == 64
+    args = ["sample", str(run), "--steps", "2", "--classes", "1,2", "--per-class", "1"]
+    assert main(args + ["--grid", str(tmp_path / "a.png")]) == 0
+    assert main(args + ["--grid", str(tmp_path / "b.png"), "--control", "flip=1", "--control", "original_size=512,384", "--control-guidance", "2"]) == 0
+    assert main(args + ["--grid", str(tmp_path / "c.png"), "--control", "flip=1,2"]) == 2  # flip takes one number
+    assert main(["eval", str(run), "--num", "4", "--steps", "2", "--metrics", "none", "--control", "flip=1", "--control-guidance", "2",
+                 "--json", str(tmp_path / "m.json")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["control"] == ["flip=1"] and metrics["control_guidance_scale"] == 2.0 and "ctrlcfg2" in metrics["sample_set"]
+
+
+def test_impossible_conditioning_combinations_are_config_errors():
+    with pytest.raises(ConfigError, match="caption tokens .* only with conditioning.mechanism disentangled"):
+        dit("model.conditioning=text", "text.encoder=minilm", "data.name=shards", "data.path=x.tar", "model.max_tokens=77", "model.context_dim=384")
+    with pytest.raises(ConfigError, match="implemented for dit so far, not pixart"):
+        dit("model.name=pixart", "model.preset=PixArt-alpha-tiny/4", "model.conditioning=class", *CONTROL)
+    with pytest.raises(ConfigError, match="unknown control 'colour'"):
+        load_config(overrides=["conditioning.control=[colour]"])
+
+
+def test_dit_attends_to_padded_caption_tokens(tmp_path):
+    from ldmkit.data.shards import write_mnist_caption_shards
+
+    write_mnist_caption_shards(tmp_path / "shards", load_config().data, "held_out", shard_size=100)
+    text = TINY + ["data.name=shards", f"data.path={tmp_path}/shards/mnist-{{00000..00004}}.tar", "data.label_field=label", "data.crop=none",
+                   "text.encoder=minilm", "text.max_length=16", "model.max_tokens=16", "model.context_dim=384", "model.conditioning=text",
+                   "conditioning.mechanism=disentangled", "conditioning.padding=noisy_replicate", "train.total_images=64"]
+    straight = training_loop(load_config(overrides=text), tmp_path / "a", quiet=True)
+    training_loop(load_config(overrides=text), tmp_path / "b", quiet=True, stop_after_images=32)
+    training_loop(load_config(overrides=text), tmp_path / "b", quiet=True)
+    a, b = state_of(straight)["model"], state_of(tmp_path / "b")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the padding noise is seeded per sample: resume stays exact
+    assert "context_embedder.weight" in a and "blocks.0.cross_attn.kv_linear.weight" in a
