@@ -58,7 +58,10 @@ def test_impossible_conditioning_is_a_config_error():
     with pytest.raises(ConfigError, match="pixart takes class .* text .*, not pooled_text"):
         build_model(load_config(overrides=["model.name=pixart", "model.preset=PixArt-alpha-tiny/2", "model.conditioning=pooled_text",
                                            "text.encoder=minilm", "data.name=shards", "data.path=x.tar"]).model)
-    with pytest.raises(ConfigError, match="dit takes class .* pooled_text .*, not text"):
+    with pytest.raises(ConfigError, match="mdt takes class .* pooled_text .*, not text"):
+        build_model(load_config(overrides=["model.name=mdt", "model.preset=mDT-v2-tiny/4", "model.conditioning=text", "text.encoder=minilm",
+                                           "data.name=shards", "data.path=x.tar"]).model)
+    with pytest.raises(ConfigError, match="caption tokens .* only with conditioning.mechanism disentangled"):  # DiT's own rule
         build_model(load_config(overrides=["model.conditioning=text", "text.encoder=minilm", "data.name=shards", "data.path=x.tar"]).model)
 
 
