@@ -106,3 +106,13 @@ def test_dit_attends_to_padded_caption_tokens(tmp_path):
     a, b = state_of(straight)["model"], state_of(tmp_path / "b")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # the padding noise is seeded per sample: resume stays exact
     assert "context_embedder.weight" in a and "blocks.0.cross_attn.kv_linear.weight" in a
+
+
+def test_probe_reports_drift_and_flip_effect(tmp_path):
+    run = training_loop(load_config(overrides=TINY + CONTROL + ["conditioning.mechanism=disentangled", "train.total_images=64",
+                                                                "eval.classifier_epochs=1"]), tmp_path / "run", quiet=True)
+    assert main(["probe", str(run), "--control", "flip", "--values", "0;1", "--num", "10", "--steps", "2"]) == 0
+    out = json.loads((run / "probe-flip.json").read_text())
+    assert out["values"] == ["0", "1"] and 0 <= out["label_change_rate"] <= 1 and out["feature_drift"] >= 0
+    assert -1 <= out["flip_effect"] <= 1 and len(out["class_agreement"]) == 2
+    assert main(["probe", str(run), "--control", "crop_size", "--values", "32,32;16,16", "--num", "4"]) == 2  # not embedded: one-line error
