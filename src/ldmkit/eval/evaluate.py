@@ -156,7 +156,8 @@ def evaluate_run(path, num_images: int | None = None, guidance_scale: float | No
         if reference is not None:
             ref_images, name = read_image_folder(reference, 3, size=cfg.data.resolution), str(reference)
         elif digits is not None:
-            ref_images, name = build_dataset(digits, "held_out").images, f"mnist held-out split ({len(build_dataset(digits, 'held_out'))} real digits)"
+            ref_images = build_dataset(digits, "held_out").images
+            name = f"mnist held-out split ({len(ref_images)} real digits)"
         else:
             ref_images = None
         if ref_images is not None:
