@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, tiny_config
+from conftest import tiny_config
 from ldmkit.cli import build_parser, main
 from ldmkit.train.loop import training_loop
 

@@ -1,5 +1,4 @@
 """Image folders (bad files skipped and counted) and the AutoencoderKL path through training and sampling."""
-import numpy as np
 import pytest
 import torch
 from PIL import Image

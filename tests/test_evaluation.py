@@ -3,10 +3,8 @@ end with randomly initialised weights of the standard layout, reference statisti
 KID / precision-recall / density-coverage."""
 import json
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

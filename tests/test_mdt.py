@@ -1,6 +1,5 @@
 """MDT-v2: the official checkpoint layout, the masked pass, relative position bias, and training with the
 two losses (exact resume included)."""
-import pytest
 import torch
 
 from conftest import TINY, state_of, randomised

@@ -1,5 +1,4 @@
 """Adan against its update rule written out step by step, state round trip, and the config switch."""
-import math
 
 import pytest
 import torch

@@ -171,8 +171,6 @@ def cmd_train(args):
 
 
 def cmd_sample(args):
-    import torch
-
     from .eval.evaluate import load_generator
     from .eval.generate import generate, grid_labels, save_grid, save_images
 
@@ -311,8 +309,6 @@ def cmd_demo(args):
 
 
 def cmd_convert(args):
-    import torch
-
     from .config import load_config, to_dict
     from .models.registry import build_model
     from .transfer import checkpoints as ck

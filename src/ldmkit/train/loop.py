@@ -11,11 +11,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..autoencoders import build_autoencoder

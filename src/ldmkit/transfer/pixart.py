@@ -6,6 +6,8 @@ prompt instead) and the fixed `pos_embed` table (recomputed from the config); im
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .checkpoints import ConversionError, _block_count, copy_renamed
@@ -94,10 +96,8 @@ def pixart_overrides(config: dict) -> list[str]:
             f"model.micro_conditions={str(micro).lower()}", f"data.resolution={size * 8}"]
 
 
-def write_pixart_diffusers(model, out_dir) -> "Path":
+def write_pixart_diffusers(model, out_dir) -> Path:
     """Write a text-conditional ldmkit PixArt as a diffusers PixArtTransformer2DModel folder."""
-    from pathlib import Path
-
     from diffusers import PixArtTransformer2DModel
 
     if model.conditioning != "text":
