@@ -28,15 +28,12 @@ from .transforms import BadImage, crop_with_metadata, load_image, nearest_bucket
 MAX_LISTED_SKIPS = 1000  # the manifest lists this many skipped files by name; all are counted
 
 
-def encoding_units(cfg) -> list[dict]:
-    """The units of work, in a fixed order: {'name', 'kind', 'source'}."""
+def encoding_units(cfg, folder: ImageFolder | None = None) -> list[dict]:
+    """The units of work, in a fixed order: {'name', 'kind', 'source'} (folder: the listed image folder)."""
     dc = cfg.data
     if dc.name == "shards":
         return [{"name": f"{i:06d}", "kind": "shard", "source": url} for i, url in enumerate(expand_urls(dc.path))]
-    if dc.name == "image_folder":
-        count = len(ImageFolder(dc.path, dc.resolution, dc.channels, dc.class_index))
-    else:
-        count = 5000 - dc.held_out
+    count = len(folder) if dc.name == "image_folder" else 5000 - dc.held_out
     return [{"name": f"{i // dc.encode_chunk:06d}", "kind": "range", "source": [i, min(i + dc.encode_chunk, count)]}
             for i in range(0, count, dc.encode_chunk)]
 
@@ -45,8 +42,8 @@ class UnitSamples(torch.utils.data.IterableDataset):
     """Decoded, cropped samples of the given units, then one end-of-unit record per unit (its counts).
     Worker w of W handles units w, w + W, ..."""
 
-    def __init__(self, cfg, units: list[dict], with_labels: bool):
-        self.cfg, self.units, self.with_labels = cfg, units, with_labels
+    def __init__(self, cfg, units: list[dict], with_labels: bool, folder: ImageFolder | None = None):
+        self.cfg, self.units, self.with_labels, self.folder = cfg, units, with_labels, folder
 
     def raw_records(self, unit):
         """(key, image source or tensor, label, caption) of a unit."""
@@ -55,19 +52,13 @@ class UnitSamples(torch.utils.data.IterableDataset):
             for record in tar_records(unit["source"]):
                 yield record["__key__"], record, None, record_caption(record)
         elif dc.name == "image_folder":
-            folder = self._folder()
+            folder = self.folder
             for i in range(*unit["source"]):
                 yield str(folder.files[i].relative_to(Path(dc.path).expanduser())), folder.files[i], int(folder.labels[i]), ""
         else:
             images, labels = self._digits()
             for i in range(*unit["source"]):
                 yield f"train{i:07d}", images[i], int(labels[i]), ""
-
-    def _folder(self):
-        if not hasattr(self, "_folder_cache"):
-            dc = self.cfg.data
-            self._folder_cache = ImageFolder(dc.path, dc.resolution, dc.channels, dc.class_index)
-        return self._folder_cache
 
     def _digits(self):
         if not hasattr(self, "_digits_cache"):
@@ -174,7 +165,9 @@ the cache, else None.
     out.mkdir(parents=True, exist_ok=True)
     if d.is_main:
         dump_config(cfg, out / "encode_config.yaml")
-    units = encoding_units(cfg)
+    # An image folder is listed once, here; DataLoader workers inherit the listing.
+    folder = ImageFolder(dc.path, dc.resolution, dc.channels, dc.class_index) if dc.name == "image_folder" else None
+    units = encoding_units(cfg, folder)
 
     def is_done(unit):
         return (out / f"part-{unit['name']}.json").exists()
@@ -190,7 +183,7 @@ the cache, else None.
     if d.is_main:
         log(f"encoding {len(units)} unit(s) into {out}: {sum(map(is_done, units))} already done, {d.world_size} process(es)")
 
-    loader = torch.utils.data.DataLoader(UnitSamples(cfg, mine, with_labels), batch_size=None, num_workers=min(dc.num_workers, len(mine)),
+    loader = torch.utils.data.DataLoader(UnitSamples(cfg, mine, with_labels, folder), batch_size=None, num_workers=min(dc.num_workers, len(mine)),
                                          collate_fn=lambda x: x)
     writers: dict[str, UnitWriter] = {}
     pending: dict[tuple[str, int], list[dict]] = {}

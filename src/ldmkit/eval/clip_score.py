@@ -51,14 +51,19 @@ def clip_score_metric(path: str):
 
 
 @torch.no_grad()
-def clip_score(images: torch.Tensor, prompts: list[str], path: str, batch: int = 64, metric=None) -> float:
-    """Mean CLIP score of images [N, C, H, W] in [-1, 1] against their prompts (100 x cosine, floored at 0)."""
-    metric = metric or clip_score_metric(path)
+def update_clip_score(metric, images: torch.Tensor, prompts: list[str], batch: int = 64) -> None:
+    """Add images [N, C, H, W] in [-1, 1] (quantised as saved images are) and their prompts to the metric."""
     pixels = ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     if pixels.shape[1] == 1:
         pixels = pixels.repeat(1, 3, 1, 1)
     for lo in range(0, len(pixels), batch):
         metric.update(list(pixels[lo: lo + batch]), list(prompts[lo: lo + batch]))
+
+
+def clip_score(images: torch.Tensor, prompts: list[str], path: str, batch: int = 64) -> float:
+    """Mean CLIP score of images [N, C, H, W] in [-1, 1] against their prompts (100 x cosine, floored at 0)."""
+    metric = clip_score_metric(path)
+    update_clip_score(metric, images, prompts, batch)
     return float(metric.compute())
 
 

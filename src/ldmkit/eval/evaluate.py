@@ -188,10 +188,10 @@ def evaluate_run(path, num_images: int | None = None, guidance_scale: float | No
             features[key].append(extractor(images.to(next(extractor.parameters()).device)).double().cpu())
         if n <= 5000:
             kept.append(images if digits is None else images.mean(dim=1, keepdim=True))
-        if clip_metric is not None:
-            from .clip_score import clip_score
+        if clip_metric is not None:  # accumulated batch by batch, computed once below
+            from .clip_score import update_clip_score
 
-            clip_score(images, prompts[start: start + len(images)], cfg.eval.clip_model, metric=clip_metric)
+            update_clip_score(clip_metric, images, prompts[start: start + len(images)])
         start += len(images)
     if clip_metric is not None:
         metrics["clip_score"], metrics["clip_model"] = float(clip_metric.compute()), cfg.eval.clip_model
