@@ -154,3 +154,21 @@ def test_report_compares_runs_with_a_guidance_sweep(tmp_path):
     assert "| small-lr |" in table and "lr" in table.splitlines()[2]
     for plot in ("loss.png", "val_loss.png", "guidance_sweep_class_agreement.png"):
         assert (tmp_path / "rep" / plot).is_file(), plot
+
+
+@pytest.mark.parametrize("source", ["cache", "shards"])
+def test_validation_loss_from_the_cache_and_from_shards(tmp_path, source):
+    from ldmkit.data.encode import encode_dataset
+    from ldmkit.data.shards import write_mnist_caption_shards
+
+    extra = ["train.val_every_images=64", "eval.val_batch=8"]
+    if source == "cache":
+        extra += [f"data.cache={tmp_path / 'cache'}", "data.encode_chunk=5000"]
+        encode_dataset(load_config(overrides=TINY + extra), log=lambda *a: None)
+        extra.append("data.from_cache=true")
+    else:
+        write_mnist_caption_shards(tmp_path / "shards", load_config().data, "held_out", shard_size=100)
+        extra += ["data.name=shards", f"data.path={tmp_path}/shards/mnist-{{00000..00004}}.tar", "data.label_field=label", "data.crop=none"]
+    run = training_loop(load_config(overrides=TINY + extra), tmp_path / "run", quiet=True)
+    losses = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert [r["images"] for r in losses] == [64, 128] and all(np.isfinite(r["val_loss_mean"]) for r in losses)
