@@ -1,4 +1,4 @@
-"""The paper's conditioning on DiT: disentangled semantic path, control embeddings phased in by w(t),
+"""The paper's conditioning: disentangled semantic path, control embeddings phased in by w(t),
 independent dropout, sampling with control values and control guidance."""
 import json
 
@@ -62,7 +62,7 @@ def test_dropout_frequencies_match_their_probabilities(tmp_path, monkeypatch):
         return forward(self, x, t, cond)
 
     monkeypatch.setattr(DiT, "forward", recording)
-    training_loop(load_config(overrides=TINY + CONTROL + ["conditioning.control_dropout=0.3", "train.class_dropout=0.1",
+    training_loop(load_config(overrides=TINY + CONTROL + ["conditioning.mechanism=additive", "conditioning.control_dropout=0.3", "train.class_dropout=0.1",
                                                           "train.total_images=1024", "train.global_batch=64"]), tmp_path / "run", quiet=True)
     sem, ctrl = torch.cat([s for s, _ in seen]).float(), torch.cat([c for _, c in seen]).float()
     assert len(sem) == 1024
@@ -85,10 +85,15 @@ def test_training_and_sampling_with_control_values_and_control_guidance(tmp_path
 
 
 def test_impossible_conditioning_combinations_are_config_errors():
-    with pytest.raises(ConfigError, match="caption tokens .* only with conditioning.mechanism disentangled"):
-        dit("model.conditioning=text", "text.encoder=minilm", "data.name=shards", "data.path=x.tar", "model.max_tokens=77", "model.context_dim=384")
-    with pytest.raises(ConfigError, match="implemented for dit so far, not pixart"):
-        dit("model.name=pixart", "model.preset=PixArt-alpha-tiny/4", "model.conditioning=class", *CONTROL)
+    text = ["text.encoder=minilm", "data.name=shards", "data.path=x.tar", "model.max_tokens=77", "model.context_dim=384"]
+    with pytest.raises(ConfigError, match="published backbones embed no control values"):
+        dit(*CONTROL)
+    with pytest.raises(ConfigError, match="pooled_text sums the caption into adaLN.*use model.conditioning: text"):
+        dit("model.conditioning=pooled_text", "conditioning.mechanism=disentangled", *text)
+    with pytest.raises(ConfigError, match="mdt has no attention to a class token"):
+        dit("model.name=mdt", "model.preset=mDT-v2-tiny/4", "conditioning.mechanism=disentangled")
+    with pytest.raises(ConfigError, match="'model.micro_conditions'.*list the control values in conditioning.control"):
+        dit("model.name=pixart", "model.preset=PixArt-alpha-tiny/4", "model.micro_conditions=true", "conditioning.mechanism=additive")
     with pytest.raises(ConfigError, match="unknown control 'colour'"):
         load_config(overrides=["conditioning.control=[colour]"])
 
@@ -116,3 +121,81 @@ def test_probe_reports_drift_and_flip_effect(tmp_path):
     assert out["values"] == ["0", "1"] and 0 <= out["label_change_rate"] <= 1 and out["feature_drift"] >= 0
     assert -1 <= out["flip_effect"] <= 1 and len(out["class_agreement"]) == 2
     assert main(["probe", str(run), "--control", "crop_size", "--values", "32,32;16,16", "--num", "4"]) == 2  # not embedded: one-line error
+
+
+# ---- the mechanisms on every backbone -------------------------------------------------------------------------
+PRESETS = {"dit": "DiT-tiny/4", "pixart": "PixArt-alpha-tiny/4", "mmdit": "mmDiT-tiny/4", "unet": "UNet-tiny", "mdt": "mDT-v2-tiny/4"}
+# The module each backbone feeds its adaLN / time vector into (hooked to see what that vector depends on).
+ADALN_INPUT = {"dit": "blocks.0.adaLN_modulation", "pixart": "t_block", "mmdit": "joint_blocks.0.x_block.adaLN_modulation",
+               "unet": "down_blocks.0.resnets.0.time_emb_proj", "mdt": "en_inblocks.0.adaLN_modulation"}
+TEXT = ["text.encoder=minilm", "data.name=shards", "data.path=x.tar", "text.max_length=16", "model.max_tokens=16",
+        "model.context_dim=384", "model.pooled_dim=384"]
+
+
+def backbone(name, conditioning, mechanism, *extra):
+    overrides = [f"model.name={name}", f"model.preset={PRESETS[name]}", f"model.conditioning={conditioning}",
+                 f"conditioning.mechanism={mechanism}", *(TEXT if conditioning != "class" else []), *extra]
+    if mechanism != "published":
+        overrides += ["conditioning.control=[original_size, crop_top_left, flip]"]
+    return dit(*overrides)[0]
+
+
+def adaln_vector(model, name, cond, t=0.5):
+    seen = []
+    handle = model.get_submodule(ADALN_INPUT[name]).register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
+    with torch.no_grad():
+        out = model(torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)), torch.full((2,), t), cond)
+    handle.remove()
+    return seen[0], out
+
+
+def control(size=28.0, flip=0.0):
+    return {"original_size": torch.full((2, 2), size), "crop_top_left": torch.zeros(2, 2), "flip": torch.full((2, 1), flip)}
+
+
+CASES = [(n, "class", m, path) for n, paths in {"dit": ("adaln", "adaln", "attention"), "pixart": ("attention", "adaln", "attention"),
+                                                "mmdit": ("attention", "adaln", "attention"), "unet": ("attention", "adaln", "attention"),
+                                                "mdt": ("adaln", "adaln", None)}.items()
+         for m, path in zip(("published", "additive", "disentangled"), paths) if path]
+CASES += [("mmdit", "text", "published", "adaln"), ("mmdit", "text", "disentangled", "attention"), ("dit", "pooled_text", "additive", "adaln")]
+
+
+@pytest.mark.parametrize("name,conditioning,mechanism,path", CASES, ids=["-".join(c[:3]) for c in CASES])
+def test_the_semantic_condition_reaches_the_adaln_vector_only_on_the_adaln_path(name, conditioning, mechanism, path):
+    model = randomised(backbone(name, conditioning, mechanism))
+    if conditioning == "class":
+        conds = [Cond(class_labels=torch.tensor([1, 2]), control=control()), Cond(class_labels=torch.tensor([1, 3]), control=control())]
+    else:  # the same tokens, another pooled vector for the second sample
+        tokens, pooled = torch.randn(2, 16, 384), torch.randn(2, 384)
+        conds = [Cond(context=tokens, context_mask=torch.ones(2, 16, dtype=torch.bool), pooled=p, control=control())
+                 for p in (pooled, torch.stack([pooled[0], -pooled[1]]))]
+    (a, out_a), (b, out_b) = adaln_vector(model, name, conds[0]), adaln_vector(model, name, conds[1])
+    assert torch.equal(a[0], b[0]) and torch.equal(out_a[0], out_b[0])  # the first sample's condition is the same
+    if conditioning == "text" and path == "attention":
+        assert torch.equal(a, b) and torch.equal(out_a, out_b)  # the pooled vector is not used at all
+    else:
+        assert torch.equal(a[1], b[1]) == (path == "attention")  # semantic in the adaLN vector iff adaln path
+        assert not torch.allclose(out_a[1], out_b[1])  # and it reaches the output either way
+
+
+@pytest.mark.parametrize("name", ["pixart", "mmdit", "unet"])
+def test_low_level_control_is_phased_out_on_every_backbone(name):
+    model = randomised(backbone(name, "class", "disentangled", "conditioning.low_end=0.5", "conditioning.value_scale=0.01"))
+    cond = lambda size, flip=0.0: Cond(class_labels=torch.tensor([1, 2]), control=control(size, flip))  # noqa: E731
+    late, _ = adaln_vector(model, name, cond(28.0), t=0.7)
+    assert torch.equal(late, adaln_vector(model, name, cond(900.0), t=0.7)[0])  # t >= end: weight 0
+    assert not torch.allclose(adaln_vector(model, name, cond(28.0), t=0.2)[0], adaln_vector(model, name, cond(900.0), t=0.2)[0])
+    assert not torch.allclose(late, adaln_vector(model, name, cond(28.0, flip=1.0), t=0.7)[0])  # high level: constant weight
+
+
+@pytest.mark.parametrize("name,mechanism", [("pixart", "disentangled"), ("mmdit", "disentangled"), ("unet", "disentangled"),
+                                            ("unet", "additive"), ("mdt", "additive")])
+def test_every_backbone_trains_and_samples_with_controls_and_control_guidance(tmp_path, name, mechanism):
+    overrides = TINY + CONTROL + [f"model.name={name}", f"model.preset={PRESETS[name]}", f"conditioning.mechanism={mechanism}",
+                                  "train.total_images=32", "train.checkpoint_every_images=32"]
+    run = training_loop(load_config(overrides=overrides), tmp_path / "run", quiet=True)
+    state = state_of(run)
+    assert state["images_seen"] == 32 and any(k.startswith("control_embedder.embedders.flip") for k in state["model"])
+    assert main(["sample", str(run), "--steps", "2", "--classes", "1,2", "--per-class", "1", "--grid", str(tmp_path / "g.png"),
+                 "--control", "flip=1", "--control-guidance", "2"]) == 0
+    assert (tmp_path / "g.png").is_file()

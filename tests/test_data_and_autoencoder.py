@@ -1,4 +1,5 @@
 """Image folders (bad files skipped and counted) and the AutoencoderKL path through training and sampling."""
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -122,3 +123,36 @@ def test_shipped_imagenet_class_indexes():
     assert in1k["n01440764"] == 0 and in1k["n15075141"] == 999  # tench first, toilet tissue last
     assert list(in22k) == sorted(in22k)  # the standard order of ImageNet-21k: sorted WordNet ids
     assert [w for w in in1k if w not in in22k] == ["n04399382"]  # teddy bear is absent from the fall 2011 release
+
+
+def test_augmented_digits_record_scale_crop_and_flip_as_control():
+    from ldmkit.config import ConfigError, load_config
+
+    over = ["data.crop=random_resized", "data.crop_scale=[0.6, 1.0]", "data.original_sizes=[12, 28]"]
+    plain = build_dataset(load_config(overrides=over).data)
+    flipping = build_dataset(load_config(overrides=over + ["data.hflip=true"]).data)
+    assert len(plain) == 4500
+    flips, sharpness = 0, {}
+    for seed in range(200):
+        a, b = plain[(seed % 50, seed)], flipping[(seed % 50, seed)]
+        assert a["image"].shape == (1, 32, 32) and torch.equal(a["image"], plain[(seed % 50, seed)]["image"])  # seeded
+        c = {k: v.tolist() for k, v in a["control"].items()}
+        side = c["original_size"][0]
+        assert 12 <= side <= 28 and c["original_size"] == [side, side] and c["target_size"] == [32, 32]
+        top, left = c["crop_top_left"]
+        h, w = c["crop_size"]
+        assert top >= 0 and left >= 0 and top + h <= side + 1e-6 and left + w <= side + 1e-6 and h * w >= 0.5 * side * side  # integer regions round the area
+        if b["control"]["flip"].item() == 1:  # the same draws, then mirrored
+            flips += 1
+            assert torch.equal(b["image"], a["image"].flip(-1))
+        else:
+            assert torch.equal(b["image"], a["image"])
+        x = a["image"][0]
+        laplacian = (4 * x[1:-1, 1:-1] - x[:-2, 1:-1] - x[2:, 1:-1] - x[1:-1, :-2] - x[1:-1, 2:]).abs().mean().item()
+        if side <= 15 or side >= 24:
+            sharpness.setdefault(side <= 15, []).append(laplacian)
+    assert 70 < flips < 130
+    # digits stored at a small side come back blurred: less high-frequency energy than those stored large
+    assert np.mean(sharpness[True]) < 0.75 * np.mean(sharpness[False])
+    with pytest.raises(ConfigError, match="data.original_sizes"):
+        load_config(overrides=["data.original_sizes=[20, 12]"])

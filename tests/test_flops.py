@@ -38,7 +38,18 @@ def counted(model, x, cond):
     (MDT(input_size=32, patch_size=2, hidden_size=384, depth=6, num_heads=6, decode_layers=2), Cond(class_labels=torch.tensor([1, 2]))),
     (MDT(input_size=32, patch_size=2, hidden_size=384, depth=6, num_heads=6, decode_layers=2, conditioning="pooled_text", pooled_dim=256),
      Cond(pooled=torch.randn(2, 256))),
-], ids=["dit", "dit-pooled-text", "pixart-ms", "pixart-class", "mmdit-text", "mmdit-class", "unet-class", "unet-sdxl-like", "mdt", "mdt-text"])
+    # the mechanisms' other semantic paths (class as an attended token or summed into adaLN; text without pooled)
+    (DiT(input_size=32, patch_size=2, in_channels=4, hidden_size=384, depth=4, num_heads=6, semantic_path="attention"),
+     Cond(class_labels=torch.tensor([1, 2]))),
+    (DiT(input_size=32, patch_size=2, in_channels=4, hidden_size=384, depth=4, num_heads=6, conditioning="text", semantic_path="attention",
+         context_dim=512), Cond(context=torch.randn(2, 120, 512))),
+    (PixArt(input_size=32, patch_size=2, hidden_size=384, depth=4, num_heads=6, conditioning="class", semantic_path="adaln"),
+     Cond(class_labels=torch.tensor([1, 2]))),
+    (MMDiT(input_size=32, patch_size=2, in_channels=16, hidden_size=384, depth=4, num_heads=6, context_dim=512, semantic_path="attention"),
+     Cond(context=torch.randn(2, 120, 512))),
+    (UNet(input_size=32, in_channels=4, semantic_path="adaln", **UNET_PRESETS["UNet-S"]), Cond(class_labels=torch.tensor([1, 2]))),
+], ids=["dit", "dit-pooled-text", "pixart-ms", "pixart-class", "mmdit-text", "mmdit-class", "unet-class", "unet-sdxl-like", "mdt", "mdt-text",
+        "dit-class-attention", "dit-text", "pixart-class-adaln", "mmdit-text-attention", "unet-class-adaln"])
 def test_analytic_flops_match_the_counter(model, cond):
     x = torch.randn(2, model.in_channels, model.input_size, model.input_size)
     analytic, measured = flops_per_image(model), counted(model, x, cond)

@@ -100,6 +100,8 @@ class DataConfig:
     crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])        # random_resized: area fraction
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4 / 3])     # random_resized: aspect range
     hflip: bool = False               # random horizontal flips, p = 0.5 (off for digits)
+    original_sizes: list[int] = field(default_factory=list)  # mnist: [lo, hi] store each digit at a random side
+                                      # in this range first (scale augmentation, recorded as original_size)
     min_size: int = 0                 # images whose short side is below this are skipped (and counted)
     buckets: list[list[int]] = field(default_factory=list)  # aspect-ratio buckets [[h, w], ...] in pixels (cache only)
     shuffle_buffer: int = 1000        # shards: per-process shuffle buffer (deterministic)
@@ -173,8 +175,9 @@ class EvalConfig:
 @dataclass
 class ConditioningConfig:
     """The paper's conditioning (docs: PAPER.md section 2; our reading, every unknown an option)."""
-    mechanism: str = "additive"       # additive (semantic and control summed into adaLN, as DiT/SDXL) |
-                                      # disentangled (semantic as attended tokens, control phased in by w(t))
+    mechanism: str = "published"      # published (each backbone as its paper has it) | additive (class / pooled
+                                      # caption and control summed into the adaLN vector, as DiT/SDXL) |
+                                      # disentangled (semantic as attended tokens only, control phased in by w(t))
     control: list[str] = field(default_factory=list)  # control keys to embed (crop metadata names); empty = none
     low_level: list[str] = field(default_factory=lambda: ["original_size", "target_size", "aspect_ratio"])  # the rest: high level
     low_schedule: str = "cosine"      # w(t) of low-level controls: cosine | linear | constant
@@ -335,7 +338,7 @@ def validate(cfg: RunConfig) -> None:
         "text.encoder": (cfg.text.encoder, ("none", "minilm", "t5", "clip")),
         "train.precision": (cfg.train.precision, ("fp32", "bf16")),
         "train.optimizer": (cfg.train.optimizer, ("adamw", "adan")),
-        "conditioning.mechanism": (cfg.conditioning.mechanism, ("additive", "disentangled")),
+        "conditioning.mechanism": (cfg.conditioning.mechanism, ("published", "additive", "disentangled")),
         "conditioning.low_schedule": (cfg.conditioning.low_schedule, ("cosine", "linear", "constant")),
         "conditioning.high_schedule": (cfg.conditioning.high_schedule, ("cosine", "linear", "constant")),
         "conditioning.padding": (cfg.conditioning.padding, ("zero", "replicate", "noisy_replicate")),
@@ -382,6 +385,9 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config key 'data.buckets': each bucket is [height, width] in pixels, got {bucket}")
     if cfg.data.buckets and not cfg.data.from_cache:
         raise ConfigError("config key 'data.buckets': aspect-ratio buckets are read from the cache; run 'ldmkit encode' and set data.from_cache: true")
+    if cfg.data.original_sizes and (cfg.data.name != "mnist" or len(cfg.data.original_sizes) != 2
+                                    or not 1 <= cfg.data.original_sizes[0] <= cfg.data.original_sizes[1]):
+        raise ConfigError("config key 'data.original_sizes': [lo, hi] with 1 <= lo <= hi, for data.name mnist only")
     if len(cfg.data.crop_scale) != 2 or len(cfg.data.crop_ratio) != 2:
         raise ConfigError("config keys 'data.crop_scale' and 'data.crop_ratio' take two values [low, high]")
 

@@ -89,6 +89,14 @@ class ControlEmbedder(nn.Module):
         return sum(self.schedules[g](t)[:, None].to(v.dtype) * v for g, v in vectors.items())
 
 
+def zero_init_control(embedder: ControlEmbedder | None) -> None:
+    """Zero the output layer of every key's MLP, so a model with new control embeddings starts as one without."""
+    if embedder is not None:
+        for mlp in embedder.embedders.values():
+            nn.init.zeros_(mlp[-1].weight)
+            nn.init.zeros_(mlp[-1].bias)
+
+
 PADDINGS = ("zero", "replicate", "noisy_replicate")
 
 

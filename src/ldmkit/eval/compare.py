@@ -27,6 +27,8 @@ def run_summary(run_dir: Path) -> dict:
     seconds = sum(r.get("interval_s", 0.0) * r.get("processes", 1) for r in log)
     device = log[-1].get("device", "?") if log else "?"
     row = {"run": cfg.name, "folder": str(run_dir), "backbone": cfg.model.name, "preset": cfg.model.preset, "conditioning": cfg.model.conditioning,
+           "mechanism": cfg.conditioning.mechanism, "control": " ".join(cfg.conditioning.control) or "-",
+           "padding": cfg.conditioning.padding if cfg.model.conditioning == "text" else "-",
            "objective": cfg.diffusion.objective, "data": f"{cfg.data.name} {cfg.data.resolution}px", "global_batch": cfg.train.global_batch,
            "lr": cfg.train.lr, "images_seen": state["images_seen"], f"{device}_hours": round(seconds / 3600, 4)}
     metrics_file = run_dir / "metrics.json"

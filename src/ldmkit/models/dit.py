@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..conditioning.cond import Cond
-from ..conditioning.control import ControlEmbedder
+from ..conditioning.control import ControlEmbedder, zero_init_control
 from .layers import Attention, CrossAttention, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, PooledTextEmbedder, TimestepEmbedder, get_2d_sincos_pos_embed, modulate, unpatchify, xavier_init_linears
 
 
@@ -116,10 +116,7 @@ class DiT(nn.Module):
             if hasattr(block, "cross_attn"):
                 nn.init.zeros_(block.cross_attn.proj.weight)
                 nn.init.zeros_(block.cross_attn.proj.bias)
-        if self.control_embedder is not None:
-            for mlp in self.control_embedder.embedders.values():
-                nn.init.zeros_(mlp[-1].weight)
-                nn.init.zeros_(mlp[-1].bias)
+        zero_init_control(self.control_embedder)
         # adaLN-Zero: every block starts as the identity, the output as zero.
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)

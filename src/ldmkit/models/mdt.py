@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..conditioning.cond import Cond
+from ..conditioning.control import ControlEmbedder, zero_init_control
 from .layers import FinalLayer, LabelEmbedder, Mlp, PatchEmbed, PooledTextEmbedder, TimestepEmbedder, get_2d_sincos_pos_embed, modulate, unpatchify, xavier_init_linears
 
 
@@ -99,6 +100,7 @@ class MDT(nn.Module):
         pooled_dim: int = 384,
         decode_layers: int = 4,
         mask_ratio: float | None = 0.3,
+        control: dict | None = None,
     ):
         super().__init__()
         if conditioning not in ("class", "pooled_text"):
@@ -120,6 +122,7 @@ class MDT(nn.Module):
             self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         else:  # the additive text baseline, as ldmkit's DiT
             self.text_embedder = PooledTextEmbedder(pooled_dim, hidden_size)
+        self.control_embedder = ControlEmbedder(hidden_size, **control) if control else None  # additive only
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size))  # learnable, sin-cos at init
         self.en_inblocks = nn.ModuleList([MDTBlock(hidden_size, num_heads, self.grid, mlp_ratio) for _ in range(half_depth)])
         self.en_outblocks = nn.ModuleList([MDTBlock(hidden_size, num_heads, self.grid, mlp_ratio, skip=True) for _ in range(half_depth)])
@@ -142,6 +145,7 @@ class MDT(nn.Module):
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        zero_init_control(self.control_embedder)
         for block in [*self.en_inblocks, *self.en_outblocks, *self.de_blocks, *self.sideblocks]:
             nn.init.trunc_normal_(block.attn.rel_pos_bias.relative_position_bias_table, std=0.02)
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
@@ -179,6 +183,8 @@ class MDT(nn.Module):
                 raise ValueError("this MDT is text-conditional: cond.pooled (the pooled caption vector) is required")
             y = self.text_embedder(cond.pooled, cond.drop_semantic)
         c = self.t_embedder(t) + y  # [B, D]
+        if self.control_embedder is not None:
+            c = c + self.control_embedder(cond.control, t, cond.drop_control)
         input_skip = x
         if keep is not None:
             x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))  # [B, K, D]

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..conditioning.cond import Cond
+from ..conditioning.control import ControlEmbedder, zero_init_control
 from .layers import FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate, sincos_2d, unpatchify, xavier_init_linears
 
 
@@ -90,7 +91,11 @@ class JointBlock(nn.Module):
 class MMDiT(nn.Module):
     """mmDiT. conditioning "text": caption tokens cond.context [B, L, context_dim] (projected by
     context_embedder) and pooled vector cond.pooled [B, pooled_dim]; guidance dropout (cond.drop_semantic)
-    zeroes both, as SD3 trains with empty encodings. conditioning "class": one class token as the context."""
+    zeroes both, as SD3 trains with empty encodings. conditioning "class": one class token as the context.
+    semantic_path "adaln" (SD3's text form, and the additive mechanism for classes) also sums the pooled text
+    or class embedding into the adaLN vector; "attention" (the disentangled mechanism, and the published
+    class form) leaves the semantic condition to the context stream only. control (ControlEmbedder
+    arguments) adds the embedded control values, weighted by w(t), to the adaLN vector."""
 
     def __init__(
         self,
@@ -108,12 +113,18 @@ class MMDiT(nn.Module):
         num_classes: int = 1000,
         qk_norm: bool = False,
         pos_embed_max_size: int | None = None,
+        semantic_path: str | None = None,
+        control: dict | None = None,
     ):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input size {input_size} is not divisible by patch size {patch_size}")
         if conditioning not in ("text", "class"):
             raise ValueError(f"mmDiT conditioning must be text or class, got {conditioning!r}")
+        semantic_path = semantic_path or ("adaln" if conditioning == "text" else "attention")  # as published
+        if semantic_path not in ("adaln", "attention"):
+            raise ValueError(f"mmDiT semantic_path must be adaln or attention, got {semantic_path!r}")
+        self.semantic_path = semantic_path
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.hidden_size, self.num_heads, self.conditioning = hidden_size, num_heads, conditioning
@@ -124,10 +135,12 @@ class MMDiT(nn.Module):
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         if conditioning == "text":
-            self.y_embedder = nn.Sequential(nn.Linear(pooled_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+            if semantic_path == "adaln":
+                self.y_embedder = nn.Sequential(nn.Linear(pooled_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
             self.context_embedder = nn.Linear(context_dim, hidden_size)
         else:
-            self.class_embedder = LabelEmbedder(num_classes, hidden_size)
+            self.class_embedder = LabelEmbedder(num_classes, hidden_size)  # the context token (and adaLN vector)
+        self.control_embedder = ControlEmbedder(hidden_size, **control) if control else None
         self.register_buffer("pos_embed", torch.zeros(1, self.pos_embed_max_size**2, hidden_size))
         self.joint_blocks = nn.ModuleList(
             [JointBlock(hidden_size, num_heads, mlp_ratio, qk_norm, pre_only=i == depth - 1) for i in range(depth)])
@@ -146,6 +159,7 @@ class MMDiT(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         if self.conditioning == "class":
             nn.init.normal_(self.class_embedder.embedding_table.weight, std=0.02)
+        zero_init_control(self.control_embedder)
         # adaLN-Zero: every block starts as the identity (both streams), the output as zero.
         for block in self.joint_blocks:
             for stream in (block.x_block, block.context_block):
@@ -174,18 +188,26 @@ class MMDiT(nn.Module):
         x = self.x_embedder(x) + self.cropped_pos_embed(h, w).to(x.dtype)  # [B, T, D]
         c = self.t_embedder(t)  # [B, D]
         if self.conditioning == "text":
-            if cond.context is None or cond.pooled is None:
-                raise ValueError("this mmDiT is text-conditional: cond.context (tokens) and cond.pooled are required")
-            context, pooled = cond.context, cond.pooled
-            if cond.drop_semantic is not None:
-                keep = (~cond.drop_semantic).to(context.dtype)
-                context, pooled = context * keep[:, None, None], pooled * keep[:, None]
-            c = c + self.y_embedder(pooled)
+            pooled_needed = self.semantic_path == "adaln"
+            if cond.context is None or (pooled_needed and cond.pooled is None):
+                raise ValueError("this mmDiT is text-conditional: cond.context (tokens)" + (" and cond.pooled are" if pooled_needed else " is") + " required")
+            context = cond.context
+            keep = None if cond.drop_semantic is None else (~cond.drop_semantic).to(context.dtype)
+            if keep is not None:
+                context = context * keep[:, None, None]
+            if pooled_needed:
+                pooled = cond.pooled if keep is None else cond.pooled * keep[:, None]
+                c = c + self.y_embedder(pooled)
             context = self.context_embedder(context)  # [B, L, D]
         else:
             if cond.class_labels is None:
                 raise ValueError("this mmDiT is class-conditional: cond.class_labels is required")
-            context = self.class_embedder(cond.class_labels, cond.drop_semantic)[:, None]  # [B, 1, D]
+            y = self.class_embedder(cond.class_labels, cond.drop_semantic)  # [B, D]
+            context = y[:, None]  # [B, 1, D]
+            if self.semantic_path == "adaln":
+                c = c + y
+        if self.control_embedder is not None:
+            c = c + self.control_embedder(cond.control, t, cond.drop_control)
         for block in self.joint_blocks:
             context, x = block(context, x, c)
         x = self.final_layer(x, c)  # [B, T, p*p*C_out]

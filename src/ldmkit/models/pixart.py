@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..conditioning.cond import Cond
+from ..conditioning.control import ControlEmbedder, zero_init_control
 from .layers import Attention, CrossAttention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, sincos_2d, unpatchify, xavier_init_linears
 
 
@@ -43,23 +44,25 @@ class CaptionEmbedder(nn.Module):
 
 class PixArtBlock(nn.Module):
     """Self-attention and MLP modulated by the shared timestep vector + this block's table; cross-attention
-    to the condition tokens in between."""
+    to the condition tokens in between (absent when the class is summed into the timestep vector)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, cross_attention: bool = True):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias=True)
-        self.cross_attn = CrossAttention(dim, num_heads)
+        if cross_attention:
+            self.cross_attn = CrossAttention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
         # x [B, T, D], t [B, 6*D] (shared), context [B, L, D], mask [B, L]
         B = x.shape[0]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.scale_shift_table[None] + t.reshape(B, 6, -1)).chunk(6, dim=1)
         x = x + gate_msa * self.attn(t2i_modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + self.cross_attn(x, context, mask)
+        if context is not None:
+            x = x + self.cross_attn(x, context, mask)
         x = x + gate_mlp * self.mlp(t2i_modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
@@ -83,7 +86,9 @@ class PixArt(nn.Module):
     """PixArt-alpha. conditioning "text" (caption tokens in cond.context, mask in cond.context_mask) or
     "class" (cond.class_labels as one token). With micro_conditions (PixArt-alpha MS), the resolution
     (cond.control["original_size"], h and w) and aspect ratio (h / w of cond.control["target_size"]) are
-    embedded and added to the timestep embedding."""
+    embedded and added to the timestep embedding. semantic_path "adaln" (class only, the additive
+    mechanism) sums the class embedding into the timestep embedding instead and drops the cross-attention;
+    control (ControlEmbedder arguments) adds the embedded control values, weighted by w(t), to it."""
 
     def __init__(
         self,
@@ -101,12 +106,17 @@ class PixArt(nn.Module):
         num_classes: int = 1000,
         micro_conditions: bool = False,
         pe_interpolation: float | None = None,
+        semantic_path: str = "attention",
+        control: dict | None = None,
     ):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input size {input_size} is not divisible by patch size {patch_size}")
         if conditioning not in ("text", "class"):
             raise ValueError(f"PixArt conditioning must be text or class, got {conditioning!r}")
+        if semantic_path not in ("attention", "adaln") or (semantic_path == "adaln" and conditioning != "class"):
+            raise ValueError(f"PixArt takes text by attention and class by attention or adaln, not {conditioning} via {semantic_path}")
+        self.semantic_path = semantic_path
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.hidden_size, self.num_heads, self.conditioning = hidden_size, num_heads, conditioning
@@ -123,11 +133,12 @@ class PixArt(nn.Module):
             self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, max_tokens)
         else:
             self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        self.control_embedder = ControlEmbedder(hidden_size, **control) if control else None
         if micro_conditions:
             self.csize_embedder = TimestepEmbedder(hidden_size // 3, time_scale=1.0)  # each of h, w
             self.ar_embedder = TimestepEmbedder(hidden_size // 3, time_scale=1.0)
         self.register_buffer("pos_embed", torch.zeros(1, self.base_size**2, hidden_size))
-        self.blocks = nn.ModuleList([PixArtBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([PixArtBlock(hidden_size, num_heads, mlp_ratio, semantic_path == "attention") for _ in range(depth)])
         self.final_layer = T2IFinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
@@ -147,8 +158,10 @@ class PixArt(nn.Module):
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         # Cross-attention outputs and the final layer start at zero.
         for block in self.blocks:
-            nn.init.zeros_(block.cross_attn.proj.weight)
-            nn.init.zeros_(block.cross_attn.proj.bias)
+            if hasattr(block, "cross_attn"):
+                nn.init.zeros_(block.cross_attn.proj.weight)
+                nn.init.zeros_(block.cross_attn.proj.bias)
+        zero_init_control(self.control_embedder)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
@@ -179,7 +192,9 @@ class PixArt(nn.Module):
             csize = self.csize_embedder(size.flatten()).reshape(B, -1)  # [B, 2D/3]
             ar = self.ar_embedder(target[:, 0] / target[:, 1])  # [B, D/3]
             t_emb = t_emb + torch.cat([csize, ar], dim=1)
-        t0 = self.t_block(t_emb)  # [B, 6D]
+        if self.control_embedder is not None:
+            t_emb = t_emb + self.control_embedder(cond.control, t, cond.drop_control)
+        context = mask = None
         if self.conditioning == "text":
             if cond.context is None:
                 raise ValueError("this PixArt is text-conditional: cond.context (caption tokens) is required")
@@ -187,7 +202,12 @@ class PixArt(nn.Module):
         else:
             if cond.class_labels is None:
                 raise ValueError("this PixArt is class-conditional: cond.class_labels is required")
-            context, mask = self.y_embedder(cond.class_labels, cond.drop_semantic)[:, None], None  # [B, 1, D]
+            y = self.y_embedder(cond.class_labels, cond.drop_semantic)  # [B, D]
+            if self.semantic_path == "adaln":
+                t_emb = t_emb + y
+            else:
+                context = y[:, None]  # [B, 1, D]
+        t0 = self.t_block(t_emb)  # [B, 6D]
         for block in self.blocks:
             x = block(x, t0, context, mask)
         x = self.final_layer(x, t_emb)  # [B, T, p*p*C_out]

@@ -47,7 +47,7 @@ def control_spec(conditioning_cfg) -> dict | None:
     low = [k for k in cc.control if k in cc.low_level]
     high = [k for k in cc.control if k not in cc.low_level]
     groups = {name: keys for name, keys in (("low_level", low), ("high_level", high)) if keys}
-    if cc.mechanism == "additive":
+    if cc.mechanism != "disentangled":
         schedules = {g: ControlSchedule("constant") for g in groups}
     else:
         schedules = {"low_level": ControlSchedule(cc.low_schedule, cc.low_start, cc.low_end, cc.low_power),
@@ -56,9 +56,38 @@ def control_spec(conditioning_cfg) -> dict | None:
                 value_scale=cc.value_scale)
 
 
+# Where each backbone's published form puts a class label: DiT and MDT sum it into adaLN; PixArt, mmDiT and
+# the LDM UNet give it as an attended token.
+PUBLISHED_CLASS_PATH = {"dit": "adaln", "mdt": "adaln", "pixart": "attention", "mmdit": "attention", "unet": "attention"}
+
+
+def semantic_path(backbone: str, conditioning: str, mechanism: str) -> str:
+    """Where the semantic condition enters, 'adaln' (summed into the adaLN / time vector) or 'attention'
+    (attended tokens), for a backbone, its conditioning and conditioning.mechanism:
+    - published: each backbone as its paper has it (mmDiT text: pooled vector in adaLN plus the tokens);
+    - additive: a class or pooled caption is summed into the adaLN vector (mmDiT: as well as its context
+      stream, as SD3 does with the pooled text); caption tokens stay attended (they cannot be summed);
+    - disentangled: class and caption as attended tokens only; no semantic vector in adaLN."""
+    from ..config import ConfigError
+
+    if conditioning == "pooled_text":
+        if mechanism == "disentangled":
+            raise ConfigError("config key 'model.conditioning': pooled_text sums the caption into adaLN; the disentangled "
+                              "mechanism attends to caption tokens: use model.conditioning: text")
+        return "adaln"
+    if conditioning == "text":
+        return "adaln" if backbone == "mmdit" and mechanism != "disentangled" else "attention"
+    if mechanism == "published":
+        return PUBLISHED_CLASS_PATH[backbone]
+    if mechanism == "disentangled" and backbone == "mdt":
+        raise ConfigError("config key 'conditioning.mechanism': mdt has no attention to a class token (its blocks are DiT's); "
+                          "it takes published or additive")
+    return "adaln" if mechanism == "additive" else "attention"
+
+
 def build_model(model_cfg, conditioning_cfg=None) -> nn.Module:
-    """The backbone of model_cfg; conditioning_cfg (the config's `conditioning` section) adds the paper's
-    mechanisms: the disentangled semantic path and control embeddings (DiT so far)."""
+    """The backbone of model_cfg; conditioning_cfg (the config's `conditioning` section, default: published)
+    picks the path of the semantic condition (semantic_path) and adds control embeddings (control_spec)."""
     from ..config import ConfigError
 
     if model_cfg.name not in BACKBONES:
@@ -83,16 +112,18 @@ def build_model(model_cfg, conditioning_cfg=None) -> nn.Module:
     if cls is UNet and model_cfg.conditioning == "text":
         arch["context_dim"] = model_cfg.context_dim  # the caption width; class tokens keep the preset's width
     extra = {key: getattr(model_cfg, key) for key in extra_keys}
-    cc = conditioning_cfg
-    if cc is not None and (cc.mechanism != "additive" or cc.control):
-        if cls is not DiT:
-            raise ConfigError(f"config key 'conditioning': the disentangled mechanism and control embeddings are implemented for dit so far, not {model_cfg.name}")
-        extra.update(semantic_path="attention" if cc.mechanism == "disentangled" else "adaln", control=control_spec(cc))
-    if cls is DiT:
-        path = extra.get("semantic_path", "adaln")
-        if (model_cfg.conditioning == "text") != (path == "attention" and model_cfg.conditioning != "class"):
-            raise ConfigError(f"config key 'model.conditioning': dit takes caption tokens (text) only with conditioning.mechanism "
-                              f"disentangled, and pooled_text only with additive (got {model_cfg.conditioning} with {path})")
+    mechanism = conditioning_cfg.mechanism if conditioning_cfg is not None else "published"
+    if mechanism == "published" and conditioning_cfg is not None and conditioning_cfg.control:
+        raise ConfigError("config key 'conditioning.control': the published backbones embed no control values (PixArt and the SDXL "
+                          "UNet have model.micro_conditions); set conditioning.mechanism: additive or disentangled")
+    if mechanism != "published" and getattr(model_cfg, "micro_conditions", False):
+        raise ConfigError(f"config key 'model.micro_conditions': the published micro-conditioning; with conditioning.mechanism "
+                          f"{mechanism} list the control values in conditioning.control instead")
+    path = semantic_path(model_cfg.name, model_cfg.conditioning, mechanism)
+    if cls is not MDT:
+        extra["semantic_path"] = path
+    if mechanism != "published":
+        extra["control"] = control_spec(conditioning_cfg)
     if cls is PixArt:
         extra["caption_channels"] = extra.pop("context_dim")
     return cls(input_size=model_cfg.input_size, in_channels=model_cfg.in_channels, learn_sigma=model_cfg.learn_sigma,
@@ -107,7 +138,7 @@ def flops_per_image(model: nn.Module, tokens_per_caption: int = 120) -> float:
     """Analytic forward FLOPs per image (2 per multiply-add; matmuls, convolutions and attention only, as
     torch.utils.flop_counter counts them). Training costs about 3x this (forward + backward)."""
     if isinstance(model, DiT):
-        return _dit_flops(model)
+        return _dit_flops(model, 1 if model.conditioning == "class" else tokens_per_caption)
     if isinstance(model, PixArt):
         return _pixart_flops(model, tokens_per_caption)
     if isinstance(model, MMDiT):
@@ -124,15 +155,19 @@ def _transformer_block_flops(T: int, D: int, mlp_hidden: int) -> float:
     return 2 * T * (3 * D * D + D * D + 2 * D * mlp_hidden) + 2 * 2 * T * T * D
 
 
-def _dit_flops(model) -> float:
+def _dit_flops(model, L: int) -> float:
     D, p = model.hidden_size, model.patch_size
     T = (model.input_size // p) ** 2
     mlp_hidden = model.blocks[0].mlp.fc1.out_features
     per_block = _transformer_block_flops(T, D, mlp_hidden) + 2 * D * 6 * D  # + adaLN
+    if model.semantic_path == "attention":  # cross-attention to the class token or caption tokens: q, kv, proj, attention
+        per_block += 2 * T * D * D + 2 * L * 2 * D * D + 2 * T * D * D + 2 * 2 * T * L * D
     patch = 2 * T * model.in_channels * p * p * D
     final = 2 * T * D * p * p * model.out_channels + 2 * D * 2 * D
     time = 2 * (256 * D + D * D)
     cond = 2 * (model.text_embedder.in_dim * D + D * D) if model.conditioning == "pooled_text" else 0
+    if model.conditioning == "text":
+        cond = 2 * L * model.context_embedder.in_features * D
     return float(len(model.blocks) * per_block + patch + final + time + cond)
 
 
@@ -145,6 +180,8 @@ def _pixart_flops(model, L: int) -> float:
     else:
         caption = 2 * L * (model.y_embedder.y_proj.fc1.in_features * D + D * D)
     cross = 2 * T * D * D + 2 * L * 2 * D * D + 2 * T * D * D + 2 * 2 * T * L * D  # q, kv, proj, attention
+    if model.semantic_path == "adaln":  # the class is summed into the timestep vector: no cross-attention
+        cross = 0
     per_block = _transformer_block_flops(T, D, mlp_hidden) + cross
     patch = 2 * T * model.in_channels * p * p * D
     final = 2 * T * D * p * p * model.out_channels
@@ -161,7 +198,9 @@ def _mmdit_flops(model, L: int) -> float:
     if model.conditioning == "class":
         L, embed = 1, 0
     else:
-        embed = 2 * L * model.context_embedder.in_features * D + 2 * (model.y_embedder[0].in_features * D + D * D)
+        embed = 2 * L * model.context_embedder.in_features * D
+        if model.semantic_path == "adaln":  # the pooled text MLP
+            embed += 2 * (model.y_embedder[0].in_features * D + D * D)
     depth = len(model.joint_blocks)
     N = T + L
     stream = lambda n: 2 * n * (3 * D * D + D * D + 2 * D * mlp_hidden) + 2 * D * 6 * D  # qkv, proj, MLP, adaLN
@@ -174,7 +213,7 @@ def _mmdit_flops(model, L: int) -> float:
     return float(depth * per_block - pre_only_saving + patch + final + time + embed)
 
 
-def _unet_flops(model, L: int) -> float:
+def _unet_flops(model, tokens: int) -> float:
     """Convolutions, projections and attention of the UNet, level by level (each level halves H and W)."""
     from .unet import ResnetBlock, SpatialTransformer
 
@@ -189,6 +228,7 @@ def _unet_flops(model, L: int) -> float:
     def transformer(st: SpatialTransformer, hw):
         C = st.norm.num_channels
         Dc = st.transformer_blocks[0].attn2.to_k.in_features
+        L = hw if model.semantic_path == "adaln" else tokens  # without a class token the second attention is self-attention
         per_block = (2 * hw * 4 * C * C + 2 * 2 * hw * hw * C  # self-attention: q, k, v, out; scores and values
                      + 2 * hw * 2 * C * C + 2 * L * 2 * Dc * C + 2 * 2 * hw * L * C  # cross-attention
                      + 2 * hw * (C * 8 * C + 4 * C * C))  # GEGLU feed-forward

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..conditioning.cond import Cond
+from ..conditioning.control import ControlEmbedder, zero_init_control
 from .layers import LabelEmbedder, timestep_embedding
 
 # The six SDXL micro-conditions, in SDXL's order (each (h, w) or (top, left)).
@@ -233,7 +234,11 @@ class UNet(nn.Module):
     last level's depth (at least 1). conditioning "class" (one class token of width context_dim) or "text"
     (cond.context [B, L, context_dim], cond.context_mask). micro_conditions (SDXL): the six values of
     MICRO_CONDITIONS from cond.control and cond.pooled [B, pooled_dim] are embedded and added to the time
-    embedding; dropped samples (cond.drop_semantic) get a zero context and pooled vector, as SDXL's empty prompt."""
+    embedding; dropped samples (cond.drop_semantic) get a zero context and pooled vector, as SDXL's empty prompt.
+    semantic_path "adaln" (class only, the additive mechanism) adds a class embedding to the time embedding
+    instead of the class token (ADM's form); the transformers' second attention then attends to the image
+    itself, as diffusers' does without a context. control (ControlEmbedder arguments) adds the embedded
+    control values, weighted by w(t), to the time embedding."""
 
     def __init__(
         self,
@@ -253,10 +258,15 @@ class UNet(nn.Module):
         micro_conditions: bool = False,
         pooled_dim: int = 1280,
         micro_embed_dim: int = 256,
+        semantic_path: str = "attention",
+        control: dict | None = None,
     ):
         super().__init__()
         if conditioning not in ("class", "text"):
             raise ValueError(f"UNet conditioning must be class or text, got {conditioning!r}")
+        if semantic_path not in ("attention", "adaln") or (semantic_path == "adaln" and conditioning != "class"):
+            raise ValueError(f"the UNet takes text by attention and class by attention or adaln, not {conditioning} via {semantic_path}")
+        self.semantic_path = semantic_path
         if len(transformer_depth) != len(block_out_channels):
             raise ValueError("transformer_depth needs one entry per level of block_out_channels")
         if input_size % 2 ** (len(block_out_channels) - 1):
@@ -273,8 +283,12 @@ class UNet(nn.Module):
         self.time_embedding = TimestepEmbedding(block_out_channels[0], temb_dim)
         if micro_conditions:
             self.add_embedding = TimestepEmbedding(6 * micro_embed_dim + pooled_dim, temb_dim)
-        if conditioning == "class":
+        if conditioning == "class" and semantic_path == "adaln":
+            self.class_embedding = LabelEmbedder(num_classes, temb_dim)
+            context_dim = None  # the second attention of each transformer attends to the image
+        elif conditioning == "class":
             self.class_embedder = LabelEmbedder(num_classes, context_dim)
+        self.control_embedder = ControlEmbedder(temb_dim, **control) if control else None
         levels = len(block_out_channels)
         self.down_blocks = nn.ModuleList()
         channels = block_out_channels[0]
@@ -300,7 +314,9 @@ class UNet(nn.Module):
         # PyTorch's default init everywhere (as LDM), except: the residual branch of every ResNet block,
         # every transformer's output projection and the output convolution start at zero (LDM's zero_module).
         if self.conditioning == "class":
-            nn.init.normal_(self.class_embedder.embedding_table.weight, std=0.02)
+            table = self.class_embedding if self.semantic_path == "adaln" else self.class_embedder
+            nn.init.normal_(table.embedding_table.weight, std=0.02)
+        zero_init_control(self.control_embedder)
         for module in self.modules():
             if isinstance(module, ResnetBlock):
                 nn.init.zeros_(module.conv2.weight)
@@ -320,11 +336,14 @@ class UNet(nn.Module):
             raise ValueError(f"UNet input height and width must be multiples of {factor}, got {list(x.shape[2:])}")
         B = x.shape[0]
         temb = self.time_embedding(timestep_embedding(t * 1000.0, self.model_channels).to(x.dtype))  # [B, 4C]
-        mask = None
+        context = mask = None
         if self.conditioning == "class":
             if cond.class_labels is None:
                 raise ValueError("this UNet is class-conditional: cond.class_labels is required")
-            context = self.class_embedder(cond.class_labels, cond.drop_semantic)[:, None]  # [B, 1, Dc]
+            if self.semantic_path == "adaln":
+                temb = temb + self.class_embedding(cond.class_labels, cond.drop_semantic)  # [B, 4C]
+            else:
+                context = self.class_embedder(cond.class_labels, cond.drop_semantic)[:, None]  # [B, 1, Dc]
         else:
             if cond.context is None:
                 raise ValueError("this UNet is text-conditional: cond.context (caption tokens) is required")
@@ -341,6 +360,8 @@ class UNet(nn.Module):
             if cond.drop_semantic is not None:
                 pooled = pooled * (~cond.drop_semantic).to(pooled.dtype)[:, None]
             temb = temb + self.add_embedding(torch.cat([pooled, micro.to(pooled.dtype)], dim=1))
+        if self.control_embedder is not None:
+            temb = temb + self.control_embedder(cond.control, t, cond.drop_control).to(temb.dtype)
 
         h = self.conv_in(x)
         skips = [h]
