@@ -15,8 +15,8 @@ def _add_sampling_options(p):
     p.add_argument("--sampler", choices=["ddpm", "ddim", "euler", "heun"], help="sampler (default: the run's sample.sampler)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
-    p.add_argument("--control", action="append", default=[], metavar="KEY=V[,V]",
-                   help="a control value to sample with, e.g. --control original_size=512,512 --control flip=1 (repeatable; "
+    p.add_argument("--control", action="extend", nargs="+", default=[], metavar="KEY=V[,V]",
+                   help="control values to sample with, e.g. --control original_size=512,512 crop_top_left=0,0 flip=0 (repeatable; "
                         "default: an uncropped, unflipped image of the training resolution)")
     p.add_argument("--control-guidance", type=float, help="guidance scale on the control values (1 = plain CFG; default: the run's)")
 
@@ -418,7 +418,7 @@ def cmd_export(args):
     from .models.dit import DiT
     from .models.mmdit import MMDiT
     from .models.pixart import PixArt
-    from .models.registry import build_model
+    from .models.registry import build_model, semantic_path
     from .train.state import latest_checkpoint, load_checkpoint, load_weights
     from .transfer import checkpoints as ck
     from .models.unet import UNet
@@ -436,6 +436,10 @@ def cmd_export(args):
     run_cfg = build(RunConfig, state["config"])
     model = build_model(run_cfg.model, run_cfg.conditioning)
     load_weights(model, state["model" if args.no_ema else "ema"], f"checkpoint {ckpt}")
+    published = semantic_path(run_cfg.model.name, run_cfg.model.conditioning, "published")
+    if getattr(model, "control_embedder", None) is not None or getattr(model, "semantic_path", published) != published:
+        raise ValueError(f"this run uses conditioning.mechanism {run_cfg.conditioning.mechanism} (semantic path "
+                         f"{model.semantic_path}, control embeddings); diffusers has the published conditioning only")
     if isinstance(model, PixArt):
         write_pixart_diffusers(model, args.out)
     elif isinstance(model, MMDiT):
@@ -443,8 +447,8 @@ def cmd_export(args):
     elif isinstance(model, UNet):
         write_unet_diffusers(model, args.out)
     elif isinstance(model, DiT):
-        if model.conditioning != "class" or model.semantic_path != "adaln" or model.control_embedder is not None:
-            raise ValueError("diffusers' DiTTransformer2DModel is DiT as published (class in adaLN, no control embeddings); this DiT has no diffusers form")
+        if model.conditioning != "class":
+            raise ValueError("diffusers' DiTTransformer2DModel is DiT as published (class in adaLN); this DiT has no diffusers form")
         arch = ck.dit_arch_from_state_dict(model.state_dict(), model.num_heads)
         ck.write_diffusers(model.state_dict(), arch, args.out)
     else:
