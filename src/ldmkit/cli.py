@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default: runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue a run directory even though its config differs (the new config wins)")
     p.add_argument("--stop-after", type=int, metavar="IMAGES", help="stop (with a checkpoint) after this many images, e.g. to split a job")
+    p.add_argument("--init", metavar="FROM", help="start a new run from these weights (run folder, ldmkit checkpoint, official DiT "
+                                                  ".pt, diffusers DiT folder): the init.source key; every tensor's action is "
+                                                  "reported and written to <run>/init.json (docs/transfer.md)")
 
     p = sub.add_parser("encode", help="precompute VAE latents and text embeddings into the latent cache (data.cache)",
                        description="Encode the config's data (data.name, crop, buckets) with its autoencoder and, for shards, "
@@ -165,7 +168,7 @@ def cmd_train(args):
     from .config import load_config
     from .train.loop import training_loop
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides + ([f"init.source={args.init}"] if args.init else []))
     out = Path(args.out or Path("runs") / cfg.name)
     training_loop(cfg, out, allow_config_change=args.resume, stop_after_images=args.stop_after)
 

@@ -43,6 +43,9 @@ class ModelConfig:
     mask_ratio: float | None = None   # MDT: masked share of tokens in the second (masked) training pass is
                                       # U[mask_ratio, mask_ratio + 0.2] (MDT-v2: 0.3); None = no masked pass
     pos_embed_max_size: int | None = None  # mmDiT: grid of the positional table, centre-cropped per input (SD3: 96)
+    pos_embed_base_size: int | None = None  # DiT, PixArt: fixed sin-cos positions measured on this input size's grid
+                                      # (the stage a model is fine-tuned from; None: its own grid)
+    pos_embed_resample: str = "extrapolate"  # how: extrapolate | interpolate | rectified (docs/transfer.md)
 
 
 @dataclass
@@ -56,6 +59,8 @@ class DiffusionConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     time_shift: float = 1.0           # flow: t' = a t / (1 + (a - 1) t); 1 = no shift
+    shift_base_resolution: int | None = None  # shift the noise schedule for data.resolution relative to this one:
+                                      # flow a x= resolution / base; DDPM log-SNR - 2 log(resolution / base)
     min_snr_gamma: float | None = None  # ddpm: weight the epsilon loss by min(SNR, gamma) / SNR (MDT-v2: 5)
 
 
@@ -195,6 +200,19 @@ class ConditioningConfig:
 
 
 @dataclass
+class InitConfig:
+    """Start from another model's weights (ldmkit.transfer.init; docs/transfer.md)."""
+    source: str | None = None         # run folder, ldmkit checkpoint (incl. `ldmkit convert` output), official DiT .pt,
+                                      # or diffusers DiT folder; used only when the run has no checkpoint yet
+    weights: str = "ema"              # ema | model: which weights of an ldmkit checkpoint
+    pos_embed: str = "rectified"      # learned positional tables / relative biases on a new grid: extrapolate |
+                                      # interpolate | rectified (fixed sin-cos tables: model.pos_embed_resample)
+    class_map: str | None = None      # wnid: class-table rows matched by WordNet id (e.g. ImageNet-22k -> 1k)
+    source_class_index: str | None = None  # the source's class index when its checkpoint does not record one
+    semantic: str = "keep"            # keep | replace (class -> text: drop the class table, start the text embedders)
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -206,6 +224,7 @@ class RunConfig:
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    init: InitConfig = field(default_factory=InitConfig)
 
 
 # ------------------------------------------------------------------ building and checking
@@ -339,6 +358,11 @@ def validate(cfg: RunConfig) -> None:
         "train.precision": (cfg.train.precision, ("fp32", "bf16")),
         "train.optimizer": (cfg.train.optimizer, ("adamw", "adan")),
         "conditioning.mechanism": (cfg.conditioning.mechanism, ("published", "additive", "disentangled")),
+        "init.weights": (cfg.init.weights, ("ema", "model")),
+        "init.pos_embed": (cfg.init.pos_embed, ("extrapolate", "interpolate", "rectified")),
+        "init.class_map": (cfg.init.class_map, (None, "wnid")),
+        "init.semantic": (cfg.init.semantic, ("keep", "replace")),
+        "model.pos_embed_resample": (cfg.model.pos_embed_resample, ("extrapolate", "interpolate", "rectified")),
         "conditioning.low_schedule": (cfg.conditioning.low_schedule, ("cosine", "linear", "constant")),
         "conditioning.high_schedule": (cfg.conditioning.high_schedule, ("cosine", "linear", "constant")),
         "conditioning.padding": (cfg.conditioning.padding, ("zero", "replicate", "noisy_replicate")),
@@ -352,6 +376,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"config key 'sample.sampler': {cfg.sample.sampler!r} does not apply to the flow objective (use euler or heun)")
     if cfg.diffusion.objective == "ddpm" and cfg.sample.sampler not in ddpm_samplers:
         raise ConfigError(f"config key 'sample.sampler': {cfg.sample.sampler!r} does not apply to the ddpm objective (use ddpm or ddim)")
+    if cfg.diffusion.shift_base_resolution is not None and cfg.diffusion.shift_base_resolution <= 0:
+        raise ConfigError("config key 'diffusion.shift_base_resolution': a resolution in pixels (> 0), or null for no shift")
     if cfg.diffusion.objective == "flow" and cfg.model.learn_sigma:
         raise ConfigError("config key 'model.learn_sigma': the flow objective has no learned variance; set it to false")
     if cfg.train.global_batch <= 0 or cfg.train.total_images <= 0:

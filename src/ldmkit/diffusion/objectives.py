@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .schedules import DDPMSchedule, ddpm_betas, shift_time
+from .schedules import DDPMSchedule, ddpm_betas, flow_shift, resolution_factor, shift_log_snr, shift_time
 
 
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
@@ -47,8 +47,10 @@ class DDPMObjective:
         self.min_snr_gamma = min_snr_gamma
 
     @classmethod
-    def from_config(cls, diffusion_cfg, learn_sigma: bool) -> "DDPMObjective":
+    def from_config(cls, diffusion_cfg, learn_sigma: bool, resolution_factor: float = 1.0) -> "DDPMObjective":
         betas = ddpm_betas(diffusion_cfg.beta_schedule, diffusion_cfg.num_timesteps, diffusion_cfg.beta_start, diffusion_cfg.beta_end)
+        if resolution_factor != 1.0:  # log-SNR shifted for the resolution (diffusion.shift_base_resolution)
+            betas = shift_log_snr(betas, resolution_factor)
         return cls(DDPMSchedule(betas), learn_sigma, diffusion_cfg.min_snr_gamma)
 
     def sample_time(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
@@ -112,8 +114,9 @@ class FlowObjective:
         self.time_shift = time_shift
 
     @classmethod
-    def from_config(cls, diffusion_cfg) -> "FlowObjective":
-        return cls(diffusion_cfg.time_sampler, diffusion_cfg.logit_mean, diffusion_cfg.logit_std, diffusion_cfg.time_shift)
+    def from_config(cls, diffusion_cfg, time_shift: float | None = None) -> "FlowObjective":
+        shift = diffusion_cfg.time_shift if time_shift is None else time_shift
+        return cls(diffusion_cfg.time_sampler, diffusion_cfg.logit_mean, diffusion_cfg.logit_std, shift)
 
     def sample_time(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
         if self.time_sampler == "logit_normal":
@@ -132,5 +135,5 @@ class FlowObjective:
 
 def build_objective(cfg):
     if cfg.diffusion.objective == "ddpm":
-        return DDPMObjective.from_config(cfg.diffusion, cfg.model.learn_sigma)
-    return FlowObjective.from_config(cfg.diffusion)
+        return DDPMObjective.from_config(cfg.diffusion, cfg.model.learn_sigma, resolution_factor(cfg.diffusion, cfg.data.resolution))
+    return FlowObjective.from_config(cfg.diffusion, flow_shift(cfg))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .objectives import DDPMObjective
-from .schedules import DDPMSchedule, shift_time, space_timesteps
+from .schedules import DDPMSchedule, flow_shift, shift_time, space_timesteps
 
 
 def randn_per_sample(generators: list[torch.Generator], shape, device) -> torch.Tensor:
@@ -92,7 +92,7 @@ def sample(model_fn, cfg, objective, shape, generators, device, steps: int | Non
     x = randn_per_sample(generators, shape, device)
     if sampler in ("ddpm", "ddim"):
         return sample_ddpm(model_fn, objective, x, generators, steps, cfg.sample.respacing, sampler)
-    return sample_flow(model_fn, x, flow_sigmas(steps, cfg.diffusion.time_shift).to(device), sampler)
+    return sample_flow(model_fn, x, flow_sigmas(steps, flow_shift(cfg)).to(device), sampler)
 
 
 __all__ = ["DDPMSchedule", "sample", "sample_ddpm", "sample_flow", "flow_sigmas", "ddpm_step", "ddim_step", "euler_step", "randn_per_sample"]

@@ -100,6 +100,28 @@ def space_timesteps(num_timesteps: int, steps: int, mode: str = "adm") -> list[i
     raise ValueError(f"unknown respacing {mode!r}")
 
 
+def shift_log_snr(betas: np.ndarray, factor: float) -> np.ndarray:
+    """Betas whose log-SNR is the given chain's minus 2 log(factor) at every step: the DDPM noise-schedule shift for
+    an image `factor` times larger per side (more pixels carry the same signal, so it takes more noise to destroy;
+    PAPER.md section 3, our reading). factor 1 returns the same betas."""
+    alphas_cumprod = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
+    log_snr = np.log(alphas_cumprod) - np.log1p(-alphas_cumprod) - 2.0 * math.log(factor)
+    shifted = 1.0 / (1.0 + np.exp(-log_snr))
+    return np.clip(1.0 - shifted / np.append(1.0, shifted[:-1]), 0.0, 0.999)
+
+
+def resolution_factor(diffusion_cfg, resolution: int) -> float:
+    """Side ratio of the training resolution to diffusion.shift_base_resolution (1 when no base is set)."""
+    base = diffusion_cfg.shift_base_resolution
+    return 1.0 if not base else resolution / base
+
+
+def flow_shift(cfg) -> float:
+    """The flow time shift in use: diffusion.time_shift times the resolution factor (SD3's a = sqrt(tokens / base
+    tokens), which is the side ratio for a fixed patch size and aspect)."""
+    return cfg.diffusion.time_shift * resolution_factor(cfg.diffusion, cfg.data.resolution)
+
+
 def shift_time(t: torch.Tensor | float, shift: float):
     """SD3's resolution shift of flow time: t' = a t / (1 + (a - 1) t); a = 1 is the identity."""
     return shift * t / (1 + (shift - 1) * t)

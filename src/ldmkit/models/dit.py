@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from ..conditioning.cond import Cond
 from ..conditioning.control import ControlEmbedder, zero_init_control
-from .layers import Attention, CrossAttention, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, PooledTextEmbedder, TimestepEmbedder, get_2d_sincos_pos_embed, modulate, unpatchify, xavier_init_linears
+from .layers import Attention, CrossAttention, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, PooledTextEmbedder, TimestepEmbedder, get_2d_sincos_pos_embed, modulate, sincos_table, unpatchify, xavier_init_linears
 
 
 class DiTBlock(nn.Module):
@@ -64,6 +64,8 @@ class DiT(nn.Module):
         semantic_path: str = "adaln",
         context_dim: int = 4096,
         control: dict | None = None,
+        pos_embed_base_size: int | None = None,
+        pos_embed_resample: str = "extrapolate",
     ):
         super().__init__()
         if input_size % patch_size:
@@ -76,6 +78,10 @@ class DiT(nn.Module):
         self.num_heads = num_heads
         self.hidden_size = hidden_size
         self.num_classes = num_classes
+        # Positions are measured on the grid of pos_embed_base_size (a model fine-tuned from another resolution,
+        # ldmkit.transfer.resample); by default on the model's own grid, as DiT.
+        self.pos_base_grid = (pos_embed_base_size or input_size) // patch_size
+        self.pos_embed_resample = pos_embed_resample
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=timestep_freq_shift)
@@ -101,8 +107,8 @@ class DiT(nn.Module):
 
     def initialize_weights(self):
         xavier_init_linears(self)
-        grid = int(self.pos_embed.shape[1] ** 0.5)
-        self.pos_embed.data.copy_(torch.from_numpy(get_2d_sincos_pos_embed(self.hidden_size, grid)).float().unsqueeze(0))
+        grid = self.input_size // self.patch_size
+        self.pos_embed.data.copy_(self.pos_table(grid, grid))
         # Patch embedding like a linear layer.
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -126,13 +132,22 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
+    def pos_table(self, h: int, w: int) -> torch.Tensor:
+        # [1, h*w, D] sin-cos at integer positions (DiT), or resampled from the base grid (transfer.resample)
+        if self.pos_base_grid == self.input_size // self.patch_size:
+            return torch.from_numpy(get_2d_sincos_pos_embed(self.hidden_size, (h, w))).float().unsqueeze(0)
+        base = self.pos_base_grid
+        return sincos_table(self.hidden_size, (h, w), (base * h / self.grid, base * w / self.grid), self.pos_embed_resample)
+
+    @property
+    def grid(self) -> int:
+        return self.input_size // self.patch_size
+
     def pos_embed_for(self, h: int, w: int) -> torch.Tensor:
         # [1, h*w, D]: the stored table for the training grid, a computed one for other grids (buckets).
-        grid = self.input_size // self.patch_size
-        if (h, w) == (grid, grid):
+        if (h, w) == (self.grid, self.grid):
             return self.pos_embed
-        table = torch.from_numpy(get_2d_sincos_pos_embed(self.hidden_size, (h, w))).float()
-        return table.unsqueeze(0).to(self.pos_embed.device)
+        return self.pos_table(h, w).to(self.pos_embed.device)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         # x [B, C, H, W] latents, t [B] noise level in [0, 1], cond.class_labels [B] or cond.pooled [B, Dp]

@@ -211,3 +211,25 @@ def get_2d_sincos_pos_embed(dim: int, grid_size: int | tuple[int, int]) -> np.nd
     """DiT's table for a grid of integer positions (square side, or (rows, cols)): [rows * cols, dim]."""
     rows, cols = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
     return sincos_2d(dim, np.arange(rows, dtype=np.float64), np.arange(cols, dtype=np.float64))
+
+
+# Positions of a grid measured on another one (resolution transfer: ldmkit.transfer.resample explains the modes).
+RESAMPLE_MODES = ("extrapolate", "interpolate", "rectified")
+
+
+def grid_positions(new: int, old: int, mode: str) -> np.ndarray:
+    """Positions [new] of the new grid's cells in units of the old grid's cells (cell i of the old grid at i)."""
+    if mode not in RESAMPLE_MODES:
+        raise ValueError(f"unknown positional-embedding resampling {mode!r} (one of {', '.join(RESAMPLE_MODES)})")
+    i = np.arange(new, dtype=np.float64)
+    if mode == "extrapolate":
+        return i
+    if mode == "interpolate":
+        return i * old / new
+    return (i + 0.5) * old / new - 0.5
+
+
+def sincos_table(dim: int, new: tuple[int, int], old: tuple[int, int], mode: str) -> torch.Tensor:
+    """A fixed sin-cos table [1, new_h * new_w, dim] for a new grid, its positions measured on the old one."""
+    rows, cols = grid_positions(new[0], old[0], mode), grid_positions(new[1], old[1], mode)
+    return torch.from_numpy(sincos_2d(dim, rows, cols)).float().unsqueeze(0)

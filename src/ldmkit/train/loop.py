@@ -99,7 +99,15 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
     if text_encoder is not None:
         check_text_width(cfg, text_encoder.name, text_encoder.pooled_dim, text_encoder.token_dim)
     torch.manual_seed(tc.seed)
-    model = build_model(cfg.model, cfg.conditioning).to(device)
+    model = build_model(cfg.model, cfg.conditioning)
+    # A new run may start from another model's weights (resolution, dataset or conditioning transfer); every
+    # tensor's fate is reported and written to init.json. A run with checkpoints resumes from them instead.
+    init_report = None
+    if cfg.init.source and latest_checkpoint(run_dir) is None:
+        from ..transfer.init import initialize_from
+
+        init_report = initialize_from(model, cfg, log=print_status if d.is_main and not quiet else (lambda *_: None))
+    model = model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = build_optimizer(model.parameters(), tc)
     objective = build_objective(cfg)
@@ -107,6 +115,10 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
     # The run folder is written only once the config has built (a bad key or preset leaves nothing behind).
     if d.is_main:
         prepare_run_dir(cfg, run_dir, allow_config_change, True)
+        if init_report is not None:
+            from ..transfer.init import write_report
+
+            write_report(init_report, cfg.init.source, run_dir)
     parallel.barrier(d)
 
     # Resume from the newest checkpoint, if any.

@@ -1,0 +1,139 @@
+"""Transfer (issue 7, in progress): positional-embedding resampling, noise-schedule shift with resolution, and
+starting a run from another model's weights with a reported rule for every tensor."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, state_of
+from ldmkit.config import ConfigError, load_config
+from ldmkit.diffusion.objectives import build_objective
+from ldmkit.diffusion.schedules import ddpm_betas, shift_log_snr
+from ldmkit.models.layers import get_2d_sincos_pos_embed, grid_positions
+from ldmkit.models.registry import build_model
+from ldmkit.train.loop import training_loop
+from ldmkit.transfer.init import InitError, plan_and_apply
+from ldmkit.transfer.resample import RESAMPLE_MODES, resample_learned, resample_relative_bias, sincos_table
+
+
+@pytest.mark.parametrize("mode", RESAMPLE_MODES)
+def test_every_resampling_mode_is_the_identity_on_the_same_grid(mode):
+    assert np.array_equal(grid_positions(7, 7, mode), np.arange(7))
+    assert torch.allclose(sincos_table(64, (8, 8), (8, 8), mode)[0], torch.from_numpy(get_2d_sincos_pos_embed(64, 8)).float())
+    table = torch.randn(1, 36, 5)
+    assert torch.equal(resample_learned(table, (6, 6), (6, 6), mode), table)
+    bias = torch.randn(11 * 11 + 3, 4)
+    assert torch.equal(resample_relative_bias(bias, 6, 6, mode, extra_rows=3), bias)
+
+
+def test_rectified_keeps_the_grids_extent_and_the_others_do_not():
+    old, new = 8, 16
+    rect, interp, extra = (grid_positions(new, old, m) for m in ("rectified", "interpolate", "extrapolate"))
+    # cell i of the new grid covers [p - h, p + h] with h = half a new cell in old units; the extents coincide
+    half = 0.5 * old / new
+    assert rect[0] - half == pytest.approx(-0.5) and rect[-1] + half == pytest.approx(old - 0.5)
+    assert rect.mean() == pytest.approx((old - 1) / 2)  # the centre stays the centre
+    # interpolate starts at the first cell's centre: its extent and centre shift by half a new cell
+    assert interp[0] == 0 and interp[0] - half > -0.5 and interp.mean() == pytest.approx((old - 1) / 2 + half)
+    assert extra[-1] == new - 1  # positions never seen in training
+    # a learned table linear in position: rectified resampling keeps its mean (the centre), interpolation shifts it
+    rows = torch.arange(old, dtype=torch.float32)
+    table = (rows[:, None] + 10 * rows[None, :]).reshape(1, old * old, 1)
+    for mode, keeps in (("rectified", True), ("interpolate", False)):
+        out = resample_learned(table, (old, old), (new, new), mode)
+        assert out.shape == (1, new * new, 1) and (abs(out.mean() - table.mean()) < 1e-4) == keeps
+    grown = resample_relative_bias(torch.randn((2 * old - 1) ** 2 + 3, 2), old, new, "rectified", extra_rows=3)
+    assert grown.shape == ((2 * new - 1) ** 2 + 3, 2)
+
+
+def test_the_noise_shift_is_the_identity_at_the_base_resolution_and_adds_noise_at_twice_it():
+    betas = ddpm_betas("linear", 1000)
+    assert np.array_equal(shift_log_snr(betas, 1.0), betas) or np.allclose(shift_log_snr(betas, 1.0), betas, rtol=1e-9, atol=1e-12)
+    acp, shifted = np.cumprod(1 - betas), np.cumprod(1 - shift_log_snr(betas, 2.0))
+    log_snr = lambda a: np.log(a) - np.log1p(-a)  # noqa: E731
+    assert np.allclose(log_snr(shifted) - log_snr(acp), -2 * math.log(2), atol=1e-6)  # the documented shift, every step
+    base = ["diffusion.shift_base_resolution=32"]
+    same = build_objective(load_config(overrides=TINY + base + ["diffusion.objective=ddpm"]))
+    assert np.allclose(same.schedule.betas, betas)
+    double = build_objective(load_config(overrides=TINY + base + ["diffusion.objective=ddpm", "data.resolution=64", "model.input_size=64"]))
+    assert np.allclose(double.schedule.alphas_cumprod, shifted)
+    flow = build_objective(load_config(overrides=TINY + base + ["diffusion.objective=flow", "model.learn_sigma=false", "sample.sampler=euler",
+                                                                 "data.resolution=64", "model.input_size=64"]))
+    assert flow.time_shift == 2.0  # t' = 2t / (1 + t): more noise at every t in (0, 1)
+    with pytest.raises(ConfigError, match="shift_base_resolution"):
+        load_config(overrides=["diffusion.shift_base_resolution=0"])
+
+
+def _checkpoint(path, cfg, model):
+    torch.save({"model": model.state_dict(), "ema": model.state_dict(), "config": __import__("ldmkit.config", fromlist=["to_dict"]).to_dict(cfg),
+                "images_seen": 0, "step": 0}, path)
+
+
+def test_imagenet22k_classes_are_remapped_to_their_1k_rows_by_wordnet_id():
+    from ldmkit.data.datasets import read_class_index
+
+    source_cfg = load_config(overrides=TINY + ["model.num_classes=21841", "data.class_index=imagenet22k"])
+    source = build_model(source_cfg.model)
+    target_cfg = load_config(overrides=TINY + ["model.num_classes=1000", "data.class_index=imagenet1k", "init.class_map=wnid"])
+    target = build_model(target_cfg.model)
+    fresh = target.y_embedder.embedding_table.weight.detach().clone()
+    sd = {k: v + 1.0 for k, v in source.state_dict().items()}  # tell source values from fresh ones
+    report = plan_and_apply(target, sd, __import__("ldmkit.config", fromlist=["to_dict"]).to_dict(source_cfg), target_cfg)
+    old, new = sd["y_embedder.embedding_table.weight"], target.y_embedder.embedding_table.weight
+    i22k, i1k = read_class_index("imagenet22k"), read_class_index("imagenet1k")
+    for wnid, row in i1k.items():
+        if wnid in i22k:
+            assert torch.equal(new[row], old[i22k[wnid]])
+        else:  # n04399382, teddy bear, is not in the fall-2011 22k release: it starts fresh
+            assert wnid == "n04399382" and torch.equal(new[row], fresh[row])
+    assert torch.equal(new[-1], old[-1])  # the null class
+    entry = next(e for e in report if e["tensor"] == "y_embedder.embedding_table.weight")
+    assert entry["action"] == "remapped" and "999 of 1000" in entry["why"] and entry["source_shape"] == [21842, 64]
+    with pytest.raises(InitError, match="set init.class_map: wnid"):
+        plan_and_apply(build_model(target_cfg.model), sd, None, load_config(overrides=TINY + ["model.num_classes=1000"]))
+
+
+def test_a_run_starts_from_a_lower_resolution_run_and_reports_every_tensor(tmp_path):
+    small = training_loop(load_config(overrides=TINY + ["model.input_size=16", "data.resolution=16", "train.total_images=32"]),
+                          tmp_path / "small", quiet=True)
+    big = TINY + ["train.total_images=32", "model.pos_embed_base_size=16", "model.pos_embed_resample=rectified", f"init.source={small}"]
+    run = training_loop(load_config(overrides=big), tmp_path / "big", quiet=True)
+    report = json.loads((run / "init.json").read_text())["tensors"]
+    model_keys = set(state_of(run)["model"])
+    assert {e["tensor"] for e in report} == model_keys  # every tensor has an entry
+    actions = {e["tensor"]: e["action"] for e in report}
+    assert actions.pop("pos_embed") == "recomputed" and set(actions.values()) == {"loaded"}
+    # a mismatch no rule covers is an error naming the tensor
+    with pytest.raises(InitError, match=r"'x_embedder.proj.weight' has shape \[64, 1, 4, 4\] in the source and \[96, 1, 4, 4\] here"):
+        training_loop(load_config(overrides=big + ["model.hidden_size=96", "model.num_heads=3"]), tmp_path / "other", quiet=True)
+
+
+def test_mdt_learned_tables_and_relative_biases_are_resampled(tmp_path):
+    mdt = ["model.name=mdt", "model.preset=mDT-v2-tiny/4"]
+    small = training_loop(load_config(overrides=TINY + mdt + ["model.input_size=16", "data.resolution=16", "train.total_images=32"]),
+                          tmp_path / "small", quiet=True)
+    run = training_loop(load_config(overrides=TINY + mdt + ["train.total_images=32", f"init.source={small}", "init.pos_embed=rectified"]),
+                        tmp_path / "big", quiet=True)
+    report = {e["tensor"]: e for e in json.loads((run / "init.json").read_text())["tensors"]}
+    assert report["pos_embed"]["action"] == "resampled" and report["pos_embed"]["source_shape"][1] == 16
+    assert report["en_inblocks.0.attn.rel_pos_bias.relative_position_bias_table"]["action"] == "resampled"
+    assert report["en_inblocks.0.attn.rel_pos_bias.relative_position_index"]["action"] == "recomputed"
+
+
+def test_class_to_text_transfer_replaces_the_class_embedder(tmp_path):
+    from ldmkit.data.shards import write_mnist_caption_shards
+
+    classes = training_loop(load_config(overrides=TINY + ["conditioning.mechanism=disentangled", "train.total_images=32"]),
+                            tmp_path / "class", quiet=True)
+    write_mnist_caption_shards(tmp_path / "shards", load_config().data, "held_out", shard_size=100)
+    text = TINY + ["data.name=shards", f"data.path={tmp_path}/shards/mnist-{{00000..00004}}.tar", "data.label_field=label", "data.crop=none",
+                   "text.encoder=minilm", "text.max_length=16", "model.max_tokens=16", "model.context_dim=384", "model.conditioning=text",
+                   "conditioning.mechanism=disentangled", "train.total_images=32", f"init.source={classes}"]
+    with pytest.raises(InitError, match="'context_embedder.weight' of this model is not in the source"):
+        training_loop(load_config(overrides=text), tmp_path / "refused", quiet=True)
+    run = training_loop(load_config(overrides=text + ["init.semantic=replace"]), tmp_path / "text", quiet=True)
+    report = {e["tensor"]: e["action"] for e in json.loads((run / "init.json").read_text())["tensors"]}
+    assert report["y_embedder.embedding_table.weight"] == "dropped" and report["context_embedder.weight"] == "fresh"
+    assert report["blocks.0.cross_attn.kv_linear.weight"] == "loaded"  # the attention path is kept
