@@ -137,3 +137,19 @@ def test_class_to_text_transfer_replaces_the_class_embedder(tmp_path):
     report = {e["tensor"]: e["action"] for e in json.loads((run / "init.json").read_text())["tensors"]}
     assert report["y_embedder.embedding_table.weight"] == "dropped" and report["context_embedder.weight"] == "fresh"
     assert report["blocks.0.cross_attn.kv_linear.weight"] == "loaded"  # the attention path is kept
+
+
+@pytest.mark.parametrize("name,preset", [("dit", "DiT-tiny/4"), ("pixart", "PixArt-alpha-tiny/4"), ("mmdit", "mmDiT-tiny/4")])
+def test_fixed_tables_measure_positions_on_the_base_grid(name, preset):
+    from ldmkit.models.layers import sincos_2d
+
+    arch = TINY + [f"model.name={name}", f"model.preset={preset}"]
+    default = build_model(load_config(overrides=arch).model).pos_embed
+    same = build_model(load_config(overrides=arch + ["model.pos_embed_base_size=32", "model.pos_embed_resample=rectified"]).model).pos_embed
+    assert torch.allclose(same, default, atol=1e-6)  # the base grid is the model's own: the published table
+    moved = build_model(load_config(overrides=arch + ["model.pos_embed_base_size=16", "model.pos_embed_resample=rectified"]).model)
+    positions = grid_positions(8, 4, "rectified")  # 8x8 tokens measured on the 4x4 grid of a 16-pixel input
+    expected = torch.from_numpy(sincos_2d(64, positions, positions)).float()
+    assert torch.allclose(moved.pos_embed[0], expected, atol=1e-6)
+    with pytest.raises(ConfigError, match="unet has no fixed positional table"):
+        build_model(load_config(overrides=TINY + ["model.name=unet", "model.preset=UNet-tiny", "model.pos_embed_base_size=16"]).model)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..conditioning.cond import Cond
 from ..conditioning.control import ControlEmbedder, zero_init_control
-from .layers import FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate, sincos_2d, unpatchify, xavier_init_linears
+from .layers import FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, grid_positions, modulate, sincos_2d, unpatchify, xavier_init_linears
 
 
 class StreamAttention(nn.Module):
@@ -115,6 +115,8 @@ class MMDiT(nn.Module):
         pos_embed_max_size: int | None = None,
         semantic_path: str | None = None,
         control: dict | None = None,
+        pos_embed_base_size: int | None = None,
+        pos_embed_resample: str = "extrapolate",
     ):
         super().__init__()
         if input_size % patch_size:
@@ -131,6 +133,9 @@ class MMDiT(nn.Module):
         # SD3 keeps a table for a larger grid (96 at 1024 px) and uses its centre crop, so other sizes work.
         self.base_size = input_size // patch_size
         self.pos_embed_max_size = pos_embed_max_size or self.base_size
+        # A model fine-tuned from another input size may measure its positions on that grid instead (transfer.resample).
+        self.pos_base_grid = pos_embed_base_size // patch_size if pos_embed_base_size else None
+        self.pos_embed_resample = pos_embed_resample
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -151,6 +156,8 @@ class MMDiT(nn.Module):
         xavier_init_linears(self)
         M = self.pos_embed_max_size
         positions = np.arange(M, dtype=np.float64) / (M / self.base_size)
+        if self.pos_base_grid is not None:  # the M-cell table measured on the base grid, scaled as the input grid is
+            positions = grid_positions(M, M * self.pos_base_grid / self.base_size, self.pos_embed_resample)
         self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(self.hidden_size, positions, positions)).float().unsqueeze(0))
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))

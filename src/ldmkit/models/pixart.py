@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..conditioning.cond import Cond
 from ..conditioning.control import ControlEmbedder, zero_init_control
-from .layers import Attention, CrossAttention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, sincos_2d, unpatchify, xavier_init_linears
+from .layers import Attention, CrossAttention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, grid_positions, sincos_2d, unpatchify, xavier_init_linears
 
 
 def t2i_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -108,6 +108,8 @@ class PixArt(nn.Module):
         pe_interpolation: float | None = None,
         semantic_path: str = "attention",
         control: dict | None = None,
+        pos_embed_base_size: int | None = None,
+        pos_embed_resample: str = "extrapolate",
     ):
         super().__init__()
         if input_size % patch_size:
@@ -124,6 +126,9 @@ class PixArt(nn.Module):
         # Positions are scaled so that the base grid spans base_size / pe_interpolation (PixArt's "lewei_scale":
         # 1 at 256 and 512 pixels, 2 at 1024, as diffusers' max(sample_size // 64, 1)).
         self.base_size = input_size // patch_size
+        # A model fine-tuned from another input size may measure its positions on that grid instead (transfer.resample).
+        self.pos_base_grid = pos_embed_base_size // patch_size if pos_embed_base_size else None
+        self.pos_embed_resample = pos_embed_resample
         self.pe_interpolation = pe_interpolation if pe_interpolation is not None else max(input_size // 64, 1)
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
@@ -167,6 +172,11 @@ class PixArt(nn.Module):
 
     def pos_table(self, h: int, w: int) -> torch.Tensor:
         # [1, h*w, D]: sin-cos of positions i * (base / h) / pe_interpolation, so any grid spans the base extent.
+        if self.pos_base_grid is not None:
+            scale = self.pos_base_grid / self.base_size
+            rows = grid_positions(h, h * scale, self.pos_embed_resample) / self.pe_interpolation
+            cols = grid_positions(w, w * scale, self.pos_embed_resample) / self.pe_interpolation
+            return torch.from_numpy(sincos_2d(self.hidden_size, rows, cols)).float().unsqueeze(0)
         rows = np.arange(h, dtype=np.float64) / (h / self.base_size) / self.pe_interpolation
         cols = np.arange(w, dtype=np.float64) / (w / self.base_size) / self.pe_interpolation
         return torch.from_numpy(sincos_2d(self.hidden_size, rows, cols)).float().unsqueeze(0)

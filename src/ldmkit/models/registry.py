@@ -14,8 +14,10 @@ from .unet import UNET_PRESETS, UNet
 BACKBONES = {
     "dit": (DiT, DIT_PRESETS, ("class", "pooled_text", "text"), ("num_classes", "timestep_freq_shift", "pooled_dim", "context_dim", "mlp_ratio",
                                                               "pos_embed_base_size", "pos_embed_resample")),
-    "pixart": (PixArt, PIXART_PRESETS, ("class", "text"), ("num_classes", "context_dim", "max_tokens", "micro_conditions", "mlp_ratio")),
-    "mmdit": (MMDiT, MMDIT_PRESETS, ("class", "text"), ("num_classes", "context_dim", "pooled_dim", "qk_norm", "pos_embed_max_size", "mlp_ratio")),
+    "pixart": (PixArt, PIXART_PRESETS, ("class", "text"), ("num_classes", "context_dim", "max_tokens", "micro_conditions", "mlp_ratio",
+                                                           "pos_embed_base_size", "pos_embed_resample")),
+    "mmdit": (MMDiT, MMDIT_PRESETS, ("class", "text"), ("num_classes", "context_dim", "pooled_dim", "qk_norm", "pos_embed_max_size", "mlp_ratio",
+                                                        "pos_embed_base_size", "pos_embed_resample")),
     "unet": (UNet, UNET_PRESETS, ("class", "text"), ("num_classes", "micro_conditions", "pooled_dim")),
     "mdt": (MDT, MDT_PRESETS, ("class", "pooled_text"), ("num_classes", "pooled_dim", "mask_ratio", "mlp_ratio")),
 }
@@ -113,9 +115,9 @@ def build_model(model_cfg, conditioning_cfg=None) -> nn.Module:
     if cls is UNet and model_cfg.conditioning == "text":
         arch["context_dim"] = model_cfg.context_dim  # the caption width; class tokens keep the preset's width
     extra = {key: getattr(model_cfg, key) for key in extra_keys}
-    if cls is not DiT and (model_cfg.pos_embed_base_size is not None or model_cfg.pos_embed_resample != "extrapolate"):
-        raise ConfigError(f"config key 'model.pos_embed_base_size': fixed-table resampling is implemented for dit; {model_cfg.name} "
-                          f"keeps its own positions (learned tables are resampled by init.pos_embed)")
+    if cls in (UNet, MDT) and (model_cfg.pos_embed_base_size is not None or model_cfg.pos_embed_resample != "extrapolate"):
+        raise ConfigError(f"config key 'model.pos_embed_base_size': {model_cfg.name} has no fixed positional table "
+                          f"({'convolutions only' if cls is UNet else 'its learned tables are resampled by init.pos_embed'})")
     mechanism = conditioning_cfg.mechanism if conditioning_cfg is not None else "published"
     if mechanism == "published" and conditioning_cfg is not None and conditioning_cfg.control:
         raise ConfigError("config key 'conditioning.control': the published backbones embed no control values (PixArt and the SDXL "
