@@ -153,3 +153,74 @@ def test_fixed_tables_measure_positions_on_the_base_grid(name, preset):
     assert torch.allclose(moved.pos_embed[0], expected, atol=1e-6)
     with pytest.raises(ConfigError, match="unet has no fixed positional table"):
         build_model(load_config(overrides=TINY + ["model.name=unet", "model.preset=UNet-tiny", "model.pos_embed_base_size=16"]).model)
+
+
+RECIPES = sorted(__import__("pathlib").Path(__file__).resolve().parents[1].glob("configs/recipes/*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_shipped_recipe_transition_is_covered_by_the_init_rules(path, tmp_path):
+    """Each stage of the shipped recipes, at the tiny size of its backbone, starts from the previous stage's weights."""
+    from ldmkit.config import to_dict
+    from ldmkit.train.recipe import read_recipe, stage_configs
+
+    stages = stage_configs(read_recipe(path), tmp_path, ["model.preset=mmDiT-tiny/2"])
+    previous = None
+    for name, cfg, _ in stages:
+        model = build_model(cfg.model, cfg.conditioning)
+        if previous is not None:
+            report = plan_and_apply(model, previous[1].state_dict(), to_dict(previous[0]), cfg)
+            assert {e["action"] for e in report} <= {"loaded", "recomputed", "remapped", "fresh", "dropped"}
+            assert sum(e["action"] == "loaded" for e in report) > 0.9 * len(report)  # the backbone carries over
+        previous = (cfg, model)
+
+
+def test_a_recipe_resumes_at_the_right_stage(tmp_path):
+    import yaml
+
+    from ldmkit.train.recipe import run_recipe
+    from ldmkit.train.state import latest_checkpoint
+
+    base = {"name": "digits", "model": {"preset": "DiT-tiny/4", "in_channels": 1, "num_classes": 10},
+            "train": {"global_batch": 16, "total_images": 64, "log_every_images": 32, "checkpoint_every_images": 32}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    recipe = {"name": "two-stages", "stages": [
+        {"name": "small", "config": str(tmp_path / "base.yaml"), "set": ["model.input_size=16", "data.resolution=16"]},
+        {"name": "large", "config": str(tmp_path / "base.yaml"), "init": "small",
+         "set": ["model.pos_embed_base_size=16", "model.pos_embed_resample=rectified", "diffusion.shift_base_resolution=16"]}]}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "runs"
+    # an interrupted first stage
+    small_cfg = load_config(tmp_path / "base.yaml", ["model.input_size=16", "data.resolution=16"])
+    training_loop(small_cfg, out / "small", quiet=True, stop_after_images=32)
+    logged = []
+    run_recipe(tmp_path / "recipe.yaml", out, log=logged.append)
+    assert logged == ["stage 1/2 small: training in " + str(out / "small"), "stage 2/2 large: training in " + str(out / "large")]
+    assert state_of(out / "small")["images_seen"] == 64 and state_of(out / "large")["images_seen"] == 64
+    init = json.loads((out / "large" / "init.json").read_text())
+    assert init["source"] == str(out / "small")
+    last = latest_checkpoint(out / "large").stat().st_mtime
+    logged.clear()
+    run_recipe(tmp_path / "recipe.yaml", out, log=logged.append)  # everything done: nothing trains again
+    assert all(line.endswith(")") and ": done (" in line for line in logged) and latest_checkpoint(out / "large").stat().st_mtime == last
+    bad = dict(recipe, stages=[dict(recipe["stages"][1], init="nowhere")])
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(ConfigError, match="init 'nowhere' is neither an earlier stage nor an existing path"):
+        run_recipe(tmp_path / "bad.yaml", out)
+
+
+def test_init_from_imported_weights_official_and_diffusers(tmp_path):
+    from ldmkit.cli import main
+
+    run = training_loop(load_config(overrides=TINY + ["train.total_images=32"]), tmp_path / "src", quiet=True)
+    ema = state_of(run)["ema"]
+    torch.save(ema, tmp_path / "official.pt")  # facebookresearch/DiT's layout: a bare state dict with the same names
+    assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
+    for source in (tmp_path / "official.pt", tmp_path / "hf"):
+        out = training_loop(load_config(overrides=TINY + ["train.total_images=16", f"init.source={source}"]), tmp_path / f"from-{source.stem}", quiet=True)
+        report = {e["tensor"]: e["action"] for e in json.loads((out / "init.json").read_text())["tensors"]}
+        assert len(report) == len(ema) and report.pop("pos_embed") == ("loaded" if source.suffix else "recomputed")
+        assert set(report.values()) == {"loaded"}
+    demo = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "demo" / "mnist_dit.yaml")
+    assert main(["train", demo, "--init", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()  # refused before the run folder is written

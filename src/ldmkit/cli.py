@@ -1,4 +1,4 @@
-"""ldmkit command line: train, encode, sample, eval, reference, report, probe, demo, convert, export, presets."""
+"""ldmkit command line: train, recipe, encode, sample, eval, reference, report, probe, demo, convert, export, presets."""
 from __future__ import annotations
 
 import argparse
@@ -37,6 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", metavar="FROM", help="start a new run from these weights (run folder, ldmkit checkpoint, official DiT "
                                                   ".pt, diffusers DiT folder): the init.source key; every tensor's action is "
                                                   "reported and written to <run>/init.json (docs/transfer.md)")
+
+    p = sub.add_parser("recipe", help="run a multi-stage training recipe (each stage starts from the previous one)",
+                       description="Run the stages of a recipe (configs/recipes/) one after another, each in <out>/<stage> and "
+                                   "started from an earlier stage's final weights by its 'init'. Completed stages are skipped and an "
+                                   "interrupted one resumes, so re-running the command continues at the right stage. Several "
+                                   "processes: torchrun --nproc_per_node N -m ldmkit.cli recipe RECIPE.")
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("--out", help="folder of the stage runs (default: runs/<recipe name>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key in every stage, e.g. --set data.path=/data/imagenet/train (repeatable)")
 
     p = sub.add_parser("encode", help="precompute VAE latents and text embeddings into the latent cache (data.cache)",
                        description="Encode the config's data (data.name, crop, buckets) with its autoencoder and, for shards, "
@@ -171,6 +181,13 @@ def cmd_train(args):
     cfg = load_config(args.config, args.overrides + ([f"init.source={args.init}"] if args.init else []))
     out = Path(args.out or Path("runs") / cfg.name)
     training_loop(cfg, out, allow_config_change=args.resume, stop_after_images=args.stop_after)
+
+
+def cmd_recipe(args):
+    from .train.recipe import run_recipe
+
+    for run_dir in run_recipe(args.recipe, args.out, args.overrides):
+        print(run_dir)
 
 
 def cmd_sample(args):
@@ -473,7 +490,7 @@ def cmd_presets(args):
             print(f"{name:7s} {preset:20s} {count_parameters(model) / 1e6:9.2f}M parameters")
 
 
-COMMANDS = {"train": cmd_train, "encode": cmd_encode, "mnist-shards": cmd_mnist_shards, "reference": cmd_reference, "report": cmd_report, "probe": cmd_probe, "sample": cmd_sample, "eval": cmd_eval, "demo": cmd_demo, "convert": cmd_convert, "export": cmd_export, "presets": cmd_presets}
+COMMANDS = {"train": cmd_train, "recipe": cmd_recipe, "encode": cmd_encode, "mnist-shards": cmd_mnist_shards, "reference": cmd_reference, "report": cmd_report, "probe": cmd_probe, "sample": cmd_sample, "eval": cmd_eval, "demo": cmd_demo, "convert": cmd_convert, "export": cmd_export, "presets": cmd_presets}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -145,6 +145,8 @@ def plan_and_apply(model: nn.Module, source_sd: dict, source_cfg: dict | None, c
             used.add(name)
             note(name, "remapped", f"{len(target_ids) - missing} of {len(target_ids)} classes by WordNet id from the source's "
                  f"{len(source_ids)}; {missing} absent there start fresh", src)
+        elif src is None and name in buffers and leaf in ("pos_embed", "relative_position_index"):
+            note(name, "recomputed", "fixed table of the grid, which the source does not store (diffusers computes it)")
         elif src is None and name.startswith(ZERO_STARTED):
             note(name, "fresh", "control embedding the source lacks (zero-initialised output: starts as the source)")
         elif src is None and (".cross_attn." in name or ".norm_cross" in name):
