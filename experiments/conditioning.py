@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
 import sys
 from pathlib import Path
+
+from common import ldmkit, markdown, sets, summarise
 
 DIGITS = "configs/experiments/conditioning_digits.yaml"
 CAPTIONS = "configs/experiments/conditioning_captions.yaml"
@@ -23,17 +23,11 @@ CAPTIONS = "configs/experiments/conditioning_captions.yaml"
 SWEEPS = {"original_size": "12,12;20,20;28,28", "crop_size": "28,28;22,22;17,17", "flip": "0;1"}
 
 
-def ldmkit(*args: str) -> None:
-    command = [sys.executable, "-m", "ldmkit.cli", *args]
-    print("+", " ".join(command), flush=True)
-    subprocess.run(command, check=True)
-
-
 def run_arm(config: str, overrides: list[str], value: str, seed: int, out: Path, probe: bool, args) -> dict:
     run = out / f"{value}-seed{seed}"
     if not (run / "metrics.json").is_file():
-        sets = [a for o in overrides + [f"train.seed={seed}"] + ([f"train.total_images={args.images}"] if args.images else []) for a in ("--set", o)]
-        ldmkit("train", config, *sets, "--out", str(run))
+        ldmkit("train", config, *sets(overrides + [f"train.seed={seed}"] + ([f"train.total_images={args.images}"] if args.images else [])),
+               "--out", str(run))
         ldmkit("eval", str(run), *(["--num-images", str(args.eval_images)] if args.eval_images else []))
     result = {"arm": value, "seed": seed, **{k: v for k, v in json.loads((run / "metrics.json").read_text()).items()
                                              if k in ("class_agreement", "fd_effnetlite0")}}
@@ -47,30 +41,6 @@ def run_arm(config: str, overrides: list[str], value: str, seed: int, out: Path,
                 if name in probed:
                     result[f"{control}.{name}"] = probed[name]
     return result
-
-
-def summarise(results: list[dict]) -> dict:
-    """{arm: {metric: {mean, std, values}}} over seeds."""
-    summary: dict = {}
-    for arm in dict.fromkeys(r["arm"] for r in results):
-        rows = [r for r in results if r["arm"] == arm]
-        metrics = [k for k in rows[0] if k not in ("arm", "seed")]
-        summary[arm] = {"seeds": [r["seed"] for r in rows]}
-        for m in metrics:
-            values = [r[m] for r in rows if m in r]
-            summary[arm][m] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
-    return summary
-
-
-def markdown(summary: dict) -> str:
-    lines = []
-    for arm, metrics in summary.items():
-        lines.append(f"### {arm} (seeds {', '.join(map(str, metrics['seeds']))})\n\n| metric | mean | std | per seed |\n|---|---|---|---|")
-        for name, s in metrics.items():
-            if name != "seeds":
-                lines.append(f"| {name} | {s['mean']:.3f} | {s['std']:.3f} | {' / '.join(f'{v:.3f}' for v in s['values'])} |")
-        lines.append("")
-    return "\n".join(lines)
 
 
 def main() -> int:
@@ -89,7 +59,7 @@ def main() -> int:
     caption_data = [f"data.path={out}/shards/mnist-{{00000..00008}}.tar", f"data.cache={out}/cache"]
     if caption_seeds and not (out / "cache" / "manifest.json").is_file():
         ldmkit("mnist-shards", str(out / "shards"))
-        ldmkit("encode", CAPTIONS, *[a for o in caption_data for a in ("--set", o)])
+        ldmkit("encode", CAPTIONS, *sets(caption_data))
     results = []
     # Seed by seed, both arms of both experiments, so an interrupted run has comparable arms.
     for seed in sorted(set(seeds) | set(caption_seeds)):

@@ -12,7 +12,7 @@ from ldmkit.data.encode import encode_dataset
 from ldmkit.models.registry import build_model
 from ldmkit.train.loop import training_loop
 
-CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.yaml"))
+CONFIGS = sorted(p for p in Path(__file__).resolve().parents[1].glob("configs/**/*.yaml") if p.parent.name != "recipes")
 SHORT = ["data.resolution=16", "model.input_size=16", "train.total_images=4800", "train.global_batch=16",
          "train.log_every_images=800", "train.checkpoint_every_images=4800", "train.lr=0.002", "diffusion.objective=flow",
          "model.learn_sigma=false", "sample.sampler=euler"]

@@ -334,6 +334,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        if "stages" in data:
+            raise ConfigError(f"config file {path} is a recipe (it has stages): run it with `ldmkit recipe {path}`")
     data = apply_overrides(data, overrides or [])
     cfg = build(RunConfig, data)
     validate(cfg)
