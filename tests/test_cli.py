@@ -14,7 +14,7 @@ from ldmkit.train.loop import training_loop
 def test_every_command_has_help(capsys):
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == {"train", "encode", "mnist-shards", "reference", "report", "probe", "sample", "eval", "demo", "convert", "export", "presets"}
+    assert set(commands) == {"train", "recipe", "encode", "mnist-shards", "reference", "report", "probe", "sample", "eval", "demo", "convert", "export", "presets"}
     for name in commands:
         with pytest.raises(SystemExit) as e:
             main([name, "--help"])
