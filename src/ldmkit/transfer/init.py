@@ -109,14 +109,16 @@ def plan_and_apply(model: nn.Module, source_sd: dict, source_cfg: dict | None, c
     for name, target in own.items():
         src = source_sd.get(name)
         leaf = name.rsplit(".", 1)[-1]
-        if src is not None and tuple(src.shape) == tuple(target.shape):
-            out[name] = src.to(target.dtype)
-            used.add(name)
-            note(name, "loaded", "same name and shape")
-        elif src is not None and name in buffers and leaf in ("pos_embed", "relative_position_index"):
+        fixed_table = name in buffers and leaf in ("pos_embed", "relative_position_index")
+        if fixed_table and src is not None and not (src.shape == target.shape and torch.allclose(src.float(), target.float(), atol=1e-6)):
+            # the model computes its fixed tables from its config (grid, model.pos_embed_*): those values win
             used.add(name)
             note(name, "recomputed", f"fixed table of the grid, computed for this model (model.pos_embed_resample: "
                  f"{getattr(cfg.model, 'pos_embed_resample', 'extrapolate')})", src)
+        elif src is not None and tuple(src.shape) == tuple(target.shape):
+            out[name] = src.to(target.dtype)
+            used.add(name)
+            note(name, "loaded", "same name and shape")
         elif src is not None and leaf.endswith("pos_embed"):  # learned table: resample to the new grid
             old, new = math.isqrt(src.shape[-2]), math.isqrt(target.shape[-2])
             if old * old != src.shape[-2] or new * new != target.shape[-2]:
@@ -145,7 +147,7 @@ def plan_and_apply(model: nn.Module, source_sd: dict, source_cfg: dict | None, c
             used.add(name)
             note(name, "remapped", f"{len(target_ids) - missing} of {len(target_ids)} classes by WordNet id from the source's "
                  f"{len(source_ids)}; {missing} absent there start fresh", src)
-        elif src is None and name in buffers and leaf in ("pos_embed", "relative_position_index"):
+        elif src is None and fixed_table:
             note(name, "recomputed", "fixed table of the grid, which the source does not store (diffusers computes it)")
         elif src is None and name.startswith(ZERO_STARTED):
             note(name, "fresh", "control embedding the source lacks (zero-initialised output: starts as the source)")
