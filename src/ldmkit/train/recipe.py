@@ -19,22 +19,15 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import yaml
-
-from ..config import ConfigError, load_config
+from ..config import ConfigError, load_config, read_yaml_mapping
 
 STAGE_KEYS = {"name", "config", "init", "set"}
 
 
 def read_recipe(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe file not found: {path}")
-    try:
-        recipe = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(recipe, dict) or not isinstance(recipe.get("stages"), list) or not recipe["stages"]:
+    recipe = read_yaml_mapping(path, "recipe")
+    if not isinstance(recipe.get("stages"), list) or not recipe["stages"]:
         raise ConfigError(f"recipe {path}: needs 'name' and a non-empty list 'stages'")
     unknown = set(recipe) - {"name", "stages"}
     if unknown:
