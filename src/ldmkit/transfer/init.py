@@ -50,9 +50,7 @@ def read_source(source: str | Path, weights: str = "ema") -> tuple[dict, dict | 
     if path.is_file() and path.suffix in (".pt", ".pth", ".ckpt"):
         state = load_checkpoint(path)
         if isinstance(state, dict) and "config" in state and "model" in state:
-            if weights not in ("ema", "model"):
-                raise InitError(f"config key 'init.weights': ema or model, not {weights!r}")
-            return state[weights], state["config"]
+            return state[weights], state["config"]  # weights: ema | model (checked with the config)
     try:
         sd, layout, embedded, _ = read_weights(path)
     except ConversionError as e:

@@ -52,6 +52,8 @@ def resample_relative_bias(table: torch.Tensor, old: int, new: int, mode: str, e
     kept as they are, e.g. BEiT's 3 class-token entries) -> [(2*new-1)^2 + extra_rows, heads]. An offset d of the
     new grid is d * old / new cells of the old one (interpolate and rectified: the constant half-cell offset of
     rectified cancels in a difference of positions); extrapolate keeps d, border-clamped."""
+    if mode not in RESAMPLE_MODES:
+        raise ValueError(f"unknown positional-embedding resampling {mode!r} (one of {', '.join(RESAMPLE_MODES)})")
     if extra_rows:
         return torch.cat([resample_relative_bias(table[:-extra_rows], old, new, mode), table[-extra_rows:]])
     heads = table.shape[-1]
@@ -60,8 +62,6 @@ def resample_relative_bias(table: torch.Tensor, old: int, new: int, mode: str, e
         raise ValueError(f"relative-position table has {table.shape[0]} rows, not the {old}x{old} grid's {span_old**2}")
     offsets = np.arange(-(new - 1), new, dtype=np.float64)
     scaled = offsets if mode == "extrapolate" else offsets * old / new
-    if mode not in RESAMPLE_MODES:
-        raise ValueError(f"unknown positional-embedding resampling {mode!r} (one of {', '.join(RESAMPLE_MODES)})")
     index = scaled + (old - 1)  # offset -> row of the old table
     grid = table.reshape(span_old, span_old, heads).permute(2, 0, 1).float()
     out = _sample_bilinear(grid, index, index)
