@@ -43,6 +43,39 @@ def train_and_eval(run: Path, config: str, overrides: list[str], init: Path | No
             "curve": [{k: r.get(k) for k in ("images", "class_agreement", "fd_effnetlite0")} for r in curve if "class_agreement" in r]}
 
 
+def plot(results: dict, ratio: float, base_images: int, caption_images: int, path: Path) -> None:
+    """Class agreement against training compute, counted in 32x32 images (a 16x16 image counts `ratio`): the
+    fine-tunes start where the 16x16 stage ended. Left: resolution transfer; right: class -> text."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    offsets = {"base-16": 0.0, "text-from-class": caption_images}
+    for name, r in results.items():
+        if not r["curve"]:
+            continue
+        ax = axes[1] if name in ("class-32", "text-from-class", "text-scratch") else axes[0]
+        scale = ratio if name == "base-16" else 1.0
+        start = offsets.get(name, base_images * ratio if name.startswith("ft32") else 0.0)
+        xs = [start + c["images"] * scale for c in r["curve"]]
+        mode = next((m for m in MODES if m in name), None)  # one colour per resampling mode, dashed with the shift
+        color = f"C{MODES.index(mode)}" if mode else {"base-16": "black", "scratch-32": "gray", "class-32": "black",
+                                                      "text-from-class": "C0", "text-scratch": "gray"}[name]
+        ax.plot(xs, [c["class_agreement"] for c in r["curve"]], "--" if name.endswith("-shift") else "-", color=color,
+                marker="o", markersize=3, label=name)
+    for ax, title in zip(axes, ("16x16 -> 32x32 (fine-tunes start at the 16x16 stage's compute)", "class -> text (captioned digits)")):
+        ax.set_xlabel("training compute (32x32 images)")
+        ax.set_ylabel("class agreement (100 samples)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/exp-transfer")
@@ -78,6 +111,7 @@ def main() -> int:
                                                     "init.semantic=replace", "train.warmup_images=0"], init=out / "class-32")
         results["text-scratch"] = train_and_eval(out / "text-scratch", CAPTIONS, captions + [f"train.total_images={2 * n}"])
     (out / "summary.json").write_text(json.dumps({"flops_ratio_16_over_32": ratio, "runs": results}, indent=1))
+    plot(results, ratio, args.base_images, args.caption_images, out / "curves.png")
     lines = ["| run | images | class agreement | FD-EffNetLite0 | curve (images: agreement) |", "|---|---|---|---|---|"]
     for name, r in results.items():
         curve = ", ".join(f"{c['images'] // 1000}k: {c['class_agreement']:.2f}" for c in r["curve"])
