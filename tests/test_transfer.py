@@ -191,13 +191,13 @@ def test_a_recipe_resumes_at_the_right_stage(tmp_path):
             "train": {"global_batch": 16, "total_images": 64, "log_every_images": 32, "checkpoint_every_images": 32}}
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     recipe = {"name": "two-stages", "stages": [
-        {"name": "small", "config": str(tmp_path / "base.yaml"), "set": ["model.input_size=16", "data.resolution=16"]},
+        {"name": "small", "config": str(tmp_path / "base.yaml"), "set": ["model.input_size=16", "data.resolution=16", "data.crop=random_resized"]},
         {"name": "large", "config": str(tmp_path / "base.yaml"), "init": "small",
          "set": ["model.pos_embed_base_size=16", "model.pos_embed_resample=rectified", "diffusion.shift_base_resolution=16"]}]}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     out = tmp_path / "runs"
     # an interrupted first stage
-    small_cfg = load_config(tmp_path / "base.yaml", ["model.input_size=16", "data.resolution=16"])
+    small_cfg = load_config(tmp_path / "base.yaml", ["model.input_size=16", "data.resolution=16", "data.crop=random_resized"])
     training_loop(small_cfg, out / "small", quiet=True, stop_after_images=32)
     logged = []
     run_recipe(tmp_path / "recipe.yaml", out, log=logged.append)
@@ -205,6 +205,9 @@ def test_a_recipe_resumes_at_the_right_stage(tmp_path):
     assert state_of(out / "small")["images_seen"] == 64 and state_of(out / "large")["images_seen"] == 64
     init = json.loads((out / "large" / "init.json").read_text())
     assert init["source"] == str(out / "small")
+    # crop strategy per stage: each stage trained with its own
+    crops = {stage: yaml.safe_load((out / stage / "config.yaml").read_text())["data"]["crop"] for stage in ("small", "large")}
+    assert crops == {"small": "random_resized", "large": "center"}
     last = latest_checkpoint(out / "large").stat().st_mtime
     logged.clear()
     run_recipe(tmp_path / "recipe.yaml", out, log=logged.append)  # everything done: nothing trains again
