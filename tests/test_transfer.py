@@ -111,6 +111,12 @@ def test_a_run_starts_from_a_lower_resolution_run_and_reports_every_tensor(tmp_p
     assert {e["tensor"] for e in report} == model_keys  # every tensor has an entry
     actions = {e["tensor"]: e["action"] for e in report}
     assert actions.pop("pos_embed") == "recomputed" and set(actions.values()) == {"loaded"}
+    # `ldmkit report` shows where each run's weights came from and its transfer settings
+    from ldmkit.eval.compare import run_summary
+
+    rows = {r["folder"]: r for r in (run_summary(small), run_summary(run))}
+    assert (rows[str(small)]["init"], rows[str(small)]["positions"], rows[str(small)]["noise_shift"]) == ("-", "-", "-")
+    assert (rows[str(run)]["init"], rows[str(run)]["positions"]) == (str(small), "rectified from 16")
     # a mismatch no rule covers is an error naming the tensor
     with pytest.raises(InitError, match=r"'x_embedder.proj.weight' has shape \[64, 1, 4, 4\] in the source and \[96, 1, 4, 4\] here"):
         training_loop(load_config(overrides=big + ["model.hidden_size=96", "model.num_heads=3"]), tmp_path / "other", quiet=True)

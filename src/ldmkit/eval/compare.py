@@ -15,8 +15,15 @@ from ..train.state import latest_checkpoint, load_checkpoint
 METRIC_KEYS = ("fid", "kid", "precision", "recall", "density", "coverage", "clip_score", "fd_effnetlite0", "class_agreement")
 
 
+def _init_source(run_dir: Path) -> str:
+    """The weights a run started from (its init.json), or '-' for a run trained from scratch."""
+    init_file = run_dir / "init.json"
+    return str(json.loads(init_file.read_text()).get("source", "?")) if init_file.is_file() else "-"
+
+
 def run_summary(run_dir: Path) -> dict:
-    """One row: settings, images seen, device hours (training wall time x processes) and the last metrics."""
+    """One row: settings (transfer ones included), images seen, device hours (training wall time x processes) and
+    the last metrics."""
     run_dir = Path(run_dir)
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
@@ -30,6 +37,10 @@ def run_summary(run_dir: Path) -> dict:
            "mechanism": cfg.conditioning.mechanism, "control": " ".join(cfg.conditioning.control) or "-",
            "padding": cfg.conditioning.padding if cfg.model.conditioning == "text" else "-",
            "objective": cfg.diffusion.objective, "data": f"{cfg.data.name} {cfg.data.resolution}px", "global_batch": cfg.train.global_batch,
+           # transfer settings (docs/transfer.md): where the weights came from, the positions, the noise shift
+           "init": _init_source(run_dir), "positions": (f"{cfg.model.pos_embed_resample} from {cfg.model.pos_embed_base_size}"
+                                                        if cfg.model.pos_embed_base_size else "-"),
+           "noise_shift": f"from {cfg.diffusion.shift_base_resolution}px" if cfg.diffusion.shift_base_resolution else "-",
            "lr": cfg.train.lr, "images_seen": state["images_seen"], f"{device}_hours": round(seconds / 3600, 4)}
     metrics_file = run_dir / "metrics.json"
     if metrics_file.is_file():
