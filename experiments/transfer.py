@@ -112,9 +112,9 @@ def main() -> int:
         results["text-scratch"] = train_and_eval(out / "text-scratch", CAPTIONS, captions + [f"train.total_images={2 * n}"])
     (out / "summary.json").write_text(json.dumps({"flops_ratio_16_over_32": ratio, "runs": results}, indent=1))
     plot(results, ratio, args.base_images, args.caption_images, out / "curves.png")
-    lines = ["| run | images | class agreement | FD-EffNetLite0 | curve (images: agreement) |", "|---|---|---|---|---|"]
+    lines = ["| run | images (equal compute) | class agreement | FD-EffNetLite0 | curve (images: agreement) |", "|---|---|---|---|---|"]
     for name, r in results.items():
-        curve = ", ".join(f"{c['images'] // 1000}k: {c['class_agreement']:.2f}" for c in r["curve"])
+        curve = ", ".join(f"{round(c['images'] / 500) / 2:g}k: {c['class_agreement']:.2f}" for c in r["curve"])
         lines.append(f"| {name} | {r.get('images_equal_compute', '')} | {r['final']['class_agreement']:.3f} | {r['final']['fd_effnetlite0']:.1f} | {curve} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
