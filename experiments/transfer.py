@@ -7,7 +7,7 @@ class-conditional 32x32 model (class token through attention) fine-tuned on the 
 init.semantic replace, against the caption model from scratch. Every run logs a small-N metric every 2,500
 images (the curve) and is evaluated at the end (300 samples). Steps whose outputs exist are skipped.
   python experiments/transfer.py [--out runs/exp-transfer] [--base-images 20000] [--finetune-images 10000]
-Writes <out>/summary.json and <out>/summary.md.
+Writes <out>/summary.json, <out>/summary.md and <out>/curves.png (class agreement against training compute).
 """
 from __future__ import annotations
 
