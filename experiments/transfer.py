@@ -52,13 +52,12 @@ def plot(results: dict, ratio: float, base_images: int, caption_images: int, pat
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    offsets = {"base-16": 0.0, "text-from-class": caption_images}
     for name, r in results.items():
         if not r["curve"]:
             continue
         ax = axes[1] if name in ("class-32", "text-from-class", "text-scratch") else axes[0]
         scale = ratio if name == "base-16" else 1.0
-        start = offsets.get(name, base_images * ratio if name.startswith("ft32") else 0.0)
+        start = base_images * ratio if name.startswith("ft32") else caption_images if name == "text-from-class" else 0.0
         xs = [start + c["images"] * scale for c in r["curve"]]
         mode = next((m for m in MODES if m in name), None)  # one colour per resampling mode, dashed with the shift
         color = f"C{MODES.index(mode)}" if mode else {"base-16": "black", "scratch-32": "gray", "class-32": "black",
