@@ -25,7 +25,7 @@ def tiny_config(*extra):
 
 
 def state_of(run_dir):
-    from ldmkit.train.state import latest_checkpoint, load_checkpoint
+    from ldmkit.checkpoint import latest_checkpoint, load_checkpoint
 
     return load_checkpoint(latest_checkpoint(run_dir))
 

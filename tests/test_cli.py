@@ -2,7 +2,6 @@
 import subprocess
 import sys
 
-import pytest
 import torch
 from PIL import Image
 
@@ -16,9 +15,7 @@ def test_every_command_has_help(capsys):
     commands = parser._subparsers._group_actions[0].choices
     assert set(commands) == {"train", "recipe", "encode", "mnist-shards", "reference", "report", "probe", "sample", "eval", "demo", "convert", "export", "presets"}
     for name in commands:
-        with pytest.raises(SystemExit) as e:
-            main([name, "--help"])
-        assert e.value.code == 0
+        assert main([name, "--help"]) == 0
         assert "usage: ldmkit " + name in capsys.readouterr().out
 
 

@@ -54,7 +54,7 @@ def make_bad_folder(root):
 def folder_config(data, cache, vae=None, *extra):
     ae = ["autoencoder.name=kl", f"autoencoder.path={vae}", "autoencoder.layout=sd", "model.in_channels=4", "model.input_size=16"] if vae else []
     return load_config(overrides=TINY + ae + [
-        "data.name=image_folder", f"data.path={data}", "data.channels=3", "data.resolution=32", "data.min_size=16",
+        "data.name=image_folder", f"data.path={data}", "data.channels=3", "data.resolution=32", "data.min_side=16",
         f"data.cache={cache}", "data.cache_dtype=float32", "data.encode_chunk=5", "model.num_classes=2", *extra])
 
 

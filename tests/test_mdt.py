@@ -75,7 +75,7 @@ def test_official_checkpoint_converts_to_a_sampling_ready_run(tmp_path):
     """A state dict in the official layout (as sail-sg/MDT saves ema_0.9999_*.pt) -> 'ldmkit convert' -> the
     architecture is read from the tensors and the weights load unchanged."""
     from ldmkit.cli import main
-    from ldmkit.train.state import load_checkpoint
+    from ldmkit.checkpoint import load_checkpoint
 
     official = randomised(MDT(input_size=8, patch_size=2, in_channels=4, hidden_size=48, depth=6, num_heads=3, decode_layers=2, num_classes=10))
     torch.save(official.state_dict(), tmp_path / "ema_0.9999_100000.pt")

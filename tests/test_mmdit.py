@@ -64,7 +64,7 @@ def test_export_then_convert_reproduces_an_mmdit(tmp_path):
     from ldmkit.cli import main
     from ldmkit.config import load_config, to_dict
     from ldmkit.models.registry import build_model
-    from ldmkit.train.state import atomic_save, load_checkpoint
+    from ldmkit.checkpoint import atomic_save, load_checkpoint
 
     cfg = load_config(overrides=TINY + ["model.name=mmdit", "model.preset=mmDiT-tiny/4", "model.conditioning=text", "model.context_dim=384",
                                         "model.pooled_dim=384", "model.qk_norm=true", "diffusion.objective=flow", "model.learn_sigma=false",

@@ -133,7 +133,12 @@ def test_shard_urls_from_patterns_lists_globs_and_pipes(shards, tmp_path):
     assert expand_urls(f"{folder}/mnist-0000[0-1].tar") == [str(p) for p in paths[:2]]
     assert expand_urls(f"{folder}/mnist-00000.tar::{folder}/mnist-{{00003..00004}}.tar") == [str(paths[i]) for i in (0, 3, 4)]
     (tmp_path / "urls.txt").write_text(f"# CC12M\n{paths[1]}\npipe:cat {paths[2]}\n")
-    assert expand_urls(tmp_path / "urls.txt") == [str(paths[1]), f"pipe:cat {paths[2]}"]
+    assert expand_urls(tmp_path / "urls.txt", allow_shell=True) == [str(paths[1]), f"pipe:cat {paths[2]}"]
+    # without data.allow_shell a pipe: URL is refused, listed or given directly
+    with pytest.raises(ValueError, match="allow_shell"):
+        expand_urls(tmp_path / "urls.txt")
+    with pytest.raises(ValueError, match="allow_shell"):
+        expand_urls(f"pipe:cat {paths[2]}")
     # a pipe: command streams the same samples as the file (how object stores are read)
     assert [r["__key__"] for r in tar_records(f"pipe:cat {paths[2]}")] == [r["__key__"] for r in tar_records(str(paths[2]))]
     with pytest.raises(ValueError, match="no shards match"):

@@ -13,7 +13,7 @@ from conftest import TINY, state_of, tiny_config
 from ldmkit.config import ConfigError
 from ldmkit.data.loader import batch_indices
 from ldmkit.train.loop import training_loop
-from ldmkit.train.state import CheckpointError
+from ldmkit.checkpoint import CheckpointError
 
 
 def assert_same_weights(a, b, atol=0.0):
@@ -34,7 +34,8 @@ def test_loss_falls_and_outputs_exist(tmp_path):
     assert records[-1]["images"] == 1024 and len(records) == 8
     assert records[-1]["loss"] < records[0]["loss"]
     assert (run / "loss.png").stat().st_size > 1000 and (run / "config.yaml").is_file()
-    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["ckpt-0000000512.pt", "ckpt-0000001024.pt"]
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["ckpt-0000000512.pt", "ckpt-0000000512.pt.sha256",
+                                                                      "ckpt-0000001024.pt", "ckpt-0000001024.pt.sha256"]
     assert any((run / "tensorboard").iterdir())
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["grid-0000000512.png", "grid-0000001024.png"]
     assert all(r["memory_gb"] > 0 and r["images_per_s"] > 0 for r in records)
@@ -186,7 +187,9 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
 
 
 def test_nan_guard_stops_a_diverging_run(tmp_path):
-    with pytest.raises(FloatingPointError, match="non-finite"):
+    from ldmkit.train.signals import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match="non-finite gradients"):
         training_loop(tiny_config("train.lr=1e30", "train.total_images=320", "train.max_nan_skips=1", "train.grad_clip=null"), tmp_path / "run", quiet=True)
 
 

@@ -191,7 +191,7 @@ def test_a_recipe_resumes_at_the_right_stage(tmp_path):
     import yaml
 
     from ldmkit.train.recipe import run_recipe
-    from ldmkit.train.state import latest_checkpoint
+    from ldmkit.checkpoint import latest_checkpoint
 
     base = {"name": "digits", "model": {"preset": "DiT-tiny/4", "in_channels": 1, "num_classes": 10},
             "train": {"global_batch": 16, "total_images": 64, "log_every_images": 32, "checkpoint_every_images": 32}}

@@ -66,7 +66,7 @@ def test_export_then_convert_reproduces_an_sdxl_like_unet(tmp_path):
     from ldmkit.cli import main
     from ldmkit.config import load_config, to_dict
     from ldmkit.models.registry import build_model
-    from ldmkit.train.state import atomic_save, load_checkpoint
+    from ldmkit.checkpoint import atomic_save, load_checkpoint
 
     cfg = load_config(overrides=TINY + ["model.name=unet", "model.preset=UNet-S", "model.conditioning=text", "model.context_dim=384",
                                         "model.micro_conditions=true", "model.pooled_dim=384", "model.learn_sigma=false",

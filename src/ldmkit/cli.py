@@ -3,37 +3,71 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from pathlib import Path
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, exit code 2 (as every other ldmkit error)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind, text: str, check, what: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not check(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(int, text, lambda v: v > 0, "a positive whole number")
+
+
+def non_negative_int(text: str) -> int:
+    return _number(int, text, lambda v: 0 <= v < 2**63, "a whole number >= 0")
+
+
+def finite_float(text: str) -> float:
+    return _number(float, text, math.isfinite, "a finite number")
+
 
 EPILOG = "Configs: configs/ (demo/mnist_dit.yaml, demo/mnist_text_dit.yaml, imagenet256/dit_xl2.yaml). Docs: README.md, docs/ (data: docs/data.md)."
 
 
 def _add_sampling_options(p):
-    p.add_argument("--seed", type=int, help="base seed; sample i uses a seed derived from (seed, i) (default: the run's sample.seed)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1 = none (default: the run's sample.guidance_scale)")
+    p.add_argument("--seed", type=non_negative_int, help="base seed; sample i uses a seed derived from (seed, i) (default: the run's sample.seed)")
+    p.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale, 1 = none (default: the run's sample.guidance_scale)")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "euler", "heun"], help="sampler (default: the run's sample.sampler)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
+    p.add_argument("--steps", type=positive_int, help="sampling steps (default: the run's sample.steps)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--control", action="extend", nargs="+", default=[], metavar="KEY=V[,V]",
                    help="control values to sample with, e.g. --control original_size=512,512 crop_top_left=0,0 flip=0 (repeatable; "
                         "default: an uncropped, unflipped image of the training resolution)")
-    p.add_argument("--control-guidance", type=float, help="guidance scale on the control values (1 = plain CFG; default: the run's)")
+    p.add_argument("--control-guidance", type=finite_float, help="guidance scale on the control values (1 = plain CFG; default: the run's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ldmkit", description="Train, sample and evaluate latent diffusion models apples-to-apples.", epilog=EPILOG)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser = Parser(prog="ldmkit", description="Train, sample and evaluate latent diffusion models apples-to-apples.", epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     p = sub.add_parser("train", help="train a model from a YAML config (re-run the same command to resume)",
                        description="Train from a config. Outputs go to --out (default runs/<name>): config.yaml, log.jsonl, tensorboard/, "
-                                   "checkpoints/, loss.png. Re-running the same command resumes from the newest checkpoint. "
+                                   "checkpoints/, loss.png. Re-running the same command (or 'ldmkit train RUN_FOLDER') resumes "
+                                   "from the newest intact checkpoint. SIGTERM, SIGINT or SIGUSR1 finish the current step, "
+                                   "write a checkpoint and exit with code 75; divergence (non-finite weights) stops with "
+                                   "code 2, naming the last good checkpoint (docs/reliability.md). "
                                    "Several processes: torchrun --nproc_per_node N -m ldmkit.cli train CONFIG.")
-    p.add_argument("config", help="YAML config file")
+    p.add_argument("config", help="YAML config file, or a run folder to resume (its config.yaml, else its newest checkpoint's config)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
-    p.add_argument("--out", help="run directory (default: runs/<config name>)")
+    p.add_argument("--out", help="run directory (default: runs/<config name>; the folder itself when CONFIG is a run folder)")
     p.add_argument("--resume", action="store_true", help="continue a run directory even though its config differs (the new config wins)")
-    p.add_argument("--stop-after", type=int, metavar="IMAGES", help="stop (with a checkpoint) after this many images, e.g. to split a job")
+    p.add_argument("--stop-after", type=positive_int, metavar="IMAGES", help="stop (with a checkpoint) after this many images, e.g. to split a job")
     p.add_argument("--init", metavar="FROM", help="start a new run from these weights (run folder, ldmkit checkpoint, official DiT "
                                                   ".pt, diffusers DiT folder): the init.source key; every tensor's action is "
                                                   "reported and written to <run>/init.json (docs/transfer.md)")
@@ -56,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "torchrun --nproc_per_node N -m ldmkit.cli encode CONFIG. Train from it with data.from_cache: true.")
     p.add_argument("config", help="YAML config file (the one you train with)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
-    p.add_argument("--batch", type=int, default=64, help="images per encoder call (default 64)")
+    p.add_argument("--batch", type=positive_int, default=64, help="images per encoder call (default 64)")
 
     p = sub.add_parser("report", help="compare runs: a table (markdown, CSV) of metrics, images seen, device hours, settings, and plots",
                        description="Compare runs: comparison.md and comparison.csv (metrics from each run's metrics.json, images seen, "
@@ -73,9 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="run folder or checkpoint file (a run that embeds the control)")
     p.add_argument("--control", required=True, help="the control to sweep, e.g. original_size or flip")
     p.add_argument("--values", required=True, help="values separated by ';', each as its comma-separated numbers, e.g. '0;1' or '32,32;64,64;128,96'")
-    p.add_argument("--num", type=int, default=20, help="samples per value (default 20)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the run's)")
-    p.add_argument("--seed", type=int, help="base seed (default: the run's)")
+    p.add_argument("--num", type=positive_int, default=20, help="samples per value (default 20)")
+    p.add_argument("--steps", type=positive_int, help="sampling steps (default: the run's)")
+    p.add_argument("--seed", type=non_negative_int, help="base seed (default: the run's)")
 
     p = sub.add_parser("reference", help="compute and cache reference statistics of real images (for FID and friends)",
                        description="Features of real images (an image folder such as an ImageNet split, a shard set, or ADM's .npz) "
@@ -85,9 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--features", choices=["inception", "effnet"], default="inception", help="feature extractor (default inception)")
     p.add_argument("--weights", help="extractor weights (inception: the pt_inception-2015-12-05 file)")
-    p.add_argument("--resolution", type=int, default=256, help="centre-crop and resize to this side first (default 256)")
-    p.add_argument("--num", type=int, default=50_000, help="at most this many images (default 50,000)")
-    p.add_argument("--batch", type=int, default=100)
+    p.add_argument("--resolution", type=positive_int, default=256, help="centre-crop and resize to this side first (default 256)")
+    p.add_argument("--num", type=positive_int, default=50_000, help="at most this many images (default 50,000)")
+    p.add_argument("--batch", type=positive_int, default=100)
+    p.add_argument("--allow-shell", action="store_true", help="allow 'pipe:CMD' shard URLs, which run CMD through a shell")
 
     p = sub.add_parser("mnist-shards", help="write the embedded MNIST digits with captions as WebDataset shards",
                        description="Write the digits with captions ('a handwritten digit seven') and JSON metadata "
@@ -95,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "for the offline text-to-image path (configs/demo/mnist_text_dit.yaml).")
     p.add_argument("out", help="output folder; shards are named mnist-00000.tar, ...")
     p.add_argument("--split", choices=["train", "held_out"], default="train", help="which digits (default train: 4,500)")
-    p.add_argument("--shard-size", type=int, default=500, help="samples per shard (default 500)")
-    p.add_argument("--resolution", type=int, default=32, help="image side in pixels (default 32)")
+    p.add_argument("--shard-size", type=positive_int, default=500, help="samples per shard (default 500)")
+    p.add_argument("--resolution", type=positive_int, default=32, help="image side in pixels (default 32)")
 
     p = sub.add_parser("sample", help="draw images from a run or checkpoint",
                        description="Draw images from a run folder (newest checkpoint) or a checkpoint file, as a grid "
@@ -105,8 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", help="comma-separated class ids, one grid row each (default: the first 10 classes)")
     p.add_argument("--prompt", action="append", default=[], help="text-conditional runs: a prompt, one grid row each (repeatable; "
                                                                    "default: the run's sample.class_prompts)")
-    p.add_argument("--per-class", type=int, help="images per class (default: the run's sample.per_class)")
-    p.add_argument("--num", type=int, help="total number of images, split evenly over the classes (overrides --per-class)")
+    p.add_argument("--per-class", type=positive_int, help="images per class (default: the run's sample.per_class)")
+    p.add_argument("--num", type=positive_int, help="total number of images, split evenly over the classes (overrides --per-class)")
     p.add_argument("--grid", help="write the grid PNG here (default: <run>/samples/sample-seed<seed>.png)")
     p.add_argument("--out", help="also write one PNG per image into this folder")
     _add_sampling_options(p)
@@ -118,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "FD-EffNetLite0 (offline; NOT FID), and with --fid: FID, KID, precision/recall, density/coverage on "
                                    "Inception-v3 features against reference statistics.")
     p.add_argument("source", help="run folder, checkpoint file, or a folder of images")
-    p.add_argument("--num-images", "--num", dest="num", type=int,
+    p.add_argument("--num-images", "--num", dest="num", type=positive_int,
                    help="images to generate (default: the run's eval.num_images; under torchrun spell it --num-images)")
     p.add_argument("--fid", metavar="REFERENCE", help="compute FID/KID/precision-recall/density-coverage against REFERENCE: a .npz from "
                                                      "'ldmkit reference', ADM's VIRTUAL_*.npz, an image folder or shards")
@@ -134,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "'none' writes the sample set only)")
     p.add_argument("--ref", help="folder of real reference images for FD-EffNetLite0 (default: the MNIST held-out split)")
     p.add_argument("--json", help="write the metrics here (default: <run>/metrics.json)")
-    p.add_argument("--resolution", type=int, default=32, help="image folders: resize images to this side (default 32)")
+    p.add_argument("--resolution", type=positive_int, default=32, help="image folders: resize images to this side (default 32)")
     p.add_argument("--channels", type=int, default=1, choices=[1, 3], help="image folders: 1 (grayscale) or 3 (RGB)")
     _add_sampling_options(p)
 
@@ -157,9 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="weights file or folder")
     p.add_argument("--to", choices=["ldmkit", "diffusers"], default="ldmkit", help="output layout (default ldmkit)")
     p.add_argument("--out", required=True, help="output file (ldmkit) or folder (diffusers)")
-    p.add_argument("--num-heads", type=int, help="attention heads (default: DiT's for the width)")
-    p.add_argument("--timestep-freq-shift", type=float, help="timestep features: 0 official DiT, 1 diffusers (default: by source layout)")
+    p.add_argument("--num-heads", type=positive_int, help="attention heads (default: DiT's for the width)")
+    p.add_argument("--timestep-freq-shift", type=finite_float, help="timestep features: 0 official DiT, 1 diffusers (default: by source layout)")
     p.add_argument("--config", help="ldmkit config to embed for sampling (default: configs/imagenet256/dit_xl2.yaml with the weights' architecture)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="read a .pt/.bin file that needs full unpickling (which can run code; ldmkit refuses such files "
+                        "otherwise) and write it as plain weights: only for files from a source you trust")
 
     p = sub.add_parser("export", help="write a run's model in the diffusers layout (DiT, PixArt-alpha, mmDiT, UNet)",
                        description="Write the EMA weights of a run folder (newest checkpoint) or checkpoint file as a diffusers "
@@ -175,12 +213,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args):
-    from .config import load_config
-    from .train.loop import training_loop
+    from .config import RunConfig, apply_overrides, build, load_config, to_dict, validate
+    from .train.loop import checkpoint_config, training_loop
 
-    cfg = load_config(args.config, args.overrides + ([f"init.source={args.init}"] if args.init else []))
-    out = Path(args.out or Path("runs") / cfg.name)
+    overrides = args.overrides + ([f"init.source={args.init}"] if args.init else [])
+    source = Path(args.config)
+    if source.is_dir():  # a run folder: resume it with its own config (plus any --set)
+        if args.out and Path(args.out).resolve() != source.resolve():
+            raise ValueError(f"CONFIG is the run folder {source}; --out must be left out or name the same folder")
+        config_file = source / "config.yaml"
+        recorded = load_config(config_file) if config_file.is_file() else checkpoint_config(source)
+        if recorded is None:
+            raise FileNotFoundError(f"{source} is a folder but not an ldmkit run (no config.yaml and no checkpoint)")
+        cfg = build(RunConfig, apply_overrides(to_dict(recorded), overrides))
+        validate(cfg)
+        out = source
+    else:
+        cfg = load_config(source, overrides)
+        out = Path(args.out or Path("runs") / cfg.name)
+    check_not_file(out, "--out")
     training_loop(cfg, out, allow_config_change=args.resume, stop_after_images=args.stop_after)
+
+
+def check_not_file(path: Path | str | None, what: str) -> None:
+    """A folder argument that names an existing file is refused (nothing is overwritten)."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise ValueError(f"{what} {path} is an existing file, not a folder")
 
 
 def cmd_recipe(args):
@@ -194,6 +252,7 @@ def cmd_sample(args):
     from .eval.evaluate import load_generator
     from .eval.generate import generate, grid_labels, save_grid, save_images
 
+    check_not_file(args.out, "--out")
     cfg, model, objective, autoencoder, run_dir = load_generator(args.source, use_ema=not args.no_ema)
     cfg.sample.control = list(cfg.sample.control) + list(args.control)
     if args.control_guidance is not None:
@@ -255,7 +314,7 @@ def cmd_reference(args):
     from .eval.reference import compute_reference, save_reference
 
     extractor = build_feature_extractor(args.features, args.weights)
-    ref = compute_reference(args.source, extractor, args.resolution, args.num, args.batch)
+    ref = compute_reference(args.source, extractor, args.resolution, args.num, args.batch, args.allow_shell)
     print(f"{save_reference(ref, args.out)}: {ref['count']} images, {ref['extractor']} features")
 
 
@@ -277,12 +336,9 @@ def cmd_eval(args):
         eval_cfg = None
         if args.fid or args.inception_weights or args.metrics or args.clip_model or args.prompts:
             from .config import EvalConfig, build
-            from .train.state import latest_checkpoint, load_checkpoint
+            from .checkpoint import run_checkpoint
 
-            ckpt = source if source.is_file() else latest_checkpoint(source)
-            if ckpt is None:
-                raise FileNotFoundError(f"no checkpoint in run folder {source}")
-            eval_cfg = build(EvalConfig, load_checkpoint(ckpt).get("config", {}).get("eval", {}))
+            eval_cfg = build(EvalConfig, run_checkpoint(source)[1]["config"].get("eval", {}))
             eval_cfg.fid = bool(args.fid) or eval_cfg.fid
             eval_cfg.reference = args.fid or eval_cfg.reference
             eval_cfg.inception_weights = args.inception_weights or eval_cfg.inception_weights
@@ -336,7 +392,7 @@ def cmd_convert(args):
     from .transfer.pixart import is_diffusers_pixart
     from .transfer.unet import is_diffusers_unet
 
-    sd, layout, embedded, folder_config = ck.read_weights(args.source)
+    sd, layout, embedded, folder_config = ck.read_weights(args.source, trust_pickle=args.trust_pickle)
     if layout == "official" and "en_inblocks.0.attn.qkv.weight" in sd:
         return convert_mdt(args, sd)
     if layout == "diffusers" and (is_diffusers_pixart(sd) or is_diffusers_mmdit(sd)):
@@ -384,7 +440,7 @@ def cmd_convert(args):
 
 def save_imported(model, sd: dict, cfg_dict: dict, args, layout: str) -> None:
     """Load sd into model and write an ldmkit checkpoint (weights as model and EMA, config embedded)."""
-    from .train.state import atomic_save, load_weights
+    from .checkpoint import atomic_save, load_weights
 
     load_weights(model, sd, f"weights {args.source}")
     state = {"model": model.state_dict(), "ema": model.state_dict(), "config": cfg_dict, "images_seen": 0, "step": 0,
@@ -439,20 +495,14 @@ def cmd_export(args):
     from .models.mmdit import MMDiT
     from .models.pixart import PixArt
     from .models.registry import build_model, semantic_path
-    from .train.state import latest_checkpoint, load_checkpoint, load_weights
+    from .checkpoint import load_weights, run_checkpoint
     from .transfer import checkpoints as ck
     from .models.unet import UNet
     from .transfer.mmdit import write_mmdit_diffusers
     from .transfer.pixart import write_pixart_diffusers
     from .transfer.unet import write_unet_diffusers
 
-    source = Path(args.source)
-    ckpt = latest_checkpoint(source) if source.is_dir() else source
-    if ckpt is None or not Path(ckpt).is_file():
-        raise FileNotFoundError(f"no ldmkit checkpoint at {source}")
-    state = load_checkpoint(ckpt)
-    if "config" not in state:
-        raise ValueError(f"{ckpt} is not an ldmkit checkpoint (no config)")
+    ckpt, state, _ = run_checkpoint(args.source)
     run_cfg = build(RunConfig, state["config"])
     model = build_model(run_cfg.model, run_cfg.conditioning)
     load_weights(model, state["model" if args.no_ema else "ema"], f"checkpoint {ckpt}")
@@ -495,24 +545,41 @@ COMMANDS = {"train": cmd_train, "recipe": cmd_recipe, "encode": cmd_encode, "mni
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error, already printed as one line (2)
+        return e.code if isinstance(e.code, int) else 2
     if not args.command:
         parser.print_help()
         return 1
-    from .config import ConfigError
-    from .data.datasets import DataError
-    from .train.state import CheckpointError
-    from .transfer.checkpoints import ConversionError
+    from .train.signals import EXIT_STOPPED, TrainingStopped
 
     try:
         COMMANDS[args.command](args)
-    except (ConfigError, DataError, CheckpointError, ConversionError, FileNotFoundError, ValueError) as e:
-        print(f"ldmkit {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except TrainingStopped as e:  # a stop signal: a checkpoint was written
+        print(f"ldmkit {args.command}: {e}", file=sys.stderr)
+        return EXIT_STOPPED
     except KeyboardInterrupt:
         print(f"ldmkit {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        # ldmkit's own errors (ConfigError, DataError, CheckpointError, ...) are ValueErrors with one-line messages.
+        if os.environ.get("LDMKIT_DEBUG"):
+            raise
+        print(f"ldmkit {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug, or a failure ldmkit did not foresee: one line, the traceback on request
+        if os.environ.get("LDMKIT_DEBUG"):
+            raise
+        print(f"ldmkit {args.command}: unexpected error: {type(e).__name__}: {one_line(e)} "
+              "(set LDMKIT_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
     return 0
+
+
+def one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:500] + ("..." if len(text) > 500 else "")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ its resolved config (`config.yaml`) next to its outputs; `load_config` reads tha
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -107,7 +109,9 @@ class DataConfig:
     hflip: bool = False               # random horizontal flips, p = 0.5 (off for digits)
     original_sizes: list[int] = field(default_factory=list)  # mnist: [lo, hi] store each digit at a random side
                                       # in this range first (scale augmentation, recorded as original_size)
-    min_size: int = 0                 # images whose short side is below this are skipped (and counted)
+    min_side: int | None = None       # images whose short side is below this are skipped (and counted);
+                                      # None: half of data.resolution; 0: keep every image
+    allow_shell: bool = False         # shards: allow `pipe:CMD` URLs, which run CMD through a shell (docs/data.md)
     buckets: list[list[int]] = field(default_factory=list)  # aspect-ratio buckets [[h, w], ...] in pixels (cache only)
     shuffle_buffer: int = 1000        # shards: per-process shuffle buffer (deterministic)
     cache: str | None = None          # folder `ldmkit encode` writes (latents, text embeddings, metadata)
@@ -115,6 +119,10 @@ class DataConfig:
     cache_dtype: str = "float16"      # float16 | bfloat16 | float32: storage of cached latents and text states
     encode_chunk: int = 1000          # encode: samples per output part (image folders, mnist; one part per shard)
     num_workers: int = 0
+
+    @property
+    def min_side_px(self) -> int:
+        return self.resolution // 2 if self.min_side is None else self.min_side
 
 
 @dataclass
@@ -152,6 +160,7 @@ class TrainConfig:
     metric_every_images: int = 0      # small-N metric of the EMA model (eval.train_metric_images samples); 0 = off
     keep_checkpoints: int = 2         # newest kept; older ones are deleted
     max_nan_skips: int = 10           # consecutive non-finite losses tolerated (step skipped) before stopping
+    dist_timeout_s: float = 600.0     # torchrun: a collective waiting this long for a frozen or dead process ends the job
 
 
 @dataclass
@@ -282,9 +291,16 @@ def _coerce(value, tp, key: str):
     raise ConfigError(f"config key '{key}': expected {_type_name(tp)}, got {value!r}")
 
 
+# Keys renamed since runs were first written: old config.yaml files and checkpoints still load.
+RENAMED_KEYS = {"DataConfig": {"min_size": "min_side"}}
+
+
 def build(cls, data: dict | None, prefix: str = ""):
     """Build dataclass cls from a nested dict; unknown keys and wrong types raise ConfigError."""
-    data = data or {}
+    data = dict(data or {})
+    for old, new in RENAMED_KEYS.get(cls.__name__, {}).items():
+        if old in data:
+            data.setdefault(new, data.pop(old))
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
@@ -348,8 +364,102 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+# The range of every numeric key: (low, high, low excluded, high excluded); None = unbounded. A list key's range
+# applies to each of its values; a key that is None (optional) is not checked. Every float must also be finite.
+POSITIVE, NON_NEGATIVE = (0, None, True, False), (0, None, False, False)
+PROBABILITY, DECAY, NOISE_LEVEL = (0, 1, False, False), (0, 1, False, True), (0, 1, True, False)
+RANGES = {
+    "model.input_size": POSITIVE, "model.in_channels": POSITIVE, "model.num_classes": POSITIVE,
+    "model.depth": POSITIVE, "model.hidden_size": POSITIVE, "model.num_heads": POSITIVE, "model.patch_size": POSITIVE,
+    "model.decode_layers": NON_NEGATIVE, "model.mlp_ratio": POSITIVE, "model.pooled_dim": POSITIVE,
+    "model.context_dim": POSITIVE, "model.max_tokens": POSITIVE, "model.mask_ratio": (0, 0.8, False, False),
+    "model.pos_embed_max_size": POSITIVE, "model.pos_embed_base_size": POSITIVE,
+    "diffusion.num_timesteps": (2, None, False, False), "diffusion.beta_start": NOISE_LEVEL,
+    "diffusion.beta_end": NOISE_LEVEL, "diffusion.logit_std": POSITIVE, "diffusion.time_shift": POSITIVE,
+    "diffusion.shift_base_resolution": POSITIVE, "diffusion.min_snr_gamma": POSITIVE,
+    "sample.steps": POSITIVE, "sample.seed": NON_NEGATIVE, "sample.per_class": POSITIVE, "sample.classes": NON_NEGATIVE,
+    "autoencoder.scaling_factor": POSITIVE,
+    "data.resolution": POSITIVE, "data.held_out": NON_NEGATIVE, "data.crop_scale": NOISE_LEVEL,
+    "data.crop_ratio": POSITIVE, "data.min_side": NON_NEGATIVE, "data.shuffle_buffer": POSITIVE,
+    "data.encode_chunk": POSITIVE, "data.num_workers": NON_NEGATIVE,
+    "text.max_length": POSITIVE,
+    "train.total_images": POSITIVE, "train.global_batch": POSITIVE, "train.micro_batch": POSITIVE, "train.lr": (0, 1e30, True, False),
+    "train.betas": DECAY, "train.weight_decay": NON_NEGATIVE, "train.eps": POSITIVE, "train.warmup_images": NON_NEGATIVE,
+    "train.grad_clip": POSITIVE, "train.ema_decay": DECAY, "train.ema_halflife_images": POSITIVE,
+    "train.ema_rampup": POSITIVE, "train.class_dropout": PROBABILITY, "train.seed": NON_NEGATIVE,
+    "train.log_every_images": POSITIVE, "train.checkpoint_every_images": POSITIVE,
+    "train.sample_every_images": NON_NEGATIVE, "train.val_every_images": NON_NEGATIVE,
+    "train.metric_every_images": NON_NEGATIVE, "train.keep_checkpoints": POSITIVE, "train.max_nan_skips": NON_NEGATIVE,
+    "train.dist_timeout_s": POSITIVE,
+    "eval.num_images": POSITIVE, "eval.batch": POSITIVE, "eval.classifier_epochs": POSITIVE,
+    "eval.reference_images": POSITIVE, "eval.val_batch": POSITIVE, "eval.val_times": NOISE_LEVEL,
+    "eval.train_metric_images": POSITIVE,
+    "conditioning.low_start": PROBABILITY, "conditioning.low_end": PROBABILITY, "conditioning.low_power": POSITIVE,
+    "conditioning.high_start": PROBABILITY, "conditioning.high_end": PROBABILITY, "conditioning.high_power": POSITIVE,
+    "conditioning.control_dropout": PROBABILITY, "conditioning.value_scale": POSITIVE,
+    "conditioning.padding_sigma": NON_NEGATIVE,
+}
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
+
+
+def _range_text(rng) -> str:
+    lo, hi, lo_open, hi_open = rng
+    if hi is None:
+        return f"{'>' if lo_open else '>='} {lo}"
+    return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+def check_value(key: str, value, rng=None) -> None:
+    """One key's value against its range (RANGES[key] unless given), and finiteness of floats."""
+    for v in value if isinstance(value, list) else [value]:
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"config key '{key}': must be a finite number, got {v}")
+        rng = rng or RANGES.get(key)
+        if rng is None or v is None or isinstance(v, (bool, str)) or not isinstance(v, (int, float)):
+            continue
+        lo, hi, lo_open, hi_open = rng
+        if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and (v >= hi if hi_open else v > hi)):
+            raise ConfigError(f"config key '{key}': must be {_range_text(rng)}, got {v}")
+
+
+def check_ranges(cfg, prefix: str = "") -> None:
+    """Every field of every section against RANGES, and every float for finiteness."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, prefix + f.name + ".")
+        else:
+            check_value(prefix + f.name, value)
+
+
+SAMPLERS = {"ddpm": ("ddpm", "ddim"), "flow": ("euler", "heun")}  # the samplers that fit each objective
+
+
+def check_sampler(objective: str, sampler: str, what: str = "sampler") -> None:
+    if sampler not in SAMPLERS.get(objective, ()):
+        raise ConfigError(f"{what}: {sampler!r} does not apply to the {objective} objective "
+                          f"(use {' or '.join(SAMPLERS.get(objective, ()))})")
+
+
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks, each a one-line ConfigError naming the key."""
+    check_ranges(cfg)
+    if not RUN_NAME.match(cfg.name) or cfg.name in (".", ".."):
+        raise ConfigError(f"config key 'name': {cfg.name!r} is not a plain folder name (letters, digits, . _ + = -; "
+                          "no '/' and not starting with '.' or '-')")
+    if cfg.train.micro_batch is not None and cfg.train.global_batch % cfg.train.micro_batch:
+        raise ConfigError(f"config key 'train.micro_batch': {cfg.train.micro_batch} does not divide train.global_batch "
+                          f"{cfg.train.global_batch}")
+    if cfg.data.channels not in (1, 3):
+        raise ConfigError(f"config key 'data.channels': 1 (grayscale) or 3 (RGB), got {cfg.data.channels}")
+    for group in ("low", "high"):
+        start, end = getattr(cfg.conditioning, f"{group}_start"), getattr(cfg.conditioning, f"{group}_end")
+        if start >= end and getattr(cfg.conditioning, f"{group}_schedule") != "constant":
+            raise ConfigError(f"config keys 'conditioning.{group}_start' and '{group}_end': start {start} must be below end {end}")
+    for key in ("crop_scale", "crop_ratio"):
+        values = getattr(cfg.data, key)
+        if len(values) == 2 and values[0] > values[1]:
+            raise ConfigError(f"config key 'data.{key}': [low, high] with low <= high, got {values}")
     choices = {
         "diffusion.objective": (cfg.diffusion.objective, ("ddpm", "flow")),
         "diffusion.beta_schedule": (cfg.diffusion.beta_schedule, ("linear", "scaled_linear", "cosine")),
@@ -379,24 +489,16 @@ def validate(cfg: RunConfig) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(str(a) for a in allowed)}")
-    flow_samplers, ddpm_samplers = ("euler", "heun"), ("ddpm", "ddim")
-    if cfg.diffusion.objective == "flow" and cfg.sample.sampler not in flow_samplers:
-        raise ConfigError(f"config key 'sample.sampler': {cfg.sample.sampler!r} does not apply to the flow objective (use euler or heun)")
-    if cfg.diffusion.objective == "ddpm" and cfg.sample.sampler not in ddpm_samplers:
-        raise ConfigError(f"config key 'sample.sampler': {cfg.sample.sampler!r} does not apply to the ddpm objective (use ddpm or ddim)")
+    check_sampler(cfg.diffusion.objective, cfg.sample.sampler, "config key 'sample.sampler'")
     if cfg.diffusion.shift_base_resolution is not None and cfg.diffusion.shift_base_resolution <= 0:
         raise ConfigError("config key 'diffusion.shift_base_resolution': a resolution in pixels (> 0), or null for no shift")
     if cfg.diffusion.objective == "flow" and cfg.model.learn_sigma:
         raise ConfigError("config key 'model.learn_sigma': the flow objective has no learned variance; set it to false")
-    if cfg.train.global_batch <= 0 or cfg.train.total_images <= 0:
-        raise ConfigError("config keys 'train.global_batch' and 'train.total_images' must be positive")
     want = 3 if cfg.train.optimizer == "adan" else 2
     if len(cfg.train.betas) != want:
         raise ConfigError(f"config key 'train.betas': {cfg.train.optimizer} takes {want} values, got {cfg.train.betas}")
     if cfg.data.name == "image_folder" and not cfg.data.path:
         raise ConfigError("config key 'data.path': image_folder needs a folder of class subfolders")
-    if cfg.sample.steps <= 0:
-        raise ConfigError("config key 'sample.steps' must be positive")
     if cfg.data.name == "shards" and not cfg.data.path:
         raise ConfigError("config key 'data.path': shards needs a brace pattern (e.g. /data/cc12m/{00000..01242}.tar) or a file listing URLs")
     if cfg.model.conditioning != "class" and cfg.text.encoder == "none":

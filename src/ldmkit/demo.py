@@ -33,7 +33,7 @@ def prepare_digit_shards(cfg) -> None:
     from .data.encode import encode_dataset
     from .data.shards import expand_urls, write_mnist_caption_shards
 
-    urls = expand_urls(cfg.data.path)
+    urls = expand_urls(cfg.data.path, cfg.data.allow_shell)
     if not all(Path(u).is_file() for u in urls):
         folder = Path(urls[0]).parent
         written = write_mnist_caption_shards(folder, cfg.data, "train", shard_size=500)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,9 @@ def balanced_split(labels: torch.Tensor, held_out: int, num_classes: int) -> tup
     train, test = [], []
     for c in range(num_classes):
         idx = np.flatnonzero(labels.numpy() == c)
+        if per_class >= len(idx):
+            raise DataError(f"config key 'data.held_out': {held_out} leaves no training images of class {c} "
+                            f"({len(idx)} images; hold out fewer than {len(idx) * num_classes})")
         test.append(idx[len(idx) - per_class:] if per_class else idx[:0])
         train.append(idx[: len(idx) - per_class])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
@@ -176,6 +180,7 @@ class ImageFolder(torch.utils.data.Dataset):
             self.num_classes = len(classes)
         self.classes, self.resolution, self.channels = classes, resolution, channels
         self.crop, self.hflip, self.min_size = crop, hflip, min_size
+        self.unusable: dict[Path, str] = {}  # files this process found unusable, with the reason
         self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
         self.files, labels = [], []
         for label, name in zip(ids, classes):
@@ -189,6 +194,11 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __len__(self):
         return len(self.files)
+
+    @property
+    def skipped(self) -> Counter:
+        """Unusable files met so far, counted by reason (corrupt, truncated, too small), as `encode` counts them."""
+        return Counter(self.unusable.values())
 
     def load(self, index: int, seed: int) -> dict:
         """The sample at index, or BadImage. Crop and flip drawn from the sample's seed."""
@@ -204,6 +214,7 @@ class ImageFolder(torch.utils.data.Dataset):
             try:
                 return self.load((index + attempt) % len(self), seed)
             except BadImage as e:
+                self.unusable[self.files[(index + attempt) % len(self)]] = str(e).split(" (")[0]
                 log.warning("unusable image %s: %s; using the next file instead", self.files[(index + attempt) % len(self)], e)
         raise DataError(f"no usable image in {len(self)} files")
 
@@ -229,5 +240,5 @@ def build_dataset(data_cfg, split: str = "train") -> torch.utils.data.Dataset:
         raise DataError(f"the {data_cfg.name} dataset has no {split!r} split; pass a reference folder instead")
     if data_cfg.name == "image_folder":
         return ImageFolder(data_cfg.path, data_cfg.resolution, data_cfg.channels, data_cfg.class_index, data_cfg.crop,
-                           data_cfg.hflip, data_cfg.min_size, data_cfg.crop_scale, data_cfg.crop_ratio)
+                           data_cfg.hflip, data_cfg.min_side_px, data_cfg.crop_scale, data_cfg.crop_ratio)
     raise DataError(f"data.name {data_cfg.name!r} is a stream, not an indexed dataset; use ldmkit.data.shards.ShardStream")

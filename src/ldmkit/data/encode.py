@@ -32,7 +32,7 @@ def encoding_units(cfg, folder: ImageFolder | None = None) -> list[dict]:
     """The units of work, in a fixed order: {'name', 'kind', 'source'} (folder: the listed image folder)."""
     dc = cfg.data
     if dc.name == "shards":
-        return [{"name": f"{i:06d}", "kind": "shard", "source": url} for i, url in enumerate(expand_urls(dc.path))]
+        return [{"name": f"{i:06d}", "kind": "shard", "source": url} for i, url in enumerate(expand_urls(dc.path, dc.allow_shell))]
     count = len(folder) if dc.name == "image_folder" else 5000 - dc.held_out
     return [{"name": f"{i // dc.encode_chunk:06d}", "kind": "range", "source": [i, min(i + dc.encode_chunk, count)]}
             for i in range(0, count, dc.encode_chunk)]
@@ -75,9 +75,9 @@ class UnitSamples(torch.utils.data.IterableDataset):
                     "target_size": [float(source.shape[1]), float(source.shape[2])], "aspect_ratio": [1.0], "flip": [0.0]}
             return source, meta, 0, None
         if isinstance(source, dict):
-            image, converted = record_image(source, dc.channels, dc.min_size)
+            image, converted = record_image(source, dc.channels, dc.min_side_px)
         else:
-            image, converted = load_image(source, dc.channels, dc.min_size)
+            image, converted = load_image(source, dc.channels, dc.min_side_px)
         bucket = nearest_bucket(image.size[1], image.size[0], dc.buckets) if dc.buckets else 0
         target = tuple(dc.buckets[bucket]) if dc.buckets else dc.resolution
         # Flips are left to training (both are cached); the crop is drawn once, here, from the sample's seed.
@@ -259,7 +259,7 @@ def write_manifest(cfg, out: Path, units: list[dict], autoencoder, text_encoder)
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "ldmkit_version": __version__,
         "source": {"name": dc.name, "path": dc.path, "class_index": dc.class_index, "label_field": dc.label_field,
-                   "resolution": dc.resolution, "channels": dc.channels, "crop": dc.crop, "min_size": dc.min_size,
+                   "resolution": dc.resolution, "channels": dc.channels, "crop": dc.crop, "min_side": dc.min_side_px,
                    "buckets": dc.buckets, "seed": cfg.train.seed},
         "count": sum(p["count"] for p in parts),
         "latent_shape": list(shapes[0]) if len(shapes) == 1 else None,

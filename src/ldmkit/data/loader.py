@@ -83,7 +83,7 @@ def training_batches(cfg, dist, micro: int, rounds: int, start: int, end: int):
             sampler = StreamBatches(len(source), tc.seed, start, end, tc.global_batch, micro, rounds, dist.world_size, dist.rank)
         loader = torch.utils.data.DataLoader(source, batch_sampler=sampler, collate_fn=_collated, num_workers=dc.num_workers, pin_memory=pin)
     elif dc.name == "shards":
-        source = ShardStream(expand_urls(dc.path), dc, tc.seed, dist.rank, dist.world_size, micro, start // dist.world_size,
+        source = ShardStream(expand_urls(dc.path, dc.allow_shell), dc, tc.seed, dist.rank, dist.world_size, micro, start // dist.world_size,
                              with_labels=cfg.model.conditioning == "class")
         loader = torch.utils.data.DataLoader(source, batch_size=None, num_workers=dc.num_workers, pin_memory=pin)
     else:

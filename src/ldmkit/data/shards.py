@@ -75,7 +75,7 @@ def read_shards(urls: list[str], channels: int | None = None):
             yield image, record_caption(record), meta
 
 
-def expand_urls(spec: str | list[str]) -> list[str]:
+def expand_urls(spec: str | list[str], allow_shell: bool = False) -> list[str]:
     """Shard URLs from a brace pattern ('/data/cc12m/{00000..01242}.tar', several joined by '::'), a glob of
     local files, a text file listing one URL per line, or a list of any of these."""
     import glob
@@ -83,16 +83,26 @@ def expand_urls(spec: str | list[str]) -> list[str]:
     from braceexpand import braceexpand
 
     if isinstance(spec, (list, tuple)):
-        return [u for s in spec for u in expand_urls(s)]
+        return [u for s in spec for u in expand_urls(s, allow_shell)]
     spec = str(spec)
     local = Path(spec).expanduser()
     if local.is_file() and local.suffix in (".txt", ".list"):
-        return [line.strip() for line in local.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        listed = [line.strip() for line in local.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        return check_shell(listed, allow_shell, f"{spec} lists")
     urls = [u for part in spec.split("::") for u in braceexpand(part)]
     if any(ch in spec for ch in "*?[") and not spec.startswith(("pipe:", "http")):
         urls = sorted(glob.glob(str(local)))
     if not urls:
         raise ValueError(f"no shards match {spec!r}")
+    return check_shell(urls, allow_shell, "data.path is")
+
+
+def check_shell(urls: list[str], allow_shell: bool, what: str) -> list[str]:
+    """`pipe:CMD` URLs run CMD through a shell: refused unless the config allows it (data.allow_shell)."""
+    piped = [u for u in urls if u.startswith("pipe:")]
+    if piped and not allow_shell:
+        raise ValueError(f"{what} a 'pipe:' URL ({piped[0][:80]}), which runs a shell command; set data.allow_shell: true "
+                         "if you trust it (docs/data.md)")
     return urls
 
 
@@ -199,7 +209,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def sample(self, record: dict, position: int) -> dict:
         cfg = self.cfg
-        image, _ = record_image(record, cfg.channels, cfg.min_size)
+        image, _ = record_image(record, cfg.channels, cfg.min_side_px)
         label = record_label(record, self.label_field)
         rng = np.random.default_rng([self.seed, self.rank, position])
         image, meta = crop_with_metadata(image, cfg.resolution, cfg.crop, rng, 0.5 if cfg.hflip else 0.0,

@@ -124,15 +124,28 @@ def load_image(source, channels: int | None = 3, min_size: int = 0) -> tuple[Ima
         raise BadImage(f"{reason} ({type(e).__name__})") from None
     if min(image.size) < max(min_size, 1):
         raise BadImage(f"too small ({image.size[1]}x{image.size[0]} < {min_size})")
+    source_mode = image.mode
+    if image.mode in HIGH_DEPTH_MODES:
+        image = to_8bit(image)
     want = {3: "RGB", 1: "L", None: image.mode}[channels]
     if image.mode == want:
-        return image, None
+        return image, None if source_mode == want else source_mode
     mode = image.mode
     if want == "RGB" and (mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info)):
         rgba = image.convert("RGBA")  # transparent pixels become white, not black
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)
-    return image.convert(want), mode
+    return image.convert(want), source_mode
+
+
+# PIL's modes for 16-bit (and 32-bit integer) grayscale; PIL's own convert("L") clips them at 255 (white).
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit grayscale image (PNG/TIFF, PIL mode I;16* or I) as 8-bit 'L', scaled by 255/65535."""
+    values = np.asarray(image, dtype=np.float64)
+    return Image.fromarray(np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8))
 
 
 def _random_resized_region(H: int, W: int, rng: np.random.Generator, scale, ratio, attempts: int = 10):

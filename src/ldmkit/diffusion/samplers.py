@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config import ConfigError, check_sampler
 from .objectives import DDPMObjective
 from .schedules import DDPMSchedule, flow_shift, shift_time, space_timesteps
 
@@ -88,7 +89,10 @@ def sample_flow(model_fn, x, sigmas: torch.Tensor, method: str = "euler"):
 def sample(model_fn, cfg, objective, shape, generators, device, steps: int | None = None, sampler: str | None = None):
     """Draw len(generators) samples of `shape` (C, H, W) with the configured sampler."""
     sampler = sampler or cfg.sample.sampler
-    steps = steps or cfg.sample.steps
+    steps = cfg.sample.steps if steps is None else steps
+    check_sampler(cfg.diffusion.objective, sampler, "--sampler")
+    if steps <= 0:
+        raise ConfigError(f"sampling steps must be positive, got {steps}")
     x = randn_per_sample(generators, shape, device)
     if sampler in ("ddpm", "ddim"):
         return sample_ddpm(model_fn, objective, x, generators, steps, cfg.sample.respacing, sampler)

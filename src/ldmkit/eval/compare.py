@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..config import RunConfig, build
 from ..train.logging import read_log
-from ..train.state import latest_checkpoint, load_checkpoint
+from ..checkpoint import run_checkpoint
 
 METRIC_KEYS = ("fid", "kid", "precision", "recall", "density", "coverage", "clip_score", "fd_effnetlite0", "class_agreement")
 
@@ -25,10 +25,7 @@ def run_summary(run_dir: Path) -> dict:
     """One row: settings (transfer ones included), images seen, device hours (training wall time x processes) and
     the last metrics."""
     run_dir = Path(run_dir)
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint in run folder {run_dir}")
-    state = load_checkpoint(ckpt)
+    _, state, _ = run_checkpoint(run_dir)
     cfg = build(RunConfig, state["config"])
     log = read_log(run_dir)
     seconds = sum(r.get("interval_s", 0.0) * r.get("processes", 1) for r in log)

@@ -72,7 +72,9 @@ def load_or_train_classifier(data_cfg, path: str | Path, epochs: int = 20) -> tu
     path = Path(path)
     test = build_dataset(data_cfg, "held_out")
     if path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        from ..checkpoint import load_file
+
+        state = load_file(path)
         model = DigitClassifier()
         model.load_state_dict(state)
     else:

@@ -14,9 +14,10 @@ from PIL import Image
 from ..autoencoders import build_autoencoder
 from ..config import RunConfig, build, validate
 from ..data.datasets import IMAGE_SUFFIXES, DataError, build_dataset, pil_to_tensor
+from ..data.transforms import BadImage, load_image
 from ..diffusion.objectives import build_objective
 from ..models.registry import build_model
-from ..train.state import CheckpointError, latest_checkpoint, load_checkpoint, load_weights
+from ..checkpoint import CheckpointError, load_weights, nonfinite_count, run_checkpoint
 from .features import extract
 from .generate import generate
 from .metrics import frechet_distance_of
@@ -24,21 +25,21 @@ from .metrics import frechet_distance_of
 
 def load_generator(path: str | Path, use_ema: bool = True, device="cpu"):
     """(cfg, model, objective, autoencoder, run_dir) from a run folder (newest checkpoint) or a checkpoint file."""
-    path = Path(path)
-    if path.is_dir():
-        ckpt = latest_checkpoint(path)
-        if ckpt is None:
-            raise CheckpointError(f"no checkpoint in run folder {path} (expected {path}/checkpoints/ckpt-*.pt)")
-        run_dir = path
-    else:
-        ckpt, run_dir = path, (path.parent.parent if path.parent.name == "checkpoints" else None)
-    state = load_checkpoint(ckpt)
-    if "config" not in state:
-        raise CheckpointError(f"{ckpt} is not an ldmkit checkpoint (no config); import foreign weights with 'ldmkit convert'")
+    try:
+        ckpt, state, run_dir = run_checkpoint(path)
+    except CheckpointError as e:
+        if "lacks 'config'" not in str(e):
+            raise
+        raise CheckpointError(f"{path} is not an ldmkit checkpoint (no config); import foreign weights with 'ldmkit convert'") from None
     cfg = build(RunConfig, state["config"])
     validate(cfg)
     model = build_model(cfg.model, cfg.conditioning)
-    load_weights(model, state["ema" if use_ema else "model"], f"checkpoint {ckpt}")
+    weights = state["ema" if use_ema else "model"]
+    bad = int(nonfinite_count(weights.values()))
+    if bad:
+        raise CheckpointError(f"checkpoint {ckpt} holds {bad:,} non-finite {'EMA ' if use_ema else ''}weights: it cannot sample "
+                              "(the run diverged before it was written)")
+    load_weights(model, weights, f"checkpoint {ckpt}")
     model.to(device).eval()
     autoencoder = build_autoencoder(cfg.autoencoder, cfg.data.channels).to(device)
     return cfg, model, build_objective(cfg), autoencoder, run_dir
@@ -53,13 +54,12 @@ def read_image_folder(folder: str | Path, channels: int, limit: int | None = Non
     images = []
     for f in files:
         try:
-            with Image.open(f) as im:
-                im = im.convert("L" if channels == 1 else "RGB")
-                if size and im.size != (size, size):
-                    im = im.resize((size, size), Image.BICUBIC)
-                images.append(pil_to_tensor(im))
-        except Exception:  # any decoder error: the file is skipped
+            im, _ = load_image(f, channels)  # 16-bit images scaled, alpha on white
+        except BadImage:  # any decoder error: the file is skipped
             continue
+        if size and im.size != (size, size):
+            im = im.resize((size, size), Image.BICUBIC)
+        images.append(pil_to_tensor(im))
     if len(images) < 2:
         raise DataError(f"image folder {folder} holds fewer than 2 readable images")
     return torch.stack(images)
@@ -170,7 +170,8 @@ def evaluate_run(path, num_images: int | None = None, guidance_scale: float | No
         extractors["inception"] = InceptionV3Features(cfg.eval.inception_weights)
         ref_path = Path(cfg.eval.reference).expanduser()
         ref = load_reference(ref_path) if ref_path.suffix == ".npz" else compute_reference(
-            cfg.eval.reference, extractors["inception"], cfg.data.resolution, cfg.eval.reference_images, cfg.eval.batch)
+            cfg.eval.reference, extractors["inception"], cfg.data.resolution, cfg.eval.reference_images, cfg.eval.batch,
+            cfg.data.allow_shell)
         references["inception"] = (ref, ref["source"])
 
     clip_metric = None
@@ -267,7 +268,7 @@ def eval_prompts(cfg, labels: torch.Tensor) -> list[str] | None:
             from ..data.shards import expand_urls, record_caption, tar_records
 
             lines = []
-            for url in expand_urls(cfg.eval.prompts_file):
+            for url in expand_urls(cfg.eval.prompts_file, cfg.data.allow_shell):
                 lines += [record_caption(r) for r in tar_records(url) if "txt" in r]
                 if len(lines) >= len(labels):
                     break

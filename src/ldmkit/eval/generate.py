@@ -1,10 +1,12 @@
 """Generation: class- or text-conditional samples with one seed per sample index, decoded to images."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
+from ..config import ConfigError
 from ..conditioning.build import build_text_encoder, prompts_for_labels, sampling_cond
 from ..diffusion import samplers
 from ..diffusion.guidance import guided
@@ -27,6 +29,8 @@ def generate(model, cfg, objective, autoencoder, labels: torch.Tensor, indices: 
         text_encoder = text_encoder or build_text_encoder(cfg, device)
     model.eval()
     scale = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
+    if not math.isfinite(scale) or not math.isfinite(cfg.sample.control_guidance_scale):
+        raise ConfigError(f"the guidance scale must be a finite number, got {scale} (control: {cfg.sample.control_guidance_scale})")
     seed = cfg.sample.seed if seed is None else seed
     shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
     guided_channels = cfg.model.in_channels if cfg.model.learn_sigma else None

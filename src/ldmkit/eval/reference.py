@@ -17,7 +17,7 @@ from .metrics import feature_statistics
 REFERENCE_FORMAT = "ldmkit-reference/1"
 
 
-def iterate_source_images(source: str, resolution: int, limit: int, batch: int = 100):
+def iterate_source_images(source: str, resolution: int, limit: int, batch: int = 100, allow_shell: bool = False):
     """[B, 3, R, R] tensors in [-1, 1] from an image folder (recursively, e.g. an ImageNet split), a shard set
     (brace pattern / .tar / URL list) or ADM's .npz (arr_0), centre-cropped to the resolution."""
     from ..data.datasets import IMAGE_SUFFIXES, pil_to_tensor
@@ -34,7 +34,7 @@ def iterate_source_images(source: str, resolution: int, limit: int, batch: int =
     else:
         from ..data.shards import IMAGE_KEYS, expand_urls, tar_records
 
-        sources = (next(r[k] for k in IMAGE_KEYS if k in r) for url in expand_urls(str(source)) for r in tar_records(url)
+        sources = (next(r[k] for k in IMAGE_KEYS if k in r) for url in expand_urls(str(source), allow_shell) for r in tar_records(url)
                    if any(k in r for k in IMAGE_KEYS))
     images, count = [], 0
     for item in sources:
@@ -60,8 +60,9 @@ def features_of(batches, extractor) -> np.ndarray:
     return torch.cat([extractor(b).double().cpu() for b in batches]).numpy()
 
 
-def compute_reference(source: str, extractor, resolution: int, limit: int = 50_000, batch: int = 100) -> dict:
-    features = features_of(iterate_source_images(source, resolution, limit, batch), extractor)
+def compute_reference(source: str, extractor, resolution: int, limit: int = 50_000, batch: int = 100,
+                      allow_shell: bool = False) -> dict:
+    features = features_of(iterate_source_images(source, resolution, limit, batch, allow_shell), extractor)
     mu, sigma = feature_statistics(features)
     return {"features": features.astype(np.float32), "mu": mu, "sigma": sigma, "extractor": extractor.name,
             "count": len(features), "source": str(source), "resolution": resolution}

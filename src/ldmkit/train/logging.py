@@ -7,16 +7,46 @@ import time
 from pathlib import Path
 
 
+LOG_FILES = ("log.jsonl", "eval.jsonl")
+
+
+def truncate_logs(run_dir: Path, images: int) -> None:
+    """Drop the records past `images` (written after the checkpoint a run resumes from), so curves stay monotonic."""
+    for name in LOG_FILES:
+        path = Path(run_dir) / name
+        if not path.is_file():
+            continue
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and _record_images(line) <= images]
+        if len(kept) != len(lines):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)
+
+
+def _record_images(line: str) -> float:
+    try:
+        return json.loads(line).get("images", 0)
+    except (json.JSONDecodeError, AttributeError):  # a line cut by a kill: dropped
+        return float("inf")
+
+
 class RunLogger:
-    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True):
+    """resume_at: the images of the checkpoint a run resumes from; later records (logs and TensorBoard events)
+    are dropped first."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True, resume_at: int | None = None):
         self.enabled = enabled
         self.path = Path(run_dir) / "log.jsonl"
         self.tb = None
+        if enabled and resume_at is not None:
+            truncate_logs(run_dir, resume_at)
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+                purge = None if resume_at is None else resume_at + 1  # events at steps >= purge are dropped
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
             except ImportError:  # tensorboard is a dependency, but a missing one should not stop training
                 self.tb = None
 
@@ -51,12 +81,20 @@ def read_log(run_dir: Path, file: str = "log.jsonl") -> list[dict]:
 
 
 def status_line(images: int, total: int, loss: float, images_per_s: float, memory_gb: float | None) -> str:
-    eta = (total - images) / max(images_per_s, 1e-9)
+    eta = max(total - images, 0) / max(images_per_s, 1e-9)
     mem = f"  mem {memory_gb:.2f} GB" if memory_gb is not None else ""
     return (
         f"images {images:>10,}/{total:,} ({100 * images / total:5.1f}%)  loss {loss:.4f}  "
-        f"{images_per_s:8.1f} img/s  eta {time.strftime('%H:%M:%S', time.gmtime(eta))}{mem}"
+        f"{images_per_s:8.1f} img/s  eta {format_duration(eta)}{mem}"
     )
+
+
+def format_duration(seconds: float) -> str:
+    """H:MM:SS, with days when longer (a week-long run's ETA must not wrap at 24 hours)."""
+    seconds = int(round(seconds))
+    days, rest = divmod(seconds, 86_400)
+    text = time.strftime("%H:%M:%S", time.gmtime(rest))
+    return f"{days}d {text}" if days else text
 
 
 def print_status(line: str) -> None:

@@ -29,7 +29,10 @@ from . import parallel
 from .optim import build_optimizer
 from .validation import Validator
 from .logging import RunLogger, plot_loss_curve, print_status, status_line
-from .state import atomic_save, checkpoint_path, latest_checkpoint, load_checkpoint, load_weights, prune_checkpoints
+from ..checkpoint import (
+    atomic_save, checkpoint_path, latest_checkpoint, load_weights, newest_intact_checkpoint, nonfinite_count, prune_checkpoints,
+)
+from .signals import StopSignals, TrainingDiverged, TrainingStopped
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -45,8 +48,8 @@ NOT_TRAINING_KEYS = ("name", "sample.", "eval.", "data.num_workers", "train.tota
 def prepare_run_dir(cfg: RunConfig, run_dir: Path, allow_config_change: bool, is_main: bool) -> None:
     """Create the run folder, or check that an existing one belongs to this config (then it resumes)."""
     config_file = run_dir / "config.yaml"
-    if config_file.exists():
-        previous = load_config(config_file)
+    previous = load_config(config_file) if config_file.exists() else checkpoint_config(run_dir)
+    if previous is not None:
         changed = [k for k in diff_configs(to_dict(previous), to_dict(cfg)) if not k.startswith(NOT_TRAINING_KEYS)]
         # A folder without checkpoints holds no training to protect (e.g. a start that failed on bad data).
         if changed and not allow_config_change and latest_checkpoint(run_dir) is not None:
@@ -59,6 +62,19 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, allow_config_change: bool, is
     if is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         dump_config(cfg, config_file)
+
+
+def checkpoint_config(run_dir: Path) -> RunConfig | None:
+    """The config embedded in a run folder's newest intact checkpoint (for a folder whose config.yaml was lost)."""
+    from ..config import RunConfig as _RunConfig, build, validate
+
+    if latest_checkpoint(run_dir) is None:
+        return None
+    path, state = newest_intact_checkpoint(run_dir, require=("config",))
+    cfg = build(_RunConfig, state["config"])
+    validate(cfg)
+    print_status(f"{run_dir}/config.yaml is missing: using the config recorded in {path.name}")
+    return cfg
 
 
 def ema_beta(cfg, images_seen: int) -> float:
@@ -74,7 +90,7 @@ def ema_beta(cfg, images_seen: int) -> float:
 def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool = False, stop_after_images: int | None = None, quiet: bool = False) -> Path:
     """Train until cfg.train.total_images (or stop_after_images), checkpointing on the way. Returns run_dir."""
     run_dir = Path(run_dir)
-    d = parallel.init_distributed(cfg.train.device)
+    d = parallel.init_distributed(cfg.train.device, timeout_s=cfg.train.dist_timeout_s)
     device, tc = d.device, cfg.train
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tc.tf32
@@ -123,9 +139,11 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
 
     # Resume from the newest checkpoint, if any.
     images_seen, step, nan_skips = 0, 0, 0
-    resume_from = latest_checkpoint(run_dir)
+    # The newest checkpoint that verifies against its checksum and holds the whole state; newer broken ones are
+    # reported and left in place (never deleted: they may be wanted for forensics).
+    report = print_status if d.is_main else (lambda *_: None)
+    resume_from, state = newest_intact_checkpoint(run_dir, report=report)
     if resume_from is not None:
-        state = load_checkpoint(resume_from)
         load_weights(model, state["model"], f"checkpoint {resume_from}")
         load_weights(ema, state["ema"], f"checkpoint {resume_from}")
         optimizer.load_state_dict(state["optimizer"])
@@ -138,12 +156,18 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
         if d.is_main and not quiet:
             print_status(f"resumed from {resume_from} at {images_seen:,} images")
     # Data from the stream position the run has reached; the source fixes the classes the model must hold.
-    end = min(tc.total_images, stop_after_images or tc.total_images)
+    # Training ends on a whole step: a length that is not a multiple of the global batch is rounded up, with a note.
+    total = -(-tc.total_images // tc.global_batch) * tc.global_batch
+    end = min(total, stop_after_images or total)
+    end = -(-end // tc.global_batch) * tc.global_batch
+    if total != tc.total_images and d.is_main and not quiet:
+        print_status(f"note: train.total_images {tc.total_images:,} is not a multiple of the global batch {tc.global_batch}: "
+                     f"training {total:,} images")
     batches, source = training_batches(cfg, d, micro, rounds, images_seen, end)
     check_data_matches_model(cfg, source)
     num_classes = getattr(source, "num_classes", 0) or cfg.model.num_classes
     train_model = parallel.parallelize(model, d, compile=tc.compile)
-    logger = RunLogger(run_dir, enabled=d.is_main)
+    logger = RunLogger(run_dir, enabled=d.is_main, resume_at=images_seen)
     if d.is_main and not quiet:
         n_params = sum(p.numel() for p in model.parameters())
         print_status(f"{cfg.model.preset}: {n_params / 1e6:.2f}M parameters on {device}, {d.world_size} process(es), "
@@ -158,127 +182,143 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
     next_val = (images_seen // tc.val_every_images + 1) * tc.val_every_images if tc.val_every_images else None
     next_metric = (images_seen // tc.metric_every_images + 1) * tc.metric_every_images if tc.metric_every_images else None
     validator = Validator(cfg, objective, autoencoder, text_encoder, device) if next_val is not None and d.is_main else None
+    signals = StopSignals(d)  # SIGTERM / SIGINT / SIGUSR1: finish the step, checkpoint, exit
+    last_good = resume_from
 
-    while images_seen < end:
-        # ---- this step's micro-batches (crops and flips were drawn from each sample's seed by the loader).
-        micro_batches = [next(batches) for _ in range(rounds)]
-        latent_shape = batch_latent_shape(micro_batches[0], autoencoder)  # one bucket per global batch
+    def check_weights_finite() -> None:
+        """A deferred check (at log and checkpoint time, not every step: no host sync per step)."""
+        bad = int(nonfinite_count(list(model.parameters()) + list(ema.parameters())).item())
+        if bad:
+            raise TrainingDiverged(images_seen, f"{bad:,} non-finite weights", last_good, run_dir)
 
-        # ---- the step's global randomness; this process takes its slices.
-        gen = torch.Generator(device).manual_seed(step_seed(tc.seed, step))
-        times = objective.sample_time(tc.global_batch, gen, device)
-        noise = torch.randn((tc.global_batch, *latent_shape), generator=gen, device=device)
-        posterior_noise = torch.randn((tc.global_batch, *latent_shape), generator=gen, device=device)
-        drop = torch.rand(tc.global_batch, generator=gen, device=device) < tc.class_dropout
-        # MDT-v2's masked latent modelling: the tokens each sample keeps in the step's second, masked pass.
-        keep = draw_token_keep(tc.global_batch, model.grid**2, model.mask_ratio, gen, device) if masked_modelling else None
-        # Control metadata has its own guidance dropout, drawn independently of the semantic one.
-        drop_control = torch.rand(tc.global_batch, generator=gen, device=device) < cfg.conditioning.control_dropout if cfg.conditioning.control else None
+    try:
+        while images_seen < end:
+            # ---- this step's micro-batches (crops and flips were drawn from each sample's seed by the loader).
+            micro_batches = [next(batches) for _ in range(rounds)]
+            latent_shape = batch_latent_shape(micro_batches[0], autoencoder)  # one bucket per global batch
 
-        optimizer.zero_grad(set_to_none=True)
-        for r, batch in enumerate(micro_batches):
-            lo = (r * d.world_size + d.rank) * micro
-            part = slice(lo, lo + micro)
-            if "latent_mean" in batch:  # from the cache: sample the stored posterior
-                mean, std = batch["latent_mean"].to(device, non_blocking=True), batch["latent_std"].to(device, non_blocking=True)
-                x0 = autoencoder.latents(mean, std, posterior_noise[part])
-            else:
-                x0 = autoencoder.encode(batch["image"].to(device, non_blocking=True), posterior_noise[part])
-            cond = cond_from_batch(cfg, batch, text_encoder, drop[part], device, drop_control=None if drop_control is None else drop_control[part],
-                                   padding_seeds=[step_seed(tc.seed, step) + lo + i for i in range(micro)])
-            sync = r == rounds - 1 or d.world_size == 1
-            ctx = train_model.no_sync() if (d.world_size > 1 and not sync) else contextlib.nullcontext()
-            with ctx:
-                with autocast:
-                    terms = objective.loss(train_model, x0, cond, times[part], noise[part])
-                    if keep is not None:  # the same noisy latents again, seen through the kept tokens only; the losses add
-                        masked = objective.loss(functools.partial(train_model, keep=keep[part]), x0, cond, times[part], noise[part])
-                        terms = {k: terms[k] + masked[k] for k in ("loss", "mse")}
-                # Sum over this slice, scaled so that DDP's mean over processes is the global-batch mean.
-                loss = terms["loss"].sum() * d.world_size / tc.global_batch
-                loss.backward()
-            stat_loss += terms["loss"].detach().sum()
-            stat_mse += terms["mse"].detach().sum()
-        stat_n += micro * rounds
+            # ---- the step's global randomness; this process takes its slices.
+            gen = torch.Generator(device).manual_seed(step_seed(tc.seed, step))
+            times = objective.sample_time(tc.global_batch, gen, device)
+            noise = torch.randn((tc.global_batch, *latent_shape), generator=gen, device=device)
+            posterior_noise = torch.randn((tc.global_batch, *latent_shape), generator=gen, device=device)
+            drop = torch.rand(tc.global_batch, generator=gen, device=device) < tc.class_dropout
+            # MDT-v2's masked latent modelling: the tokens each sample keeps in the step's second, masked pass.
+            keep = draw_token_keep(tc.global_batch, model.grid**2, model.mask_ratio, gen, device) if masked_modelling else None
+            # Control metadata has its own guidance dropout, drawn independently of the semantic one.
+            drop_control = torch.rand(tc.global_batch, generator=gen, device=device) < cfg.conditioning.control_dropout if cfg.conditioning.control else None
 
-        # ---- NaN guard: every process agrees on skipping the update.
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.get_total_norm(grads)  # one fused reduction; NaN/inf if any gradient is
-        finite = parallel.all_reduce_mean(torch.isfinite(grad_norm).float(), d)
-        if finite.item() < 1.0:
-            nan_skips += 1
             optimizer.zero_grad(set_to_none=True)
-            if d.is_main:
-                print_status(f"non-finite gradients at {images_seen:,} images: step skipped ({nan_skips} in a row)")
-            if nan_skips > tc.max_nan_skips:
-                raise FloatingPointError(f"training diverged: {nan_skips} consecutive non-finite steps at {images_seen:,} images")
-        else:
-            nan_skips = 0
-            if tc.grad_clip is not None:
-                torch.nn.utils.clip_grads_with_norm_(model.parameters(), tc.grad_clip, grad_norm)
-            lr = tc.lr * min(1.0, (images_seen + tc.global_batch) / tc.warmup_images) if tc.warmup_images else tc.lr
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.step()
-            beta = ema_beta(cfg, images_seen)
-            with torch.no_grad():
-                torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - beta)
-        images_seen += tc.global_batch
-        step += 1
+            for r, batch in enumerate(micro_batches):
+                lo = (r * d.world_size + d.rank) * micro
+                part = slice(lo, lo + micro)
+                if "latent_mean" in batch:  # from the cache: sample the stored posterior
+                    mean, std = batch["latent_mean"].to(device, non_blocking=True), batch["latent_std"].to(device, non_blocking=True)
+                    x0 = autoencoder.latents(mean, std, posterior_noise[part])
+                else:
+                    x0 = autoencoder.encode(batch["image"].to(device, non_blocking=True), posterior_noise[part])
+                cond = cond_from_batch(cfg, batch, text_encoder, drop[part], device, drop_control=None if drop_control is None else drop_control[part],
+                                       padding_seeds=[step_seed(tc.seed, step) + lo + i for i in range(micro)])
+                sync = r == rounds - 1 or d.world_size == 1
+                ctx = train_model.no_sync() if (d.world_size > 1 and not sync) else contextlib.nullcontext()
+                with ctx:
+                    with autocast:
+                        terms = objective.loss(train_model, x0, cond, times[part], noise[part])
+                        if keep is not None:  # the same noisy latents again, seen through the kept tokens only; the losses add
+                            masked = objective.loss(functools.partial(train_model, keep=keep[part]), x0, cond, times[part], noise[part])
+                            terms = {k: terms[k] + masked[k] for k in ("loss", "mse")}
+                    # Sum over this slice, scaled so that DDP's mean over processes is the global-batch mean.
+                    loss = terms["loss"].sum() * d.world_size / tc.global_batch
+                    loss.backward()
+                stat_loss += terms["loss"].detach().sum()
+                stat_mse += terms["mse"].detach().sum()
+            stat_n += micro * rounds
 
-        # ---- status line and logs.
-        if images_seen >= next_log or images_seen >= end:
-            next_log = (images_seen // tc.log_every_images + 1) * tc.log_every_images
-            totals = parallel.all_reduce_mean(torch.stack([stat_loss, stat_mse]) / max(stat_n, 1), d)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed = time.time() - tick_time
-            speed = (images_seen - tick_images) / max(elapsed, 1e-9)
-            mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else peak_rss_gb()
-            record = {"images": images_seen, "step": step, "loss": totals[0].item(), "mse": totals[1].item(),
-                      "lr": optimizer.param_groups[0]["lr"], "images_per_s": speed, "time": time.time()}
-            record.update(memory_gb=mem, processes=d.world_size, device=device.type, interval_s=elapsed)
-            logger.log(record)
-            if d.is_main and not quiet:
-                print_status(status_line(images_seen, tc.total_images, record["loss"], speed, mem))
-            stat_loss.zero_(), stat_mse.zero_()
-            stat_n, tick_time, tick_images = 0, time.time(), images_seen
+            # ---- NaN guard: every process agrees on skipping the update.
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            grad_norm = torch.nn.utils.get_total_norm(grads)  # one fused reduction; NaN/inf if any gradient is
+            finite = parallel.all_reduce_mean(torch.isfinite(grad_norm).float(), d)
+            if finite.item() < 1.0:
+                nan_skips += 1
+                optimizer.zero_grad(set_to_none=True)
+                if d.is_main:
+                    print_status(f"non-finite gradients at {images_seen:,} images: step skipped ({nan_skips} in a row)")
+                if nan_skips > tc.max_nan_skips:
+                    raise TrainingDiverged(images_seen, f"{nan_skips} consecutive steps with non-finite gradients", last_good, run_dir)
+            else:
+                nan_skips = 0
+                if tc.grad_clip is not None:
+                    torch.nn.utils.clip_grads_with_norm_(model.parameters(), tc.grad_clip, grad_norm)
+                lr = tc.lr * min(1.0, (images_seen + tc.global_batch) / tc.warmup_images) if tc.warmup_images else tc.lr
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                optimizer.step()
+                beta = ema_beta(cfg, images_seen)
+                with torch.no_grad():
+                    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - beta)
+            images_seen += tc.global_batch
+            step += 1
+            stopping = signals.requested()  # every process agrees
 
-        # ---- signals for comparing runs while they train (process 0, EMA weights): eval.jsonl.
-        if validator is not None and images_seen >= next_val:
-            next_val = (images_seen // tc.val_every_images + 1) * tc.val_every_images
-            logger.log({"images": images_seen, **validator.loss(ema)}, file="eval.jsonl")
-        if next_metric is not None and images_seen >= next_metric and d.is_main:
-            next_metric = (images_seen // tc.metric_every_images + 1) * tc.metric_every_images
-            logger.log({"images": images_seen, **quick_metrics(ema, cfg, objective, autoencoder, device, run_dir, cfg.eval.train_metric_images)},
-                       file="eval.jsonl")
+            # ---- status line and logs.
+            if images_seen >= next_log or images_seen >= end or stopping:
+                check_weights_finite()
+                next_log = (images_seen // tc.log_every_images + 1) * tc.log_every_images
+                totals = parallel.all_reduce_mean(torch.stack([stat_loss, stat_mse]) / max(stat_n, 1), d)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.time() - tick_time
+                speed = (images_seen - tick_images) / max(elapsed, 1e-9)
+                mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else peak_rss_gb()
+                record = {"images": images_seen, "step": step, "loss": totals[0].item(), "mse": totals[1].item(),
+                          "lr": optimizer.param_groups[0]["lr"], "images_per_s": speed, "time": time.time()}
+                record.update(memory_gb=mem, processes=d.world_size, device=device.type, interval_s=elapsed)
+                logger.log(record)
+                if d.is_main and not quiet:
+                    print_status(status_line(images_seen, total, record["loss"], speed, mem))
+                stat_loss.zero_(), stat_mse.zero_()
+                stat_n, tick_time, tick_images = 0, time.time(), images_seen
 
-        # ---- periodic sample grid from the EMA weights.
-        if next_grid is not None and images_seen >= next_grid and d.is_main:
-            next_grid = (images_seen // tc.sample_every_images + 1) * tc.sample_every_images
-            labels, per = grid_labels(cfg, num_classes)
-            images = generate(ema, cfg, objective, autoencoder, labels, list(range(len(labels))), device, text_encoder=text_encoder)
-            save_grid(images, run_dir / "samples" / f"grid-{images_seen:010d}.png", per)
+            # ---- signals for comparing runs while they train (process 0, EMA weights): eval.jsonl.
+            if validator is not None and images_seen >= next_val:
+                next_val = (images_seen // tc.val_every_images + 1) * tc.val_every_images
+                logger.log({"images": images_seen, **validator.loss(ema)}, file="eval.jsonl")
+            if next_metric is not None and images_seen >= next_metric and d.is_main:
+                next_metric = (images_seen // tc.metric_every_images + 1) * tc.metric_every_images
+                logger.log({"images": images_seen, **quick_metrics(ema, cfg, objective, autoencoder, device, run_dir, cfg.eval.train_metric_images)},
+                           file="eval.jsonl")
 
-        # ---- checkpoint (also at the end).
-        if images_seen >= next_ckpt or images_seen >= end:
-            next_ckpt = (images_seen // tc.checkpoint_every_images + 1) * tc.checkpoint_every_images
-            if d.is_main:
-                state = {
-                    "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                    "images_seen": images_seen, "step": step, "nan_skips": nan_skips,
-                    # The lr schedule is a pure function of images_seen (warm-up, then constant).
-                    "lr_schedule": {"base_lr": tc.lr, "warmup_images": tc.warmup_images},
-                    # Where the data stream continues: images seen (indexed sets, cache); shard streams also
-                    # need the process count, since each process reads its own shards.
-                    "data_position": images_seen, "world_size": d.world_size, "rng": {"torch": torch.get_rng_state()},
-                    "config": to_dict(cfg),
-                }
-                atomic_save(state, checkpoint_path(run_dir, images_seen))
-                prune_checkpoints(run_dir, tc.keep_checkpoints)
-            parallel.barrier(d)
+            # ---- periodic sample grid from the EMA weights.
+            if next_grid is not None and images_seen >= next_grid and d.is_main:
+                next_grid = (images_seen // tc.sample_every_images + 1) * tc.sample_every_images
+                labels, per = grid_labels(cfg, num_classes)
+                images = generate(ema, cfg, objective, autoencoder, labels, list(range(len(labels))), device, text_encoder=text_encoder)
+                save_grid(images, run_dir / "samples" / f"grid-{images_seen:010d}.png", per)
 
-    logger.close()
+            # ---- checkpoint (also at the end and on a stop signal); non-finite weights are never written.
+            if images_seen >= next_ckpt or images_seen >= end or stopping:
+                next_ckpt = (images_seen // tc.checkpoint_every_images + 1) * tc.checkpoint_every_images
+                check_weights_finite()
+                if d.is_main:
+                    state = {
+                        "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                        "images_seen": images_seen, "step": step, "nan_skips": nan_skips,
+                        # The lr schedule is a pure function of images_seen (warm-up, then constant).
+                        "lr_schedule": {"base_lr": tc.lr, "warmup_images": tc.warmup_images},
+                        # Where the data stream continues: images seen (indexed sets, cache); shard streams also
+                        # need the process count, since each process reads its own shards.
+                        "data_position": images_seen, "world_size": d.world_size, "rng": {"torch": torch.get_rng_state()},
+                        "config": to_dict(cfg),
+                    }
+                    atomic_save(state, checkpoint_path(run_dir, images_seen))
+                    prune_checkpoints(run_dir, tc.keep_checkpoints)
+                last_good = checkpoint_path(run_dir, images_seen)
+                parallel.barrier(d)
+            if stopping:
+                raise TrainingStopped(signals.name, images_seen, last_good)
+    finally:
+        signals.restore()
+        logger.close()
     if d.is_main:
         plot_loss_curve(run_dir)
     return run_dir

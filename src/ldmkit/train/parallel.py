@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -18,26 +19,37 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    cpu_group: object = None  # a gloo group for host-side agreement (stop signals); None: the default group
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def init_distributed(device_pref: str = "auto", process_group: bool = True) -> Dist:
+def init_distributed(device_pref: str = "auto", process_group: bool = True, timeout_s: float = 600) -> Dist:
     """This process's rank and device from torchrun's variables; with process_group, also join the group
-    (training). `ldmkit encode` needs none: its processes share only the file system."""
+    (training). `ldmkit encode` needs none: its processes share only the file system. A collective that waits
+    longer than timeout_s for another process (frozen or dead) raises instead of hanging."""
+    from ..config import ConfigError
+
     cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
     if device_pref == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no GPU is visible")
+        raise ConfigError("config key 'train.device': 'cuda', but no GPU is visible here (use auto or cpu)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda and local >= torch.cuda.device_count():
+        raise ConfigError(f"process {rank} has LOCAL_RANK {local}, but only {torch.cuda.device_count()} GPU(s) are visible")
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if process_group and world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return Dist(rank, world, local, device)
+    cpu_group = None
+    if process_group and world > 1:
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+        if dist.get_backend() != "gloo":
+            cpu_group = dist.new_group(backend="gloo", timeout=timeout)
+    return Dist(rank, world, local, device, cpu_group)
 
 
 def all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:

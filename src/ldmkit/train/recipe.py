@@ -64,7 +64,7 @@ def stage_configs(recipe: dict, out: Path, extra_overrides: list[str] | None = N
 
 
 def stage_done(cfg, run_dir: Path) -> bool:
-    from .state import latest_checkpoint
+    from ..checkpoint import latest_checkpoint
 
     last = latest_checkpoint(run_dir)
     return last is not None and int(re.search(r"(\d+)", last.name).group(1)) >= cfg.train.total_images

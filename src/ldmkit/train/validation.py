@@ -30,7 +30,7 @@ def validation_batch(cfg, n: int) -> dict:
         from ..data.shards import ShardStream, expand_urls
 
         plain = DataConfig(**{**dc.__dict__, "hflip": False, "crop": "center", "shuffle_buffer": 1})
-        stream = ShardStream(expand_urls(dc.path), plain, 0, 0, 1, n, with_labels=cfg.model.conditioning == "class")
+        stream = ShardStream(expand_urls(dc.path, dc.allow_shell), plain, 0, 0, 1, n, with_labels=cfg.model.conditioning == "class")
         return next(iter(stream))
     else:
         source = build_dataset(DataConfig(**{**dc.__dict__, "hflip": False}), "train")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import load_checkpoint, load_file
 from ..models.dit import DIT_SIZES
 
 
@@ -137,9 +138,10 @@ def diffusers_config(arch: dict) -> dict:
     )
 
 
-def read_weights(path: str | Path) -> tuple[dict, str, dict | None, dict]:
+def read_weights(path: str | Path, trust_pickle: bool = False) -> tuple[dict, str, dict | None, dict]:
     """Load weights from a file or folder; returns (state dict, layout, embedded ldmkit config or None,
-    the diffusers config.json beside the weights or {}).
+    the diffusers config.json beside the weights or {}). Files are read without running code (safetensors or
+    weights_only; see ldmkit.checkpoint.load_file), unless trust_pickle.
     Layouts: 'ldmkit' (an ldmkit checkpoint), 'official' (facebookresearch/DiT), 'diffusers'."""
     path = Path(path)
     folder_config = {}
@@ -149,21 +151,15 @@ def read_weights(path: str | Path) -> tuple[dict, str, dict | None, dict]:
         files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
         for sub in (path / "transformer", path / "unet"):  # a pipeline folder: its denoiser
             if not files and sub.is_dir():
-                return read_weights(sub)
+                return read_weights(sub, trust_pickle)
         if not files:
             raise ConversionError(f"no weights (*.safetensors or *.bin) in folder {path}")
         path = files[0]
     if not path.is_file():
         raise ConversionError(f"weights not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(path))
-    else:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise ConversionError(f"cannot read {path} ({type(e).__name__})") from None
+    sd = load_file(path, trust_pickle=trust_pickle) if trust_pickle else load_checkpoint(path)
+    if not isinstance(sd, dict):
+        raise ConversionError(f"{path} holds a {type(sd).__name__}, not a state dict")
     if isinstance(sd, dict) and "config" in sd and "ema" in sd and "images_seen" in sd:
         return sd["ema"], "ldmkit", sd["config"], folder_config
     sd = unwrap_official(sd)

@@ -36,20 +36,20 @@ class InitError(ValueError):
 def read_source(source: str | Path, weights: str = "ema") -> tuple[dict, dict | None]:
     """(state dict in ldmkit names, the source's embedded ldmkit config or None) from a run folder, an ldmkit
     checkpoint (including one written by `ldmkit convert`), an official DiT checkpoint or a diffusers DiT folder."""
-    from ..train.state import latest_checkpoint, load_checkpoint
+    from ..checkpoint import latest_checkpoint, load_checkpoint, run_checkpoint
     from .checkpoints import ConversionError, diffusers_to_ldmkit, read_weights
 
     path = Path(source)
     if path.is_dir() and (path / "checkpoints").is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
+        if latest_checkpoint(path) is None:
             raise InitError(f"config key 'init.source': run {path} has no checkpoint yet")
-        path = found
+        state = run_checkpoint(path, require=("config", weights))[1]
+        return state[weights], state["config"]
     if not path.exists():
         raise InitError(f"config key 'init.source': {source} does not exist")
     if path.is_file() and path.suffix in (".pt", ".pth", ".ckpt"):
         state = load_checkpoint(path)
-        if isinstance(state, dict) and "config" in state and "model" in state:
+        if "config" in state and "model" in state:
             return state[weights], state["config"]  # weights: ema | model (checked with the config)
     try:
         sd, layout, embedded, _ = read_weights(path)

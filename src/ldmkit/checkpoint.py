@@ -1,0 +1,258 @@
+"""Reading and writing weights and training state: a leaf every layer may use.
+
+Safe by default: every read goes through `load_file`, which uses safetensors or
+`torch.load(weights_only=True)`. A file that needs full unpickling (it names Python objects beyond tensors,
+numbers, strings and containers) is refused with one line, since unpickling can run arbitrary code.
+
+Training checkpoints are written atomically (temporary file, fsync, rename) with a SHA-256 of their bytes in a
+sidecar file `ckpt-N.pt.sha256`, written before the checkpoint appears under its final name. On resume, a
+checkpoint whose bytes do not match its checksum, that cannot be read, or that lacks a part of the training
+state is reported in one line and the previous intact one is used.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+CKPT_PATTERN = re.compile(r"ckpt-(\d+)\.pt$")
+CHECKSUM_SUFFIX = ".sha256"
+# What a training checkpoint must hold to resume from it.
+TRAINING_KEYS = ("model", "ema", "optimizer", "images_seen", "step", "rng", "config")
+# Plain attribute containers some published training scripts store beside their weights (DiT's and MDT's
+# train.py save their argparse arguments): rebuilding one runs no code, so weights_only may accept it.
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or weights file that cannot be used here, reported as one line."""
+
+
+class UnsafeFileError(CheckpointError):
+    """A file that only full unpickling could read (which can run code): refused."""
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [""])[0][:160]
+
+
+def load_file(path: str | Path, trust_pickle: bool = False) -> dict:
+    """The contents of a weights or state file (.safetensors, or a torch.save file read with weights_only=True).
+
+    trust_pickle=True reads a file that needs full unpickling; it prints a warning, and only `ldmkit convert
+    --trust-pickle` passes it, for a file the user vouches for."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file as load_safetensors
+
+        try:
+            return load_safetensors(str(path))
+        except Exception as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
+    if trust_pickle:
+        print(f"WARNING: reading {path} with full unpickling (--trust-pickle): a malicious file can run any code "
+              "on this machine. Do this only for files from a source you trust.", file=sys.stderr, flush=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {_first_line(e)})") from None
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle_error_types() as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            found = re.search(r"(?:Unsupported global: GLOBAL|global) ([\w.]+)", str(e))
+            what = f" (it references {found.group(1)})" if found else ""
+            raise UnsafeFileError(
+                f"{path} needs full unpickling to load{what}, which can run code, so ldmkit refuses it; if you trust "
+                f"its source, rewrite it once as plain weights with `ldmkit convert {path} --trust-pickle --out NEW.pt`"
+            ) from None
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def pickle_error_types() -> tuple[type[BaseException], ...]:
+    import pickle
+
+    return (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError, KeyError, TypeError,
+            IndexError, ImportError)
+
+
+class _HashingWriter:
+    """A file object that hashes what passes through it."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def file_sha256(path: str | Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _write_atomic_bytes(data: bytes, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    """Write obj to a temporary file in the same folder, fsync, record its checksum, then rename: a crash
+    leaves the old file, and a file under its final name always has its checksum beside it."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        writer = _HashingWriter(f)
+        torch.save(obj, writer)
+        f.flush()
+        os.fsync(f.fileno())
+    _write_atomic_bytes(f"{writer.sha.hexdigest()}  {path.name}\n".encode(), checksum_path(path))
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def checksum_path(path: Path) -> Path:
+    return Path(path).with_name(Path(path).name + CHECKSUM_SUFFIX)
+
+
+def verify_checksum(path: str | Path) -> None:
+    """Raise CheckpointError when the file's bytes do not match its recorded checksum. A checkpoint written
+    before checksums existed (no sidecar) passes; reading it still catches truncation."""
+    path = Path(path)
+    side = checksum_path(path)
+    if not side.is_file():
+        return
+    recorded = side.read_text().split()[:1]
+    if not recorded or recorded[0] != file_sha256(path):
+        raise CheckpointError(f"checkpoint {path} is corrupt or incomplete (its bytes do not match {side.name})")
+
+
+def checkpoint_path(run_dir: Path, images_seen: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"ckpt-{images_seen:010d}.pt"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = (p for p in folder.iterdir() if CKPT_PATTERN.search(p.name))
+    return sorted(found, key=lambda p: int(CKPT_PATTERN.search(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: str | Path, require: tuple[str, ...] = ()) -> dict:
+    """A checkpoint's state, checked against its checksum; keys in require must be present."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    verify_checksum(path)
+    state = load_file(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} is not an ldmkit checkpoint (it holds a {type(state).__name__})")
+    missing = [k for k in require if k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks '{missing[0]}' "
+                              f"({len(missing)} part(s) of the training state missing)")
+    return state
+
+
+def newest_intact_checkpoint(run_dir: Path, require: tuple[str, ...] = TRAINING_KEYS,
+                             report=lambda line: None) -> tuple[Path | None, dict | None]:
+    """(path, state) of the newest checkpoint that verifies and loads, reporting each newer one skipped in one
+    line; (None, None) when the run has none. A run whose checkpoints are all unusable raises the newest error."""
+    errors = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            state = load_checkpoint(path, require)
+        except CheckpointError as e:
+            errors.append((path, e))
+            continue
+        for skipped, e in errors:
+            report(f"skipping {skipped.name}: {e}")
+        return path, state
+    if errors:
+        raise CheckpointError(f"no usable checkpoint in {Path(run_dir) / 'checkpoints'} (the newest: {errors[0][1]})")
+    return None, None
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (keep >= 1: the newest is never deleted)."""
+    for old in list_checkpoints(run_dir)[:-max(keep, 1)]:
+        old.unlink(missing_ok=True)
+        checksum_path(old).unlink(missing_ok=True)
+
+
+def nonfinite_count(tensors) -> torch.Tensor:
+    """Number of non-finite values over floating tensors, as a device tensor (no host sync until read)."""
+    counts = [(~torch.isfinite(t)).sum() for t in tensors if t.is_floating_point()]
+    return torch.stack(counts).sum() if counts else torch.zeros((), dtype=torch.long)
+
+
+def load_weights(model: nn.Module, state_dict: dict, source: str) -> None:
+    """Strict load with a one-line error naming the first tensor that does not fit."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [k for k in own if k in state_dict and tuple(own[k].shape) != tuple(state_dict[k].shape)]
+    if missing or unexpected or mismatched:
+        if mismatched:
+            k = mismatched[0]
+            detail = f"tensor '{k}' has shape {list(state_dict[k].shape)} there and {list(own[k].shape)} here"
+        elif missing:
+            detail = f"tensor '{missing[0]}' is missing ({len(missing)} missing)"
+        else:
+            detail = f"tensor '{unexpected[0]}' is not in this model ({len(unexpected)} unexpected)"
+        raise CheckpointError(f"{source} does not fit this model (another architecture?): {detail}")
+    model.load_state_dict(state_dict)
+
+
+def run_checkpoint(source: str | Path, require: tuple[str, ...] = ("config",)) -> tuple[Path, dict, Path | None]:
+    """(checkpoint path, state, run folder or None) of a run folder (its newest intact checkpoint; newer broken
+    ones are reported on stderr) or of a checkpoint file. One-line CheckpointErrors otherwise."""
+    source = Path(source)
+    if source.is_dir():
+        if not (source / "checkpoints").is_dir():
+            raise CheckpointError(f"{source} is not an ldmkit run folder (no checkpoints/)")
+        path, state = newest_intact_checkpoint(source, require, report=lambda line: print(line, file=sys.stderr))
+        if path is None:
+            raise CheckpointError(f"no checkpoint in run folder {source} (expected {source}/checkpoints/ckpt-*.pt)")
+        return path, state, source
+    state = load_checkpoint(source, require)
+    return source, state, source.parent.parent if source.parent.name == "checkpoints" else None
