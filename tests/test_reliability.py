@@ -267,22 +267,22 @@ def test_log_records_past_the_resumed_checkpoint_are_dropped(tmp_path):
     assert all(r["loss"] != 9.0 for r in read_log(run))
 
 
-def _ddp_stop_worker(rank, port, run_dir, timeout_s):
+def _ddp_worker(rank, port, run_dir, timeout_s, action):
+    """One process of a two-process gloo run; process 1 does `action` to itself before its 5th step."""
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     if rank == 1:
-        # Freeze this process after a few steps, as a hung GPU or a stopped node would.
         import ldmkit.train.loop as loop
 
-        original, calls = loop.step_seed, []
+        original, done = loop.step_seed, []
 
-        def freezing_step_seed(seed, step):
-            calls.append(step)
-            if len(calls) == 5:
-                os.kill(os.getpid(), signal.SIGSTOP)
+        def step_seed_then_act(seed, step):
+            if step == 4 and not done:  # while drawing the randomness of the 5th step
+                done.append(True)
+                os.kill(os.getpid(), action)
             return original(seed, step)
 
-        loop.step_seed = freezing_step_seed
+        loop.step_seed = step_seed_then_act
     overrides = TINY + ["train.total_images=100000", "train.log_every_images=16", f"train.dist_timeout_s={timeout_s}"]
     sys.exit(main(["train", str(run_dir / "c.yaml"), "--out", str(run_dir / "run")] + [a for o in overrides for a in ("--set", o)]))
 
@@ -294,7 +294,8 @@ def test_a_frozen_process_ends_a_two_process_run_within_the_timeout(tmp_path):
     (tmp_path / "c.yaml").write_text("name: frozen\n")
     ctx = multiprocessing.get_context("fork")
     port = 31500 + os.getpid() % 1000
-    procs = [ctx.Process(target=_ddp_stop_worker, args=(rank, port, tmp_path, 10)) for rank in (0, 1)]
+    # Process 1 freezes after a few steps, as a hung GPU or a stopped node would.
+    procs = [ctx.Process(target=_ddp_worker, args=(rank, port, tmp_path, 10, signal.SIGSTOP)) for rank in (0, 1)]
     for p in procs:
         p.start()
     try:
@@ -312,6 +313,23 @@ def test_a_frozen_process_ends_a_two_process_run_within_the_timeout(tmp_path):
             if p.is_alive():
                 os.kill(p.pid, signal.SIGKILL)
             p.join()
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path):
+    import multiprocessing
+
+    (tmp_path / "c.yaml").write_text("name: preempted\n")
+    ctx = multiprocessing.get_context("fork")
+    port = 32500 + os.getpid() % 1000
+    procs = [ctx.Process(target=_ddp_worker, args=(rank, port, tmp_path, 60, signal.SIGTERM)) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [75, 75]
+    images = state_of(tmp_path / "run")["images_seen"]
+    assert images == 5 * 16  # the step during which the signal came, checkpointed by process 0
 
 
 def _is_stopped(pid: int) -> bool:

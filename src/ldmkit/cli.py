@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args):
-    from .config import RunConfig, apply_overrides, build, load_config, to_dict, validate
+    from .config import RunConfig, apply_overrides, build, dump_config, load_config, to_dict, validate
     from .train.loop import checkpoint_config, training_loop
 
     overrides = args.overrides + ([f"init.source={args.init}"] if args.init else [])
@@ -222,9 +222,12 @@ def cmd_train(args):
         if args.out and Path(args.out).resolve() != source.resolve():
             raise ValueError(f"CONFIG is the run folder {source}; --out must be left out or name the same folder")
         config_file = source / "config.yaml"
-        recorded = load_config(config_file) if config_file.is_file() else checkpoint_config(source)
-        if recorded is None:
-            raise FileNotFoundError(f"{source} is a folder but not an ldmkit run (no config.yaml and no checkpoint)")
+        if not config_file.is_file():
+            recorded = checkpoint_config(source)
+            if recorded is None:
+                raise FileNotFoundError(f"{source} is a folder but not an ldmkit run (no config.yaml and no checkpoint)")
+            dump_config(recorded, config_file)  # restored: the run's own config
+        recorded = load_config(config_file)
         cfg = build(RunConfig, apply_overrides(to_dict(recorded), overrides))
         validate(cfg)
         out = source

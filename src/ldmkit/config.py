@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -371,7 +372,7 @@ PROBABILITY, DECAY, NOISE_LEVEL = (0, 1, False, False), (0, 1, False, True), (0,
 RANGES = {
     "model.input_size": POSITIVE, "model.in_channels": POSITIVE, "model.num_classes": POSITIVE,
     "model.depth": POSITIVE, "model.hidden_size": POSITIVE, "model.num_heads": POSITIVE, "model.patch_size": POSITIVE,
-    "model.decode_layers": NON_NEGATIVE, "model.mlp_ratio": POSITIVE, "model.pooled_dim": POSITIVE,
+    "model.decode_layers": NON_NEGATIVE, "model.mlp_ratio": (0, 16, True, False), "model.pooled_dim": POSITIVE,
     "model.context_dim": POSITIVE, "model.max_tokens": POSITIVE, "model.mask_ratio": (0, 0.8, False, False),
     "model.pos_embed_max_size": POSITIVE, "model.pos_embed_base_size": POSITIVE,
     "diffusion.num_timesteps": (2, None, False, False), "diffusion.beta_start": NOISE_LEVEL,
@@ -533,7 +534,11 @@ def to_dict(cfg) -> dict:
 
 
 def dump_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write atomically (several processes may write the same run's config; none reads a partial file)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
 
 
 def diff_configs(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -9,11 +9,16 @@ import math
 import numpy as np
 import torch
 
+from ..config import ConfigError
+
 
 def ddpm_betas(schedule: str, num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
     if schedule == "linear":
         # DiT/ADM: the 1000-step endpoints, rescaled when the number of steps differs.
         scale = 1000 / num_timesteps
+        if not 0 < scale * beta_start < 1 or not 0 < scale * beta_end < 1:
+            raise ConfigError(f"config key 'diffusion.num_timesteps': {num_timesteps} steps rescale the linear betas "
+                              f"[{beta_start}, {beta_end}] by 1000 / {num_timesteps} to outside (0, 1)")
         return np.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=np.float64)
     if schedule == "scaled_linear":
         # LDM / Stable Diffusion: linear in sqrt(beta) (latent-diffusion linear_start 0.00085 or 0.0015, linear_end 0.012 or 0.0195).

@@ -132,8 +132,16 @@ def build_model(model_cfg, conditioning_cfg=None) -> nn.Module:
         extra["control"] = control_spec(conditioning_cfg)
     if cls is PixArt:
         extra["caption_channels"] = extra.pop("context_dim")
-    return cls(input_size=model_cfg.input_size, in_channels=model_cfg.in_channels, learn_sigma=model_cfg.learn_sigma,
-               conditioning=model_cfg.conditioning, **extra, **arch)
+    try:
+        return cls(input_size=model_cfg.input_size, in_channels=model_cfg.in_channels, learn_sigma=model_cfg.learn_sigma,
+                   conditioning=model_cfg.conditioning, **extra, **arch)
+    except ConfigError:
+        raise
+    except (RuntimeError, TypeError, ValueError, AssertionError, MemoryError, ZeroDivisionError) as e:
+        # Sizes that fit no layer (a width the heads do not divide, a grid the patch does not tile, ...).
+        detail = (str(e).splitlines() or [""])[0][:160]
+        raise ConfigError(f"config section 'model': {model_cfg.preset} cannot be built with these settings "
+                          f"({type(e).__name__}: {detail})") from None
 
 
 def count_parameters(model: nn.Module) -> int:
