@@ -5,6 +5,7 @@ The values come from pools per type that mix valid and invalid ones (signs, zero
 types, every choice word the config knows). Examples are derandomised so CI is reproducible;
 LDMKIT_FUZZ_EXAMPLES raises their number for a longer local search.
 """
+
 import contextlib
 import dataclasses
 import io
@@ -25,11 +26,53 @@ from ldmkit.config import RunConfig
 
 INTS = [-1, 0, 1, 2, 3, 16, 64]
 FLOATS = [-1.0, 0.0, 1e-3, 0.5, 0.9999, 1.0, 2.0, 1e30, math.nan, math.inf, -math.inf]
-WORDS = ["", "bogus", "../x", "ddpm", "flow", "ddim", "euler", "heun", "cosine", "linear", "constant", "none", "minilm",
-         "t5", "class", "text", "pooled_text", "shards", "image_folder", "mnist", "kl", "identity", "sd3", "bf16",
-         "fp32", "adan", "cuda", "cpu", "disentangled", "additive", "published", "random_resized", "center", "none",
-         "noisy_replicate", "replicate", "wnid", "replace", "rectified", "interpolate", "logit_normal", "trailing",
-         "imagenet1k", "original_size", "flip"]
+WORDS = [
+    "",
+    "bogus",
+    "../x",
+    "ddpm",
+    "flow",
+    "ddim",
+    "euler",
+    "heun",
+    "cosine",
+    "linear",
+    "constant",
+    "none",
+    "minilm",
+    "t5",
+    "class",
+    "text",
+    "pooled_text",
+    "shards",
+    "image_folder",
+    "mnist",
+    "kl",
+    "identity",
+    "sd3",
+    "bf16",
+    "fp32",
+    "adan",
+    "cuda",
+    "cpu",
+    "disentangled",
+    "additive",
+    "published",
+    "random_resized",
+    "center",
+    "none",
+    "noisy_replicate",
+    "replicate",
+    "wnid",
+    "replace",
+    "rectified",
+    "interpolate",
+    "logit_normal",
+    "trailing",
+    "imagenet1k",
+    "original_size",
+    "flip",
+]
 LISTS = [[], [0.5], [0.9, 0.95], [0.98, 0.92, 0.99], [-1, 2], ["bogus"], [[16, 16]], [0.0, 1.0]]
 # Values that would make one example slow rather than wrong (thousands of blocks, many worker processes).
 CAPPED = {"data.num_workers": [-1, 0, 1, 2]}
@@ -95,7 +138,12 @@ def train_one_step(changes) -> tuple[int, str, Path]:
     root = Path(tempfile.mkdtemp(prefix="fuzz-"))
     config = root / "c.yaml"
     config.write_text("name: fuzz\n")
-    base = TINY + ["train.total_images=32", "eval.classifier_epochs=1", "eval.train_metric_images=4", "sample.per_class=1"]
+    base = TINY + [
+        "train.total_images=32",
+        "eval.classifier_epochs=1",
+        "eval.train_metric_images=4",
+        "sample.per_class=1",
+    ]
     argv = ["train", str(config), "--out", str(root / "run"), "--stop-after", "16"]
     for o in base + [f"{key}={yaml_text(value)}" for key, value in changes]:
         argv += ["--set", o]
@@ -105,8 +153,13 @@ def train_one_step(changes) -> tuple[int, str, Path]:
     return code, err.getvalue(), root
 
 
-@settings(max_examples=int(os.environ.get("LDMKIT_FUZZ_EXAMPLES", "60")), deadline=None, derandomize=True,
-          database=None, suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=int(os.environ.get("LDMKIT_FUZZ_EXAMPLES", "60")),
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 @given(mutations())
 def test_any_config_value_trains_or_fails_in_one_line(changes):
     code, err, root = train_one_step(changes)

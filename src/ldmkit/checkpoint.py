@@ -68,14 +68,16 @@ def load_file(path: str | Path, trust_pickle: bool = False) -> dict:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle_error_types() as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            found = re.search(r"(?:Unsupported global: GLOBAL|global) ([\w.]+)", str(e))
-            what = f" (it references {found.group(1)})" if found else ""
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:  # it names a Python object that only full unpickling would build
+            what = f" (it references {found.group(1)})"
             raise UnsafeFileError(
                 f"{path} needs full unpickling to load{what}, which can run code, so ldmkit refuses it; if you trust "
                 f"its source, rewrite it once as plain weights with `ldmkit convert {path} --trust-pickle --out NEW.pt`"
             ) from None
-        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {_first_line(e)})") from None
+        detail = re.search(r"Unsupported operand \d+|invalid load key[^.]*", str(e))
+        raise CheckpointError(f"{path} is not a readable weights file "
+                              f"({detail.group(0) if detail else type(e).__name__ + ': ' + _first_line(e)})") from None
 
 
 def pickle_error_types() -> tuple[type[BaseException], ...]:
@@ -210,6 +212,15 @@ def newest_intact_checkpoint(run_dir: Path, require: tuple[str, ...] = TRAINING_
     if errors:
         raise CheckpointError(f"no usable checkpoint in {Path(run_dir) / 'checkpoints'} (the newest: {errors[0][1]})")
     return None, None
+
+
+def remove_partial_writes(run_dir: Path) -> list[Path]:
+    """Delete the temporary files of checkpoint writes a crash interrupted (never a finished checkpoint)."""
+    folder = Path(run_dir) / "checkpoints"
+    partial = sorted(folder.glob("*.tmp")) if folder.is_dir() else []
+    for path in partial:
+        path.unlink(missing_ok=True)
+    return partial
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:

@@ -238,6 +238,14 @@ def cmd_train(args):
     training_loop(cfg, out, allow_config_change=args.resume, stop_after_images=args.stop_after)
 
 
+def number_list(text: str, kind, option: str) -> list:
+    """'3,7' -> [3, 7], or a one-line error naming the option."""
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except (ValueError, argparse.ArgumentTypeError):
+        raise ValueError(f"{option}: expected comma-separated numbers, got {text!r}") from None
+
+
 def check_not_file(path: Path | str | None, what: str) -> None:
     """A folder argument that names an existing file is refused (nothing is overwritten)."""
     if path is not None and Path(path).exists() and not Path(path).is_dir():
@@ -260,7 +268,7 @@ def cmd_sample(args):
     cfg.sample.control = list(cfg.sample.control) + list(args.control)
     if args.control_guidance is not None:
         cfg.sample.control_guidance_scale = args.control_guidance
-    classes = [int(c) for c in args.classes.split(",")] if args.classes else None
+    classes = number_list(args.classes, int, "--classes") if args.classes else None
     prompts = None
     if args.prompt:
         if cfg.model.conditioning == "class":
@@ -326,6 +334,7 @@ def cmd_mnist_shards(args):
     from .data.shards import write_mnist_caption_shards
 
     cfg = load_config(overrides=[f"data.resolution={args.resolution}"])
+    check_not_file(args.out, "the output folder")
     paths = write_mnist_caption_shards(args.out, cfg.data, args.split, shard_size=args.shard_size)
     print(f"{len(paths)} shard(s): {paths[0]} ... {paths[-1]}")
 
@@ -354,7 +363,7 @@ def cmd_eval(args):
                     raise ValueError(f"--metrics: unknown {', '.join(sorted(unknown))} (choose from classifier, fd_effnet, fid, none)")
                 eval_cfg.classifier, eval_cfg.fd_effnet, eval_cfg.fid = ("classifier" in chosen, "fd_effnet" in chosen, "fid" in chosen)
         if args.sweep_guidance:
-            scales = [float(x) for x in args.sweep_guidance.split(",") if x.strip()]
+            scales = number_list(args.sweep_guidance, finite_float, "--sweep-guidance")
             sweep = []
             for scale in scales:
                 metrics, _, _ = evaluate_run(source, num_images=args.num, guidance_scale=scale, steps=args.steps, sampler=args.sampler,
@@ -505,6 +514,7 @@ def cmd_export(args):
     from .transfer.pixart import write_pixart_diffusers
     from .transfer.unet import write_unet_diffusers
 
+    check_not_file(args.out, "--out")
     ckpt, state, _ = run_checkpoint(args.source)
     run_cfg = build(RunConfig, state["config"])
     model = build_model(run_cfg.model, run_cfg.conditioning)

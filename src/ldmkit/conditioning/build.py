@@ -83,6 +83,18 @@ def sampling_cond(cfg, labels: torch.Tensor | None, prompts: list[str] | None, t
     return cond
 
 
+def check_sampling_control(cfg) -> None:
+    """Control values asked for (sample.control, --control) must be ones the run embeds, and well formed."""
+    from ..config import ConfigError
+
+    if not cfg.sample.control:
+        return
+    if not (cfg.model.micro_conditions or cfg.conditioning.control):
+        raise ConfigError(f"config key 'sample.control': this run embeds no control values, so "
+                          f"{cfg.sample.control[0]!r} would be ignored")
+    sampling_control(cfg, 1, "cpu")
+
+
 def sampling_control(cfg, n: int, device) -> dict[str, torch.Tensor]:
     """Control values to sample with: an uncropped, unflipped image of the training resolution, overridden by
     sample.control entries 'key=v1,v2' (e.g. 'original_size=512,512', 'flip=1')."""

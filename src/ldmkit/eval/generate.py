@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
-from ..conditioning.build import build_text_encoder, prompts_for_labels, sampling_cond
+from ..conditioning.build import build_text_encoder, check_sampling_control, prompts_for_labels, sampling_cond
 from ..diffusion import samplers
 from ..diffusion.guidance import guided
 
@@ -27,6 +27,7 @@ def generate(model, cfg, objective, autoencoder, labels: torch.Tensor, indices: 
     if cfg.model.conditioning != "class":
         prompts = prompts or prompts_for_labels(cfg, labels)
         text_encoder = text_encoder or build_text_encoder(cfg, device)
+    check_sampling_control(cfg)
     model.eval()
     scale = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
     if not math.isfinite(scale) or not math.isfinite(cfg.sample.control_guidance_scale):

@@ -30,7 +30,8 @@ from .optim import build_optimizer
 from .validation import Validator
 from .logging import RunLogger, plot_loss_curve, print_status, status_line
 from ..checkpoint import (
-    atomic_save, checkpoint_path, latest_checkpoint, load_weights, newest_intact_checkpoint, nonfinite_count, prune_checkpoints,
+    atomic_save, checkpoint_path, latest_checkpoint, load_weights, newest_intact_checkpoint, nonfinite_count,
+    prune_checkpoints, remove_partial_writes,
 )
 from .signals import StopSignals, TrainingDiverged, TrainingStopped
 
@@ -87,10 +88,16 @@ def ema_beta(cfg, images_seen: int) -> float:
     return 0.5 ** (t.global_batch / max(halflife, 1e-8))
 
 
-def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool = False, stop_after_images: int | None = None, quiet: bool = False) -> Path:
+def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool = False, stop_after_images: int | None = None,
+                  quiet: bool = False) -> Path:
     """Train until cfg.train.total_images (or stop_after_images), checkpointing on the way. Returns run_dir."""
-    run_dir = Path(run_dir)
     d = parallel.init_distributed(cfg.train.device, timeout_s=cfg.train.dist_timeout_s)
+    with parallel.lost_process_errors(d, cfg.train.dist_timeout_s):
+        return _train(cfg, Path(run_dir), d, allow_config_change, stop_after_images, quiet)
+
+
+def _train(cfg: RunConfig, run_dir: Path, d: parallel.Dist, allow_config_change: bool, stop_after_images: int | None,
+           quiet: bool) -> Path:
     device, tc = d.device, cfg.train
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tc.tf32
@@ -142,6 +149,9 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
     # The newest checkpoint that verifies against its checksum and holds the whole state; newer broken ones are
     # reported and left in place (never deleted: they may be wanted for forensics).
     report = print_status if d.is_main else (lambda *_: None)
+    if d.is_main:
+        for partial in remove_partial_writes(run_dir):
+            report(f"removed {partial.name}, a checkpoint write that was interrupted")
     resume_from, state = newest_intact_checkpoint(run_dir, report=report)
     if resume_from is not None:
         load_weights(model, state["model"], f"checkpoint {resume_from}")

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -38,7 +39,8 @@ def init_distributed(device_pref: str = "auto", process_group: bool = True, time
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if cuda and local >= torch.cuda.device_count():
-        raise ConfigError(f"process {rank} has LOCAL_RANK {local}, but only {torch.cuda.device_count()} GPU(s) are visible")
+        raise ConfigError(f"process {rank} has LOCAL_RANK {local}, but only {torch.cuda.device_count()} GPU(s) "
+                          "are visible")
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -50,6 +52,23 @@ def init_distributed(device_pref: str = "auto", process_group: bool = True, time
         if dist.get_backend() != "gloo":
             cpu_group = dist.new_group(backend="gloo", timeout=timeout)
     return Dist(rank, world, local, device, cpu_group)
+
+
+class LostProcess(ValueError):
+    """A collective failed or timed out: another process froze or died (one line, exit code 2)."""
+
+
+@contextlib.contextmanager
+def lost_process_errors(d: "Dist | None", timeout_s: float):
+    """Turn a failed or timed-out collective of a multi-process run into one line that says what happened."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as e:
+        if d is None or d.world_size == 1 or not (isinstance(e, dist.DistError) or "timed out" in str(e).lower()):
+            raise
+        detail = " ".join(str(e).split())[:200]
+        raise LostProcess(f"process {d.rank}: a collective with the other processes failed or waited longer than "
+                          f"train.dist_timeout_s ({timeout_s:g} s); another process froze or died ({detail})") from None
 
 
 def all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:

@@ -5,6 +5,7 @@ set a flag; the loop asks `requested()` once per step, after the update. Under t
 part in that question (a max over a CPU process group, so no GPU sync), so all stop at the same step and
 process 0 writes the checkpoint. A second SIGINT interrupts at once.
 """
+
 from __future__ import annotations
 
 import signal
@@ -22,8 +23,10 @@ class TrainingStopped(Exception):
     """The run stopped on a signal after writing a checkpoint."""
 
     def __init__(self, signal_name: str, images_seen: int, checkpoint: Path | None):
-        super().__init__(f"stopped by {signal_name} at {images_seen:,} images; checkpoint {checkpoint} written: "
-                         "re-run the same command to resume")
+        super().__init__(
+            f"stopped by {signal_name} at {images_seen:,} images; checkpoint {checkpoint} written: "
+            "re-run the same command to resume"
+        )
         self.checkpoint = checkpoint
 
 
@@ -34,9 +37,13 @@ class TrainingDiverged(ValueError):
         if last_good is None:
             advice = "no checkpoint had been written yet: start again with a lower train.lr (or train.grad_clip)"
         else:
-            advice = (f"the last good checkpoint is {last_good}; resume from it with a lower learning rate: "
-                      f"ldmkit train {run_dir} --resume --set train.lr=<lower>")
-        super().__init__(f"training diverged at {images_seen:,} images ({what}); nothing non-finite was saved; {advice}")
+            advice = (
+                f"the last good checkpoint is {last_good}; resume from it with a lower learning rate: "
+                f"ldmkit train {run_dir} --resume --set train.lr=<lower>"
+            )
+        super().__init__(
+            f"training diverged at {images_seen:,} images ({what}); nothing non-finite was saved; {advice}"
+        )
 
 
 class StopSignals:
