@@ -307,16 +307,24 @@ def test_a_stop_signal_checkpoints_the_step_and_the_resumed_run_is_exact(tmp_pat
 
 
 def test_log_records_past_the_resumed_checkpoint_are_dropped(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from ldmkit.train.logging import read_log
 
     cfg = tiny_config("train.total_images=128", "train.log_every_images=16", "train.checkpoint_every_images=64")
-    run = training_loop(cfg, tmp_path / "run", stop_after_images=64, quiet=True)
-    with open(run / "log.jsonl", "a") as f:  # what a kill after a log line and before the next checkpoint leaves
-        f.write(json.dumps({"images": 80, "loss": 9.0}) + "\n" + '{"images": 96, "lo')
+    run = training_loop(cfg, tmp_path / "run", stop_after_images=96, quiet=True)
+    # What a kill after the logs of 80 and 96 images and before their checkpoint leaves: no checkpoint at 96.
+    for path in (run / "checkpoints").glob("ckpt-0000000096.pt*"):
+        path.unlink()
+    with open(run / "log.jsonl", "a") as f:  # and a line cut short
+        f.write('{"images": 112, "lo')
     training_loop(cfg, run, quiet=True)
     images = [r["images"] for r in read_log(run)]
     assert images == list(range(16, 129, 16))
-    assert all(r["loss"] != 9.0 for r in read_log(run))
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("loss")]
+    assert steps == list(range(16, 129, 16)), steps  # the events of 80 and 96 from the first attempt are purged
 
 
 def _ddp_worker(rank, port, run_dir, timeout_s, action):

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..autoencoders import build_autoencoder
-from ..config import ConfigError, RunConfig, diff_configs, dump_config, load_config, to_dict
+from ..config import ConfigError, RunConfig, build, diff_configs, dump_config, load_config, to_dict, validate
 from ..conditioning.build import build_text_encoder, cond_from_batch
 from ..data.loader import training_batches
 from ..diffusion.objectives import build_objective
@@ -67,12 +67,10 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, allow_config_change: bool, is
 
 def checkpoint_config(run_dir: Path) -> RunConfig | None:
     """The config embedded in a run folder's newest intact checkpoint (for a folder whose config.yaml was lost)."""
-    from ..config import RunConfig as _RunConfig, build, validate
-
     if latest_checkpoint(run_dir) is None:
         return None
     path, state = newest_intact_checkpoint(run_dir, require=("config",))
-    cfg = build(_RunConfig, state["config"])
+    cfg = build(RunConfig, state["config"])
     validate(cfg)
     print_status(f"{run_dir}/config.yaml is missing: using the config recorded in {path.name}")
     return cfg
