@@ -8,7 +8,7 @@ import torch
 
 from conftest import TINY
 from ldmkit.config import ConfigError, load_config
-from ldmkit.data.encode import encode_dataset
+from ldmkit.train.encode import encode_dataset
 from ldmkit.models.registry import build_model
 from ldmkit.train.loop import training_loop
 

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from ldmkit.conditioning.control import ControlEmbedder, ControlSchedule, pad_text
+from ldmkit.conditioning.padding import pad_text
+from ldmkit.models.control import ControlEmbedder, ControlSchedule
 
 
 def test_schedule_end_points_and_monotone():

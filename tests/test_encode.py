@@ -16,7 +16,7 @@ from conftest import TINY, state_of
 from ldmkit.config import ConfigError, dump_config, load_config
 from ldmkit.data.cache import BucketBatches, LatentCache, memmap_safetensors
 from ldmkit.data.datasets import DataError, pil_to_tensor
-from ldmkit.data.encode import encode_dataset
+from ldmkit.train.encode import encode_dataset
 from ldmkit.data.transforms import crop_with_metadata
 from ldmkit.train.loop import training_loop
 

@@ -158,7 +158,7 @@ def test_report_compares_runs_with_a_guidance_sweep(tmp_path):
 
 @pytest.mark.parametrize("source", ["cache", "shards"])
 def test_validation_loss_from_the_cache_and_from_shards(tmp_path, source):
-    from ldmkit.data.encode import encode_dataset
+    from ldmkit.train.encode import encode_dataset
     from ldmkit.data.shards import write_mnist_caption_shards
 
     extra = ["train.val_every_images=64", "eval.val_batch=8"]

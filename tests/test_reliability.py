@@ -309,7 +309,7 @@ def test_a_stop_signal_checkpoints_the_step_and_the_resumed_run_is_exact(tmp_pat
 def test_log_records_past_the_resumed_checkpoint_are_dropped(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from ldmkit.train.logging import read_log
+    from ldmkit.eval.report import read_log
 
     cfg = tiny_config("train.total_images=128", "train.log_every_images=16", "train.checkpoint_every_images=64")
     run = training_loop(cfg, tmp_path / "run", stop_after_images=96, quiet=True)

@@ -294,7 +294,7 @@ def cmd_sample(args):
 
 def cmd_encode(args):
     from .config import load_config
-    from .data.encode import encode_dataset
+    from .train.encode import encode_dataset
 
     cfg = load_config(args.config, args.overrides)
     encode_dataset(cfg, batch_size=args.batch)

@@ -17,6 +17,10 @@ from pathlib import Path
 import yaml
 
 
+# The control values every sample carries (the crop metadata's fields), with their number of values.
+CONTROL_SIZES = {"original_size": 2, "crop_top_left": 2, "crop_size": 2, "target_size": 2, "aspect_ratio": 1, "flip": 1}
+
+
 class ConfigError(ValueError):
     """A configuration problem, reported as one line naming the key."""
 
@@ -508,8 +512,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("config key 'model.conditioning': image_folder data has class labels, not captions; use class")
     if cfg.model.conditioning == "class" and cfg.data.name == "shards" and not cfg.data.label_field:
         raise ConfigError("config key 'data.label_field': class conditioning on shards needs the JSON field holding the class id")
-    from .data.transforms import CONTROL_SIZES
-
     unknown = [k for k in cfg.conditioning.control if k not in CONTROL_SIZES]
     if unknown:
         raise ConfigError(f"config key 'conditioning.control': unknown control {unknown[0]!r} (known: {', '.join(CONTROL_SIZES)})")

@@ -30,7 +30,7 @@ MIN_CLASSIFIER_ACCURACY, MIN_AGREEMENT = 0.97, 0.90
 def prepare_digit_shards(cfg) -> None:
     """The text demo's inputs, when missing: the captioned digits as shards (in the folder data.path names),
     then the latent cache (`ldmkit encode`; it continues where an interrupted run stopped)."""
-    from .data.encode import encode_dataset
+    from .train.encode import encode_dataset
     from .data.shards import expand_urls, write_mnist_caption_shards
 
     urls = expand_urls(cfg.data.path, cfg.data.allow_shell)

@@ -26,7 +26,7 @@ def text_cond(text: TextEmbedding, labels: torch.Tensor | None = None, drop: tor
 def pad_captions(cfg, text: TextEmbedding, seeds: list[int]) -> TextEmbedding:
     """conditioning.padding applied to caption tokens; noisy_replicate draws each caption's noise from its seed
     (so the noise does not depend on how samples are split across processes)."""
-    from .control import pad_text
+    from .padding import pad_text
 
     cc = cfg.conditioning
     if cc.padding == "zero":
@@ -99,7 +99,7 @@ def sampling_control(cfg, n: int, device) -> dict[str, torch.Tensor]:
     """Control values to sample with: an uncropped, unflipped image of the training resolution, overridden by
     sample.control entries 'key=v1,v2' (e.g. 'original_size=512,512', 'flip=1')."""
     from ..config import ConfigError
-    from ..data.transforms import CONTROL_SIZES
+    from ..config import CONTROL_SIZES
 
     side = float(cfg.data.resolution)
     values = {"original_size": [side, side], "crop_top_left": [0.0, 0.0], "crop_size": [side, side],

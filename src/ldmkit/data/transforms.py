@@ -23,9 +23,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
+
 CROP_STRATEGIES = ("center", "random", "random_resized", "none")
-# The control values every sample carries, with their number of values (CropMetadata's fields).
-CONTROL_SIZES = {"original_size": 2, "crop_top_left": 2, "crop_size": 2, "target_size": 2, "aspect_ratio": 1, "flip": 1}
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from ..config import RunConfig, build
-from ..train.logging import read_log
+from .report import read_log
 from ..checkpoint import run_checkpoint
 
 METRIC_KEYS = ("fid", "kid", "precision", "recall", "density", "coverage", "clip_score", "fd_effnetlite0", "class_agreement")

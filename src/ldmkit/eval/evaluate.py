@@ -103,11 +103,11 @@ def evaluate_run(path, num_images: int | None = None, guidance_scale: float | No
     processes, resumable, PNGs + ADM .npz) and compute its metrics on process 0.
     Returns (metrics, images [N, C, H, W] when N <= 5000, labels); other processes get (None, None, None).
     Evaluation settings come from the run's config unless eval_cfg (an EvalConfig) is given."""
-    from ..train import parallel
+    from .. import distributed
     from .sampleset import finish_sample_set, read_sample_set, sample_labels, write_sample_set
 
     path = Path(path)
-    d = parallel.init_distributed("auto" if device is None else str(device))
+    d = distributed.init_distributed("auto" if device is None else str(device))
     cfg, model, objective, autoencoder, run_dir = load_generator(path, device=d.device)
     if eval_cfg is not None:
         cfg.eval = eval_cfg
@@ -132,7 +132,7 @@ def evaluate_run(path, num_images: int | None = None, guidance_scale: float | No
     write_sample_set(folder, model, cfg, objective, autoencoder, n, cfg.eval.batch, d.device, labels=labels, prompts=prompts,
                      guidance_scale=guidance, sampler=sampler, steps=steps, seed=seed, rank=d.rank, world_size=d.world_size,
                      log=lambda *a: None)
-    parallel.barrier(d)
+    distributed.barrier(d)
     if not d.is_main:
         return None, None, None
     info = {"source": str(path), "guidance_scale": guidance, "sampler": sampler, "steps": steps, "seed": seed, "processes": d.world_size}

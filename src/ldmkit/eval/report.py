@@ -1,10 +1,18 @@
 """report.md of a run: metrics, pictures, settings and how to reproduce them."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..config import RunConfig
-from ..train.logging import read_log
+
+
+def read_log(run_dir: Path, file: str = "log.jsonl") -> list[dict]:
+    """The records of a run's log.jsonl (or eval.jsonl); train/logging.py writes them."""
+    path = Path(run_dir) / file
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def write_report(run_dir: str | Path, cfg: RunConfig, metrics: dict, checks: list[tuple[str, bool]] | None = None,

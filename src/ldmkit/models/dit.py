@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..conditioning.cond import Cond
-from ..conditioning.control import ControlEmbedder, zero_init_control
+from .control import ControlEmbedder, zero_init_control
 from .layers import Attention, CrossAttention, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, PooledTextEmbedder, TimestepEmbedder, get_2d_sincos_pos_embed, modulate, sincos_table, unpatchify, xavier_init_linears
 
 

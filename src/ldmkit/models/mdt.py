@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..conditioning.cond import Cond
-from ..conditioning.control import ControlEmbedder, zero_init_control
+from .control import ControlEmbedder, zero_init_control
 from .layers import FinalLayer, LabelEmbedder, Mlp, PatchEmbed, PooledTextEmbedder, TimestepEmbedder, get_2d_sincos_pos_embed, modulate, unpatchify, xavier_init_linears
 
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..conditioning.cond import Cond
-from ..conditioning.control import ControlEmbedder, zero_init_control
+from .control import ControlEmbedder, zero_init_control
 from .layers import FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, grid_positions, modulate, sincos_2d, unpatchify, xavier_init_linears
 
 

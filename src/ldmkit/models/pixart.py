@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..conditioning.cond import Cond
-from ..conditioning.control import ControlEmbedder, zero_init_control
+from .control import ControlEmbedder, zero_init_control
 from .layers import Attention, CrossAttention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, grid_positions, sincos_2d, unpatchify, xavier_init_linears
 
 

@@ -41,8 +41,8 @@ def preset_names() -> dict[str, list[str]]:
 def control_spec(conditioning_cfg) -> dict | None:
     """ControlEmbedder arguments from the conditioning config: the configured keys, grouped into low_level and
     high_level, with their schedules (additive: constant weight 1, as summing into adaLN does)."""
-    from ..conditioning.control import ControlSchedule
-    from ..data.transforms import CONTROL_SIZES
+    from .control import ControlSchedule
+    from ..config import CONTROL_SIZES
 
     cc = conditioning_cfg
     if cc is None or not cc.control:

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..conditioning.cond import Cond
-from ..conditioning.control import ControlEmbedder, zero_init_control
+from .control import ControlEmbedder, zero_init_control
 from .layers import LabelEmbedder, timestep_embedding
 
 # The six SDXL micro-conditions, in SDXL's order (each (h, w) or (top, left)).

@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..eval.report import read_log
+
 
 LOG_FILES = ("log.jsonl", "eval.jsonl")
 
@@ -71,13 +73,6 @@ class RunLogger:
     def close(self):
         if self.tb is not None:
             self.tb.close()
-
-
-def read_log(run_dir: Path, file: str = "log.jsonl") -> list[dict]:
-    path = Path(run_dir) / file
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def status_line(images: int, total: int, loss: float, images_per_s: float, memory_gb: float | None) -> str:

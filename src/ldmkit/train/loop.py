@@ -25,6 +25,7 @@ from ..eval.evaluate import quick_metrics
 from ..eval.generate import generate, grid_labels, save_grid
 from ..models.mdt import draw_token_keep
 from ..models.registry import build_model
+from .. import distributed
 from . import parallel
 from .optim import build_optimizer
 from .validation import Validator
@@ -89,12 +90,12 @@ def ema_beta(cfg, images_seen: int) -> float:
 def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool = False, stop_after_images: int | None = None,
                   quiet: bool = False) -> Path:
     """Train until cfg.train.total_images (or stop_after_images), checkpointing on the way. Returns run_dir."""
-    d = parallel.init_distributed(cfg.train.device, timeout_s=cfg.train.dist_timeout_s)
-    with parallel.lost_process_errors(d, cfg.train.dist_timeout_s):
+    d = distributed.init_distributed(cfg.train.device, timeout_s=cfg.train.dist_timeout_s)
+    with distributed.lost_process_errors(d, cfg.train.dist_timeout_s):
         return _train(cfg, Path(run_dir), d, allow_config_change, stop_after_images, quiet)
 
 
-def _train(cfg: RunConfig, run_dir: Path, d: parallel.Dist, allow_config_change: bool, stop_after_images: int | None,
+def _train(cfg: RunConfig, run_dir: Path, d: distributed.Dist, allow_config_change: bool, stop_after_images: int | None,
            quiet: bool) -> Path:
     device, tc = d.device, cfg.train
     if device.type == "cuda":
@@ -140,7 +141,7 @@ def _train(cfg: RunConfig, run_dir: Path, d: parallel.Dist, allow_config_change:
             from ..transfer.init import write_report
 
             write_report(init_report, cfg.init.source, run_dir)
-    parallel.barrier(d)
+    distributed.barrier(d)
 
     # Resume from the newest checkpoint, if any.
     images_seen, step, nan_skips = 0, 0, 0
@@ -245,7 +246,7 @@ def _train(cfg: RunConfig, run_dir: Path, d: parallel.Dist, allow_config_change:
             # ---- NaN guard: every process agrees on skipping the update.
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             grad_norm = torch.nn.utils.get_total_norm(grads)  # one fused reduction; NaN/inf if any gradient is
-            finite = parallel.all_reduce_mean(torch.isfinite(grad_norm).float(), d)
+            finite = distributed.all_reduce_mean(torch.isfinite(grad_norm).float(), d)
             if finite.item() < 1.0:
                 nan_skips += 1
                 optimizer.zero_grad(set_to_none=True)
@@ -272,7 +273,7 @@ def _train(cfg: RunConfig, run_dir: Path, d: parallel.Dist, allow_config_change:
             if images_seen >= next_log or images_seen >= end or stopping:
                 check_weights_finite()
                 next_log = (images_seen // tc.log_every_images + 1) * tc.log_every_images
-                totals = parallel.all_reduce_mean(torch.stack([stat_loss, stat_mse]) / max(stat_n, 1), d)
+                totals = distributed.all_reduce_mean(torch.stack([stat_loss, stat_mse]) / max(stat_n, 1), d)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 elapsed = time.time() - tick_time
@@ -321,7 +322,7 @@ def _train(cfg: RunConfig, run_dir: Path, d: parallel.Dist, allow_config_change:
                     atomic_save(state, checkpoint_path(run_dir, images_seen))
                     prune_checkpoints(run_dir, tc.keep_checkpoints)
                 last_good = checkpoint_path(run_dir, images_seen)
-                parallel.barrier(d)
+                distributed.barrier(d)
             if stopping:
                 raise TrainingStopped(signals.name, images_seen, last_good)
     finally:

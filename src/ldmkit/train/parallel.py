@@ -1,87 +1,10 @@
 """Distribution and compilation, applied to a plain model from outside (as torchtitan's parallelize.py).
-
-`torchrun` sets RANK/WORLD_SIZE/LOCAL_RANK; the process group is NCCL on GPUs and gloo on the CPU.
-"""
+Process groups themselves are set up in ldmkit.distributed."""
 from __future__ import annotations
 
-import contextlib
-import datetime
-import os
-from dataclasses import dataclass
-
-import torch
-import torch.distributed as dist
 import torch.nn as nn
 
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    cpu_group: object = None  # a gloo group for host-side agreement (stop signals); None: the default group
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_pref: str = "auto", process_group: bool = True, timeout_s: float = 600) -> Dist:
-    """This process's rank and device from torchrun's variables; with process_group, also join the group
-    (training). `ldmkit encode` needs none: its processes share only the file system. A collective that waits
-    longer than timeout_s for another process (frozen or dead) raises instead of hanging."""
-    from ..config import ConfigError
-
-    cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
-    if device_pref == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config key 'train.device': 'cuda', but no GPU is visible here (use auto or cpu)")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if cuda and local >= torch.cuda.device_count():
-        raise ConfigError(f"process {rank} has LOCAL_RANK {local}, but only {torch.cuda.device_count()} GPU(s) "
-                          "are visible")
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    cpu_group = None
-    if process_group and world > 1:
-        timeout = datetime.timedelta(seconds=timeout_s)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
-        if dist.get_backend() != "gloo":
-            cpu_group = dist.new_group(backend="gloo", timeout=timeout)
-    return Dist(rank, world, local, device, cpu_group)
-
-
-class LostProcess(ValueError):
-    """A collective failed or timed out: another process froze or died (one line, exit code 2)."""
-
-
-@contextlib.contextmanager
-def lost_process_errors(d: "Dist | None", timeout_s: float):
-    """Turn a failed or timed-out collective of a multi-process run into one line that says what happened."""
-    try:
-        yield
-    except (RuntimeError, dist.DistError) as e:
-        if d is None or d.world_size == 1 or not (isinstance(e, dist.DistError) or "timed out" in str(e).lower()):
-            raise
-        detail = " ".join(str(e).split())[:200]
-        raise LostProcess(f"process {d.rank}: a collective with the other processes failed or waited longer than "
-                          f"train.dist_timeout_s ({timeout_s:g} s); another process froze or died ({detail})") from None
-
-
-def all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
-    if d.world_size > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-        x /= d.world_size
-    return x
-
-
-def barrier(d: Dist) -> None:
-    if d.world_size > 1:
-        dist.barrier()
+from ..distributed import Dist
 
 
 # The repeated blocks of each backbone: DiT/PixArt blocks, mmDiT joint_blocks, MDT's encoder/decoder/side

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache import CACHE_FORMAT
-from .datasets import ImageFolder, balanced_split, mnist_digits, pil_to_tensor
-from .shards import expand_urls, record_caption, record_image, record_label, tar_records
-from .transforms import BadImage, crop_with_metadata, load_image, nearest_bucket
+from ..data.cache import CACHE_FORMAT
+from ..data.datasets import ImageFolder, balanced_split, mnist_digits, pil_to_tensor
+from ..data.shards import expand_urls, record_caption, record_image, record_label, tar_records
+from ..data.transforms import BadImage, crop_with_metadata, load_image, nearest_bucket
 
 MAX_LISTED_SKIPS = 1000  # the manifest lists this many skipped files by name; all are counted
 
@@ -154,12 +154,12 @@ the cache, else None.
     from ..autoencoders import build_autoencoder
     from ..conditioning.build import build_text_encoder
     from ..config import ConfigError, dump_config
-    from ..train import parallel
+    from .. import distributed
 
     dc = cfg.data
     if not dc.cache:
         raise ConfigError("config key 'data.cache': where should 'ldmkit encode' write the cache?")
-    d = parallel.init_distributed(cfg.train.device, process_group=False)
+    d = distributed.init_distributed(cfg.train.device, process_group=False)
     out = Path(dc.cache).expanduser()
     manifest_path = out / "manifest.json"
     out.mkdir(parents=True, exist_ok=True)
