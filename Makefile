@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-text test venv clean bench
+.PHONY: demo demo-text test test-fast venv clean bench
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo-text: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+# The edit loop: everything but the end-to-end runs marked slow (make test runs them all, as CI does).
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py --preset DiT-S/2 --resolution 32 --batch 32 --steps 10

@@ -29,6 +29,7 @@ def losses(run):
     ["model.name=unet", "model.preset=UNet-tiny", "model.conditioning=class"],
     ["model.name=mdt", "model.preset=mDT-v2-tiny/4", "model.mask_ratio=0.3"],
 ], ids=["dit-class", "pixart-class", "mmdit-class", "unet-class", "mdt-class"])
+@pytest.mark.slow
 def test_backbone_trains_on_the_digits(tmp_path, overrides):
     run = training_loop(load_config(overrides=TINY + SHORT + overrides), tmp_path / "run", quiet=True)
     curve = losses(run)
@@ -38,6 +39,7 @@ def test_backbone_trains_on_the_digits(tmp_path, overrides):
 @pytest.mark.parametrize("backbone", [["model.name=pixart", "model.preset=PixArt-alpha-tiny/4"],
                                       ["model.name=mmdit", "model.preset=mmDiT-tiny/4", "model.pooled_dim=384"],
                                       ["model.name=unet", "model.preset=UNet-tiny"]], ids=["pixart", "mmdit", "unet"])
+@pytest.mark.slow
 def test_text_backbone_trains_on_captions_from_the_cache(tmp_path, backbone):
     from ldmkit.data.shards import write_mnist_caption_shards
 

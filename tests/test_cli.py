@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 from PIL import Image
 
@@ -23,6 +24,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "ldmkit.cli", *args], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_bad_config_key_is_one_line_error(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train:\n  learning_rate: 1\n")
@@ -32,12 +34,14 @@ def test_bad_config_key_is_one_line_error(tmp_path):
     assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_missing_dataset_folder_is_one_line_error(tmp_path):
     r = run_cli("train", "configs/demo/mnist_dit.yaml", "--set", "data.name=image_folder", "--set", f"data.path={tmp_path}/nope",
                 "--out", str(tmp_path / "run"))
     assert r.returncode == 2 and "dataset folder not found" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_sample_and_eval_a_run(tmp_path):
     run = training_loop(tiny_config("train.total_images=32"), tmp_path / "run", quiet=True)
     assert main(["sample", str(run), "--classes", "3,7", "--per-class", "2", "--steps", "2", "--grid", str(tmp_path / "g.png"), "--out", str(tmp_path / "imgs")]) == 0
@@ -74,6 +78,7 @@ def test_convert_official_layout_to_ldmkit_and_diffusers(tmp_path):
     assert main(["convert", str(tmp_path / "junk.pt"), "--out", str(tmp_path / "x.pt")]) == 2
 
 
+@pytest.mark.slow
 def test_eval_a_folder_of_images(tmp_path, capsys):
     """`ldmkit eval FOLDER --ref FOLDER`: FD-EffNetLite0 of two image folders; identical folders give ~0."""
     import json

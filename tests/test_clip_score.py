@@ -50,6 +50,7 @@ def test_missing_clip_model_is_one_line(tmp_path):
         clip_score(torch.zeros(1, 3, 8, 8), ["x"], str(tmp_path / "nothing"))
 
 
+@pytest.mark.slow
 def test_eval_of_a_text_run_reports_clip_score_for_a_prompt_file(tiny_clip, tmp_path):
     import json
 

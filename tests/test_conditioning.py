@@ -51,6 +51,7 @@ def test_disentangled_class_goes_through_attention_not_adaln():
     assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1]) and torch.equal(c, d)
 
 
+@pytest.mark.slow
 def test_dropout_frequencies_match_their_probabilities(tmp_path, monkeypatch):
     from ldmkit.models.dit import DiT
 
@@ -70,6 +71,7 @@ def test_dropout_frequencies_match_their_probabilities(tmp_path, monkeypatch):
     assert abs((sem * ctrl).mean() - sem.mean() * ctrl.mean()) < 0.02  # drawn independently
 
 
+@pytest.mark.slow
 def test_training_and_sampling_with_control_values_and_control_guidance(tmp_path):
     overrides = TINY + CONTROL + ["conditioning.mechanism=disentangled", "train.total_images=64"]
     run = training_loop(load_config(overrides=overrides), tmp_path / "run", quiet=True)
@@ -98,6 +100,7 @@ def test_impossible_conditioning_combinations_are_config_errors():
         load_config(overrides=["conditioning.control=[colour]"])
 
 
+@pytest.mark.slow
 def test_dit_attends_to_padded_caption_tokens(tmp_path):
     from ldmkit.data.shards import write_mnist_caption_shards
 
@@ -113,6 +116,7 @@ def test_dit_attends_to_padded_caption_tokens(tmp_path):
     assert "context_embedder.weight" in a and "blocks.0.cross_attn.kv_linear.weight" in a
 
 
+@pytest.mark.slow
 def test_probe_reports_drift_and_flip_effect(tmp_path):
     run = training_loop(load_config(overrides=TINY + CONTROL + ["conditioning.mechanism=disentangled", "train.total_images=64",
                                                                 "eval.classifier_epochs=1"]), tmp_path / "run", quiet=True)
@@ -190,6 +194,7 @@ def test_low_level_control_is_phased_out_on_every_backbone(name):
 
 @pytest.mark.parametrize("name,mechanism", [("pixart", "disentangled"), ("mmdit", "disentangled"), ("unet", "disentangled"),
                                             ("unet", "additive"), ("mdt", "additive")])
+@pytest.mark.slow
 def test_every_backbone_trains_and_samples_with_controls_and_control_guidance(tmp_path, name, mechanism):
     overrides = TINY + CONTROL + [f"model.name={name}", f"model.preset={PRESETS[name]}", f"conditioning.mechanism={mechanism}",
                                   "train.total_images=32", "train.checkpoint_every_images=32"]

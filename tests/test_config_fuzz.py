@@ -161,6 +161,7 @@ def train_one_step(changes) -> tuple[int, str, Path]:
     suppress_health_check=list(HealthCheck),
 )
 @given(mutations())
+@pytest.mark.slow
 def test_any_config_value_trains_or_fails_in_one_line(changes):
     code, err, root = train_one_step(changes)
     try:

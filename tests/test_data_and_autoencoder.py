@@ -49,6 +49,7 @@ def test_image_folder_errors(tmp_path):
         ImageFolder(tmp_path / "flat", 32)
 
 
+@pytest.mark.slow
 def test_mnist_split_is_balanced():
     images, labels = mnist_digits(32)
     assert images.shape == (5000, 1, 32, 32) and labels.bincount().tolist() == [500] * 10
@@ -125,6 +126,7 @@ def test_shipped_imagenet_class_indexes():
     assert [w for w in in1k if w not in in22k] == ["n04399382"]  # teddy bear is absent from the fall 2011 release
 
 
+@pytest.mark.slow
 def test_augmented_digits_record_scale_crop_and_flip_as_control():
     from ldmkit.config import ConfigError, load_config
 

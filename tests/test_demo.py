@@ -1,12 +1,14 @@
 """`ldmkit demo --quick`: the demo's whole path in seconds; outputs exist and are well-formed."""
 import json
 
+import pytest
 import yaml
 from PIL import Image
 
 from ldmkit.cli import main
 
 
+@pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
@@ -23,6 +25,7 @@ def test_demo_quick_end_to_end(tmp_path):
     assert yaml.safe_load((out / "config.yaml").read_text())["model"]["preset"] == "DiT-tiny/4"
 
 
+@pytest.mark.slow
 def test_text_demo_quick_end_to_end_and_prompts(tmp_path):
     """configs/demo/mnist_text_dit.yaml: shards written, captions embedded by MiniLM into the cache,
     a pooled-text DiT trained from the cache, sampled from prompts."""

@@ -114,6 +114,7 @@ def test_encode_resumes_where_it_stopped(tmp_path):
     assert len(keys) == len(set(keys)) == manifest["count"] == 11
 
 
+@pytest.mark.slow
 def test_two_processes_encode_disjoint_units(tmp_path):
     data = make_bad_folder(tmp_path / "data")
     cfg = folder_config(data, tmp_path / "cache", None, "model.in_channels=3", "data.encode_chunk=3")
@@ -150,6 +151,7 @@ def text_overrides(shards, cache):
     ]
 
 
+@pytest.mark.slow
 def test_captioned_shards_to_text_cache_to_training(tmp_path, digit_shards):
     from ldmkit.conditioning.text_encoders import TextEncoder
     from ldmkit.data.shards import digit_caption
@@ -173,6 +175,7 @@ def test_captioned_shards_to_text_cache_to_training(tmp_path, digit_shards):
         training_loop(load_config(overrides=text_overrides(digit_shards, tmp_path / "cache") + ["data.from_cache=true", "model.pooled_dim=32"]), tmp_path / "run2", quiet=True)
 
 
+@pytest.mark.slow
 def test_training_from_raw_shards_with_online_text_encoder_resumes_exactly(tmp_path, digit_shards):
     overrides = text_overrides(digit_shards, tmp_path / "unused") + ["data.shuffle_buffer=50"]
     straight = training_loop(load_config(overrides=overrides), tmp_path / "straight", quiet=True)
@@ -183,6 +186,7 @@ def test_training_from_raw_shards_with_online_text_encoder_resumes_exactly(tmp_p
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_training_from_cache_equals_training_from_raw_digits(tmp_path):
     """Identity autoencoder, float32 cache: the cache holds the images themselves, so with the same order,
     flips and metadata the two runs must give the same weights bit for bit."""
@@ -239,6 +243,7 @@ def test_cache_errors_are_one_line(tmp_path):
         load_config(overrides=["model.conditioning=pooled_text"])
 
 
+@pytest.mark.slow
 def test_cache_pickles_without_copying_its_arrays(tmp_path):
     import pickle
 

@@ -42,6 +42,7 @@ def test_effnet_features_are_real_and_deterministic():
     assert head.shape == (1000, 1280) and head.std() > 0.01
 
 
+@pytest.mark.slow
 def test_digit_classifier_learns_real_digits():
     from ldmkit.data.datasets import mnist_digits
     from ldmkit.eval.digits import accuracy, train_classifier

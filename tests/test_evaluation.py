@@ -31,6 +31,7 @@ def inception(tmp_path_factory):
     return random_inception_weights(tmp_path_factory.mktemp("inception") / "weights-inception-2015-12-05-6726825d.pth")
 
 
+@pytest.mark.slow
 def test_sample_set_is_identical_on_one_and_two_processes(run, tmp_path):
     assert main(["eval", str(run), "--num", "12", "--steps", "2", "--samples", str(tmp_path / "one"), "--metrics", "none"]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -61,6 +62,7 @@ def test_interrupted_sample_set_resumes_without_duplicates(run, tmp_path):
     assert all((tmp_path / "s" / "images" / f"{i:06d}.png").read_bytes() == (tmp_path / "full" / "images" / f"{i:06d}.png").read_bytes() for i in range(10))
 
 
+@pytest.mark.slow
 def test_inception_path_end_to_end_with_random_weights_of_the_standard_layout(run, inception, tmp_path):
     real = tmp_path / "real"
     real.mkdir()
@@ -92,6 +94,7 @@ def test_missing_inception_weights_name_the_file(monkeypatch, tmp_path):
         InceptionV3Features()
 
 
+@pytest.mark.slow
 def test_reference_round_trip_and_adm_layout(inception, tmp_path):
     rng = np.random.default_rng(1)
     images = rng.integers(0, 255, (16, 32, 32, 3), dtype=np.uint8)
@@ -119,6 +122,7 @@ def test_kid_precision_recall_density_coverage_behave():
     assert 0.8 < dc["density"] < 1.2 and dc["coverage"] > 0.9 and density_coverage(far, b)["coverage"] < 0.05
 
 
+@pytest.mark.slow
 def test_validation_loss_and_small_metric_during_training_leave_the_weights_alone(tmp_path):
     plain = training_loop(load_config(overrides=TINY), tmp_path / "plain", quiet=True)
     watched = training_loop(load_config(overrides=TINY + ["train.val_every_images=64", "train.metric_every_images=128", "eval.val_batch=16",
@@ -136,6 +140,7 @@ def test_validation_loss_and_small_metric_during_training_leave_the_weights_alon
     assert not (plain / "eval.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_report_compares_runs_with_a_guidance_sweep(tmp_path):
     import csv
 
@@ -157,6 +162,7 @@ def test_report_compares_runs_with_a_guidance_sweep(tmp_path):
 
 
 @pytest.mark.parametrize("source", ["cache", "shards"])
+@pytest.mark.slow
 def test_validation_loss_from_the_cache_and_from_shards(tmp_path, source):
     from ldmkit.train.encode import encode_dataset
     from ldmkit.data.shards import write_mnist_caption_shards

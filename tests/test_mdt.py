@@ -1,5 +1,6 @@
 """MDT-v2: the official checkpoint layout, the masked pass, relative position bias, and training with the
 two losses (exact resume included)."""
+import pytest
 import torch
 
 from conftest import TINY, state_of, randomised
@@ -61,6 +62,7 @@ def test_masked_pass_trains_the_side_interpolator_and_mask_token():
     assert 50 <= keep.shape[1] <= 70 and all(len(set(row.tolist())) == keep.shape[1] for row in keep)
 
 
+@pytest.mark.slow
 def test_mdt_training_with_two_losses_resumes_exactly(tmp_path):
     overrides = TINY + ["model.name=mdt", "model.preset=mDT-v2-tiny/4", "model.mask_ratio=0.3", "diffusion.min_snr_gamma=5"]
     straight = training_loop(load_config(overrides=overrides), tmp_path / "straight", quiet=True)

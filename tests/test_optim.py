@@ -27,6 +27,7 @@ def test_adan_follows_its_update_rule():
         assert torch.allclose(p.detach(), theta, atol=1e-6), k
 
 
+@pytest.mark.slow
 def test_adan_trains_and_resumes_exactly(tmp_path):
     overrides = TINY + ["train.optimizer=adan", "train.betas=[0.98, 0.92, 0.99]", "train.lr=0.002"]
     straight = training_loop(load_config(overrides=overrides), tmp_path / "a", quiet=True)

@@ -89,6 +89,7 @@ def poisoned(trained, tmp_path):
     return files
 
 
+@pytest.mark.slow
 def test_a_pickled_payload_runs_through_no_user_facing_path(poisoned, tmp_path, capsys):
     f, marker = poisoned, poisoned["marker"]
     config = tmp_path / "c.yaml"
@@ -156,6 +157,7 @@ def test_trust_pickle_is_an_explicit_loud_opt_in(trained, tmp_path, capsys):
     assert load_file(tmp_path / "b.pt")["ema"].keys() == sd.keys()  # the rewritten file is plain weights
 
 
+@pytest.mark.slow
 def test_divergence_saves_nothing_non_finite_and_names_the_last_good_checkpoint(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("name: diverge\n")
@@ -178,6 +180,7 @@ def test_divergence_saves_nothing_non_finite_and_names_the_last_good_checkpoint(
     assert "finite number" in one_line_error(capsys, main(["sample", str(run), "--guidance", "nan"]))
 
 
+@pytest.mark.slow
 def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
     """Weights an update made non-finite (gradients fine) stop the run at the next log or checkpoint."""
     import ldmkit.train.loop as loop
@@ -211,6 +214,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for k in ("model", "ema") for v in state_of(tmp_path / "run")[k].values())
 
 
+@pytest.mark.slow
 def test_resume_skips_a_corrupt_truncated_or_incomplete_newest_checkpoint(tmp_path, capsys):
     cfg = tiny_config("train.total_images=96", "train.checkpoint_every_images=32", "train.keep_checkpoints=5")
     straight = training_loop(cfg, tmp_path / "straight", quiet=True)
@@ -249,6 +253,7 @@ def test_resume_skips_a_corrupt_truncated_or_incomplete_newest_checkpoint(tmp_pa
             assert torch.equal(value, state_of(run)[key][name]), f"{key}.{name}"
 
 
+@pytest.mark.slow
 def test_a_run_folder_without_config_yaml_resumes_from_its_checkpoint(tmp_path, capsys):
     run = training_loop(tiny_config("train.total_images=64"), tmp_path / "run", stop_after_images=32, quiet=True)
     (run / "config.yaml").unlink()
@@ -306,6 +311,7 @@ def test_a_stop_signal_checkpoints_the_step_and_the_resumed_run_is_exact(tmp_pat
     assert records == sorted(set(records)), "log.jsonl must stay monotonic after a resume"
 
 
+@pytest.mark.slow
 def test_log_records_past_the_resumed_checkpoint_are_dropped(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -415,6 +421,7 @@ def flow_run(tmp_path_factory):
     return training_loop(cfg, root / "run", quiet=True)
 
 
+@pytest.mark.slow
 def test_every_bad_input_is_one_line_and_changes_nothing(trained, flow_run, tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("name: bad\n")
@@ -492,6 +499,7 @@ def test_an_unexpected_error_is_one_line_with_a_hint(monkeypatch, capsys):
         main(["presets"])
 
 
+@pytest.mark.slow
 def test_total_images_off_the_batch_is_rounded_with_a_note(tmp_path, capsys):
     from ldmkit.train.logging import status_line
 

@@ -16,6 +16,7 @@ def shards(tmp_path_factory):
     return write_mnist_caption_shards(tmp_path_factory.mktemp("shards"), cfg.data, "held_out", shard_size=120), cfg
 
 
+@pytest.mark.slow
 def test_written_in_img2dataset_layout_and_read_back(shards):
     paths, cfg = shards
     assert [p.name for p in paths] == [f"mnist-{i:05d}.tar" for i in range(5)]  # 500 held-out digits / 120

@@ -8,6 +8,7 @@ from ldmkit.conditioning.text_encoders import TextEncoder, minilm_path
 CAPTIONS = ["a handwritten digit seven", "a handwritten digit zero, written thickly"]
 
 
+@pytest.mark.slow
 def test_minilm_matches_sentence_transformers():
     sentence_transformers = pytest.importorskip("sentence_transformers")
     enc = TextEncoder("minilm", max_length=32)

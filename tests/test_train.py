@@ -25,6 +25,7 @@ def assert_same_weights(a, b, atol=0.0):
                 assert torch.allclose(value, b[key][name], atol=atol, rtol=0), f"{key}.{name} differs by {(value - b[key][name]).abs().max()}"
 
 
+@pytest.mark.slow
 def test_loss_falls_and_outputs_exist(tmp_path):
     cfg = tiny_config("train.total_images=1024", "train.log_every_images=128", "train.checkpoint_every_images=512", "train.sample_every_images=512")
     run = training_loop(cfg, tmp_path / "run", quiet=True)
@@ -41,6 +42,7 @@ def test_loss_falls_and_outputs_exist(tmp_path):
     assert all(r["memory_gb"] > 0 and r["images_per_s"] > 0 for r in records)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_trains(tmp_path):
     run = training_loop(tiny_config("train.precision=bf16", "train.total_images=64"), tmp_path / "run", quiet=True)
     state = state_of(run)
@@ -48,6 +50,7 @@ def test_bf16_autocast_trains(tmp_path):
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in state["model"].values())  # master weights stay fp32
 
 
+@pytest.mark.slow
 def test_compiled_blocks_match_eager():
     from ldmkit.conditioning.cond import Cond
     from ldmkit.models.dit import DiT
@@ -65,6 +68,7 @@ def test_compiled_blocks_match_eager():
     assert torch.allclose(compiled(x, t, c), eager(x, t, c), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path):
     cfg = tiny_config()
     straight = training_loop(cfg, tmp_path / "straight", quiet=True)
@@ -76,6 +80,7 @@ def test_resume_is_exact(tmp_path):
     assert_same_weights(state_of(straight), state_of(split))
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_exact(tmp_path):
     """A real kill in the middle of a run, then the same command again."""
     config = tmp_path / "c.yaml"
@@ -109,6 +114,7 @@ def _ddp_worker(rank, world, port, run_dir, overrides):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_process_ddp_equals_one_process(tmp_path):
     overrides = ["train.micro_batch=4"]  # 1 process: 4 accumulation rounds; 2 processes: 2 rounds each
     single = training_loop(tiny_config(*overrides), tmp_path / "single", quiet=True)
@@ -117,12 +123,14 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     assert_same_weights(state_of(single), state_of(tmp_path / "ddp"), atol=2e-6)
 
 
+@pytest.mark.slow
 def test_data_workers_give_the_same_run(tmp_path):
     a = training_loop(tiny_config("train.total_images=64"), tmp_path / "a", quiet=True)
     b = training_loop(tiny_config("train.total_images=64", "data.num_workers=2"), tmp_path / "b", quiet=True)
     assert_same_weights(state_of(a), state_of(b))
 
 
+@pytest.mark.slow
 def test_torchrun_launch_equals_one_process(tmp_path):
     """The documented launch: torchrun --nproc_per_node 2 -m ldmkit.cli train CONFIG (gloo on the CPU)."""
     config = tmp_path / "c.yaml"
@@ -149,6 +157,7 @@ def test_ema_half_life_and_warmup():
     assert ema_beta(tiny_config(), 10**6) == 0.9999  # DiT's per-step decay when no half-life is set
 
 
+@pytest.mark.slow
 def test_learning_rate_warms_up_linearly(tmp_path):
     import json
 
@@ -169,6 +178,7 @@ def test_batch_indices_cover_each_epoch_once():
     assert list(batch_indices(10, 3, 7, 6)) == list(idx[7:13])
 
 
+@pytest.mark.slow
 def test_refuses_run_dir_of_another_config(tmp_path):
     training_loop(tiny_config("train.total_images=32"), tmp_path / "run", quiet=True)
     before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
@@ -180,12 +190,14 @@ def test_refuses_run_dir_of_another_config(tmp_path):
     assert state_of(tmp_path / "run")["images_seen"] == 48
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     training_loop(tiny_config("train.total_images=32"), tmp_path / "run", quiet=True)
     with pytest.raises(CheckpointError, match="does not fit this model"):
         training_loop(tiny_config("train.total_images=64", "model.hidden_size=32"), tmp_path / "run", allow_config_change=True, quiet=True)
 
 
+@pytest.mark.slow
 def test_nan_guard_stops_a_diverging_run(tmp_path):
     from ldmkit.train.signals import TrainingDiverged
 
@@ -193,6 +205,7 @@ def test_nan_guard_stops_a_diverging_run(tmp_path):
         training_loop(tiny_config("train.lr=1e30", "train.total_images=320", "train.max_nan_skips=1", "train.grad_clip=null"), tmp_path / "run", quiet=True)
 
 
+@pytest.mark.slow
 def test_a_failed_start_does_not_block_the_corrected_config(tmp_path):
     from ldmkit.data.datasets import DataError
 

@@ -101,6 +101,7 @@ def test_imagenet22k_classes_are_remapped_to_their_1k_rows_by_wordnet_id():
         plan_and_apply(build_model(target_cfg.model), sd, None, load_config(overrides=TINY + ["model.num_classes=1000"]))
 
 
+@pytest.mark.slow
 def test_a_run_starts_from_a_lower_resolution_run_and_reports_every_tensor(tmp_path):
     small = training_loop(load_config(overrides=TINY + ["model.input_size=16", "data.resolution=16", "train.total_images=32"]),
                           tmp_path / "small", quiet=True)
@@ -122,6 +123,7 @@ def test_a_run_starts_from_a_lower_resolution_run_and_reports_every_tensor(tmp_p
         training_loop(load_config(overrides=big + ["model.hidden_size=96", "model.num_heads=3"]), tmp_path / "other", quiet=True)
 
 
+@pytest.mark.slow
 def test_mdt_learned_tables_and_relative_biases_are_resampled(tmp_path):
     mdt = ["model.name=mdt", "model.preset=mDT-v2-tiny/4"]
     small = training_loop(load_config(overrides=TINY + mdt + ["model.input_size=16", "data.resolution=16", "train.total_images=32"]),
@@ -134,6 +136,7 @@ def test_mdt_learned_tables_and_relative_biases_are_resampled(tmp_path):
     assert report["en_inblocks.0.attn.rel_pos_bias.relative_position_index"]["action"] == "recomputed"
 
 
+@pytest.mark.slow
 def test_class_to_text_transfer_replaces_the_class_embedder(tmp_path):
     from ldmkit.data.shards import write_mnist_caption_shards
 
@@ -187,6 +190,7 @@ def test_every_shipped_recipe_transition_is_covered_by_the_init_rules(path, tmp_
         previous = (cfg, model)
 
 
+@pytest.mark.slow
 def test_a_recipe_resumes_at_the_right_stage(tmp_path):
     import yaml
 
@@ -224,6 +228,7 @@ def test_a_recipe_resumes_at_the_right_stage(tmp_path):
         run_recipe(tmp_path / "bad.yaml", out)
 
 
+@pytest.mark.slow
 def test_init_from_imported_weights_official_and_diffusers(tmp_path):
     from ldmkit.cli import main
 

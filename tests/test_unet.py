@@ -59,6 +59,7 @@ def test_unet_round_trip_and_class_tokens():
         ours(torch.randn(1, 4, 18, 16), t[:1], Cond(class_labels=torch.tensor([1])))
 
 
+@pytest.mark.slow
 def test_export_then_convert_reproduces_an_sdxl_like_unet(tmp_path):
     """Export a text UNet with micro-conditioning (an SDXL-like preset), load it with from_pretrained, and
     import it back: same weights, same outputs; a UNet that matches no preset is a clear error."""
