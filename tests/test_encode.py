@@ -14,7 +14,8 @@ from PIL import Image
 
 from conftest import TINY, state_of
 from ldmkit.config import ConfigError, dump_config, load_config
-from ldmkit.data.cache import BucketBatches, LatentCache, memmap_safetensors
+from ldmkit.data.cache import LatentCache, memmap_safetensors
+from ldmkit.data.loader import BucketBatches
 from ldmkit.data.datasets import DataError, pil_to_tensor
 from ldmkit.train.encode import encode_dataset
 from ldmkit.data.transforms import crop_with_metadata

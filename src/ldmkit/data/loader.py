@@ -15,8 +15,8 @@ import functools
 import numpy as np
 import torch
 
-from .cache import BucketBatches, LatentCache
-from .datasets import build_dataset
+from .cache import LatentCache
+from .datasets import DataError, build_dataset
 from .shards import ShardStream, expand_urls
 
 
@@ -46,23 +46,74 @@ def batch_indices(dataset_len: int, seed: int, start: int, count: int) -> np.nda
     return np.asarray(out)
 
 
-class StreamBatches(torch.utils.data.Sampler):
+class GlobalBatches(torch.utils.data.Sampler):
     """This process's micro-batches of (dataset index, sample seed), step after step from stream position
-    `start`: for each step, the global batch of batch_indices(), sliced by (accumulation round, rank). Given to a
+    `start`: each step's global batch (global_batch_at) sliced by (accumulation round, rank). Given to a
     DataLoader as batch_sampler, so worker processes load in this exact order."""
 
-    def __init__(self, dataset_len: int, seed: int, start: int, end: int, global_batch: int, micro: int, rounds: int, world: int, rank: int):
-        self.args = (dataset_len, seed, start, end, global_batch, micro, rounds, world, rank)
+    def __init__(self, seed: int, start: int, end: int, global_batch: int, micro: int, rounds: int, world: int, rank: int):
+        self.seed, self.start, self.end, self.global_batch = seed, start, end, global_batch
+        self.micro, self.rounds, self.world, self.rank = micro, rounds, world, rank
+
+    def global_batch_at(self, pos: int) -> np.ndarray:
+        raise NotImplementedError
 
     def __iter__(self):
-        n, seed, pos, end, global_batch, micro, rounds, world, rank = self.args
-        while pos < end:
-            idx = batch_indices(n, seed, pos, global_batch)
-            seeds = sample_seeds(seed, pos, global_batch)
-            for r in range(rounds):
-                lo = (r * world + rank) * micro
-                yield list(zip(idx[lo: lo + micro].tolist(), seeds[lo: lo + micro]))
-            pos += global_batch
+        pos = self.start
+        while pos < self.end:
+            idx = self.global_batch_at(pos)
+            seeds = sample_seeds(self.seed, pos, self.global_batch)
+            for r in range(self.rounds):
+                lo = (r * self.world + self.rank) * self.micro
+                yield list(zip(idx[lo: lo + self.micro].tolist(), seeds[lo: lo + self.micro]))
+            pos += self.global_batch
+
+
+class StreamBatches(GlobalBatches):
+    """An indexed dataset in epochs of fresh permutations (batch_indices)."""
+
+    def __init__(self, dataset_len: int, seed: int, start: int, end: int, global_batch: int, micro: int, rounds: int,
+                 world: int, rank: int):
+        super().__init__(seed, start, end, global_batch, micro, rounds, world, rank)
+        self.dataset_len = dataset_len
+
+    def global_batch_at(self, pos: int) -> np.ndarray:
+        return batch_indices(self.dataset_len, self.seed, pos, self.global_batch)
+
+
+class BucketBatches(GlobalBatches):
+    """A bucketed cache: every global batch comes from one bucket. Epoch e shuffles each bucket with
+    (seed, e, bucket), cuts it into whole global batches (a bucket's remainder waits for the next epoch's
+    shuffle) and shuffles the batches with (seed, e). Position = images seen, so a resumed run continues with
+    the next batch, whatever the process count."""
+
+    def __init__(self, bucket_of: np.ndarray, seed: int, start: int, end: int, global_batch: int, micro: int, rounds: int,
+                 world: int, rank: int):
+        super().__init__(seed, start, end, global_batch, micro, rounds, world, rank)
+        self.bucket_of = np.asarray(bucket_of)
+        per_bucket = np.bincount(self.bucket_of)
+        self.batches_per_epoch = int((per_bucket // self.global_batch).sum())
+        self._epoch: tuple[int, list] | None = None  # the current epoch's batches, computed once
+        if self.batches_per_epoch == 0:
+            raise DataError(f"no aspect-ratio bucket holds a whole global batch of {self.global_batch} samples "
+                            f"(bucket sizes {per_bucket.tolist()})")
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        if self._epoch is not None and self._epoch[0] == epoch:
+            return self._epoch[1]
+        batches = []
+        for bucket in np.unique(self.bucket_of):
+            members = np.flatnonzero(self.bucket_of == bucket)
+            members = members[np.random.default_rng([self.seed, epoch, int(bucket)]).permutation(len(members))]
+            batches += [members[i: i + self.global_batch]
+                        for i in range(0, len(members) - self.global_batch + 1, self.global_batch)]
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(batches))
+        self._epoch = (epoch, [batches[i] for i in order])
+        return self._epoch[1]
+
+    def global_batch_at(self, pos: int) -> np.ndarray:
+        epoch, k = divmod(pos // self.global_batch, self.batches_per_epoch)
+        return self.epoch_batches(epoch)[k]
 
 
 def _collated(batch):
