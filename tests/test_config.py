@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from ldmkit.config import ConfigError, RunConfig, build, dump_config, load_config, parse_override, to_dict
@@ -67,3 +69,38 @@ def test_every_shipped_config_loads():
 def test_override_values_are_yaml():
     assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
     assert parse_override("a=some text") == (["a"], "some text")
+
+
+def test_base_inheritance_merges_sections_and_replaces_values(tmp_path):
+    from ldmkit.config import ConfigError, load_config
+
+    (tmp_path / "a.yaml").write_text("name: a\ntrain:\n  lr: 0.5\n  betas: [0.1, 0.2]\nsample:\n  steps: 7\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.yaml").write_text("base: ../a.yaml\nname: b\ntrain:\n  betas: [0.9, 0.95]\n")
+    (tmp_path / "c.yaml").write_text("base: sub/b.yaml\nsample:\n  steps: 9\n")
+    cfg = load_config(tmp_path / "c.yaml", ["train.global_batch=8"])
+    assert cfg.name == "b"                      # from the nearer base
+    assert cfg.train.lr == 0.5                  # a section key the child does not give: kept from the base
+    assert cfg.train.betas == [0.9, 0.95]       # a list is replaced, not merged
+    assert cfg.sample.steps == 9                # the child wins
+    assert cfg.train.global_batch == 8          # --set still applies last
+    (tmp_path / "loop1.yaml").write_text("base: loop2.yaml\n")
+    (tmp_path / "loop2.yaml").write_text("base: loop1.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "loop1.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="its base missing.yaml was not found"):
+        load_config(tmp_path / "orphan.yaml")
+
+
+def test_shipped_512_configs_are_short_diffs_of_their_256_configs():
+    from ldmkit.config import diff_configs, load_config, to_dict
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for data in ("imagenet", "cc12m"):
+        text = (root / f"{data}512" / "proposed_xl2.yaml").read_text()
+        assert f"base: ../{data}256/proposed_xl2.yaml" in text
+        changed = diff_configs(to_dict(load_config(root / f"{data}256" / "proposed_xl2.yaml")),
+                               to_dict(load_config(root / f"{data}512" / "proposed_xl2.yaml")))
+        assert {"model.input_size", "data.resolution", "diffusion.shift_base_resolution"} <= set(changed), changed
+        assert len(changed) <= 8, changed

@@ -357,10 +357,39 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
     return data
 
 
+def merge_mappings(base: dict, child: dict) -> dict:
+    """child over base: sections merge key by key; any other value (lists included) is replaced."""
+    out = dict(base)
+    for key, value in child.items():
+        both_sections = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge_mappings(out[key], value) if both_sections else value
+    return out
+
+
+def read_config_mapping(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """A config file as a mapping, with `base: OTHER.yaml` (a path relative to this file) resolved: the base's
+    keys first, then this file's keys over them. Bases may have bases of their own."""
+    path = Path(path)
+    data = read_yaml_mapping(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file {path}: 'base' must be the path of another config file, got {base!r}")
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ConfigError(f"config file {path}: its base {base} was not found ({base_path})")
+    chain = _chain + (path.resolve(),)
+    if base_path.resolve() in chain:
+        names = " -> ".join(p.name for p in chain + (base_path,))
+        raise ConfigError(f"config file {path}: its bases form a cycle ({names})")
+    return merge_mappings(read_config_mapping(base_path, chain), data)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     data: dict = {}
     if path is not None:
-        data = read_yaml_mapping(path)
+        data = read_config_mapping(path)
         if "stages" in data:
             raise ConfigError(f"config file {path} is a recipe (it has stages): run it with `ldmkit recipe {path}`")
     data = apply_overrides(data, overrides or [])
