@@ -312,6 +312,22 @@ def test_a_stop_signal_checkpoints_the_step_and_the_resumed_run_is_exact(tmp_pat
 
 
 @pytest.mark.slow
+def test_a_second_ctrl_c_interrupts_at_once():
+    from ldmkit.distributed import Dist
+    from ldmkit.train.signals import StopSignals
+
+    signals = StopSignals(Dist())
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # the first: noted, the step goes on
+        assert signals.requested() and signals.name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the second: at once
+            time.sleep(1)
+    finally:
+        signals.restore()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_log_records_past_the_resumed_checkpoint_are_dropped(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import pickle
 import re
 import sys
 from pathlib import Path
@@ -25,6 +26,9 @@ CKPT_PATTERN = re.compile(r"ckpt-(\d+)\.pt$")
 CHECKSUM_SUFFIX = ".sha256"
 # What a training checkpoint must hold to resume from it.
 TRAINING_KEYS = ("model", "ema", "optimizer", "images_seen", "step", "rng", "config")
+# What torch.load raises for a file it cannot (or may not) read.
+READ_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError, KeyError, TypeError,
+               IndexError, ImportError)
 # Plain attribute containers some published training scripts store beside their weights (DiT's and MDT's
 # train.py save their argparse arguments): rebuilding one runs no code, so weights_only may accept it.
 SAFE_GLOBALS = [argparse.Namespace]
@@ -67,7 +71,7 @@ def load_file(path: str | Path, trust_pickle: bool = False) -> dict:
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle_error_types() as e:
+    except READ_ERRORS as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         if found:  # it names a Python object that only full unpickling would build
             what = f" (it references {found.group(1)})"
@@ -78,13 +82,6 @@ def load_file(path: str | Path, trust_pickle: bool = False) -> dict:
         detail = re.search(r"Unsupported operand \d+|invalid load key[^.]*", str(e))
         raise CheckpointError(f"{path} is not a readable weights file "
                               f"({detail.group(0) if detail else type(e).__name__ + ': ' + _first_line(e)})") from None
-
-
-def pickle_error_types() -> tuple[type[BaseException], ...]:
-    import pickle
-
-    return (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError, KeyError, TypeError,
-            IndexError, ImportError)
 
 
 class _HashingWriter:
