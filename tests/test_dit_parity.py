@@ -7,7 +7,8 @@ from conftest import randomised
 
 from ldmkit.conditioning.cond import Cond
 from ldmkit.models.dit import DiT
-from ldmkit.transfer import checkpoints as ck
+from ldmkit.models import dit_spec as ck
+from ldmkit.transfer.checkpoints import read_weights
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -44,7 +45,7 @@ def test_convert_round_trip_is_exact(tmp_path):
     sd = ours.state_dict()
     arch = ck.dit_arch_from_state_dict(sd, num_heads=4)
     ck.write_diffusers(sd, arch, tmp_path / "exported")
-    back, layout, _, folder_config = ck.read_weights(tmp_path / "exported")
+    back, layout, _, folder_config = read_weights(tmp_path / "exported")
     assert layout == "diffusers" and folder_config["sample_size"] == 16
     restored = ck.diffusers_to_ldmkit(back)
     for k, v in sd.items():

@@ -6,7 +6,7 @@ import torch
 from conftest import randomised
 from ldmkit.conditioning.cond import Cond
 from ldmkit.models.mmdit import MMDiT
-from ldmkit.transfer.mmdit import mmdit_diffusers_config, mmdit_from_diffusers, mmdit_to_diffusers
+from ldmkit.models.mmdit_spec import mmdit_diffusers_config, mmdit_from_diffusers, mmdit_to_diffusers
 
 diffusers = pytest.importorskip("diffusers")
 

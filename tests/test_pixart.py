@@ -10,7 +10,7 @@ from ldmkit.config import load_config, to_dict
 from ldmkit.models.pixart import PixArt
 from ldmkit.models.registry import build_model
 from ldmkit.checkpoint import atomic_save, load_checkpoint
-from ldmkit.transfer.pixart import pixart_diffusers_config, pixart_from_diffusers, pixart_to_diffusers
+from ldmkit.models.pixart_spec import pixart_diffusers_config, pixart_from_diffusers, pixart_to_diffusers
 
 diffusers = pytest.importorskip("diffusers")
 

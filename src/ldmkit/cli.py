@@ -188,13 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "layout, an official sail-sg/MDT (MDTv2) checkpoint, or a diffusers PixArtTransformer2DModel, SD3Transformer2DModel or UNet2DConditionModel "
                                    "folder (a UNet must match a UNet preset, e.g. SDXL's), and write them as an ldmkit checkpoint "
                                    "(.pt, usable by 'ldmkit sample' and for fine-tuning) with the matching recipe embedded; "
-                                   "'--to diffusers' writes DiT weights as a diffusers folder (for runs, see 'ldmkit export').")
+                                   "'--to diffusers' writes them (or an ldmkit checkpoint) as a diffusers folder instead "
+                                   "(for runs, see 'ldmkit export').")
     p.add_argument("source", help="weights file or folder")
     p.add_argument("--to", choices=["ldmkit", "diffusers"], default="ldmkit", help="output layout (default ldmkit)")
     p.add_argument("--out", required=True, help="output file (ldmkit) or folder (diffusers)")
     p.add_argument("--num-heads", type=positive_int, help="attention heads (default: DiT's for the width)")
     p.add_argument("--timestep-freq-shift", type=finite_float, help="timestep features: 0 official DiT, 1 diffusers (default: by source layout)")
-    p.add_argument("--config", help="ldmkit config to embed for sampling (default: configs/imagenet256/dit_xl2.yaml with the weights' architecture)")
+    p.add_argument("--config", help="ldmkit config to embed for sampling (default: the backbone's recipe, e.g. "
+                        "configs/imagenet256/dit_xl2.yaml, with the weights' architecture)")
     p.add_argument("--trust-pickle", action="store_true",
                    help="read a .pt/.bin file that needs full unpickling (which can run code; ldmkit refuses such files "
                         "otherwise) and write it as plain weights: only for files from a source you trust")
@@ -397,57 +399,35 @@ def cmd_demo(args):
 
 
 def cmd_convert(args):
-    from .config import load_config, to_dict
-    from .models.registry import build_model
-    from .transfer import checkpoints as ck
-    from .transfer.mmdit import is_diffusers_mmdit
-    from .transfer.pixart import is_diffusers_pixart
-    from .transfer.unet import is_diffusers_unet
+    """Foreign weights (a backbone's official or diffusers layout) or an ldmkit checkpoint -> an ldmkit checkpoint
+    with the backbone's recipe embedded (architecture read from the weights), or -> the diffusers layout."""
+    from .config import RunConfig, build, load_config, to_dict
+    from .demo import REPO_CONFIGS
+    from .models.registry import BACKBONES, build_model, detect_backbone
+    from .transfer.checkpoints import read_weights
 
-    sd, layout, embedded, folder_config = ck.read_weights(args.source, trust_pickle=args.trust_pickle)
-    if layout == "official" and "en_inblocks.0.attn.qkv.weight" in sd:
-        return convert_mdt(args, sd)
-    if layout == "diffusers" and (is_diffusers_pixart(sd) or is_diffusers_mmdit(sd)):
-        return convert_transformer(args, sd, folder_config, "pixart" if is_diffusers_pixart(sd) else "mmdit")
-    if is_diffusers_unet(sd):
-        return convert_transformer(args, sd, folder_config, "unet")
-    if layout == "diffusers":
-        sd = ck.diffusers_to_ldmkit(sd)
-    heads = args.num_heads or folder_config.get("num_attention_heads")
-    arch = ck.dit_arch_from_state_dict(sd, heads, folder_config.get("sample_size"))
-    if args.to == "diffusers":
-        if arch["input_size"] is None:
-            raise ck.ConversionError("the source has no pos_embed, so its input size is unknown")
-        ck.write_diffusers(sd, arch, args.out)
-        if layout != "diffusers":
-            print("note: diffusers' DiT embeds timesteps with freq shift 1 (official DiT: 0); outputs differ slightly in diffusers", file=sys.stderr)
-        print(args.out)
-        return
-    if embedded is not None:
+    sd, layout, embedded, folder_config = read_weights(args.source, trust_pickle=args.trust_pickle)
+    if layout == "ldmkit":
         cfg_dict = embedded
+        spec = BACKBONES[cfg_dict["model"]["name"]]
     else:
-        if arch["input_size"] is None:
-            raise ck.ConversionError("the input size is unknown (no pos_embed and no config.json with sample_size)")
-        input_size = arch["input_size"]
-        shift = args.timestep_freq_shift if args.timestep_freq_shift is not None else (1.0 if layout == "diffusers" else 0.0)
-        overrides = [f"model.input_size={input_size}", f"model.in_channels={arch['in_channels']}", f"model.num_classes={arch['num_classes']}",
-                     f"model.learn_sigma={str(arch['learn_sigma']).lower()}", f"model.timestep_freq_shift={shift}",
-                     f"model.depth={arch['depth']}", f"model.hidden_size={arch['hidden_size']}", f"model.num_heads={arch['num_heads']}",
-                     f"model.patch_size={arch['patch_size']}",
-                     f"data.resolution={input_size * 8}"]
-        if not arch["learn_sigma"]:
-            overrides.append("sample.sampler=ddim")
-        from .demo import REPO_CONFIGS
+        spec = detect_backbone(sd)[0]
+        sd = spec.import_weights(sd, layout)
+        overrides = spec.import_overrides(sd, layout, folder_config, num_heads=args.num_heads,
+                                          timestep_freq_shift=args.timestep_freq_shift)
+        cfg_dict = to_dict(load_config(args.config or (REPO_CONFIGS / spec.recipe), overrides))
+    run_cfg = build(RunConfig, cfg_dict)
+    model = build_model(run_cfg.model, run_cfg.conditioning)
+    # Tensors the source layout does not carry (fixed positional tables, PixArt's null caption) keep the new
+    # model's own values.
+    sd = {**{k: v for k, v in model.state_dict().items() if k in spec.kept_on_import}, **sd}
+    if args.to == "diffusers":
+        from .checkpoint import load_weights
 
-        # Foreign DiT weights are ImageNet models: embed the DiT recipe, with the architecture read from the weights.
-        base = args.config or (REPO_CONFIGS / "imagenet256" / "dit_xl2.yaml")
-        cfg_dict = to_dict(load_config(base, overrides))
-    from .config import RunConfig, build
-
-    model = build_model(build(RunConfig, cfg_dict).model)
-    sd = dict(sd)  # pos_embed is a fixed table: fill it in when the source has none
-    sd.setdefault("pos_embed", model.pos_embed)
-    save_imported(model, sd, cfg_dict, args, layout)
+        load_weights(model, sd, f"weights {args.source}")
+        export_diffusers(model, spec, args.out)
+    else:
+        save_imported(model, sd, cfg_dict, args, layout)
 
 
 def save_imported(model, sd: dict, cfg_dict: dict, args, layout: str) -> None:
@@ -463,56 +443,17 @@ def save_imported(model, sd: dict, cfg_dict: dict, args, layout: str) -> None:
     print(out)
 
 
-def convert_transformer(args, sd: dict, folder_config: dict, family: str) -> None:
-    """A diffusers PixArtTransformer2DModel, SD3Transformer2DModel or UNet2DConditionModel -> an ldmkit
-    checkpoint, with the backbone's CC12M recipe embedded (the architecture read from config.json)."""
-    from .config import RunConfig, build, load_config, to_dict
-    from .demo import REPO_CONFIGS
-    from .models.registry import build_model
-    from .transfer import mmdit, pixart, unet
-
-    if args.to == "diffusers":
-        raise ValueError("the source is already in the diffusers layout")
-    from_diffusers, overrides, base = {
-        "pixart": (pixart.pixart_from_diffusers, pixart.pixart_overrides, "pixart_xl2.yaml"),
-        "mmdit": (mmdit.mmdit_from_diffusers, mmdit.mmdit_overrides, "mmdit_xl2.yaml"),
-        "unet": (unet.unet_from_diffusers, unet.unet_overrides, "unet_ldm.yaml"),
-    }[family]
-    cfg_dict = to_dict(load_config(args.config or (REPO_CONFIGS / "cc12m256" / base), overrides(folder_config)))
-    model = build_model(build(RunConfig, cfg_dict).model)
-    sd = from_diffusers(sd)
-    # Not in diffusers' PixArt layout: the fixed positional table and the null caption (kept from ldmkit's init).
-    sd.update({k: v for k, v in model.state_dict().items() if k in ("pos_embed", "y_embedder.y_embedding") and k not in sd})
-    save_imported(model, sd, cfg_dict, args, "diffusers")
-
-
-def convert_mdt(args, sd: dict) -> None:
-    """An official sail-sg/MDT checkpoint (same module names) -> an ldmkit checkpoint with the MDT-v2 recipe."""
-    from .config import RunConfig, build, load_config, to_dict
-    from .demo import REPO_CONFIGS
-    from .models.mdt import mdt_arch_from_state_dict
-    from .models.registry import build_model
-
-    if args.to == "diffusers":
-        raise ValueError("diffusers has no MDT model; convert to ldmkit")
-    arch = mdt_arch_from_state_dict(sd)
-    overrides = [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in arch.items()]
-    cfg_dict = to_dict(load_config(args.config or (REPO_CONFIGS / "imagenet256" / "mdt_xl2.yaml"), overrides + [f"data.resolution={arch['input_size'] * 8}"]))
-    save_imported(build_model(build(RunConfig, cfg_dict).model), sd, cfg_dict, args, "official MDT")
+def export_diffusers(model, spec, out) -> None:
+    if spec.export_weights is None:
+        raise ValueError(spec.no_export)
+    spec.export_weights(model, Path(out))
+    print(out)
 
 
 def cmd_export(args):
-    from .config import RunConfig, build
-    from .models.dit import DiT
-    from .models.mmdit import MMDiT
-    from .models.pixart import PixArt
-    from .models.registry import build_model, semantic_path
     from .checkpoint import load_weights, run_checkpoint
-    from .transfer import checkpoints as ck
-    from .models.unet import UNet
-    from .transfer.mmdit import write_mmdit_diffusers
-    from .transfer.pixart import write_pixart_diffusers
-    from .transfer.unet import write_unet_diffusers
+    from .config import RunConfig, build
+    from .models.registry import backbone_spec, build_model, semantic_path
 
     check_not_file(args.out, "--out")
     ckpt, state, _ = run_checkpoint(args.source)
@@ -523,20 +464,7 @@ def cmd_export(args):
     if getattr(model, "control_embedder", None) is not None or getattr(model, "semantic_path", published) != published:
         raise ValueError(f"this run uses conditioning.mechanism {run_cfg.conditioning.mechanism} (semantic path "
                          f"{model.semantic_path}, control embeddings); diffusers has the published conditioning only")
-    if isinstance(model, PixArt):
-        write_pixart_diffusers(model, args.out)
-    elif isinstance(model, MMDiT):
-        write_mmdit_diffusers(model, args.out)
-    elif isinstance(model, UNet):
-        write_unet_diffusers(model, args.out)
-    elif isinstance(model, DiT):
-        if model.conditioning != "class":
-            raise ValueError("diffusers' DiTTransformer2DModel is DiT as published (class in adaLN); this DiT has no diffusers form")
-        arch = ck.dit_arch_from_state_dict(model.state_dict(), model.num_heads)
-        ck.write_diffusers(model.state_dict(), arch, args.out)
-    else:
-        raise ValueError(f"no diffusers export for {type(model).__name__}")
-    print(args.out)
+    export_diffusers(model, backbone_spec(run_cfg.model), args.out)
 
 
 def cmd_presets(args):

@@ -3,6 +3,7 @@ per-sample loss [B]; which samples, times and noise are used is decided by the c
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -131,6 +132,17 @@ class FlowObjective:
         out = model(x_t, t, cond)
         mse = mean_flat((noise - x0 - out.float()) ** 2)
         return {"mse": mse, "loss": mse}
+
+
+def training_loss(objective, model, x0: torch.Tensor, cond, t: torch.Tensor, noise: torch.Tensor,
+                  extra_passes: tuple[dict, ...] = ()) -> dict[str, torch.Tensor]:
+    """The objective's loss, plus one more per extra pass: the same noisy latents through the model called with
+    that pass's arguments (MDT-v2's masked pass: keep=...); the losses add."""
+    terms = objective.loss(model, x0, cond, t, noise)
+    for kwargs in extra_passes:
+        extra = objective.loss(functools.partial(model, **kwargs), x0, cond, t, noise)
+        terms = {k: terms[k] + extra[k] for k in ("loss", "mse")}
+    return terms
 
 
 def build_objective(cfg):

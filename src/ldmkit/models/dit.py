@@ -1,7 +1,7 @@
 """DiT: Scalable Diffusion Models with Transformers (Peebles & Xie, 2023), after facebookresearch/DiT.
 
 Embedders, one adaLN-Zero block, model, explicit init, size presets (the final layer is shared: layers.py). Module names follow the
-official checkpoint, so its state dicts load as they are (see ldmkit.transfer.checkpoints).
+official checkpoint, so its state dicts load as they are (see models/dit_spec.py).
 Shapes: B batch, C latent channels, T = (H/p)*(W/p) tokens, D width.
 """
 from __future__ import annotations

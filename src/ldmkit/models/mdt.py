@@ -217,16 +217,3 @@ MDT_SIZES = {
     "XL": dict(depth=28, hidden_size=1152, num_heads=16, decode_layers=4),
 }
 MDT_PRESETS = {f"mDT-v2-{size}/{p}": dict(arch, patch_size=p) for size, arch in MDT_SIZES.items() for p in (2, 4)}
-
-
-def mdt_arch_from_state_dict(sd: dict) -> dict:
-    """The architecture of an official (or ldmkit) MDT-v2 state dict, read from tensor shapes."""
-    count = lambda prefix: len({k.split(".")[1] for k in sd if k.startswith(prefix + ".")})  # noqa: E731
-    w = sd["x_embedder.proj.weight"]
-    hidden, in_channels, patch = w.shape[0], w.shape[1], w.shape[2]
-    half, decode = count("en_inblocks"), count("de_blocks")
-    return dict(hidden_size=hidden, in_channels=in_channels, patch_size=patch, depth=2 * half + decode, decode_layers=decode,
-                num_heads=sd["en_inblocks.0.attn.rel_pos_bias.relative_position_bias_table"].shape[1],
-                num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1,
-                learn_sigma=sd["final_layer.linear.weight"].shape[0] == 2 * in_channels * patch * patch,
-                input_size=int(round(sd["pos_embed"].shape[1] ** 0.5)) * patch)

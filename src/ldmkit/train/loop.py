@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import time
 from pathlib import Path
 
@@ -20,11 +19,10 @@ from ..autoencoders import build_autoencoder
 from ..config import ConfigError, RunConfig, build, diff_configs, dump_config, load_config, to_dict, validate
 from ..conditioning.build import build_text_encoder, cond_from_batch
 from ..data.loader import training_batches
-from ..diffusion.objectives import build_objective
+from ..diffusion.objectives import build_objective, training_loss
 from ..eval.evaluate import quick_metrics
 from ..eval.generate import generate, grid_labels, save_grid
-from ..models.mdt import draw_token_keep
-from ..models.registry import build_model
+from ..models.registry import build_model, spec_of
 from .. import distributed
 from . import parallel
 from .optim import build_optimizer
@@ -133,7 +131,7 @@ def _train(cfg: RunConfig, run_dir: Path, d: distributed.Dist, allow_config_chan
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = build_optimizer(model.parameters(), tc)
     objective = build_objective(cfg)
-    masked_modelling = getattr(model, "mask_ratio", None) is not None  # MDT-v2: two losses per step
+    extra_pass = spec_of(model).extra_pass(model)  # a backbone's second loss per step (MDT-v2's masked pass)
     # The run folder is written only once the config has built (a bad key or preset leaves nothing behind).
     if d.is_main:
         prepare_run_dir(cfg, run_dir, allow_config_change, True)
@@ -212,8 +210,8 @@ def _train(cfg: RunConfig, run_dir: Path, d: distributed.Dist, allow_config_chan
             noise = torch.randn((tc.global_batch, *latent_shape), generator=gen, device=device)
             posterior_noise = torch.randn((tc.global_batch, *latent_shape), generator=gen, device=device)
             drop = torch.rand(tc.global_batch, generator=gen, device=device) < tc.class_dropout
-            # MDT-v2's masked latent modelling: the tokens each sample keeps in the step's second, masked pass.
-            keep = draw_token_keep(tc.global_batch, model.grid**2, model.mask_ratio, gen, device) if masked_modelling else None
+            # A backbone's extra pass draws its randomness here (MDT-v2: the tokens each sample keeps).
+            extra_drawn = extra_pass.draw(tc.global_batch, gen, device) if extra_pass is not None else None
             # Control metadata has its own guidance dropout, drawn independently of the semantic one.
             drop_control = torch.rand(tc.global_batch, generator=gen, device=device) < cfg.conditioning.control_dropout if cfg.conditioning.control else None
 
@@ -231,11 +229,9 @@ def _train(cfg: RunConfig, run_dir: Path, d: distributed.Dist, allow_config_chan
                 sync = r == rounds - 1 or d.world_size == 1
                 ctx = train_model.no_sync() if (d.world_size > 1 and not sync) else contextlib.nullcontext()
                 with ctx:
+                    extra = (extra_pass.kwargs(extra_drawn, part),) if extra_pass is not None else ()
                     with autocast:
-                        terms = objective.loss(train_model, x0, cond, times[part], noise[part])
-                        if keep is not None:  # the same noisy latents again, seen through the kept tokens only; the losses add
-                            masked = objective.loss(functools.partial(train_model, keep=keep[part]), x0, cond, times[part], noise[part])
-                            terms = {k: terms[k] + masked[k] for k in ("loss", "mse")}
+                        terms = training_loss(objective, train_model, x0, cond, times[part], noise[part], extra)
                     # Sum over this slice, scaled so that DDP's mean over processes is the global-batch mean.
                     loss = terms["loss"].sum() * d.world_size / tc.global_batch
                     loss.backward()

@@ -5,18 +5,12 @@ from __future__ import annotations
 import torch.nn as nn
 
 from ..distributed import Dist
-
-
-# The repeated blocks of each backbone: DiT/PixArt blocks, mmDiT joint_blocks, MDT's encoder/decoder/side
-# blocks, the UNet's down/up blocks and middle block.
-REPEATED_BLOCKS = ("blocks", "joint_blocks", "en_inblocks", "en_outblocks", "de_blocks", "sideblocks", "down_blocks", "up_blocks")
+from ..models.registry import spec_of
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    blocks = [b for name in REPEATED_BLOCKS for b in getattr(model, name, [])]
-    if hasattr(model, "mid_block"):
-        blocks.append(model.mid_block)
-    return blocks
+    """The blocks that compile, activation checkpointing and sharding wrap, as the backbone's spec lists them."""
+    return spec_of(model).blocks(model)
 
 
 def compile_blocks(model: nn.Module) -> None:

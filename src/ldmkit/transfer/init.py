@@ -21,11 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..models.registry import spec_of
 from .resample import resample_learned, resample_relative_bias
 
-CLASS_TABLES = ("y_embedder.embedding_table.weight", "class_embedder.embedding_table.weight", "class_embedding.embedding_table.weight")
-# Modules that carry the text condition (caption projections, pooled-text MLPs, PixArt's null caption).
-TEXT_EMBEDDERS = ("context_embedder.", "text_embedder.", "y_embedder.y_proj.", "y_embedder.y_embedding", "y_embedder.0.", "y_embedder.2.")
 ZERO_STARTED = ("control_embedder.",)  # outputs zero-initialised: the new model computes what the source did
 
 
@@ -37,7 +35,9 @@ def read_source(source: str | Path, weights: str = "ema") -> tuple[dict, dict | 
     """(state dict in ldmkit names, the source's embedded ldmkit config or None) from a run folder, an ldmkit
     checkpoint (including one written by `ldmkit convert`), an official DiT checkpoint or a diffusers DiT folder."""
     from ..checkpoint import latest_checkpoint, load_checkpoint, run_checkpoint
-    from .checkpoints import ConversionError, diffusers_to_ldmkit, read_weights
+    from ..models.registry import detect_backbone
+    from ..models.spec import ConversionError
+    from .checkpoints import read_weights
 
     path = Path(source)
     if path.is_dir() and (path / "checkpoints").is_dir():
@@ -53,12 +53,10 @@ def read_source(source: str | Path, weights: str = "ema") -> tuple[dict, dict | 
             return state[weights], state["config"]  # weights: ema | model (checked with the config)
     try:
         sd, layout, embedded, _ = read_weights(path)
+        if layout != "ldmkit":  # foreign weights in ldmkit's names, by the backbone's own mapping
+            sd = detect_backbone(sd)[0].import_weights(sd, layout)
     except ConversionError as e:
         raise InitError(f"config key 'init.source': {e}") from None
-    if layout == "diffusers":
-        if not any(k.startswith("transformer_blocks.") and ".norm1.emb" in k for k in sd):
-            raise InitError(f"config key 'init.source': {source} is a diffusers PixArt/SD3/UNet model; `ldmkit convert` it first")
-        sd = diffusers_to_ldmkit(sd)
     return sd, embedded
 
 
@@ -93,6 +91,7 @@ def _remap_classes(old: torch.Tensor, new: torch.Tensor, source_ids: list[str], 
 def plan_and_apply(model: nn.Module, source_sd: dict, source_cfg: dict | None, cfg) -> list[dict]:
     """Fill model's tensors from source_sd by the rules above; returns the report (one entry per tensor)."""
     ic = cfg.init
+    spec = spec_of(model)
     own = model.state_dict()
     buffers = {name for name, _ in model.named_buffers()}
     out, report, used = {}, [], set()
@@ -133,7 +132,7 @@ def plan_and_apply(model: nn.Module, source_sd: dict, source_cfg: dict | None, c
             out[name] = resample_relative_bias(src, old, new, ic.pos_embed, extra).to(target.dtype)
             used.add(name)
             note(name, "resampled", f"relative offsets of a {old}x{old} grid -> {new}x{new} ({ic.pos_embed})", src)
-        elif src is not None and name in CLASS_TABLES:
+        elif src is not None and name in spec.class_tables:
             if ic.class_map != "wnid":
                 raise InitError(f"init: class table '{name}' has {src.shape[0]} rows in the source and {target.shape[0]} here; "
                                 f"set init.class_map: wnid to match classes by WordNet id")
@@ -151,7 +150,7 @@ def plan_and_apply(model: nn.Module, source_sd: dict, source_cfg: dict | None, c
             note(name, "fresh", "control embedding the source lacks (zero-initialised output: starts as the source)")
         elif src is None and (".cross_attn." in name or ".norm_cross" in name):
             note(name, "fresh", "cross-attention the source lacks (zero-initialised output: starts as the source)")
-        elif src is None and replace_semantic and name.startswith(TEXT_EMBEDDERS):
+        elif src is None and replace_semantic and name.startswith(spec.text_embedders):
             note(name, "fresh", "text embedder replacing the source's class embedder (init.semantic: replace)")
         elif src is None:
             raise InitError(f"init: tensor '{name}' of this model is not in the source, and no rule covers it "
@@ -164,7 +163,7 @@ def plan_and_apply(model: nn.Module, source_sd: dict, source_cfg: dict | None, c
     for name, src in source_sd.items():
         if name in used:
             continue
-        if replace_semantic and name in CLASS_TABLES:
+        if replace_semantic and name in spec.class_tables:
             note(name, "dropped", "the source's class embedder (init.semantic: replace)", src)
         elif name in own:
             continue

@@ -1,4 +1,4 @@
-"""mmDiT weights between ldmkit (the official SD3 module names) and diffusers' `SD3Transformer2DModel`.
+"""mmDiT's spec (see models/spec.py), and its weights between ldmkit (the official SD3 module names) and diffusers' `SD3Transformer2DModel`.
 
 diffusers stores the two-way modulations of the pre-only context block and of the final layer as
 (scale, shift); the official layout, and ldmkit, as (shift, scale): those halves are swapped.
@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .checkpoints import ConversionError, _block_count, copy_renamed
+from .mmdit import MMDIT_PRESETS, MMDiT
+from .spec import BackboneSpec, ConversionError, block_count, copy_renamed
 
 _RENAMES = {
     "x_embedder.proj": "pos_embed.proj",
@@ -34,7 +35,7 @@ def mmdit_to_diffusers(sd: dict) -> dict:
     out = copy_renamed(sd, _RENAMES, {"pos_embed.pos_embed": sd["pos_embed"]})
     for part in ("weight", "bias"):
         out[f"norm_out.linear.{part}"] = _swap_halves(sd[f"final_layer.adaLN_modulation.1.{part}"])
-    depth = _block_count(sd, "joint_blocks.")
+    depth = block_count(sd, "joint_blocks.")
     for i in range(depth):
         for stream, (ada, q, k, v, proj, nq, nk, ff) in _STREAMS.items():
             src, dst = f"joint_blocks.{i}.{stream}.", f"transformer_blocks.{i}."
@@ -58,7 +59,7 @@ def mmdit_from_diffusers(sd: dict) -> dict:
     out = copy_renamed(sd, _RENAMES, {"pos_embed": sd["pos_embed.pos_embed"]}, reverse=True)
     for part in ("weight", "bias"):
         out[f"final_layer.adaLN_modulation.1.{part}"] = _swap_halves(sd[f"norm_out.linear.{part}"])
-    for i in range(_block_count(sd, "transformer_blocks.")):
+    for i in range(block_count(sd, "transformer_blocks.")):
         for stream, (ada, q, k, v, proj, nq, nk, ff) in _STREAMS.items():
             src, dst = f"transformer_blocks.{i}.", f"joint_blocks.{i}.{stream}."
             pre_only = f"{src}{proj}.weight" not in sd
@@ -120,3 +121,39 @@ def write_mmdit_diffusers(model, out_dir):
         raise ConversionError(f"export does not fit SD3Transformer2DModel: missing {missing[:3]}, unexpected {unexpected[:3]}")
     ref.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def mmdit_flops(model: MMDiT, L: int) -> float:
+    D, p = model.hidden_size, model.patch_size
+    T = (model.input_size // p) ** 2
+    mlp_hidden = model.joint_blocks[0].x_block.mlp.fc1.out_features
+    if model.conditioning == "class":
+        L, embed = 1, 0
+    else:
+        embed = 2 * L * model.context_embedder.in_features * D
+        if model.semantic_path == "adaln":  # the pooled text MLP
+            embed += 2 * (model.y_embedder[0].in_features * D + D * D)
+    depth = len(model.joint_blocks)
+    N = T + L
+    stream = lambda n: 2 * n * (3 * D * D + D * D + 2 * D * mlp_hidden) + 2 * D * 6 * D  # qkv, proj, MLP, adaLN
+    per_block = stream(T) + stream(L) + 2 * 2 * N * N * D  # both streams, joint attention
+    # the last context block is pre-only: qkv and a 2-way modulation only
+    pre_only_saving = 2 * L * (D * D + 2 * D * mlp_hidden) + 2 * D * 4 * D
+    patch = 2 * T * model.in_channels * p * p * D
+    final = 2 * T * D * p * p * model.out_channels + 2 * D * 2 * D
+    time = 2 * (256 * D + D * D)
+    return float(depth * per_block - pre_only_saving + patch + final + time + embed)
+
+
+SPEC = BackboneSpec(
+    name="mmdit", model_class=MMDiT, presets=MMDIT_PRESETS, conditionings=("class", "text"),
+    config_keys=("num_classes", "context_dim", "pooled_dim", "qk_norm", "pos_embed_max_size", "mlp_ratio",
+                 "pos_embed_base_size", "pos_embed_resample"),
+    published_class_path="attention", pooled_text_with_tokens=True, blocks=lambda model: list(model.joint_blocks),
+    flops=mmdit_flops, recipe="cc12m256/mmdit_xl2.yaml",
+    class_tables=("class_embedder.embedding_table.weight",),
+    text_embedders=("context_embedder.", "y_embedder.0.", "y_embedder.2."),
+    detect=lambda sd: "diffusers" if is_diffusers_mmdit(sd) else None, import_weights=lambda sd, layout: mmdit_from_diffusers(sd),
+    import_overrides=lambda sd, layout, folder_config, **_: mmdit_overrides(folder_config),
+    kept_on_import=("pos_embed",), export_weights=write_mmdit_diffusers,
+)

@@ -1,4 +1,4 @@
-"""UNet weights between ldmkit and diffusers' `UNet2DConditionModel`.
+"""The UNet's spec (see models/spec.py), and its weights between ldmkit and diffusers' `UNet2DConditionModel`.
 
 ldmkit's UNet uses diffusers' module names, so the state dicts map one to one; the class-token embedder
 (`class_embedder`, LDM's ClassEmbedder) has no diffusers counterpart (diffusers' UNet takes the context
@@ -6,7 +6,10 @@ tokens from outside) and is kept on import.
 """
 from __future__ import annotations
 
-from .checkpoints import ConversionError
+import torch
+
+from .spec import BackboneSpec, ConversionError
+from .unet import UNET_PRESETS, ResnetBlock, SpatialTransformer, UNet
 
 UNET_ONLY = ("class_embedder.",)
 
@@ -55,10 +58,6 @@ def unet_overrides(config: dict) -> list[str]:
     """ldmkit config overrides for a diffusers UNet2DConditionModel config.json: its architecture must be one
     of the UNet presets (matched by channels, blocks, depths, heads, projection and groups); sizes, context
     width and SDXL micro-conditioning come from config.json."""
-    import torch
-
-    from ..models.unet import UNET_PRESETS, UNet
-
     if not config:
         raise ConversionError("a diffusers UNet folder needs its config.json to be converted")
     levels = len(config.get("block_out_channels", ()))
@@ -103,3 +102,70 @@ def write_unet_diffusers(model, out_dir):
     ref.load_state_dict(unet_to_diffusers(model.state_dict()), strict=True)
     ref.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def unet_kwargs(model_cfg, kwargs: dict) -> dict:
+    if model_cfg.conditioning == "text":
+        kwargs["context_dim"] = model_cfg.context_dim  # the caption width; class tokens keep the preset's width
+    return kwargs
+
+
+def unet_flops(model: UNet, tokens: int) -> float:
+    """Convolutions, projections and attention of the UNet, level by level (each level halves H and W)."""
+    tokens = 1 if model.conditioning == "class" else tokens
+
+    def conv(cin, cout, k, hw):
+        return 2 * cin * cout * k * k * hw
+
+    def resnet(block: ResnetBlock, hw):
+        cin, cout = block.conv1.in_channels, block.conv1.out_channels
+        skip = conv(cin, cout, 1, hw) if block.conv_shortcut is not None else 0
+        return conv(cin, cout, 3, hw) + conv(cout, cout, 3, hw) + skip + 2 * block.time_emb_proj.in_features * cout
+
+    def transformer(st: SpatialTransformer, hw):
+        C = st.norm.num_channels
+        Dc = st.transformer_blocks[0].attn2.to_k.in_features
+        L = hw if model.semantic_path == "adaln" else tokens  # without a class token the second attention is self-attention
+        per_block = (2 * hw * 4 * C * C + 2 * 2 * hw * hw * C  # self-attention: q, k, v, out; scores and values
+                     + 2 * hw * 2 * C * C + 2 * L * 2 * Dc * C + 2 * 2 * hw * L * C  # cross-attention
+                     + 2 * hw * (C * 8 * C + 4 * C * C))  # GEGLU feed-forward
+        return 2 * 2 * hw * C * C + len(st.transformer_blocks) * per_block  # + projections in and out
+
+    side = model.input_size
+    total = conv(model.in_channels, model.model_channels, 3, side * side) + conv(model.model_channels, model.out_channels, 3, side * side)
+    temb = model.time_embedding
+    total += 2 * (temb.linear_1.in_features * temb.linear_1.out_features + temb.linear_2.in_features * temb.linear_2.out_features)
+    if model.micro_conditions:
+        add = model.add_embedding
+        total += 2 * (add.linear_1.in_features * add.linear_1.out_features + add.linear_2.in_features * add.linear_2.out_features)
+    for level, block in enumerate(model.down_blocks):
+        hw = (side >> level) ** 2
+        for i, r in enumerate(block.resnets):
+            total += resnet(r, hw) + (transformer(block.attentions[i], hw) if hasattr(block, "attentions") else 0)
+        if block.downsamplers is not None:
+            c = block.downsamplers[0].conv.in_channels
+            total += conv(c, c, 3, (side >> (level + 1)) ** 2)
+    hw = (side >> (len(model.down_blocks) - 1)) ** 2
+    total += sum(resnet(r, hw) for r in model.mid_block.resnets) + transformer(model.mid_block.attentions[0], hw)
+    for i, block in enumerate(model.up_blocks):
+        level = len(model.up_blocks) - 1 - i
+        hw = (side >> level) ** 2
+        for j, r in enumerate(block.resnets):
+            total += resnet(r, hw) + (transformer(block.attentions[j], hw) if hasattr(block, "attentions") else 0)
+        if block.upsamplers is not None:
+            c = block.upsamplers[0].conv.in_channels
+            total += conv(c, c, 3, (side >> (level - 1)) ** 2)
+    return float(total)
+
+
+SPEC = BackboneSpec(
+    name="unet", model_class=UNet, presets=UNET_PRESETS, conditionings=("class", "text"),
+    config_keys=("num_classes", "micro_conditions", "pooled_dim"),
+    published_class_path="attention",
+    blocks=lambda model: [*model.down_blocks, *model.up_blocks, model.mid_block],
+    flops=unet_flops, recipe="cc12m256/unet_ldm.yaml", build_kwargs=unet_kwargs, fixed_pos_table="convolutions only",
+    class_tables=("class_embedder.embedding_table.weight", "class_embedding.embedding_table.weight"),
+    detect=lambda sd: "diffusers" if is_diffusers_unet(sd) else None, import_weights=lambda sd, layout: unet_from_diffusers(sd),
+    import_overrides=lambda sd, layout, folder_config, **_: unet_overrides(folder_config),
+    export_weights=write_unet_diffusers,
+)

@@ -1,4 +1,4 @@
-"""PixArt-alpha weights between ldmkit (the official PixArt-alpha module names) and diffusers'
+"""PixArt-alpha's spec (see models/spec.py), and its weights between ldmkit (the official PixArt-alpha module names) and diffusers'
 `PixArtTransformer2DModel`.
 
 Not carried by diffusers: the null caption `y_embedder.y_embedding` (diffusers' pipelines encode an empty
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import ConversionError, _block_count, copy_renamed
+from .pixart import PIXART_PRESETS, PixArt
+from .spec import BackboneSpec, ConversionError, block_count, copy_renamed, cross_attention_flops, transformer_block_flops
 
 # ldmkit name -> diffusers name, for tensors that map one to one (per-block names use "{i}").
 _RENAMES = {
@@ -38,7 +39,7 @@ _BLOCK_RENAMES = {
 def pixart_to_diffusers(sd: dict) -> dict:
     out = copy_renamed(sd, _RENAMES, {})
     out["scale_shift_table"] = sd["final_layer.scale_shift_table"]
-    for i in range(_block_count(sd, "blocks.")):
+    for i in range(block_count(sd, "blocks.")):
         src, dst = f"blocks.{i}.", f"transformer_blocks.{i}."
         out[dst + "scale_shift_table"] = sd[src + "scale_shift_table"]
         copy_renamed(sd, {src + a: dst + b for a, b in _BLOCK_RENAMES.items()}, out)
@@ -55,7 +56,7 @@ def pixart_from_diffusers(sd: dict) -> dict:
         raise ConversionError("not a diffusers PixArtTransformer2DModel state dict (no adaln_single / caption_projection)")
     out = copy_renamed(sd, _RENAMES, {}, reverse=True)
     out["final_layer.scale_shift_table"] = sd["scale_shift_table"]
-    for i in range(_block_count(sd, "transformer_blocks.")):
+    for i in range(block_count(sd, "transformer_blocks.")):
         src, dst = f"transformer_blocks.{i}.", f"blocks.{i}."
         out[dst + "scale_shift_table"] = sd[src + "scale_shift_table"]
         copy_renamed(sd, {dst + a: src + b for a, b in _BLOCK_RENAMES.items()}, out, reverse=True)
@@ -109,3 +110,41 @@ def write_pixart_diffusers(model, out_dir) -> Path:
         raise ConversionError(f"export does not fit PixArtTransformer2DModel: missing {missing[:3]}, unexpected {unexpected[:3]}")
     ref.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def pixart_kwargs(model_cfg, kwargs: dict) -> dict:
+    kwargs["caption_channels"] = kwargs.pop("context_dim")  # PixArt-alpha's name for the caption width
+    return kwargs
+
+
+def pixart_flops(model: PixArt, L: int) -> float:
+    D, p = model.hidden_size, model.patch_size
+    T = (model.input_size // p) ** 2
+    mlp_hidden = model.blocks[0].mlp.fc1.out_features
+    if model.conditioning == "class":
+        L, caption = 1, 0
+    else:
+        caption = 2 * L * (model.y_embedder.y_proj.fc1.in_features * D + D * D)
+    cross = cross_attention_flops(T, L, D)
+    if model.semantic_path == "adaln":  # the class is summed into the timestep vector: no cross-attention
+        cross = 0
+    per_block = transformer_block_flops(T, D, mlp_hidden) + cross
+    patch = 2 * T * model.in_channels * p * p * D
+    final = 2 * T * D * p * p * model.out_channels
+    time = 2 * (256 * D + D * D) + 2 * D * 6 * D
+    if model.micro_conditions:
+        time += 3 * 2 * (256 * (D // 3) + (D // 3) ** 2)
+    return float(len(model.blocks) * per_block + patch + final + time + caption)
+
+
+SPEC = BackboneSpec(
+    name="pixart", model_class=PixArt, presets=PIXART_PRESETS, conditionings=("class", "text"),
+    config_keys=("num_classes", "context_dim", "max_tokens", "micro_conditions", "mlp_ratio", "pos_embed_base_size",
+                 "pos_embed_resample"),
+    published_class_path="attention", blocks=lambda model: list(model.blocks), flops=pixart_flops,
+    recipe="cc12m256/pixart_xl2.yaml", build_kwargs=pixart_kwargs,
+    class_tables=("y_embedder.embedding_table.weight",), text_embedders=("y_embedder.y_proj.", "y_embedder.y_embedding"),
+    detect=lambda sd: "diffusers" if is_diffusers_pixart(sd) else None, import_weights=lambda sd, layout: pixart_from_diffusers(sd),
+    import_overrides=lambda sd, layout, folder_config, **_: pixart_overrides(folder_config),
+    kept_on_import=("pos_embed", "y_embedder.y_embedding"), export_weights=write_pixart_diffusers,
+)
