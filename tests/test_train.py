@@ -146,7 +146,7 @@ def test_torchrun_launch_equals_one_process(tmp_path):
 
 
 def test_ema_half_life_and_warmup():
-    from ldmkit.train.loop import ema_beta
+    from ldmkit.train.state import ema_beta
 
     cfg = tiny_config("train.ema_halflife_images=1000", "train.ema_rampup=0.5", "train.global_batch=10")
     # after one half-life of images the old EMA keeps half its weight

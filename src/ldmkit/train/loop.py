@@ -9,7 +9,6 @@ and produces the same weights as an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 from pathlib import Path
 
@@ -28,11 +27,9 @@ from . import parallel
 from .optim import build_optimizer
 from .validation import Validator
 from .logging import RunLogger, plot_loss_curve, print_status, status_line
-from ..checkpoint import (
-    atomic_save, checkpoint_path, latest_checkpoint, load_weights, newest_intact_checkpoint, nonfinite_count,
-    prune_checkpoints, remove_partial_writes,
-)
+from ..checkpoint import checkpoint_path, latest_checkpoint, newest_intact_checkpoint, nonfinite_count, remove_partial_writes
 from .signals import StopSignals, TrainingDiverged, TrainingStopped
+from .state import EMA, TrainingState, learning_rate
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -75,14 +72,43 @@ def checkpoint_config(run_dir: Path) -> RunConfig | None:
     return cfg
 
 
-def ema_beta(cfg, images_seen: int) -> float:
-    t = cfg.train
-    if t.ema_halflife_images is None:
-        return t.ema_decay
-    halflife = t.ema_halflife_images
-    if t.ema_rampup is not None:
-        halflife = min(halflife, images_seen * t.ema_rampup)
-    return 0.5 ** (t.global_batch / max(halflife, 1e-8))
+class Every:
+    """A hook: fn(images_seen) each time training passes a multiple of `interval` images (never when the interval
+    is 0 or None); `forced` hooks also run when training ends or stops (status line, checkpoint)."""
+
+    def __init__(self, interval: int | None, images_seen: int, fn, forced: bool = False):
+        self.interval, self.fn, self.forced = interval, fn, forced
+        self.next = (images_seen // interval + 1) * interval if interval else None
+
+    def __call__(self, images_seen: int, finishing: bool) -> None:
+        if self.next is not None and (images_seen >= self.next or (finishing and self.forced)):
+            self.next = (images_seen // self.interval + 1) * self.interval
+            self.fn(images_seen)
+
+
+class StepStats:
+    """Loss sums on the device between two status lines (read only at log time: no host sync per step)."""
+
+    def __init__(self, device, images_seen: int):
+        self.loss, self.mse, self.n = torch.zeros((), device=device), torch.zeros((), device=device), 0
+        self.tick_time, self.tick_images = time.time(), images_seen
+
+    def add(self, terms: dict) -> None:
+        self.loss += terms["loss"].detach().sum()
+        self.mse += terms["mse"].detach().sum()
+
+    def record(self, d: distributed.Dist, images_seen: int, step: int, lr: float) -> dict:
+        totals = distributed.all_reduce_mean(torch.stack([self.loss, self.mse]) / max(self.n, 1), d)
+        if d.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.time() - self.tick_time
+        speed = (images_seen - self.tick_images) / max(elapsed, 1e-9)
+        mem = torch.cuda.max_memory_allocated(d.device) / 2**30 if d.device.type == "cuda" else peak_rss_gb()
+        self.loss.zero_(), self.mse.zero_()
+        self.n, self.tick_time, self.tick_images = 0, time.time(), images_seen
+        return {"images": images_seen, "step": step, "loss": totals[0].item(), "mse": totals[1].item(), "lr": lr,
+                "images_per_s": speed, "time": time.time(), "memory_gb": mem, "processes": d.world_size,
+                "device": d.device.type, "interval_s": elapsed}
 
 
 def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool = False, stop_after_images: int | None = None,
@@ -96,40 +122,10 @@ def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool
 def _train(cfg: RunConfig, run_dir: Path, d: distributed.Dist, allow_config_change: bool, stop_after_images: int | None,
            quiet: bool) -> Path:
     device, tc = d.device, cfg.train
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = tc.tf32
-        torch.backends.cudnn.allow_tf32 = tc.tf32
-    # Batch arithmetic: global batch = micro batch x processes x accumulation rounds.
-    micro = tc.micro_batch or tc.global_batch // d.world_size
-    if tc.global_batch % (micro * d.world_size):
-        raise ConfigError(f"config key 'train.global_batch': {tc.global_batch} is not a multiple of micro batch {micro} x {d.world_size} processes")
-    rounds = tc.global_batch // (micro * d.world_size)
-
-
-    # Autoencoder, text encoder, model, EMA, optimizer, objective.
-    autoencoder = build_autoencoder(cfg.autoencoder, cfg.data.channels).to(device)
-    if cfg.data.resolution // autoencoder.downsample != cfg.model.input_size:
-        raise ConfigError(
-            f"config key 'model.input_size': {cfg.model.input_size} does not match data.resolution {cfg.data.resolution} / autoencoder downsampling {autoencoder.downsample}"
-        )
-    if autoencoder.latent_channels != cfg.model.in_channels:
-        raise ConfigError(f"config key 'model.in_channels': {cfg.model.in_channels}, but the autoencoder gives {autoencoder.latent_channels} latent channels")
-    # Captions are encoded on the fly unless the cache holds their embeddings.
-    text_encoder = build_text_encoder(cfg, device) if cfg.model.conditioning != "class" and not cfg.data.from_cache else None
-    if text_encoder is not None:
-        check_text_width(cfg, text_encoder.name, text_encoder.pooled_dim, text_encoder.token_dim)
-    torch.manual_seed(tc.seed)
-    model = build_model(cfg.model, cfg.conditioning)
-    # A new run may start from another model's weights (resolution, dataset or conditioning transfer); every
-    # tensor's fate is reported and written to init.json. A run with checkpoints resumes from them instead.
-    init_report = None
-    if cfg.init.source and latest_checkpoint(run_dir) is None:
-        from ..transfer.init import initialize_from
-
-        init_report = initialize_from(model, cfg, log=print_status if d.is_main and not quiet else (lambda *_: None))
-    model = model.to(device)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = build_optimizer(model.parameters(), tc)
+    say = print_status if d.is_main and not quiet else (lambda *_: None)
+    micro, rounds = batch_split(tc, d.world_size)
+    autoencoder, text_encoder, model, init_report = build_components(cfg, run_dir, device, say)
+    state = TrainingState(model, EMA(model, cfg), build_optimizer(model.parameters(), tc))
     objective = build_objective(cfg)
     extra_pass = spec_of(model).extra_pass(model)  # a backbone's second loss per step (MDT-v2's masked pass)
     # The run folder is written only once the config has built (a bad key or preset leaves nothing behind).
@@ -140,82 +136,74 @@ def _train(cfg: RunConfig, run_dir: Path, d: distributed.Dist, allow_config_chan
 
             write_report(init_report, cfg.init.source, run_dir)
     distributed.barrier(d)
+    last_good = resume(state, cfg, run_dir, d, say)
 
-    # Resume from the newest checkpoint, if any.
-    images_seen, step, nan_skips = 0, 0, 0
-    # The newest checkpoint that verifies against its checksum and holds the whole state; newer broken ones are
-    # reported and left in place (never deleted: they may be wanted for forensics).
-    report = print_status if d.is_main else (lambda *_: None)
-    if d.is_main:
-        for partial in remove_partial_writes(run_dir):
-            report(f"removed {partial.name}, a checkpoint write that was interrupted")
-    resume_from, state = newest_intact_checkpoint(run_dir, report=report)
-    if resume_from is not None:
-        load_weights(model, state["model"], f"checkpoint {resume_from}")
-        load_weights(ema, state["ema"], f"checkpoint {resume_from}")
-        optimizer.load_state_dict(state["optimizer"])
-        images_seen, step, nan_skips = state["images_seen"], state["step"], state.get("nan_skips", 0)
-        torch.set_rng_state(state["rng"]["torch"])
-        saved_world = state.get("world_size", d.world_size)
-        if cfg.data.name == "shards" and not cfg.data.from_cache and saved_world != d.world_size:
-            raise ConfigError(f"this run streams shards split over {saved_world} process(es); resume it with {saved_world}, "
-                              f"not {d.world_size} (or train from the latent cache, which does not depend on the process count)")
-        if d.is_main and not quiet:
-            print_status(f"resumed from {resume_from} at {images_seen:,} images")
     # Data from the stream position the run has reached; the source fixes the classes the model must hold.
     # Training ends on a whole step: a length that is not a multiple of the global batch is rounded up, with a note.
     total = -(-tc.total_images // tc.global_batch) * tc.global_batch
-    end = min(total, stop_after_images or total)
-    end = -(-end // tc.global_batch) * tc.global_batch
-    if total != tc.total_images and d.is_main and not quiet:
-        print_status(f"note: train.total_images {tc.total_images:,} is not a multiple of the global batch {tc.global_batch}: "
-                     f"training {total:,} images")
-    batches, source = training_batches(cfg, d, micro, rounds, images_seen, end)
+    end = -(-min(total, stop_after_images or total) // tc.global_batch) * tc.global_batch
+    if total != tc.total_images:
+        say(f"note: train.total_images {tc.total_images:,} is not a multiple of the global batch {tc.global_batch}: "
+            f"training {total:,} images")
+    batches, source = training_batches(cfg, d, micro, rounds, state.images_seen, end)
     check_data_matches_model(cfg, source)
     num_classes = getattr(source, "num_classes", 0) or cfg.model.num_classes
     train_model = parallel.parallelize(model, d, compile=tc.compile)
-    logger = RunLogger(run_dir, enabled=d.is_main, resume_at=images_seen)
-    if d.is_main and not quiet:
-        n_params = sum(p.numel() for p in model.parameters())
-        print_status(f"{cfg.model.preset}: {n_params / 1e6:.2f}M parameters on {device}, {d.world_size} process(es), "
-                     f"global batch {tc.global_batch} = {micro} x {d.world_size} x {rounds}")
-
+    logger = RunLogger(run_dir, enabled=d.is_main, resume_at=state.images_seen)
+    say(f"{cfg.model.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}, "
+        f"{d.world_size} process(es), global batch {tc.global_batch} = {micro} x {d.world_size} x {rounds}")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
-    stat_loss, stat_mse, stat_n = torch.zeros((), device=device), torch.zeros((), device=device), 0
-    tick_time, tick_images = time.time(), images_seen
-    next_log = (images_seen // tc.log_every_images + 1) * tc.log_every_images
-    next_ckpt = (images_seen // tc.checkpoint_every_images + 1) * tc.checkpoint_every_images
-    next_grid = (images_seen // tc.sample_every_images + 1) * tc.sample_every_images if tc.sample_every_images else None
-    next_val = (images_seen // tc.val_every_images + 1) * tc.val_every_images if tc.val_every_images else None
-    next_metric = (images_seen // tc.metric_every_images + 1) * tc.metric_every_images if tc.metric_every_images else None
-    validator = Validator(cfg, objective, autoencoder, text_encoder, device) if next_val is not None and d.is_main else None
+    stats = StepStats(device, state.images_seen)
     signals = StopSignals(d)  # SIGTERM / SIGINT / SIGUSR1: finish the step, checkpoint, exit
-    last_good = resume_from
 
     def check_weights_finite() -> None:
         """A deferred check (at log and checkpoint time, not every step: no host sync per step)."""
-        bad = int(nonfinite_count(list(model.parameters()) + list(ema.parameters())).item())
+        bad = int(nonfinite_count(list(model.parameters()) + list(state.ema.model.parameters())).item())
         if bad:
-            raise TrainingDiverged(images_seen, f"{bad:,} non-finite weights", last_good, run_dir)
+            raise TrainingDiverged(state.images_seen, f"{bad:,} non-finite weights", last_good, run_dir)
+
+    def log_status(images: int) -> None:
+        check_weights_finite()
+        record = stats.record(d, images, state.step, state.optimizer.param_groups[0]["lr"])
+        logger.log(record)
+        say(status_line(images, total, record["loss"], record["images_per_s"], record["memory_gb"]))
+
+    def save_checkpoint(images: int) -> None:
+        nonlocal last_good
+        check_weights_finite()  # non-finite weights are never written
+        if d.is_main:
+            state.save(run_dir, cfg, d.world_size)
+        last_good = checkpoint_path(run_dir, images)
+        distributed.barrier(d)
+
+    # Hooks, in the order they run after a step. Validation, small-N metrics and grids use the EMA weights on
+    # process 0 and write eval.jsonl / samples/.
+    hooks = [Every(tc.log_every_images, state.images_seen, log_status, forced=True)]
+    if d.is_main:
+        hooks += evaluation_hooks(cfg, state, objective, autoencoder, text_encoder, num_classes, device, run_dir, logger)
+    hooks.append(Every(tc.checkpoint_every_images, state.images_seen, save_checkpoint, forced=True))
 
     try:
-        while images_seen < end:
+        while state.images_seen < end:
             # ---- this step's micro-batches (crops and flips were drawn from each sample's seed by the loader).
             micro_batches = [next(batches) for _ in range(rounds)]
             latent_shape = batch_latent_shape(micro_batches[0], autoencoder)  # one bucket per global batch
 
             # ---- the step's global randomness; this process takes its slices.
-            gen = torch.Generator(device).manual_seed(step_seed(tc.seed, step))
-            times = objective.sample_time(tc.global_batch, gen, device)
-            noise = torch.randn((tc.global_batch, *latent_shape), generator=gen, device=device)
-            posterior_noise = torch.randn((tc.global_batch, *latent_shape), generator=gen, device=device)
-            drop = torch.rand(tc.global_batch, generator=gen, device=device) < tc.class_dropout
+            G = tc.global_batch
+            gen = torch.Generator(device).manual_seed(step_seed(tc.seed, state.step))
+            times = objective.sample_time(G, gen, device)
+            noise = torch.randn((G, *latent_shape), generator=gen, device=device)
+            posterior_noise = torch.randn((G, *latent_shape), generator=gen, device=device)
+            drop = torch.rand(G, generator=gen, device=device) < tc.class_dropout
             # A backbone's extra pass draws its randomness here (MDT-v2: the tokens each sample keeps).
-            extra_drawn = extra_pass.draw(tc.global_batch, gen, device) if extra_pass is not None else None
+            extra_drawn = extra_pass.draw(G, gen, device) if extra_pass is not None else None
             # Control metadata has its own guidance dropout, drawn independently of the semantic one.
-            drop_control = torch.rand(tc.global_batch, generator=gen, device=device) < cfg.conditioning.control_dropout if cfg.conditioning.control else None
+            drop_control = (torch.rand(G, generator=gen, device=device) < cfg.conditioning.control_dropout
+                            if cfg.conditioning.control else None)
 
-            optimizer.zero_grad(set_to_none=True)
+            # ---- forward and backward, micro-batch by micro-batch; DDP syncs gradients on the last one.
+            state.optimizer.zero_grad(set_to_none=True)
             for r, batch in enumerate(micro_batches):
                 lo = (r * d.world_size + d.rank) * micro
                 part = slice(lo, lo + micro)
@@ -224,109 +212,143 @@ def _train(cfg: RunConfig, run_dir: Path, d: distributed.Dist, allow_config_chan
                     x0 = autoencoder.latents(mean, std, posterior_noise[part])
                 else:
                     x0 = autoencoder.encode(batch["image"].to(device, non_blocking=True), posterior_noise[part])
-                cond = cond_from_batch(cfg, batch, text_encoder, drop[part], device, drop_control=None if drop_control is None else drop_control[part],
-                                       padding_seeds=[step_seed(tc.seed, step) + lo + i for i in range(micro)])
+                cond = cond_from_batch(cfg, batch, text_encoder, drop[part], device,
+                                       drop_control=None if drop_control is None else drop_control[part],
+                                       padding_seeds=[step_seed(tc.seed, state.step) + lo + i for i in range(micro)])
+                extra = (extra_pass.kwargs(extra_drawn, part),) if extra_pass is not None else ()
                 sync = r == rounds - 1 or d.world_size == 1
-                ctx = train_model.no_sync() if (d.world_size > 1 and not sync) else contextlib.nullcontext()
-                with ctx:
-                    extra = (extra_pass.kwargs(extra_drawn, part),) if extra_pass is not None else ()
+                with train_model.no_sync() if not sync else contextlib.nullcontext():
                     with autocast:
                         terms = training_loss(objective, train_model, x0, cond, times[part], noise[part], extra)
                     # Sum over this slice, scaled so that DDP's mean over processes is the global-batch mean.
-                    loss = terms["loss"].sum() * d.world_size / tc.global_batch
-                    loss.backward()
-                stat_loss += terms["loss"].detach().sum()
-                stat_mse += terms["mse"].detach().sum()
-            stat_n += micro * rounds
+                    (terms["loss"].sum() * d.world_size / G).backward()
+                stats.add(terms)
+            stats.n += micro * rounds
 
-            # ---- NaN guard: every process agrees on skipping the update.
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            grad_norm = torch.nn.utils.get_total_norm(grads)  # one fused reduction; NaN/inf if any gradient is
-            finite = distributed.all_reduce_mean(torch.isfinite(grad_norm).float(), d)
-            if finite.item() < 1.0:
-                nan_skips += 1
-                optimizer.zero_grad(set_to_none=True)
-                if d.is_main:
-                    print_status(f"non-finite gradients at {images_seen:,} images: step skipped ({nan_skips} in a row)")
-                if nan_skips > tc.max_nan_skips:
-                    raise TrainingDiverged(images_seen, f"{nan_skips} consecutive steps with non-finite gradients", last_good, run_dir)
-            else:
-                nan_skips = 0
-                if tc.grad_clip is not None:
-                    torch.nn.utils.clip_grads_with_norm_(model.parameters(), tc.grad_clip, grad_norm)
-                lr = tc.lr * min(1.0, (images_seen + tc.global_batch) / tc.warmup_images) if tc.warmup_images else tc.lr
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                optimizer.step()
-                beta = ema_beta(cfg, images_seen)
-                with torch.no_grad():
-                    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - beta)
-            images_seen += tc.global_batch
-            step += 1
+            # ---- NaN guard (every process agrees on skipping), then the update, lr schedule and EMA.
+            update(state, cfg, d, run_dir, last_good)
+            state.images_seen += G
+            state.step += 1
+
+            # ---- status line, evaluation, checkpoint (the last two also at the end and on a stop signal).
             stopping = signals.requested()  # every process agrees
-
-            # ---- status line and logs.
-            if images_seen >= next_log or images_seen >= end or stopping:
-                check_weights_finite()
-                next_log = (images_seen // tc.log_every_images + 1) * tc.log_every_images
-                totals = distributed.all_reduce_mean(torch.stack([stat_loss, stat_mse]) / max(stat_n, 1), d)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                elapsed = time.time() - tick_time
-                speed = (images_seen - tick_images) / max(elapsed, 1e-9)
-                mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else peak_rss_gb()
-                record = {"images": images_seen, "step": step, "loss": totals[0].item(), "mse": totals[1].item(),
-                          "lr": optimizer.param_groups[0]["lr"], "images_per_s": speed, "time": time.time()}
-                record.update(memory_gb=mem, processes=d.world_size, device=device.type, interval_s=elapsed)
-                logger.log(record)
-                if d.is_main and not quiet:
-                    print_status(status_line(images_seen, total, record["loss"], speed, mem))
-                stat_loss.zero_(), stat_mse.zero_()
-                stat_n, tick_time, tick_images = 0, time.time(), images_seen
-
-            # ---- signals for comparing runs while they train (process 0, EMA weights): eval.jsonl.
-            if validator is not None and images_seen >= next_val:
-                next_val = (images_seen // tc.val_every_images + 1) * tc.val_every_images
-                logger.log({"images": images_seen, **validator.loss(ema)}, file="eval.jsonl")
-            if next_metric is not None and images_seen >= next_metric and d.is_main:
-                next_metric = (images_seen // tc.metric_every_images + 1) * tc.metric_every_images
-                logger.log({"images": images_seen, **quick_metrics(ema, cfg, objective, autoencoder, device, run_dir, cfg.eval.train_metric_images)},
-                           file="eval.jsonl")
-
-            # ---- periodic sample grid from the EMA weights.
-            if next_grid is not None and images_seen >= next_grid and d.is_main:
-                next_grid = (images_seen // tc.sample_every_images + 1) * tc.sample_every_images
-                labels, per = grid_labels(cfg, num_classes)
-                images = generate(ema, cfg, objective, autoencoder, labels, list(range(len(labels))), device, text_encoder=text_encoder)
-                save_grid(images, run_dir / "samples" / f"grid-{images_seen:010d}.png", per)
-
-            # ---- checkpoint (also at the end and on a stop signal); non-finite weights are never written.
-            if images_seen >= next_ckpt or images_seen >= end or stopping:
-                next_ckpt = (images_seen // tc.checkpoint_every_images + 1) * tc.checkpoint_every_images
-                check_weights_finite()
-                if d.is_main:
-                    state = {
-                        "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                        "images_seen": images_seen, "step": step, "nan_skips": nan_skips,
-                        # The lr schedule is a pure function of images_seen (warm-up, then constant).
-                        "lr_schedule": {"base_lr": tc.lr, "warmup_images": tc.warmup_images},
-                        # Where the data stream continues: images seen (indexed sets, cache); shard streams also
-                        # need the process count, since each process reads its own shards.
-                        "data_position": images_seen, "world_size": d.world_size, "rng": {"torch": torch.get_rng_state()},
-                        "config": to_dict(cfg),
-                    }
-                    atomic_save(state, checkpoint_path(run_dir, images_seen))
-                    prune_checkpoints(run_dir, tc.keep_checkpoints)
-                last_good = checkpoint_path(run_dir, images_seen)
-                distributed.barrier(d)
+            for hook in hooks:
+                hook(state.images_seen, finishing=state.images_seen >= end or stopping)
             if stopping:
-                raise TrainingStopped(signals.name, images_seen, last_good)
+                raise TrainingStopped(signals.name, state.images_seen, last_good)
     finally:
         signals.restore()
         logger.close()
     if d.is_main:
         plot_loss_curve(run_dir)
     return run_dir
+
+
+def batch_split(tc, world_size: int) -> tuple[int, int]:
+    """(micro batch, accumulation rounds): global batch = micro batch x processes x rounds."""
+    micro = tc.micro_batch or tc.global_batch // world_size
+    if tc.global_batch % (micro * world_size):
+        raise ConfigError(f"config key 'train.global_batch': {tc.global_batch} is not a multiple of micro batch {micro} "
+                          f"x {world_size} processes")
+    return micro, tc.global_batch // (micro * world_size)
+
+
+def build_components(cfg: RunConfig, run_dir: Path, device, say):
+    """(autoencoder, text encoder or None, model, init report or None) for a run, checked against each other."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+    autoencoder = build_autoencoder(cfg.autoencoder, cfg.data.channels).to(device)
+    if cfg.data.resolution // autoencoder.downsample != cfg.model.input_size:
+        raise ConfigError(f"config key 'model.input_size': {cfg.model.input_size} does not match data.resolution "
+                          f"{cfg.data.resolution} / autoencoder downsampling {autoencoder.downsample}")
+    if autoencoder.latent_channels != cfg.model.in_channels:
+        raise ConfigError(f"config key 'model.in_channels': {cfg.model.in_channels}, but the autoencoder gives "
+                          f"{autoencoder.latent_channels} latent channels")
+    # Captions are encoded on the fly unless the cache holds their embeddings.
+    text_encoder = build_text_encoder(cfg, device) if cfg.model.conditioning != "class" and not cfg.data.from_cache else None
+    if text_encoder is not None:
+        check_text_width(cfg, text_encoder.name, text_encoder.pooled_dim, text_encoder.token_dim)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, cfg.conditioning)
+    # A new run may start from another model's weights (resolution, dataset or conditioning transfer); every
+    # tensor's fate is reported and written to init.json. A run with checkpoints resumes from them instead.
+    init_report = None
+    if cfg.init.source and latest_checkpoint(run_dir) is None:
+        from ..transfer.init import initialize_from
+
+        init_report = initialize_from(model, cfg, log=say)
+    return autoencoder, text_encoder, model.to(device), init_report
+
+
+def resume(state: TrainingState, cfg: RunConfig, run_dir: Path, d: distributed.Dist, say) -> Path | None:
+    """Load the newest checkpoint that verifies against its checksum and holds the whole state; newer broken ones
+    are reported and left in place (never deleted: they may be wanted for forensics). Returns its path or None."""
+    report = print_status if d.is_main else (lambda *_: None)
+    if d.is_main:
+        for partial in remove_partial_writes(run_dir):
+            report(f"removed {partial.name}, a checkpoint write that was interrupted")
+    path, saved = newest_intact_checkpoint(run_dir, report=report)
+    if path is None:
+        return None
+    state.load_state_dict(saved, path)
+    saved_world = saved.get("world_size", d.world_size)
+    if cfg.data.name == "shards" and not cfg.data.from_cache and saved_world != d.world_size:
+        raise ConfigError(f"this run streams shards split over {saved_world} process(es); resume it with {saved_world}, "
+                          f"not {d.world_size} (or train from the latent cache, which does not depend on the process count)")
+    say(f"resumed from {path} at {state.images_seen:,} images")
+    return path
+
+
+def update(state: TrainingState, cfg: RunConfig, d: distributed.Dist, run_dir: Path, last_good: Path | None) -> None:
+    """Skip the step when any process has non-finite gradients (TrainingDiverged after train.max_nan_skips in a
+    row); else clip, set the scheduled lr, step the optimizer and update the EMA."""
+    tc = cfg.train
+    grads = [p.grad for p in state.model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm(grads)  # one fused reduction; NaN/inf if any gradient is
+    finite = distributed.all_reduce_mean(torch.isfinite(grad_norm).float(), d)
+    if finite.item() < 1.0:
+        state.nan_skips += 1
+        state.optimizer.zero_grad(set_to_none=True)
+        if d.is_main:
+            print_status(f"non-finite gradients at {state.images_seen:,} images: step skipped ({state.nan_skips} in a row)")
+        if state.nan_skips > tc.max_nan_skips:
+            raise TrainingDiverged(state.images_seen, f"{state.nan_skips} consecutive steps with non-finite gradients",
+                                   last_good, run_dir)
+        return
+    state.nan_skips = 0
+    if tc.grad_clip is not None:
+        torch.nn.utils.clip_grads_with_norm_(state.model.parameters(), tc.grad_clip, grad_norm)
+    for group in state.optimizer.param_groups:
+        group["lr"] = learning_rate(tc, state.images_seen)
+    state.optimizer.step()
+    state.ema.update(state.model, state.images_seen)
+
+
+def evaluation_hooks(cfg, state, objective, autoencoder, text_encoder, num_classes, device, run_dir, logger) -> list[Every]:
+    """Signals for comparing runs while they train, from the EMA weights: the fixed-batch validation loss and
+    small-N metrics (eval.jsonl), and sample grids (samples/grid-<images>.png)."""
+    tc, ema = cfg.train, state.ema.model
+    hooks = []
+    if tc.val_every_images:
+        validator = Validator(cfg, objective, autoencoder, text_encoder, device)
+        hooks.append(Every(tc.val_every_images, state.images_seen,
+                           lambda images: logger.log({"images": images, **validator.loss(ema)}, file="eval.jsonl")))
+    if tc.metric_every_images:
+        def metrics(images: int) -> None:
+            found = quick_metrics(ema, cfg, objective, autoencoder, device, run_dir, cfg.eval.train_metric_images)
+            logger.log({"images": images, **found}, file="eval.jsonl")
+
+        hooks.append(Every(tc.metric_every_images, state.images_seen, metrics))
+    if tc.sample_every_images:
+        def grid(images: int) -> None:
+            labels, per = grid_labels(cfg, num_classes)
+            samples = generate(ema, cfg, objective, autoencoder, labels, list(range(len(labels))), device,
+                               text_encoder=text_encoder)
+            save_grid(samples, run_dir / "samples" / f"grid-{images:010d}.png", per)
+
+        hooks.append(Every(tc.sample_every_images, state.images_seen, grid))
+    return hooks
 
 
 def batch_latent_shape(batch: dict, autoencoder) -> tuple[int, int, int]:
