@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-text test test-fast venv clean bench
+.PHONY: demo demo-text test test-fast lint venv clean bench
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,12 @@ demo: $(STAMP)
 demo-text: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/ldmkit demo --config configs/demo/mnist_text_dit.yaml --out runs/demo-text/run
 
-test: $(STAMP)
+test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+
+# Style: ruff (line length 120, pyflakes, isort; settings in pyproject.toml). Part of `make test`.
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 # The edit loop: everything but the end-to-end runs marked slow (make test runs them all, as CI does).
 test-fast: $(STAMP)
