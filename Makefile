@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-text test test-fast lint venv clean bench
+.PHONY: demo demo-text test test-fast lint format venv clean bench
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,9 +25,15 @@ demo-text: $(STAMP)
 test: lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
 
-# Style: ruff (line length 120, pyflakes, isort; settings in pyproject.toml). Part of `make test`.
+# Style: ruff (line length 120, pyflakes, isort, and ruff format's layout; settings in pyproject.toml).
+# Part of `make test`. `make format` rewrites the files to pass.
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
 
 # The edit loop: everything but the end-to-end runs marked slow (make test runs them all, as CI does).
 test-fast: $(STAMP)

@@ -11,6 +11,7 @@ posterior of the image and its mirror image, write) with `none` (identity: the p
 random VAE (8 channels, full resolution convolutions), or `sd` (the SD VAE architecture with random weights:
 the cost of the real model).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,12 +35,24 @@ def write_synthetic_cache(folder: Path, count: int, channels: int, size: int, pa
     for u, lo in enumerate(range(0, count, part_size)):
         n = min(part_size, count - lo)
         writer = UnitWriter(folder, f"{u:06d}", torch.float16)
-        control = {"original_size": torch.full((n, 2), 256.0), "crop_top_left": torch.zeros(n, 2), "crop_size": torch.full((n, 2), 256.0),
-                   "target_size": torch.full((n, 2), 256.0), "aspect_ratio": torch.ones(n, 1), "flip": torch.zeros(n, 1)}
-        writer.add(0, {"latent_mean": torch.randn(n, 2, channels, size, size, generator=rng),
-                       "latent_std": torch.rand(n, 2, channels, size, size, generator=rng),
-                       "label": torch.randint(0, 1000, (n,), generator=rng),
-                       **{f"control.{k}": v for k, v in control.items()}}, [f"s{lo + i}" for i in range(n)])
+        control = {
+            "original_size": torch.full((n, 2), 256.0),
+            "crop_top_left": torch.zeros(n, 2),
+            "crop_size": torch.full((n, 2), 256.0),
+            "target_size": torch.full((n, 2), 256.0),
+            "aspect_ratio": torch.ones(n, 1),
+            "flip": torch.zeros(n, 1),
+        }
+        writer.add(
+            0,
+            {
+                "latent_mean": torch.randn(n, 2, channels, size, size, generator=rng),
+                "latent_std": torch.rand(n, 2, channels, size, size, generator=rng),
+                "label": torch.randint(0, 1000, (n,), generator=rng),
+                **{f"control.{k}": v for k, v in control.items()},
+            },
+            [f"s{lo + i}" for i in range(n)],
+        )
         parts += writer.finish([], {}, "synthetic")["parts"]
     manifest = {"format": CACHE_FORMAT, "count": count, "parts": parts, "latent_shape": [channels, size, size]}
     (folder / "manifest.json").write_text(json.dumps(manifest))
@@ -80,18 +93,39 @@ def bench_encode(root: Path, images: int, resolution: int, vae_kind: str, batch:
     if vae_kind == "none":  # identity autoencoder: the pipeline alone (decode, crop, convert, write)
         vae = None
     elif vae_kind == "tiny":
-        vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=4, latent_channels=4)
+        vae = AutoencoderKL(
+            block_out_channels=(8, 8, 8, 8),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=1,
+            norm_num_groups=4,
+            latent_channels=4,
+        )
     else:  # the SD VAE architecture (AutoencoderKL's defaults are SD's: 128-256-512-512, 2 layers per block)
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=4,
+        )
     autoencoder = ["autoencoder.name=identity"]
     if vae is not None:
         vae.save_pretrained(root / "vae")
         autoencoder = ["autoencoder.name=kl", f"autoencoder.path={root / 'vae'}", "autoencoder.layout=sd"]
-    cfg = load_config(overrides=[
-        "data.name=image_folder", f"data.path={data}", "data.channels=3", f"data.resolution={resolution}",
-        f"data.cache={root / 'cache'}", f"data.num_workers={workers}", "data.encode_chunk=1000", "train.device=auto", *autoencoder])
+    cfg = load_config(
+        overrides=[
+            "data.name=image_folder",
+            f"data.path={data}",
+            "data.channels=3",
+            f"data.resolution={resolution}",
+            f"data.cache={root / 'cache'}",
+            f"data.num_workers={workers}",
+            "data.encode_chunk=1000",
+            "train.device=auto",
+            *autoencoder,
+        ]
+    )
     t0 = time.perf_counter()
     encode_dataset(cfg, batch_size=batch, log=lambda *a: None)
     return images / (time.perf_counter() - t0)
@@ -106,25 +140,42 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--encode-images", type=int, default=512)
     p.add_argument("--encode-resolution", type=int, default=256)
-    p.add_argument("--encode-vae", choices=["none", "tiny", "sd"], default="tiny", help="none: identity (pipeline cost only)")
+    p.add_argument(
+        "--encode-vae", choices=["none", "tiny", "sd"], default="tiny", help="none: identity (pipeline cost only)"
+    )
     p.add_argument("--encode-batch", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     args = p.parse_args(argv)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"cuda: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"cuda: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         write_synthetic_cache(tmp / "cache", args.cache_images, args.channels, args.latent_size)
         size_mb = sum(f.stat().st_size for f in (tmp / "cache").glob("*.safetensors")) / 2**20
-        print(f"cache: {args.cache_images:,} samples of {args.channels}x{args.latent_size}x{args.latent_size} fp16 latents "
-              f"(mean and std, both flips): {size_mb:.0f} MiB")
+        print(
+            f"cache: {args.cache_images:,} samples of {args.channels}x{args.latent_size}x{args.latent_size} fp16 "
+            "latents "
+            f"(mean and std, both flips): {size_mb:.0f} MiB"
+        )
         for workers in sorted({0, args.workers}):
             speed = bench_cache_read(tmp / "cache", args.read_images, args.batch, workers)
             print(f"cache read, batch {args.batch}, {workers} worker(s): {speed:,.0f} img/s")
         if args.encode_images:
-            speed = bench_encode(tmp / "encode", args.encode_images, args.encode_resolution, args.encode_vae, args.encode_batch, args.workers)
-            print(f"encode {args.encode_images} JPEGs at {args.encode_resolution}px, {args.encode_vae} VAE (random weights), "
-                  f"{args.workers} decode worker(s): {speed:,.1f} img/s")
+            speed = bench_encode(
+                tmp / "encode",
+                args.encode_images,
+                args.encode_resolution,
+                args.encode_vae,
+                args.encode_batch,
+                args.workers,
+            )
+            print(
+                f"encode {args.encode_images} JPEGs at {args.encode_resolution}px, {args.encode_vae} VAE (random "
+                "weights), "
+                f"{args.workers} decode worker(s): {speed:,.1f} img/s"
+            )
     return 0
 
 

@@ -7,6 +7,7 @@ Generation uses an untrained model of the preset (speed does not depend on the w
 (`ldmkit.eval.generate.generate`, per-sample seeds, classifier-free guidance). Inception-v3 runs with randomly
 initialised weights of the standard layout unless --inception-weights gives the real file (same speed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="DiT-demo/4")
     p.add_argument("--resolution", type=int, default=32)
-    p.add_argument("--latent", action="store_true", help="latents are resolution/8 with 4 channels (else pixels, 1 channel)")
+    p.add_argument(
+        "--latent", action="store_true", help="latents are resolution/8 with 4 channels (else pixels, 1 channel)"
+    )
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--images", type=int, default=100, help="images per generation measurement")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -39,29 +42,83 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = torch.device(args.device)
     side, channels = (args.resolution // 8, 4) if args.latent else (args.resolution, 1)
-    print(json.dumps({"torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
-                      "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}))
+    print(
+        json.dumps(
+            {
+                "torch": torch.__version__,
+                "machine": platform.machine(),
+                "threads": torch.get_num_threads(),
+                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            }
+        )
+    )
     results = []
-    for objective, sampler, steps in (("flow", "euler", 12), ("flow", "heun", 12), ("ddpm", "ddim", 50), ("ddpm", "ddpm", 250)):
-        cfg = load_config(overrides=[f"model.name={backbone_of_preset(args.preset)}", f"model.preset={args.preset}", f"model.input_size={side}",
-                                     f"model.in_channels={channels}", "model.num_classes=10", f"diffusion.objective={objective}",
-                                     f"model.learn_sigma={'true' if objective == 'ddpm' else 'false'}", f"sample.sampler={sampler}",
-                                     f"sample.steps={steps}", "sample.guidance_scale=3"])
+    for objective, sampler, steps in (
+        ("flow", "euler", 12),
+        ("flow", "heun", 12),
+        ("ddpm", "ddim", 50),
+        ("ddpm", "ddpm", 250),
+    ):
+        cfg = load_config(
+            overrides=[
+                f"model.name={backbone_of_preset(args.preset)}",
+                f"model.preset={args.preset}",
+                f"model.input_size={side}",
+                f"model.in_channels={channels}",
+                "model.num_classes=10",
+                f"diffusion.objective={objective}",
+                f"model.learn_sigma={'true' if objective == 'ddpm' else 'false'}",
+                f"sample.sampler={sampler}",
+                f"sample.steps={steps}",
+                "sample.guidance_scale=3",
+            ]
+        )
         model = build_model(cfg.model).to(device).eval()
         n = args.images if steps < 100 else max(args.images // 5, args.batch)
         labels = torch.arange(n) % 10
-        generate(model, cfg, build_objective(cfg), IdentityAutoencoder(channels), labels[: min(4, n)], list(range(min(4, n))), device, batch=4)  # warm-up
+        generate(
+            model,
+            cfg,
+            build_objective(cfg),
+            IdentityAutoencoder(channels),
+            labels[: min(4, n)],
+            list(range(min(4, n))),
+            device,
+            batch=4,
+        )  # warm-up
         t0 = time.perf_counter()
-        generate(model, cfg, build_objective(cfg), IdentityAutoencoder(channels), labels, list(range(n)), device, batch=args.batch)
+        generate(
+            model,
+            cfg,
+            build_objective(cfg),
+            IdentityAutoencoder(channels),
+            labels,
+            list(range(n)),
+            device,
+            batch=args.batch,
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         speed = n / (time.perf_counter() - t0)
-        results.append({"what": "generation", "preset": args.preset, "sampler": sampler, "steps": steps, "guidance": 3.0,
-                        "latent": f"{channels}x{side}x{side}", "batch": args.batch, "images_per_s": round(speed, 2)})
+        results.append(
+            {
+                "what": "generation",
+                "preset": args.preset,
+                "sampler": sampler,
+                "steps": steps,
+                "guidance": 3.0,
+                "latent": f"{channels}x{side}x{side}",
+                "batch": args.batch,
+                "images_per_s": round(speed, 2),
+            }
+        )
         print(json.dumps(results[-1]))
     with tempfile.TemporaryDirectory() as tmp:
         weights = args.inception_weights or random_inception_weights(Path(tmp) / "w.pth")
-        for name, net in (("InceptionV3 (299x299)", InceptionV3Features(str(weights))), ("EffNetLite0 (224x224)", EffNetLite0Features())):
+        for name, net in (
+            ("InceptionV3 (299x299)", InceptionV3Features(str(weights))),
+            ("EffNetLite0 (224x224)", EffNetLite0Features()),
+        ):
             net = net.to(device)
             images = torch.rand(args.batch * 2, 3, args.resolution, args.resolution, device=device) * 2 - 1
             extract(net, images[: args.batch], args.batch)  # warm-up
@@ -69,8 +126,14 @@ def main(argv=None):
             extract(net, images, args.batch)
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            results.append({"what": "features", "extractor": name, "batch": args.batch,
-                            "images_per_s": round(len(images) / (time.perf_counter() - t0), 2)})
+            results.append(
+                {
+                    "what": "features",
+                    "extractor": name,
+                    "batch": args.batch,
+                    "images_per_s": round(len(images) / (time.perf_counter() - t0), 2),
+                }
+            )
             print(json.dumps(results[-1]))
     return 0
 

@@ -7,6 +7,7 @@ MFU from analytic FLOPs). Runs the same forward/backward/optimizer step as ldmki
     python benchmarks/train_throughput.py --preset mmDiT-S/2 --resolution 256 --batch 8 --objective flow --device cpu
 Every backbone's presets work (DiT, PixArt-alpha, mmDiT, UNet, mDT-v2), class-conditional.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,9 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="DiT-S/2")
-    p.add_argument("--resolution", type=int, default=256, help="image resolution; latents are resolution/8 unless --pixel")
+    p.add_argument(
+        "--resolution", type=int, default=256, help="image resolution; latents are resolution/8 unless --pixel"
+    )
     p.add_argument("--pixel", action="store_true", help="pixel space (latent side = resolution)")
     p.add_argument("--latent-channels", type=int, default=4)
     p.add_argument("--batch", type=int, default=32)
@@ -43,9 +46,15 @@ def main():
     args = p.parse_args()
 
     side = args.resolution if args.pixel else args.resolution // 8
-    overrides = [f"model.name={backbone_of_preset(args.preset)}", f"model.preset={args.preset}", f"model.input_size={side}", f"model.in_channels={args.latent_channels}",
-                 f"diffusion.objective={args.objective}", f"model.learn_sigma={'true' if args.objective == 'ddpm' else 'false'}",
-                 f"sample.sampler={'ddpm' if args.objective == 'ddpm' else 'euler'}"]
+    overrides = [
+        f"model.name={backbone_of_preset(args.preset)}",
+        f"model.preset={args.preset}",
+        f"model.input_size={side}",
+        f"model.in_channels={args.latent_channels}",
+        f"diffusion.objective={args.objective}",
+        f"model.learn_sigma={'true' if args.objective == 'ddpm' else 'false'}",
+        f"sample.sampler={'ddpm' if args.objective == 'ddpm' else 'euler'}",
+    ]
     cfg = load_config(overrides=overrides)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -60,7 +69,10 @@ def main():
     gen = torch.Generator(device).manual_seed(0)
     B = args.batch
     x0 = torch.randn(B, args.latent_channels, side, side, device=device)
-    cond = Cond(class_labels=torch.randint(0, 1000, (B,), device=device), drop_semantic=torch.zeros(B, dtype=torch.bool, device=device))
+    cond = Cond(
+        class_labels=torch.randint(0, 1000, (B,), device=device),
+        drop_semantic=torch.zeros(B, dtype=torch.bool, device=device),
+    )
 
     def step():
         t = objective.sample_time(B, gen, device)
@@ -91,12 +103,23 @@ def main():
     flops = 3 * flops_per_image(model)  # forward + backward
     images_per_s = B / dt
     result = {
-        "preset": args.preset, "resolution": args.resolution, "tokens": (side // model.patch_size) ** 2 if hasattr(model, "patch_size") else None, "batch": B,
-        "precision": args.precision, "compile": args.compile, "objective": args.objective, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "params_m": round(count_parameters(model) / 1e6, 2),
-        "images_per_s": round(images_per_s, 2), "step_time_s": round(dt, 4),
-        "train_gflops_per_image": round(flops / 1e9, 3), "achieved_tflops": round(images_per_s * flops / 1e12, 3),
+        "preset": args.preset,
+        "resolution": args.resolution,
+        "tokens": (side // model.patch_size) ** 2 if hasattr(model, "patch_size") else None,
+        "batch": B,
+        "precision": args.precision,
+        "compile": args.compile,
+        "objective": args.objective,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "params_m": round(count_parameters(model) / 1e6, 2),
+        "images_per_s": round(images_per_s, 2),
+        "step_time_s": round(dt, 4),
+        "train_gflops_per_image": round(flops / 1e9, 3),
+        "achieved_tflops": round(images_per_s * flops / 1e12, 3),
         "torch": torch.__version__,
     }
     if device.type == "cuda":

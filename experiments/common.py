@@ -1,4 +1,5 @@
 """Helpers shared by the experiment scripts: run the ldmkit CLI, summarise per-seed results, write markdown."""
+
 from __future__ import annotations
 
 import statistics
@@ -27,17 +28,25 @@ def summarise(results: list[dict], key: str = "arm") -> dict:
         for m in (k for k in rows[0] if k not in (key, "seed")):
             values = [r[m] for r in rows if isinstance(r.get(m), (int, float))]
             if values:
-                summary[arm][m] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                                   "values": values}
+                summary[arm][m] = {
+                    "mean": statistics.fmean(values),
+                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "values": values,
+                }
     return summary
 
 
 def markdown(summary: dict) -> str:
     lines = []
     for arm, metrics in summary.items():
-        lines.append(f"### {arm} (seeds {', '.join(map(str, metrics['seeds']))})\n\n| metric | mean | std | per seed |\n|---|---|---|---|")
+        lines.append(
+            f"### {arm} (seeds {', '.join(map(str, metrics['seeds']))})\n\n| metric | mean | std | per seed "
+            "|\n|---|---|---|---|"
+        )
         for name, s in metrics.items():
             if name != "seeds":
-                lines.append(f"| {name} | {s['mean']:.3f} | {s['std']:.3f} | {' / '.join(f'{v:.3f}' for v in s['values'])} |")
+                lines.append(
+                    f"| {name} | {s['mean']:.3f} | {s['std']:.3f} | {' / '.join(f'{v:.3f}' for v in s['values'])} |"
+                )
         lines.append("")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ Every step is skipped when its output exists, so re-running continues. Usage:
   python experiments/conditioning.py [--seeds 0,1] [--caption-seeds 0,1] [--out runs/exp-conditioning]
 Writes <out>/summary.json and <out>/summary.md (mean, standard deviation and per-seed values).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,11 +27,23 @@ SWEEPS = {"original_size": "12,12;20,20;28,28", "crop_size": "28,28;22,22;17,17"
 def run_arm(config: str, overrides: list[str], value: str, seed: int, out: Path, probe: bool, args) -> dict:
     run = out / f"{value}-seed{seed}"
     if not (run / "metrics.json").is_file():
-        ldmkit("train", config, *sets(overrides + [f"train.seed={seed}"] + ([f"train.total_images={args.images}"] if args.images else [])),
-               "--out", str(run))
+        ldmkit(
+            "train",
+            config,
+            *sets(overrides + [f"train.seed={seed}"] + ([f"train.total_images={args.images}"] if args.images else [])),
+            "--out",
+            str(run),
+        )
         ldmkit("eval", str(run), *(["--num-images", str(args.eval_images)] if args.eval_images else []))
-    result = {"arm": value, "seed": seed, **{k: v for k, v in json.loads((run / "metrics.json").read_text()).items()
-                                             if k in ("class_agreement", "fd_effnetlite0")}}
+    result = {
+        "arm": value,
+        "seed": seed,
+        **{
+            k: v
+            for k, v in json.loads((run / "metrics.json").read_text()).items()
+            if k in ("class_agreement", "fd_effnetlite0")
+        },
+    }
     if probe:
         for control, values in SWEEPS.items():
             path = run / f"probe-{control}.json"
@@ -48,8 +61,12 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1", help="training seeds of the digit arms")
     parser.add_argument("--caption-seeds", default="0,1", help="training seeds of the caption arms")
     parser.add_argument("--out", default="runs/exp-conditioning")
-    parser.add_argument("--images", type=int, default=None, help="training images per run (default: the configs' 16,000)")
-    parser.add_argument("--eval-images", type=int, default=None, help="samples per evaluation (default: the configs' 300)")
+    parser.add_argument(
+        "--images", type=int, default=None, help="training images per run (default: the configs' 16,000)"
+    )
+    parser.add_argument(
+        "--eval-images", type=int, default=None, help="samples per evaluation (default: the configs' 300)"
+    )
     parser.add_argument("--probe-images", type=int, default=40, help="samples per control value in the probe")
     args = parser.parse_args()
     out = Path(args.out)
@@ -65,10 +82,16 @@ def main() -> int:
     for seed in sorted(set(seeds) | set(caption_seeds)):
         if seed in seeds:
             for mechanism in ("additive", "disentangled"):
-                results.append(run_arm(DIGITS, [f"conditioning.mechanism={mechanism}"], mechanism, seed, out, True, args))
+                results.append(
+                    run_arm(DIGITS, [f"conditioning.mechanism={mechanism}"], mechanism, seed, out, True, args)
+                )
         if seed in caption_seeds:
             for padding in ("zero", "noisy_replicate"):
-                results.append(run_arm(CAPTIONS, [f"conditioning.padding={padding}", *caption_data], padding, seed, out, False, args))
+                results.append(
+                    run_arm(
+                        CAPTIONS, [f"conditioning.padding={padding}", *caption_data], padding, seed, out, False, args
+                    )
+                )
         summary = summarise(results)
         (out / "summary.json").write_text(json.dumps({"results": results, "summary": summary}, indent=1))
         (out / "summary.md").write_text(markdown(summary))

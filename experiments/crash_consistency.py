@@ -25,9 +25,18 @@ import torch
 
 from ldmkit.checkpoint import list_checkpoints, load_checkpoint, newest_intact_checkpoint
 
-SETTINGS = ["model.preset=DiT-S/8", "model.in_channels=1", "model.input_size=32", "model.num_classes=10",
-            "train.global_batch=16", "train.log_every_images=32", "train.checkpoint_every_images=160",
-            "train.keep_checkpoints=2", "train.lr=0.0005", "sample.steps=2"]
+SETTINGS = [
+    "model.preset=DiT-S/8",
+    "model.in_channels=1",
+    "model.input_size=32",
+    "model.num_classes=10",
+    "train.global_batch=16",
+    "train.log_every_images=32",
+    "train.checkpoint_every_images=160",
+    "train.keep_checkpoints=2",
+    "train.lr=0.0005",
+    "sample.steps=2",
+]
 
 
 def command(config: Path, out: Path, images: int) -> list[str]:
@@ -69,8 +78,9 @@ def main() -> None:
     rng.shuffle(plan)
     outcomes = []  # (what was aimed, whether a checkpoint write was in progress, exit code)
     for kind in plan:
-        proc = subprocess.Popen(command(config, run, args.images), env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            command(config, run, args.images), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         if kind == "write":  # poll for a checkpoint being written, then kill inside it
             deadline = time.time() + straight_s
             while proc.poll() is None and time.time() < deadline and not writing_checkpoint(run):

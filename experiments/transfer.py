@@ -9,6 +9,7 @@ images (the curve) and is evaluated at the end (300 samples). Steps whose output
   python experiments/transfer.py [--out runs/exp-transfer] [--base-images 20000] [--finetune-images 10000]
 Writes <out>/summary.json, <out>/summary.md and <out>/curves.png (class agreement against training compute).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,19 @@ def train_and_eval(run: Path, config: str, overrides: list[str], init: Path | No
         ldmkit("train", config, *sets(overrides), *(["--init", str(init)] if init else []), "--out", str(run))
         ldmkit("eval", str(run))
     metrics = json.loads((run / "metrics.json").read_text())
-    curve = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines() if line.strip()] if (run / "eval.jsonl").is_file() else []
-    return {"final": {k: metrics.get(k) for k in ("class_agreement", "fd_effnetlite0")},
-            "curve": [{k: r.get(k) for k in ("images", "class_agreement", "fd_effnetlite0")} for r in curve if "class_agreement" in r]}
+    curve = (
+        [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines() if line.strip()]
+        if (run / "eval.jsonl").is_file()
+        else []
+    )
+    return {
+        "final": {k: metrics.get(k) for k in ("class_agreement", "fd_effnetlite0")},
+        "curve": [
+            {k: r.get(k) for k in ("images", "class_agreement", "fd_effnetlite0")}
+            for r in curve
+            if "class_agreement" in r
+        ],
+    }
 
 
 def plot(results: dict, ratio: float, base_images: int, caption_images: int, path: Path) -> None:
@@ -60,11 +71,29 @@ def plot(results: dict, ratio: float, base_images: int, caption_images: int, pat
         start = base_images * ratio if name.startswith("ft32") else caption_images if name == "text-from-class" else 0.0
         xs = [start + c["images"] * scale for c in r["curve"]]
         mode = next((m for m in MODES if m in name), None)  # one colour per resampling mode, dashed with the shift
-        color = f"C{MODES.index(mode)}" if mode else {"base-16": "black", "scratch-32": "gray", "class-32": "black",
-                                                      "text-from-class": "C0", "text-scratch": "gray"}[name]
-        ax.plot(xs, [c["class_agreement"] for c in r["curve"]], "--" if name.endswith("-shift") else "-", color=color,
-                marker="o", markersize=3, label=name)
-    for ax, title in zip(axes, ("16x16 -> 32x32 (fine-tunes start at the 16x16 stage's compute)", "class -> text (captioned digits)")):
+        color = (
+            f"C{MODES.index(mode)}"
+            if mode
+            else {
+                "base-16": "black",
+                "scratch-32": "gray",
+                "class-32": "black",
+                "text-from-class": "C0",
+                "text-scratch": "gray",
+            }[name]
+        )
+        ax.plot(
+            xs,
+            [c["class_agreement"] for c in r["curve"]],
+            "--" if name.endswith("-shift") else "-",
+            color=color,
+            marker="o",
+            markersize=3,
+            label=name,
+        )
+    for ax, title in zip(
+        axes, ("16x16 -> 32x32 (fine-tunes start at the 16x16 stage's compute)", "class -> text (captioned digits)")
+    ):
         ax.set_xlabel("training compute (32x32 images)")
         ax.set_ylabel("class agreement (100 samples)")
         ax.set_title(title, fontsize=10)
@@ -80,7 +109,9 @@ def main() -> int:
     parser.add_argument("--out", default="runs/exp-transfer")
     parser.add_argument("--base-images", type=int, default=20000, help="images of the 16x16 stage")
     parser.add_argument("--finetune-images", type=int, default=10000, help="images of each 32x32 fine-tune")
-    parser.add_argument("--caption-images", type=int, default=15000, help="images of the class stage and of each caption run")
+    parser.add_argument(
+        "--caption-images", type=int, default=15000, help="images of the class stage and of each caption run"
+    )
     parser.add_argument("--skip-captions", action="store_true", help="only the resolution part")
     args = parser.parse_args()
     out = Path(args.out)
@@ -92,7 +123,9 @@ def main() -> int:
     for mode in MODES:
         for shift in (False, True):
             name = f"ft32-{mode}" + ("-shift" if shift else "")
-            overrides = tune + [f"model.pos_embed_resample={mode}"] + (["diffusion.shift_base_resolution=16"] if shift else [])
+            overrides = (
+                tune + [f"model.pos_embed_resample={mode}"] + (["diffusion.shift_base_resolution=16"] if shift else [])
+            )
             results[name] = train_and_eval(out / name, DIGITS, overrides, init=out / "base-16")
     ratio = flops_ratio()
     scratch = args.finetune_images + round(args.base_images * ratio)
@@ -105,16 +138,30 @@ def main() -> int:
             ldmkit("encode", CAPTIONS, *sets(caption_data))
         n = args.caption_images
         captions = caption_data + ["train.metric_every_images=2500", "eval.train_metric_images=100"]
-        results["class-32"] = train_and_eval(out / "class-32", DIGITS, [f"train.total_images={n}", "conditioning.mechanism=disentangled"])
-        results["text-from-class"] = train_and_eval(out / "text-from-class", CAPTIONS, captions + [f"train.total_images={n}",
-                                                    "init.semantic=replace", "train.warmup_images=0"], init=out / "class-32")
-        results["text-scratch"] = train_and_eval(out / "text-scratch", CAPTIONS, captions + [f"train.total_images={2 * n}"])
+        results["class-32"] = train_and_eval(
+            out / "class-32", DIGITS, [f"train.total_images={n}", "conditioning.mechanism=disentangled"]
+        )
+        results["text-from-class"] = train_and_eval(
+            out / "text-from-class",
+            CAPTIONS,
+            captions + [f"train.total_images={n}", "init.semantic=replace", "train.warmup_images=0"],
+            init=out / "class-32",
+        )
+        results["text-scratch"] = train_and_eval(
+            out / "text-scratch", CAPTIONS, captions + [f"train.total_images={2 * n}"]
+        )
     (out / "summary.json").write_text(json.dumps({"flops_ratio_16_over_32": ratio, "runs": results}, indent=1))
     plot(results, ratio, args.base_images, args.caption_images, out / "curves.png")
-    lines = ["| run | images (equal compute) | class agreement | FD-EffNetLite0 | curve (images: agreement) |", "|---|---|---|---|---|"]
+    lines = [
+        "| run | images (equal compute) | class agreement | FD-EffNetLite0 | curve (images: agreement) |",
+        "|---|---|---|---|---|",
+    ]
     for name, r in results.items():
         curve = ", ".join(f"{round(c['images'] / 500) / 2:g}k: {c['class_agreement']:.2f}" for c in r["curve"])
-        lines.append(f"| {name} | {r.get('images_equal_compute', '')} | {r['final']['class_agreement']:.3f} | {r['final']['fd_effnetlite0']:.1f} | {curve} |")
+        lines.append(
+            f"| {name} | {r.get('images_equal_compute', '')} | {r['final']['class_agreement']:.3f} | "
+            f"{r['final']['fd_effnetlite0']:.1f} | {curve} |"
+        )
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

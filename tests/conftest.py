@@ -7,9 +7,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)
 
 TINY = [
-    "model.preset=DiT-tiny/4", "model.in_channels=1", "model.input_size=32", "model.num_classes=10",
-    "train.global_batch=16", "train.total_images=128", "train.log_every_images=32", "train.checkpoint_every_images=64",
-    "train.lr=0.001", "sample.steps=3", "sample.per_class=1", "eval.num_images=20", "eval.batch=20",
+    "model.preset=DiT-tiny/4",
+    "model.in_channels=1",
+    "model.input_size=32",
+    "model.num_classes=10",
+    "train.global_batch=16",
+    "train.total_images=128",
+    "train.log_every_images=32",
+    "train.checkpoint_every_images=64",
+    "train.lr=0.001",
+    "sample.steps=3",
+    "sample.per_class=1",
+    "eval.num_images=20",
+    "eval.batch=20",
 ]
 
 
@@ -42,7 +52,9 @@ def make_folder(root, n=4, size=40):
         for i in range(n):
             Image.fromarray(rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
     (root / "n01440764" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
-    Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(root / "n01443537" / "gray.png")  # grayscale: converted
+    Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(
+        root / "n01443537" / "gray.png"
+    )  # grayscale: converted
     (root / "n01443537" / "notes.txt").write_text("ignored")
     return root
 
@@ -51,9 +63,17 @@ def save_tiny_vae(path, latent_channels=4):
     """A tiny random diffusers AutoencoderKL (downsampling 2), saved with save_pretrained."""
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(8, 8),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=4, sample_size=32)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=32,
+    )
     vae.save_pretrained(path)
     return path
 

@@ -1,5 +1,6 @@
 """The layering of docs/architecture.md, enforced: a module imports only from its own layer, lower layers and
 the leaves, also inside functions."""
+
 import ast
 from pathlib import Path
 
@@ -67,15 +68,18 @@ def test_every_module_belongs_to_a_layer_or_is_a_leaf():
     assert tops <= set(LAYERS) | LEAVES, tops - set(LAYERS) - LEAVES
 
 
-@pytest.mark.parametrize("source, module, expected", [
-    ("def f():\n    from ..train import loop\n", "ldmkit.eval.evaluate", 1),     # inside a function, relative
-    ("import ldmkit.cli\n", "ldmkit.models.dit", 1),                               # absolute
-    ("from ..config import ConfigError\n", "ldmkit.data.cache", 0),                # downward
-    ("from ..checkpoint import load_file\n", "ldmkit.models.dit", 0),              # a leaf
-    ("from .layers import Mlp\n", "ldmkit.models.dit", 0),                         # same layer
-    ("from ..eval import report\n", "ldmkit.conditioning", 1),                     # from a package's __init__
-    ("from .train import loop\n", "ldmkit.checkpoint", 1),                         # a leaf above its place
-    ("from .config import ConfigError\n", "ldmkit.distributed", 0),               # a leaf may use config
-])
+@pytest.mark.parametrize(
+    "source, module, expected",
+    [
+        ("def f():\n    from ..train import loop\n", "ldmkit.eval.evaluate", 1),  # inside a function, relative
+        ("import ldmkit.cli\n", "ldmkit.models.dit", 1),  # absolute
+        ("from ..config import ConfigError\n", "ldmkit.data.cache", 0),  # downward
+        ("from ..checkpoint import load_file\n", "ldmkit.models.dit", 0),  # a leaf
+        ("from .layers import Mlp\n", "ldmkit.models.dit", 0),  # same layer
+        ("from ..eval import report\n", "ldmkit.conditioning", 1),  # from a package's __init__
+        ("from .train import loop\n", "ldmkit.checkpoint", 1),  # a leaf above its place
+        ("from .config import ConfigError\n", "ldmkit.distributed", 0),  # a leaf may use config
+    ],
+)
 def test_the_checker_itself(source, module, expected):
     assert len(upward_imports(source, module, is_package=module == "ldmkit.conditioning")) == expected

@@ -1,12 +1,13 @@
 """The command line: help texts, one-line errors with no traceback, sampling and conversion."""
+
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import tiny_config
 from PIL import Image
 
-from conftest import tiny_config
 from ldmkit.cli import build_parser, main
 from ldmkit.train.loop import training_loop
 
@@ -14,7 +15,21 @@ from ldmkit.train.loop import training_loop
 def test_every_command_has_help(capsys):
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == {"train", "recipe", "encode", "mnist-shards", "reference", "report", "probe", "sample", "eval", "demo", "convert", "export", "presets"}
+    assert set(commands) == {
+        "train",
+        "recipe",
+        "encode",
+        "mnist-shards",
+        "reference",
+        "report",
+        "probe",
+        "sample",
+        "eval",
+        "demo",
+        "convert",
+        "export",
+        "presets",
+    }
     for name in commands:
         assert main([name, "--help"]) == 0
         assert "usage: ldmkit " + name in capsys.readouterr().out
@@ -36,19 +51,53 @@ def test_bad_config_key_is_one_line_error(tmp_path):
 
 @pytest.mark.slow
 def test_missing_dataset_folder_is_one_line_error(tmp_path):
-    r = run_cli("train", "configs/demo/mnist_dit.yaml", "--set", "data.name=image_folder", "--set", f"data.path={tmp_path}/nope",
-                "--out", str(tmp_path / "run"))
+    r = run_cli(
+        "train",
+        "configs/demo/mnist_dit.yaml",
+        "--set",
+        "data.name=image_folder",
+        "--set",
+        f"data.path={tmp_path}/nope",
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert r.returncode == 2 and "dataset folder not found" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.slow
 def test_sample_and_eval_a_run(tmp_path):
     run = training_loop(tiny_config("train.total_images=32"), tmp_path / "run", quiet=True)
-    assert main(["sample", str(run), "--classes", "3,7", "--per-class", "2", "--steps", "2", "--grid", str(tmp_path / "g.png"), "--out", str(tmp_path / "imgs")]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(run),
+                "--classes",
+                "3,7",
+                "--per-class",
+                "2",
+                "--steps",
+                "2",
+                "--grid",
+                str(tmp_path / "g.png"),
+                "--out",
+                str(tmp_path / "imgs"),
+            ]
+        )
+        == 0
+    )
     grid = Image.open(tmp_path / "g.png")
     assert grid.size == (2 * 33 + 1, 2 * 33 + 1)
-    assert sorted(p.name for p in (tmp_path / "imgs").iterdir()) == ["000000_class3.png", "000001_class3.png", "000002_class7.png", "000003_class7.png"]
-    assert main(["sample", str(run), "--classes", "1,2", "--num", "6", "--steps", "1", "--out", str(tmp_path / "six")]) == 0
+    assert sorted(p.name for p in (tmp_path / "imgs").iterdir()) == [
+        "000000_class3.png",
+        "000001_class3.png",
+        "000002_class7.png",
+        "000003_class7.png",
+    ]
+    assert (
+        main(["sample", str(run), "--classes", "1,2", "--num", "6", "--steps", "1", "--out", str(tmp_path / "six")])
+        == 0
+    )
     assert len(list((tmp_path / "six").iterdir())) == 6
     assert main(["sample", str(run), "--classes", "12"]) == 2
     assert main(["sample", str(tmp_path / "nothing-here")]) == 2
@@ -62,7 +111,9 @@ def test_convert_official_layout_to_ldmkit_and_diffusers(tmp_path):
         for p in official.parameters():
             p.normal_(0, 0.1)
     torch.save(official.state_dict(), tmp_path / "DiT-test.pt")
-    assert main(["convert", str(tmp_path / "DiT-test.pt"), "--num-heads", "2", "--out", str(tmp_path / "model.pt")]) == 0
+    assert (
+        main(["convert", str(tmp_path / "DiT-test.pt"), "--num-heads", "2", "--out", str(tmp_path / "model.pt")]) == 0
+    )
     state = torch.load(tmp_path / "model.pt", weights_only=False)
     assert state["config"]["model"]["hidden_size"] == 64 and state["config"]["model"]["timestep_freq_shift"] == 0.0
     for k, v in official.state_dict().items():
@@ -91,7 +142,9 @@ def test_eval_a_folder_of_images(tmp_path, capsys):
     save_images(images[1::250][:20], tmp_path / "b", list(range(20)))
     save_images(images[::250][:20], tmp_path / "a_copy", list(range(20)))
     assert main(["eval", str(tmp_path / "a"), "--ref", str(tmp_path / "b"), "--json", str(tmp_path / "ab.json")]) == 0
-    assert main(["eval", str(tmp_path / "a"), "--ref", str(tmp_path / "a_copy"), "--json", str(tmp_path / "aa.json")]) == 0
+    assert (
+        main(["eval", str(tmp_path / "a"), "--ref", str(tmp_path / "a_copy"), "--json", str(tmp_path / "aa.json")]) == 0
+    )
     ab, aa = (json.loads((tmp_path / f).read_text()) for f in ("ab.json", "aa.json"))
     assert ab["num_images"] == 20 and ab["fd_reference_count"] == 20 and ab["fd_effnetlite0"] > 1.0
     assert abs(aa["fd_effnetlite0"]) < 1e-3

@@ -1,5 +1,6 @@
 """CLIP score through torchmetrics with a tiny random CLIP, the real CLIP tokenizer vocabulary and a local
 folder (what transformers 5 and torchmetrics' name check would otherwise break)."""
+
 import importlib.resources
 
 import pytest
@@ -12,17 +13,42 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTextConfig,
+        CLIPTokenizer,
+        CLIPVisionConfig,
+    )
 
     folder = tmp_path_factory.mktemp("tiny-clip")  # no "openai" in the path: torchmetrics alone would refuse it
-    files = clip_tokenizer_files(importlib.resources.files("open_clip") / "bpe_simple_vocab_16e6.txt.gz", folder / "tok")
+    files = clip_tokenizer_files(
+        importlib.resources.files("open_clip") / "bpe_simple_vocab_16e6.txt.gz", folder / "tok"
+    )
     tokenizer = CLIPTokenizer(str(files / "vocab.json"), str(files / "merges.txt"))
     assert tokenizer("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]  # CLIP's ids
     torch.manual_seed(0)
-    config = CLIPConfig(text_config=CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                   num_attention_heads=2, max_position_embeddings=77),
-                        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                                       image_size=32, patch_size=8), projection_dim=16)
+    config = CLIPConfig(
+        text_config=CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+        ),
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
     CLIPModel(config).save_pretrained(folder / "model")
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder / "model")
@@ -33,12 +59,21 @@ def test_clip_score_matches_the_definition(tiny_clip):
     from transformers import CLIPModel, CLIPProcessor
 
     images = torch.rand(6, 3, 32, 32) * 2 - 1
-    prompts = ["a handwritten digit seven", "a photo of a cat", "a red square", "", "two dogs", "a handwritten digit one"]
+    prompts = [
+        "a handwritten digit seven",
+        "a photo of a cat",
+        "a red square",
+        "",
+        "two dogs",
+        "a handwritten digit one",
+    ]
     score = clip_score(images, prompts, str(tiny_clip), batch=4)
     model, processor = CLIPModel.from_pretrained(tiny_clip).eval(), CLIPProcessor.from_pretrained(tiny_clip)
     pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     with torch.no_grad():
-        img = model.get_image_features(pixel_values=processor(images=list(pixels), return_tensors="pt")["pixel_values"]).pooler_output
+        img = model.get_image_features(
+            pixel_values=processor(images=list(pixels), return_tensors="pt")["pixel_values"]
+        ).pooler_output
         tok = processor(text=prompts, return_tensors="pt", padding=True)
         txt = model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).pooler_output
     expected = max(float((100 * torch.nn.functional.cosine_similarity(img, txt)).mean()), 0.0)
@@ -55,19 +90,49 @@ def test_eval_of_a_text_run_reports_clip_score_for_a_prompt_file(tiny_clip, tmp_
     import json
 
     from conftest import TINY
+
     from ldmkit.cli import main
     from ldmkit.config import load_config
     from ldmkit.data.shards import write_mnist_caption_shards
     from ldmkit.train.loop import training_loop
 
     write_mnist_caption_shards(tmp_path / "shards", load_config().data, "held_out", shard_size=100)
-    cfg = load_config(overrides=TINY + ["data.name=shards", f"data.path={tmp_path}/shards/mnist-{{00000..00004}}.tar", "data.label_field=label",
-                                        "data.crop=none", "text.encoder=minilm", "text.max_length=16", "model.conditioning=pooled_text",
-                                        "train.total_images=32"])
+    cfg = load_config(
+        overrides=TINY
+        + [
+            "data.name=shards",
+            f"data.path={tmp_path}/shards/mnist-{{00000..00004}}.tar",
+            "data.label_field=label",
+            "data.crop=none",
+            "text.encoder=minilm",
+            "text.max_length=16",
+            "model.conditioning=pooled_text",
+            "train.total_images=32",
+        ]
+    )
     run = training_loop(cfg, tmp_path / "run", quiet=True)
     (tmp_path / "prompts.txt").write_text("a handwritten digit three\na handwritten digit eight\n")
-    assert main(["eval", str(run), "--num", "4", "--steps", "2", "--metrics", "none", "--prompts", str(tmp_path / "prompts.txt"),
-                 "--clip-model", str(tiny_clip), "--json", str(tmp_path / "m.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(run),
+                "--num",
+                "4",
+                "--steps",
+                "2",
+                "--metrics",
+                "none",
+                "--prompts",
+                str(tmp_path / "prompts.txt"),
+                "--clip-model",
+                str(tiny_clip),
+                "--json",
+                str(tmp_path / "m.json"),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert 0 <= metrics["clip_score"] <= 100 and metrics["clip_model"] == str(tiny_clip)
     from ldmkit.eval.evaluate import eval_prompts

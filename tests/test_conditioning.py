@@ -1,11 +1,12 @@
 """The paper's conditioning: disentangled semantic path, control embeddings phased in by w(t),
 independent dropout, sampling with control values and control guidance."""
+
 import json
 
 import pytest
 import torch
-
 from conftest import TINY, randomised, state_of
+
 from ldmkit.cli import main
 from ldmkit.conditioning.cond import Cond
 from ldmkit.config import ConfigError, load_config
@@ -21,7 +22,9 @@ def dit(*extra):
 
 
 def test_low_level_control_has_no_effect_where_its_weight_is_zero():
-    model, _ = dit(*CONTROL, "conditioning.mechanism=disentangled", "conditioning.low_end=0.5", "conditioning.value_scale=0.01")
+    model, _ = dit(
+        *CONTROL, "conditioning.mechanism=disentangled", "conditioning.low_end=0.5", "conditioning.value_scale=0.01"
+    )
     randomised(model)
     x, labels = torch.randn(2, 1, 32, 32), torch.tensor([3, 7])
 
@@ -33,8 +36,30 @@ def test_low_level_control_has_no_effect_where_its_weight_is_zero():
     small, large = [[32.0, 32.0], [32.0, 32.0]], [[900.0, 600.0], [64.0, 300.0]]
     assert torch.equal(run([0.6, 0.9], small), run([0.6, 0.9], large))  # t >= end: low-level weight 0
     assert not torch.allclose(run([0.1, 0.2], small), run([0.1, 0.2], large))  # early enough: it acts
-    flip_a = model(x, torch.tensor([0.9, 0.9]), Cond(class_labels=labels, control={"original_size": torch.tensor(small), "crop_top_left": torch.zeros(2, 2), "flip": torch.zeros(2, 1)}))
-    flip_b = model(x, torch.tensor([0.9, 0.9]), Cond(class_labels=labels, control={"original_size": torch.tensor(small), "crop_top_left": torch.zeros(2, 2), "flip": torch.ones(2, 1)}))
+    flip_a = model(
+        x,
+        torch.tensor([0.9, 0.9]),
+        Cond(
+            class_labels=labels,
+            control={
+                "original_size": torch.tensor(small),
+                "crop_top_left": torch.zeros(2, 2),
+                "flip": torch.zeros(2, 1),
+            },
+        ),
+    )
+    flip_b = model(
+        x,
+        torch.tensor([0.9, 0.9]),
+        Cond(
+            class_labels=labels,
+            control={
+                "original_size": torch.tensor(small),
+                "crop_top_left": torch.zeros(2, 2),
+                "flip": torch.ones(2, 1),
+            },
+        ),
+    )
     assert not torch.allclose(flip_a, flip_b)  # high-level controls act at every noise level (constant schedule)
 
 
@@ -44,10 +69,16 @@ def test_disentangled_class_goes_through_attention_not_adaln():
     randomised(model)
     x, t = torch.randn(2, 1, 32, 32), torch.tensor([0.5, 0.5])
     with torch.no_grad():
-        a, b = model(x, t, Cond(class_labels=torch.tensor([1, 2]))), model(x, t, Cond(class_labels=torch.tensor([1, 3])))
+        a, b = (
+            model(x, t, Cond(class_labels=torch.tensor([1, 2]))),
+            model(x, t, Cond(class_labels=torch.tensor([1, 3]))),
+        )
         for block in model.blocks:  # without the cross-attention the class has no way in
             torch.nn.init.zeros_(block.cross_attn.proj.weight), torch.nn.init.zeros_(block.cross_attn.proj.bias)
-        c, d = model(x, t, Cond(class_labels=torch.tensor([1, 2]))), model(x, t, Cond(class_labels=torch.tensor([1, 3])))
+        c, d = (
+            model(x, t, Cond(class_labels=torch.tensor([1, 2]))),
+            model(x, t, Cond(class_labels=torch.tensor([1, 3]))),
+        )
     assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1]) and torch.equal(c, d)
 
 
@@ -63,8 +94,21 @@ def test_dropout_frequencies_match_their_probabilities(tmp_path, monkeypatch):
         return forward(self, x, t, cond)
 
     monkeypatch.setattr(DiT, "forward", recording)
-    training_loop(load_config(overrides=TINY + CONTROL + ["conditioning.mechanism=additive", "conditioning.control_dropout=0.3", "train.class_dropout=0.1",
-                                                          "train.total_images=1024", "train.global_batch=64"]), tmp_path / "run", quiet=True)
+    training_loop(
+        load_config(
+            overrides=TINY
+            + CONTROL
+            + [
+                "conditioning.mechanism=additive",
+                "conditioning.control_dropout=0.3",
+                "train.class_dropout=0.1",
+                "train.total_images=1024",
+                "train.global_batch=64",
+            ]
+        ),
+        tmp_path / "run",
+        quiet=True,
+    )
     sem, ctrl = torch.cat([s for s, _ in seen]).float(), torch.cat([c for _, c in seen]).float()
     assert len(sem) == 1024
     assert abs(sem.mean() - 0.1) < 0.03 and abs(ctrl.mean() - 0.3) < 0.04
@@ -78,16 +122,59 @@ def test_training_and_sampling_with_control_values_and_control_guidance(tmp_path
     assert state_of(run)["images_seen"] == 64
     args = ["sample", str(run), "--steps", "2", "--classes", "1,2", "--per-class", "1"]
     assert main(args + ["--grid", str(tmp_path / "a.png")]) == 0
-    assert main(args + ["--grid", str(tmp_path / "b.png"), "--control", "flip=1", "original_size=512,384", "--control-guidance", "2"]) == 0
+    assert (
+        main(
+            args
+            + [
+                "--grid",
+                str(tmp_path / "b.png"),
+                "--control",
+                "flip=1",
+                "original_size=512,384",
+                "--control-guidance",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert main(args + ["--grid", str(tmp_path / "c.png"), "--control", "flip=1,2"]) == 2  # flip takes one number
-    assert main(["eval", str(run), "--num", "4", "--steps", "2", "--metrics", "none", "--control", "flip=1", "--control-guidance", "2",
-                 "--json", str(tmp_path / "m.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(run),
+                "--num",
+                "4",
+                "--steps",
+                "2",
+                "--metrics",
+                "none",
+                "--control",
+                "flip=1",
+                "--control-guidance",
+                "2",
+                "--json",
+                str(tmp_path / "m.json"),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert metrics["control"] == ["flip=1"] and metrics["control_guidance_scale"] == 2.0 and "ctrlcfg2" in metrics["sample_set"]
+    assert (
+        metrics["control"] == ["flip=1"]
+        and metrics["control_guidance_scale"] == 2.0
+        and "ctrlcfg2" in metrics["sample_set"]
+    )
 
 
 def test_impossible_conditioning_combinations_are_config_errors():
-    text = ["text.encoder=minilm", "data.name=shards", "data.path=x.tar", "model.max_tokens=77", "model.context_dim=384"]
+    text = [
+        "text.encoder=minilm",
+        "data.name=shards",
+        "data.path=x.tar",
+        "model.max_tokens=77",
+        "model.context_dim=384",
+    ]
     with pytest.raises(ConfigError, match="published backbones embed no control values"):
         dit(*CONTROL)
     with pytest.raises(ConfigError, match="pooled_text sums the caption into adaLN.*use model.conditioning: text"):
@@ -95,7 +182,12 @@ def test_impossible_conditioning_combinations_are_config_errors():
     with pytest.raises(ConfigError, match="mdt has no attention to a class token"):
         dit("model.name=mdt", "model.preset=mDT-v2-tiny/4", "conditioning.mechanism=disentangled")
     with pytest.raises(ConfigError, match="'model.micro_conditions'.*list the control values in conditioning.control"):
-        dit("model.name=pixart", "model.preset=PixArt-alpha-tiny/4", "model.micro_conditions=true", "conditioning.mechanism=additive")
+        dit(
+            "model.name=pixart",
+            "model.preset=PixArt-alpha-tiny/4",
+            "model.micro_conditions=true",
+            "conditioning.mechanism=additive",
+        )
     with pytest.raises(ConfigError, match="unknown control 'colour'"):
         load_config(overrides=["conditioning.control=[colour]"])
 
@@ -105,9 +197,20 @@ def test_dit_attends_to_padded_caption_tokens(tmp_path):
     from ldmkit.data.shards import write_mnist_caption_shards
 
     write_mnist_caption_shards(tmp_path / "shards", load_config().data, "held_out", shard_size=100)
-    text = TINY + ["data.name=shards", f"data.path={tmp_path}/shards/mnist-{{00000..00004}}.tar", "data.label_field=label", "data.crop=none",
-                   "text.encoder=minilm", "text.max_length=16", "model.max_tokens=16", "model.context_dim=384", "model.conditioning=text",
-                   "conditioning.mechanism=disentangled", "conditioning.padding=noisy_replicate", "train.total_images=64"]
+    text = TINY + [
+        "data.name=shards",
+        f"data.path={tmp_path}/shards/mnist-{{00000..00004}}.tar",
+        "data.label_field=label",
+        "data.crop=none",
+        "text.encoder=minilm",
+        "text.max_length=16",
+        "model.max_tokens=16",
+        "model.context_dim=384",
+        "model.conditioning=text",
+        "conditioning.mechanism=disentangled",
+        "conditioning.padding=noisy_replicate",
+        "train.total_images=64",
+    ]
     straight = training_loop(load_config(overrides=text), tmp_path / "a", quiet=True)
     training_loop(load_config(overrides=text), tmp_path / "b", quiet=True, stop_after_images=32)
     training_loop(load_config(overrides=text), tmp_path / "b", quiet=True)
@@ -118,27 +221,60 @@ def test_dit_attends_to_padded_caption_tokens(tmp_path):
 
 @pytest.mark.slow
 def test_probe_reports_drift_and_flip_effect(tmp_path):
-    run = training_loop(load_config(overrides=TINY + CONTROL + ["conditioning.mechanism=disentangled", "train.total_images=64",
-                                                                "eval.classifier_epochs=1"]), tmp_path / "run", quiet=True)
+    run = training_loop(
+        load_config(
+            overrides=TINY
+            + CONTROL
+            + ["conditioning.mechanism=disentangled", "train.total_images=64", "eval.classifier_epochs=1"]
+        ),
+        tmp_path / "run",
+        quiet=True,
+    )
     assert main(["probe", str(run), "--control", "flip", "--values", "0;1", "--num", "10", "--steps", "2"]) == 0
     out = json.loads((run / "probe-flip.json").read_text())
     assert out["values"] == ["0", "1"] and 0 <= out["label_change_rate"] <= 1 and out["feature_drift"] >= 0
     assert -1 <= out["flip_effect"] <= 1 and len(out["class_agreement"]) == 2
-    assert main(["probe", str(run), "--control", "crop_size", "--values", "32,32;16,16", "--num", "4"]) == 2  # not embedded: one-line error
+    assert (
+        main(["probe", str(run), "--control", "crop_size", "--values", "32,32;16,16", "--num", "4"]) == 2
+    )  # not embedded: one-line error
 
 
 # ---- the mechanisms on every backbone -------------------------------------------------------------------------
-PRESETS = {"dit": "DiT-tiny/4", "pixart": "PixArt-alpha-tiny/4", "mmdit": "mmDiT-tiny/4", "unet": "UNet-tiny", "mdt": "mDT-v2-tiny/4"}
+PRESETS = {
+    "dit": "DiT-tiny/4",
+    "pixart": "PixArt-alpha-tiny/4",
+    "mmdit": "mmDiT-tiny/4",
+    "unet": "UNet-tiny",
+    "mdt": "mDT-v2-tiny/4",
+}
 # The module each backbone feeds its adaLN / time vector into (hooked to see what that vector depends on).
-ADALN_INPUT = {"dit": "blocks.0.adaLN_modulation", "pixart": "t_block", "mmdit": "joint_blocks.0.x_block.adaLN_modulation",
-               "unet": "down_blocks.0.resnets.0.time_emb_proj", "mdt": "en_inblocks.0.adaLN_modulation"}
-TEXT = ["text.encoder=minilm", "data.name=shards", "data.path=x.tar", "text.max_length=16", "model.max_tokens=16",
-        "model.context_dim=384", "model.pooled_dim=384"]
+ADALN_INPUT = {
+    "dit": "blocks.0.adaLN_modulation",
+    "pixart": "t_block",
+    "mmdit": "joint_blocks.0.x_block.adaLN_modulation",
+    "unet": "down_blocks.0.resnets.0.time_emb_proj",
+    "mdt": "en_inblocks.0.adaLN_modulation",
+}
+TEXT = [
+    "text.encoder=minilm",
+    "data.name=shards",
+    "data.path=x.tar",
+    "text.max_length=16",
+    "model.max_tokens=16",
+    "model.context_dim=384",
+    "model.pooled_dim=384",
+]
 
 
 def backbone(name, conditioning, mechanism, *extra):
-    overrides = [f"model.name={name}", f"model.preset={PRESETS[name]}", f"model.conditioning={conditioning}",
-                 f"conditioning.mechanism={mechanism}", *(TEXT if conditioning != "class" else []), *extra]
+    overrides = [
+        f"model.name={name}",
+        f"model.preset={PRESETS[name]}",
+        f"model.conditioning={conditioning}",
+        f"conditioning.mechanism={mechanism}",
+        *(TEXT if conditioning != "class" else []),
+        *extra,
+    ]
     if mechanism != "published":
         overrides += ["conditioning.control=[original_size, crop_top_left, flip]"]
     return dit(*overrides)[0]
@@ -146,7 +282,9 @@ def backbone(name, conditioning, mechanism, *extra):
 
 def adaln_vector(model, name, cond, t=0.5):
     seen = []
-    handle = model.get_submodule(ADALN_INPUT[name]).register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
+    handle = model.get_submodule(ADALN_INPUT[name]).register_forward_hook(
+        lambda m, args, out: seen.append(args[0].clone())
+    )
     with torch.no_grad():
         out = model(torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0)), torch.full((2,), t), cond)
     handle.remove()
@@ -154,25 +292,46 @@ def adaln_vector(model, name, cond, t=0.5):
 
 
 def control(size=28.0, flip=0.0):
-    return {"original_size": torch.full((2, 2), size), "crop_top_left": torch.zeros(2, 2), "flip": torch.full((2, 1), flip)}
+    return {
+        "original_size": torch.full((2, 2), size),
+        "crop_top_left": torch.zeros(2, 2),
+        "flip": torch.full((2, 1), flip),
+    }
 
 
-CASES = [(n, "class", m, path) for n, paths in {"dit": ("adaln", "adaln", "attention"), "pixart": ("attention", "adaln", "attention"),
-                                                "mmdit": ("attention", "adaln", "attention"), "unet": ("attention", "adaln", "attention"),
-                                                "mdt": ("adaln", "adaln", None)}.items()
-         for m, path in zip(("published", "additive", "disentangled"), paths) if path]
-CASES += [("mmdit", "text", "published", "adaln"), ("mmdit", "text", "disentangled", "attention"), ("dit", "pooled_text", "additive", "adaln")]
+CASES = [
+    (n, "class", m, path)
+    for n, paths in {
+        "dit": ("adaln", "adaln", "attention"),
+        "pixart": ("attention", "adaln", "attention"),
+        "mmdit": ("attention", "adaln", "attention"),
+        "unet": ("attention", "adaln", "attention"),
+        "mdt": ("adaln", "adaln", None),
+    }.items()
+    for m, path in zip(("published", "additive", "disentangled"), paths)
+    if path
+]
+CASES += [
+    ("mmdit", "text", "published", "adaln"),
+    ("mmdit", "text", "disentangled", "attention"),
+    ("dit", "pooled_text", "additive", "adaln"),
+]
 
 
 @pytest.mark.parametrize("name,conditioning,mechanism,path", CASES, ids=["-".join(c[:3]) for c in CASES])
 def test_the_semantic_condition_reaches_the_adaln_vector_only_on_the_adaln_path(name, conditioning, mechanism, path):
     model = randomised(backbone(name, conditioning, mechanism))
     if conditioning == "class":
-        conds = [Cond(class_labels=torch.tensor([1, 2]), control=control()), Cond(class_labels=torch.tensor([1, 3]), control=control())]
+        conds = [
+            Cond(class_labels=torch.tensor([1, 2]), control=control()),
+            Cond(class_labels=torch.tensor([1, 3]), control=control()),
+        ]
     else:  # the same tokens, another pooled vector for the second sample
         tokens, pooled = torch.randn(2, 16, 384), torch.randn(2, 384)
-        conds = [Cond(context=tokens, context_mask=torch.ones(2, 16, dtype=torch.bool), pooled=p, control=control())
-                 for p in (pooled, torch.stack([pooled[0], -pooled[1]]))]
+        conds = [
+            Cond(context=tokens, context_mask=torch.ones(2, 16, dtype=torch.bool), pooled=p, control=control())
+            for p in (pooled, torch.stack([pooled[0], -pooled[1]]))
+        ]
     (a, out_a), (b, out_b) = adaln_vector(model, name, conds[0]), adaln_vector(model, name, conds[1])
     assert torch.equal(a[0], b[0]) and torch.equal(out_a[0], out_b[0])  # the first sample's condition is the same
     if conditioning == "text" and path == "attention":
@@ -184,25 +343,67 @@ def test_the_semantic_condition_reaches_the_adaln_vector_only_on_the_adaln_path(
 
 @pytest.mark.parametrize("name", ["pixart", "mmdit", "unet"])
 def test_low_level_control_is_phased_out_on_every_backbone(name):
-    model = randomised(backbone(name, "class", "disentangled", "conditioning.low_end=0.5", "conditioning.value_scale=0.01"))
+    model = randomised(
+        backbone(name, "class", "disentangled", "conditioning.low_end=0.5", "conditioning.value_scale=0.01")
+    )
     cond = lambda size, flip=0.0: Cond(class_labels=torch.tensor([1, 2]), control=control(size, flip))  # noqa: E731
     late, _ = adaln_vector(model, name, cond(28.0), t=0.7)
     assert torch.equal(late, adaln_vector(model, name, cond(900.0), t=0.7)[0])  # t >= end: weight 0
-    assert not torch.allclose(adaln_vector(model, name, cond(28.0), t=0.2)[0], adaln_vector(model, name, cond(900.0), t=0.2)[0])
-    assert not torch.allclose(late, adaln_vector(model, name, cond(28.0, flip=1.0), t=0.7)[0])  # high level: constant weight
+    assert not torch.allclose(
+        adaln_vector(model, name, cond(28.0), t=0.2)[0], adaln_vector(model, name, cond(900.0), t=0.2)[0]
+    )
+    assert not torch.allclose(
+        late, adaln_vector(model, name, cond(28.0, flip=1.0), t=0.7)[0]
+    )  # high level: constant weight
 
 
-@pytest.mark.parametrize("name,mechanism", [("pixart", "disentangled"), ("mmdit", "disentangled"), ("unet", "disentangled"),
-                                            ("unet", "additive"), ("mdt", "additive")])
+@pytest.mark.parametrize(
+    "name,mechanism",
+    [
+        ("pixart", "disentangled"),
+        ("mmdit", "disentangled"),
+        ("unet", "disentangled"),
+        ("unet", "additive"),
+        ("mdt", "additive"),
+    ],
+)
 @pytest.mark.slow
 def test_every_backbone_trains_and_samples_with_controls_and_control_guidance(tmp_path, name, mechanism):
-    overrides = TINY + CONTROL + [f"model.name={name}", f"model.preset={PRESETS[name]}", f"conditioning.mechanism={mechanism}",
-                                  "train.total_images=32", "train.checkpoint_every_images=32"]
+    overrides = (
+        TINY
+        + CONTROL
+        + [
+            f"model.name={name}",
+            f"model.preset={PRESETS[name]}",
+            f"conditioning.mechanism={mechanism}",
+            "train.total_images=32",
+            "train.checkpoint_every_images=32",
+        ]
+    )
     run = training_loop(load_config(overrides=overrides), tmp_path / "run", quiet=True)
     state = state_of(run)
     assert state["images_seen"] == 32 and any(k.startswith("control_embedder.embedders.flip") for k in state["model"])
-    assert main(["sample", str(run), "--steps", "2", "--classes", "1,2", "--per-class", "1", "--grid", str(tmp_path / "g.png"),
-                 "--control", "flip=1", "--control-guidance", "2"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(run),
+                "--steps",
+                "2",
+                "--classes",
+                "1,2",
+                "--per-class",
+                "1",
+                "--grid",
+                str(tmp_path / "g.png"),
+                "--control",
+                "flip=1",
+                "--control-guidance",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "g.png").is_file()
     if name != "mdt":  # diffusers has the published conditioning only: a one-line refusal, nothing written
         assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 2 and not (tmp_path / "hf").exists()

@@ -6,21 +6,36 @@ from ldmkit.config import ConfigError, RunConfig, build, dump_config, load_confi
 
 
 def test_defaults_and_overrides():
-    cfg = load_config(overrides=["train.lr=3e-4", "train.betas=[0.9, 0.95]", "train.grad_clip=null", "model.preset=DiT-B/4", "train.total_images=1e6"])
+    cfg = load_config(
+        overrides=[
+            "train.lr=3e-4",
+            "train.betas=[0.9, 0.95]",
+            "train.grad_clip=null",
+            "model.preset=DiT-B/4",
+            "train.total_images=1e6",
+        ]
+    )
     assert cfg.train.lr == 3e-4 and cfg.train.betas == [0.9, 0.95] and cfg.train.grad_clip is None
-    assert cfg.model.preset == "DiT-B/4" and cfg.train.total_images == 1_000_000 and isinstance(cfg.train.total_images, int)
+    assert (
+        cfg.model.preset == "DiT-B/4"
+        and cfg.train.total_images == 1_000_000
+        and isinstance(cfg.train.total_images, int)
+    )
 
 
-@pytest.mark.parametrize("override,message", [
-    ("train.lrr=1", "unknown config key 'train.lrr'"),
-    ("bogus.x=1", "unknown config key 'bogus'"),
-    ("train.lr=fast", "config key 'train.lr': expected float"),
-    ("train.total_images=1.5", "config key 'train.total_images': expected int"),
-    ("train.compile=3", "config key 'train.compile': expected bool"),
-    ("train.betas=0.9", "config key 'train.betas': expected a list"),
-    ("diffusion.objective=score", "config key 'diffusion.objective'"),
-    ("train", "not of the form key.sub=value"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.lrr=1", "unknown config key 'train.lrr'"),
+        ("bogus.x=1", "unknown config key 'bogus'"),
+        ("train.lr=fast", "config key 'train.lr': expected float"),
+        ("train.total_images=1.5", "config key 'train.total_images': expected int"),
+        ("train.compile=3", "config key 'train.compile': expected bool"),
+        ("train.betas=0.9", "config key 'train.betas': expected a list"),
+        ("diffusion.objective=score", "config key 'diffusion.objective'"),
+        ("train", "not of the form key.sub=value"),
+    ],
+)
 def test_bad_keys_and_types_are_one_line_errors(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(overrides=[override])
@@ -79,11 +94,11 @@ def test_base_inheritance_merges_sections_and_replaces_values(tmp_path):
     (tmp_path / "sub" / "b.yaml").write_text("base: ../a.yaml\nname: b\ntrain:\n  betas: [0.9, 0.95]\n")
     (tmp_path / "c.yaml").write_text("base: sub/b.yaml\nsample:\n  steps: 9\n")
     cfg = load_config(tmp_path / "c.yaml", ["train.global_batch=8"])
-    assert cfg.name == "b"                      # from the nearer base
-    assert cfg.train.lr == 0.5                  # a section key the child does not give: kept from the base
-    assert cfg.train.betas == [0.9, 0.95]       # a list is replaced, not merged
-    assert cfg.sample.steps == 9                # the child wins
-    assert cfg.train.global_batch == 8          # --set still applies last
+    assert cfg.name == "b"  # from the nearer base
+    assert cfg.train.lr == 0.5  # a section key the child does not give: kept from the base
+    assert cfg.train.betas == [0.9, 0.95]  # a list is replaced, not merged
+    assert cfg.sample.steps == 9  # the child wins
+    assert cfg.train.global_batch == 8  # --set still applies last
     (tmp_path / "loop1.yaml").write_text("base: loop2.yaml\n")
     (tmp_path / "loop2.yaml").write_text("base: loop1.yaml\n")
     with pytest.raises(ConfigError, match="cycle"):
@@ -100,7 +115,9 @@ def test_shipped_512_configs_are_short_diffs_of_their_256_configs():
     for data in ("imagenet", "cc12m"):
         text = (root / f"{data}512" / "proposed_xl2.yaml").read_text()
         assert f"base: ../{data}256/proposed_xl2.yaml" in text
-        changed = diff_configs(to_dict(load_config(root / f"{data}256" / "proposed_xl2.yaml")),
-                               to_dict(load_config(root / f"{data}512" / "proposed_xl2.yaml")))
+        changed = diff_configs(
+            to_dict(load_config(root / f"{data}256" / "proposed_xl2.yaml")),
+            to_dict(load_config(root / f"{data}512" / "proposed_xl2.yaml")),
+        )
         assert {"model.input_size", "data.resolution", "diffusion.shift_base_resolution"} <= set(changed), changed
         assert len(changed) <= 8, changed

@@ -17,10 +17,10 @@ import typing
 from pathlib import Path
 
 import pytest
+from conftest import TINY
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import TINY
 from ldmkit.cli import main
 from ldmkit.config import RunConfig
 

@@ -1,10 +1,11 @@
 """Image folders (bad files skipped and counted) and the AutoencoderKL path through training and sampling."""
+
 import numpy as np
 import pytest
 import torch
+from conftest import make_folder, state_of
 from PIL import Image
 
-from conftest import make_folder, state_of
 from ldmkit.cli import main
 from ldmkit.config import ConfigError, load_config
 from ldmkit.data.datasets import DataError, ImageFolder, build_dataset, mnist_digits
@@ -62,10 +63,23 @@ def test_mnist_split_is_balanced():
 def test_latent_training_and_sampling_through_autoencoder_kl(tmp_path, tiny_vae):
     data = make_folder(tmp_path / "data")
     overrides = [
-        "model.preset=DiT-tiny/2", "model.in_channels=4", "model.input_size=16", "model.num_classes=2",
-        "autoencoder.name=kl", f"autoencoder.path={tiny_vae}", "autoencoder.scaling_factor=0.5",
-        "data.name=image_folder", f"data.path={data}", "data.channels=3", "data.resolution=32", "data.hflip=true",
-        "train.total_images=32", "train.global_batch=8", "train.checkpoint_every_images=32", "sample.steps=2", "sample.per_class=2",
+        "model.preset=DiT-tiny/2",
+        "model.in_channels=4",
+        "model.input_size=16",
+        "model.num_classes=2",
+        "autoencoder.name=kl",
+        f"autoencoder.path={tiny_vae}",
+        "autoencoder.scaling_factor=0.5",
+        "data.name=image_folder",
+        f"data.path={data}",
+        "data.channels=3",
+        "data.resolution=32",
+        "data.hflip=true",
+        "train.total_images=32",
+        "train.global_batch=8",
+        "train.checkpoint_every_images=32",
+        "sample.steps=2",
+        "sample.per_class=2",
     ]
     run = training_loop(load_config(overrides=overrides), tmp_path / "run", quiet=True)
     assert state_of(run)["images_seen"] == 32
@@ -86,7 +100,9 @@ def test_missing_autoencoder_is_one_line_error(tmp_path):
 def test_kl_encode_uses_the_given_posterior_noise(tiny_vae):
     from ldmkit.autoencoders import build_autoencoder
 
-    cfg = load_config(overrides=["autoencoder.name=kl", f"autoencoder.path={tiny_vae}", "autoencoder.scaling_factor=0.5"])
+    cfg = load_config(
+        overrides=["autoencoder.name=kl", f"autoencoder.path={tiny_vae}", "autoencoder.scaling_factor=0.5"]
+    )
     ae = build_autoencoder(cfg.autoencoder, 3)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     mean = ae.encode(x)
@@ -99,16 +115,22 @@ def test_kl_encode_uses_the_given_posterior_noise(tiny_vae):
 
 def test_vae_layouts_set_factors_and_check_channels(tmp_path):
     from conftest import save_tiny_vae
+
     from ldmkit.autoencoders import build_autoencoder
 
     four = save_tiny_vae(tmp_path / "vae4")
     sixteen = save_tiny_vae(tmp_path / "vae16", latent_channels=16)
     ae = lambda *o: build_autoencoder(load_config(overrides=["autoencoder.name=kl", *o]).autoencoder, 3)
-    assert (ae(f"autoencoder.path={four}", "autoencoder.layout=sdxl").scaling_factor, ae(f"autoencoder.path={four}", "autoencoder.layout=sdxl").shift_factor) == (0.13025, 0.0)
+    assert (
+        ae(f"autoencoder.path={four}", "autoencoder.layout=sdxl").scaling_factor,
+        ae(f"autoencoder.path={four}", "autoencoder.layout=sdxl").shift_factor,
+    ) == (0.13025, 0.0)
     sd3 = ae(f"autoencoder.path={sixteen}", "autoencoder.layout=sd3")
     assert (sd3.scaling_factor, sd3.shift_factor, sd3.latent_channels) == (1.5305, 0.0609, 16)
     assert ae(f"autoencoder.path={four}").scaling_factor == 0.18215  # no layout: the VAE config's own factor
-    assert ae(f"autoencoder.path={four}", "autoencoder.layout=sd", "autoencoder.scaling_factor=0.5").scaling_factor == 0.5
+    assert (
+        ae(f"autoencoder.path={four}", "autoencoder.layout=sd", "autoencoder.scaling_factor=0.5").scaling_factor == 0.5
+    )
     with pytest.raises(ConfigError, match="sd3 latents have 16 channels"):
         ae(f"autoencoder.path={four}", "autoencoder.layout=sd3")
     x = torch.rand(1, 3, 32, 32) * 2 - 1
@@ -143,7 +165,9 @@ def test_augmented_digits_record_scale_crop_and_flip_as_control():
         assert 12 <= side <= 28 and c["original_size"] == [side, side] and c["target_size"] == [32, 32]
         top, left = c["crop_top_left"]
         h, w = c["crop_size"]
-        assert top >= 0 and left >= 0 and top + h <= side + 1e-6 and left + w <= side + 1e-6 and h * w >= 0.5 * side * side  # integer regions round the area
+        assert (
+            top >= 0 and left >= 0 and top + h <= side + 1e-6 and left + w <= side + 1e-6 and h * w >= 0.5 * side * side
+        )  # integer regions round the area
         if b["control"]["flip"].item() == 1:  # the same draws, then mirrored
             flips += 1
             assert torch.equal(b["image"], a["image"].flip(-1))

@@ -44,7 +44,16 @@ def test_vb_term_matches_closed_form_kl():
     v = torch.full((1, 1, 1, 1), 1.0)  # frac = 1: the model variance is beta_t
     terms = obj.loss(Oracle(noise, v), x0, Cond(), t, noise)
     s = obj.schedule
-    expected = 0.5 * (-1 + math.log(s.betas[300]) - s.posterior_log_variance_clipped[300] + math.exp(s.posterior_log_variance_clipped[300] - math.log(s.betas[300]))) / math.log(2)
+    expected = (
+        0.5
+        * (
+            -1
+            + math.log(s.betas[300])
+            - s.posterior_log_variance_clipped[300]
+            + math.exp(s.posterior_log_variance_clipped[300] - math.log(s.betas[300]))
+        )
+        / math.log(2)
+    )
     assert abs(terms["vb"].item() - expected) < 1e-5
 
 
@@ -60,7 +69,13 @@ def test_flow_loss_and_time_sampling():
 def test_cosine_schedule():
     betas = ddpm_betas("cosine", 1000)
     assert betas.max() <= 0.999 and (np.diff(betas) >= -1e-12).all()
-    assert abs(DDPMSchedule(betas).alphas_cumprod[499] - np.cos((0.5 + 0.008) / 1.008 * np.pi / 2) ** 2 / np.cos(0.008 / 1.008 * np.pi / 2) ** 2) < 1e-3
+    assert (
+        abs(
+            DDPMSchedule(betas).alphas_cumprod[499]
+            - np.cos((0.5 + 0.008) / 1.008 * np.pi / 2) ** 2 / np.cos(0.008 / 1.008 * np.pi / 2) ** 2
+        )
+        < 1e-3
+    )
 
 
 def test_respacing_modes():
@@ -79,14 +94,21 @@ def test_scaled_linear_betas_match_diffusers():
 
     from ldmkit.diffusion.schedules import ddpm_betas
 
-    ref = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195, num_train_timesteps=1000).betas.double().numpy()
+    ref = (
+        DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195, num_train_timesteps=1000)
+        .betas.double()
+        .numpy()
+    )
     assert np.allclose(ddpm_betas("scaled_linear", 1000, 0.0015, 0.0195), ref, rtol=1e-6, atol=0)
 
 
 def test_min_snr_weighting():
     """min(SNR, 5) / SNR: 1 at the noisy end (SNR < 5), below 1 where the image dominates."""
     schedule = DDPMSchedule(ddpm_betas("linear", 1000))
-    plain, weighted = DDPMObjective(schedule, learn_sigma=False), DDPMObjective(schedule, learn_sigma=False, min_snr_gamma=5.0)
+    plain, weighted = (
+        DDPMObjective(schedule, learn_sigma=False),
+        DDPMObjective(schedule, learn_sigma=False, min_snr_gamma=5.0),
+    )
     zero = lambda x, t, c: torch.zeros_like(x)  # noqa: E731  a model predicting 0: the loss is mean(noise^2)
     x0, noise = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
     index = torch.tensor([10, 900])

@@ -1,13 +1,13 @@
 """ldmkit's DiT against diffusers' DiTTransformer2DModel with the same weights (fp32, max abs diff <= 1e-5),
 and weight round trips through the converters."""
+
 import pytest
 import torch
-
 from conftest import randomised
 
 from ldmkit.conditioning.cond import Cond
-from ldmkit.models.dit import DiT
 from ldmkit.models import dit_spec as ck
+from ldmkit.models.dit import DiT
 from ldmkit.transfer.checkpoints import read_weights
 
 diffusers = pytest.importorskip("diffusers")
@@ -15,8 +15,19 @@ diffusers = pytest.importorskip("diffusers")
 
 @pytest.mark.parametrize("learn_sigma,patch", [(True, 2), (False, 4)])
 def test_dit_matches_diffusers(learn_sigma, patch):
-    ours = randomised(DiT(input_size=16, patch_size=patch, in_channels=4, hidden_size=64, depth=3, num_heads=4,
-                          num_classes=10, learn_sigma=learn_sigma, timestep_freq_shift=1)).eval()
+    ours = randomised(
+        DiT(
+            input_size=16,
+            patch_size=patch,
+            in_channels=4,
+            hidden_size=64,
+            depth=3,
+            num_heads=4,
+            num_classes=10,
+            learn_sigma=learn_sigma,
+            timestep_freq_shift=1,
+        )
+    ).eval()
     arch = ck.dit_arch_from_state_dict(ours.state_dict(), num_heads=4)
     ref = diffusers.DiTTransformer2DModel(**ck.diffusers_config(arch)).eval()
     missing, unexpected = ref.load_state_dict(ck.ldmkit_to_diffusers(ours.state_dict()), strict=False)
@@ -33,15 +44,37 @@ def test_dit_matches_diffusers(learn_sigma, patch):
 
 def test_official_freq_shift_differs_from_diffusers():
     """The two timestep conventions are really different: the setting matters."""
-    a = randomised(DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=4, num_classes=10, timestep_freq_shift=0))
-    b = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=4, num_classes=10, timestep_freq_shift=1)
+    a = randomised(
+        DiT(
+            input_size=8,
+            patch_size=2,
+            in_channels=4,
+            hidden_size=64,
+            depth=1,
+            num_heads=4,
+            num_classes=10,
+            timestep_freq_shift=0,
+        )
+    )
+    b = DiT(
+        input_size=8,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=64,
+        depth=1,
+        num_heads=4,
+        num_classes=10,
+        timestep_freq_shift=1,
+    )
     b.load_state_dict(a.state_dict())
     x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([0.3, 0.7]), Cond(class_labels=torch.tensor([1, 2]))
     assert (a(x, t, c) - b(x, t, c)).abs().max() > 1e-3
 
 
 def test_convert_round_trip_is_exact(tmp_path):
-    ours = randomised(DiT(input_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10))
+    ours = randomised(
+        DiT(input_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10)
+    )
     sd = ours.state_dict()
     arch = ck.dit_arch_from_state_dict(sd, num_heads=4)
     ck.write_diffusers(sd, arch, tmp_path / "exported")
@@ -57,9 +90,20 @@ def test_convert_round_trip_is_exact(tmp_path):
 
 
 def test_arch_inference_of_official_layout():
-    sd = DiT(input_size=32, patch_size=4, in_channels=4, hidden_size=384, depth=2, num_heads=6, num_classes=1000).state_dict()
+    sd = DiT(
+        input_size=32, patch_size=4, in_channels=4, hidden_size=384, depth=2, num_heads=6, num_classes=1000
+    ).state_dict()
     arch = ck.dit_arch_from_state_dict(sd)
-    assert arch == dict(hidden_size=384, in_channels=4, patch_size=4, depth=2, num_heads=6, num_classes=1000, learn_sigma=True, input_size=32)
+    assert arch == dict(
+        hidden_size=384,
+        in_channels=4,
+        patch_size=4,
+        depth=2,
+        num_heads=6,
+        num_classes=1000,
+        learn_sigma=True,
+        input_size=32,
+    )
     with pytest.raises(ck.ConversionError, match="x_embedder"):
         ck.dit_arch_from_state_dict({"foo": torch.zeros(1)})
 
@@ -70,8 +114,17 @@ def test_dit_takes_other_grids_and_pooled_text():
     from ldmkit.models.layers import get_2d_sincos_pos_embed
 
     torch.manual_seed(0)
-    model = DiT(input_size=16, patch_size=4, in_channels=3, hidden_size=32, depth=1, num_heads=2, learn_sigma=False,
-                conditioning="pooled_text", pooled_dim=12)
+    model = DiT(
+        input_size=16,
+        patch_size=4,
+        in_channels=3,
+        hidden_size=32,
+        depth=1,
+        num_heads=2,
+        learn_sigma=False,
+        conditioning="pooled_text",
+        pooled_dim=12,
+    )
     for block in model.blocks:  # leave adaLN-Zero so the output depends on the input
         torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.02)
     torch.nn.init.normal_(model.final_layer.linear.weight, std=0.02)

@@ -1,6 +1,7 @@
 """Evaluation at scale: sample sets identical on 1 and 2 processes and resumable, the Inception-v3 path end to
 end with randomly initialised weights of the standard layout, reference statistics, ADM's .npz layout,
 KID / precision-recall / density-coverage."""
+
 import json
 import os
 import subprocess
@@ -9,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import TINY
 from PIL import Image
 
-from conftest import TINY
 from ldmkit.cli import main
 from ldmkit.config import load_config
 from ldmkit.eval.features import FeatureWeightsMissing, InceptionV3Features, random_inception_weights
@@ -33,16 +34,46 @@ def inception(tmp_path_factory):
 
 @pytest.mark.slow
 def test_sample_set_is_identical_on_one_and_two_processes(run, tmp_path):
-    assert main(["eval", str(run), "--num", "12", "--steps", "2", "--samples", str(tmp_path / "one"), "--metrics", "none"]) == 0
+    assert (
+        main(["eval", str(run), "--num", "12", "--steps", "2", "--samples", str(tmp_path / "one"), "--metrics", "none"])
+        == 0
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "ldmkit.cli",
-           "eval", str(run), "--num-images", "12", "--steps", "2", "--samples", str(tmp_path / "two"), "--json", str(tmp_path / "two.json"), "--metrics", "none"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "ldmkit.cli",
+        "eval",
+        str(run),
+        "--num-images",
+        "12",
+        "--steps",
+        "2",
+        "--samples",
+        str(tmp_path / "two"),
+        "--json",
+        str(tmp_path / "two.json"),
+        "--metrics",
+        "none",
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     for i in range(12):
-        assert (tmp_path / "one" / "images" / f"{i:06d}.png").read_bytes() == (tmp_path / "two" / "images" / f"{i:06d}.png").read_bytes()
+        assert (tmp_path / "one" / "images" / f"{i:06d}.png").read_bytes() == (
+            tmp_path / "two" / "images" / f"{i:06d}.png"
+        ).read_bytes()
     one, two = np.load(tmp_path / "one" / "samples.npz"), np.load(tmp_path / "two" / "samples.npz")
-    assert one["arr_0"].shape == (12, 32, 32, 3) and np.array_equal(one["arr_0"], two["arr_0"]) and one["arr_1"].tolist() == [i % 10 for i in range(12)]
+    assert (
+        one["arr_0"].shape == (12, 32, 32, 3)
+        and np.array_equal(one["arr_0"], two["arr_0"])
+        and one["arr_1"].tolist() == [i % 10 for i in range(12)]
+    )
     assert json.loads((tmp_path / "two" / "manifest.json").read_text())["processes"] == 2
 
 
@@ -53,13 +84,24 @@ def test_interrupted_sample_set_resumes_without_duplicates(run, tmp_path):
     cfg, model, objective, ae, _ = load_generator(run)
     labels = sample_labels(10, 10)
     args = dict(labels=labels, steps=2)
-    assert write_sample_set(tmp_path / "s", model, cfg, objective, ae, 10, 4, "cpu", rank=0, world_size=3, log=print, **args) == 4  # batch 0 only
+    assert (
+        write_sample_set(
+            tmp_path / "s", model, cfg, objective, ae, 10, 4, "cpu", rank=0, world_size=3, log=print, **args
+        )
+        == 4
+    )  # batch 0 only
     first = (tmp_path / "s" / "images" / "000000.png").stat().st_mtime_ns
-    assert write_sample_set(tmp_path / "s", model, cfg, objective, ae, 10, 4, "cpu", log=print, **args) == 6  # the rest, not batch 0
+    assert (
+        write_sample_set(tmp_path / "s", model, cfg, objective, ae, 10, 4, "cpu", log=print, **args) == 6
+    )  # the rest, not batch 0
     assert (tmp_path / "s" / "images" / "000000.png").stat().st_mtime_ns == first
     assert sorted(p.name for p in (tmp_path / "s" / "images").iterdir()) == [f"{i:06d}.png" for i in range(10)]
     write_sample_set(tmp_path / "full", model, cfg, objective, ae, 10, 4, "cpu", log=print, **args)
-    assert all((tmp_path / "s" / "images" / f"{i:06d}.png").read_bytes() == (tmp_path / "full" / "images" / f"{i:06d}.png").read_bytes() for i in range(10))
+    assert all(
+        (tmp_path / "s" / "images" / f"{i:06d}.png").read_bytes()
+        == (tmp_path / "full" / "images" / f"{i:06d}.png").read_bytes()
+        for i in range(10)
+    )
 
 
 @pytest.mark.slow
@@ -69,21 +111,102 @@ def test_inception_path_end_to_end_with_random_weights_of_the_standard_layout(ru
     rng = np.random.default_rng(0)
     for i in range(24):
         Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(real / f"{i}.png")
-    assert main(["reference", str(real), "--out", str(tmp_path / "ref.npz"), "--weights", str(inception), "--resolution", "32"]) == 0
-    assert main(["eval", str(run), "--num", "20", "--steps", "2", "--fid", str(tmp_path / "ref.npz"), "--inception-weights", str(inception), "--metrics", "fid",
-                 "--json", str(tmp_path / "m.json")]) == 0
+    assert (
+        main(
+            [
+                "reference",
+                str(real),
+                "--out",
+                str(tmp_path / "ref.npz"),
+                "--weights",
+                str(inception),
+                "--resolution",
+                "32",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "eval",
+                str(run),
+                "--num",
+                "20",
+                "--steps",
+                "2",
+                "--fid",
+                str(tmp_path / "ref.npz"),
+                "--inception-weights",
+                str(inception),
+                "--metrics",
+                "fid",
+                "--json",
+                str(tmp_path / "m.json"),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "m.json").read_text())
     for key in ("fid", "kid", "precision", "recall", "density", "coverage"):
         assert np.isfinite(metrics[key]), key
     assert metrics["fid"] > 0 and metrics["fid_reference_count"] == 24 and metrics["kid_subset_size"] == 20
     before = set((run / "eval").iterdir())
-    assert main(["eval", str(run), "--num", "30", "--steps", "2", "--fid", str(tmp_path / "ref.npz"),
-                 "--inception-weights", str(tmp_path / "missing.pth")]) == 2  # one-line error naming the file ...
+    assert (
+        main(
+            [
+                "eval",
+                str(run),
+                "--num",
+                "30",
+                "--steps",
+                "2",
+                "--fid",
+                str(tmp_path / "ref.npz"),
+                "--inception-weights",
+                str(tmp_path / "missing.pth"),
+            ]
+        )
+        == 2
+    )  # one-line error naming the file ...
     assert set((run / "eval").iterdir()) == before  # ... before any sampling
     # against the statistics of its own images, the same sample set scores ~0
-    assert main(["reference", metrics["sample_set"] + "/images", "--out", str(tmp_path / "self.npz"), "--weights", str(inception), "--resolution", "32"]) == 0
-    assert main(["eval", str(run), "--num", "20", "--steps", "2", "--fid", str(tmp_path / "self.npz"), "--inception-weights", str(inception),
-                 "--metrics", "fid", "--json", str(tmp_path / "self.json")]) == 0
+    assert (
+        main(
+            [
+                "reference",
+                metrics["sample_set"] + "/images",
+                "--out",
+                str(tmp_path / "self.npz"),
+                "--weights",
+                str(inception),
+                "--resolution",
+                "32",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "eval",
+                str(run),
+                "--num",
+                "20",
+                "--steps",
+                "2",
+                "--fid",
+                str(tmp_path / "self.npz"),
+                "--inception-weights",
+                str(inception),
+                "--metrics",
+                "fid",
+                "--json",
+                str(tmp_path / "self.json"),
+            ]
+        )
+        == 0
+    )
     self_fid = json.loads((tmp_path / "self.json").read_text())["fid"]
     assert abs(self_fid) < 1e-3 * metrics["fid"]
 
@@ -102,13 +225,25 @@ def test_reference_round_trip_and_adm_layout(inception, tmp_path):
     net = InceptionV3Features(str(inception))
     ref = compute_reference(str(tmp_path / "batch.npz"), net, 32)
     back = load_reference(save_reference(ref, tmp_path / "ref.npz"))
-    assert back["count"] == 16 and back["extractor"] == "InceptionV3" and np.allclose(back["mu"], ref["mu"]) and np.allclose(back["sigma"], ref["sigma"])
+    assert (
+        back["count"] == 16
+        and back["extractor"] == "InceptionV3"
+        and np.allclose(back["mu"], ref["mu"])
+        and np.allclose(back["sigma"], ref["sigma"])
+    )
     assert np.allclose(back["features"], ref["features"], atol=1e-4)
     # ADM's reference batch: arr_0 images with mu / sigma (and spatial mu_s / sigma_s)
     mu, sigma = rng.normal(size=2048), np.eye(2048) * 0.5
-    np.savez(tmp_path / "VIRTUAL_imagenet256_labeled.npz", arr_0=images, mu=mu, sigma=sigma, mu_s=mu[:7], sigma_s=np.eye(7))
+    np.savez(
+        tmp_path / "VIRTUAL_imagenet256_labeled.npz", arr_0=images, mu=mu, sigma=sigma, mu_s=mu[:7], sigma_s=np.eye(7)
+    )
     adm = load_reference(tmp_path / "VIRTUAL_imagenet256_labeled.npz")
-    assert np.array_equal(adm["mu"], mu) and np.array_equal(adm["sigma"], sigma) and adm["count"] == 16 and adm["resolution"] == 32
+    assert (
+        np.array_equal(adm["mu"], mu)
+        and np.array_equal(adm["sigma"], sigma)
+        and adm["count"] == 16
+        and adm["resolution"] == 32
+    )
 
 
 def test_kid_precision_recall_density_coverage_behave():
@@ -125,15 +260,33 @@ def test_kid_precision_recall_density_coverage_behave():
 @pytest.mark.slow
 def test_validation_loss_and_small_metric_during_training_leave_the_weights_alone(tmp_path):
     plain = training_loop(load_config(overrides=TINY), tmp_path / "plain", quiet=True)
-    watched = training_loop(load_config(overrides=TINY + ["train.val_every_images=64", "train.metric_every_images=128", "eval.val_batch=16",
-                                                          "eval.train_metric_images=20", "eval.classifier_epochs=1"]), tmp_path / "watched", quiet=True)
+    watched = training_loop(
+        load_config(
+            overrides=TINY
+            + [
+                "train.val_every_images=64",
+                "train.metric_every_images=128",
+                "eval.val_batch=16",
+                "eval.train_metric_images=20",
+                "eval.classifier_epochs=1",
+            ]
+        ),
+        tmp_path / "watched",
+        quiet=True,
+    )
     from conftest import state_of
 
     a, b = state_of(plain)["model"], state_of(watched)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     records = [json.loads(line) for line in (watched / "eval.jsonl").read_text().splitlines()]
     losses = [r for r in records if "val_loss" in r]
-    assert [r["images"] for r in losses] == [64, 128] and set(losses[0]["val_loss"]) == {"0.1", "0.3", "0.5", "0.7", "0.9"}
+    assert [r["images"] for r in losses] == [64, 128] and set(losses[0]["val_loss"]) == {
+        "0.1",
+        "0.3",
+        "0.5",
+        "0.7",
+        "0.9",
+    }
     assert losses[1]["val_loss_mean"] < losses[0]["val_loss_mean"]  # the EMA model improves on the fixed batch
     metric = next(r for r in records if "class_agreement" in r)
     assert metric["images"] == 128 and metric["metric_images"] == 20 and metric["fd_effnetlite0"] > 0
@@ -147,14 +300,22 @@ def test_report_compares_runs_with_a_guidance_sweep(tmp_path):
     common = TINY + ["eval.classifier_epochs=1", "train.val_every_images=64", "eval.val_batch=8"]
     a = training_loop(load_config(overrides=common + ["name=small-lr", "train.lr=0.0005"]), tmp_path / "a", quiet=True)
     b = training_loop(load_config(overrides=common + ["name=big-lr", "train.lr=0.002"]), tmp_path / "b", quiet=True)
-    assert main(["eval", str(a), "--num", "10", "--steps", "2", "--metrics", "classifier", "--sweep-guidance", "1,3"]) == 0
+    assert (
+        main(["eval", str(a), "--num", "10", "--steps", "2", "--metrics", "classifier", "--sweep-guidance", "1,3"]) == 0
+    )
     sweep = json.loads((a / "eval" / "sweep.json").read_text())
     assert [p["guidance_scale"] for p in sweep] == [1.0, 3.0] and all("class_agreement" in p for p in sweep)
     assert main(["eval", str(b), "--num", "10", "--steps", "2", "--metrics", "classifier"]) == 0
     assert main(["report", str(a), str(b), "--out", str(tmp_path / "rep")]) == 0
     rows = list(csv.DictReader(open(tmp_path / "rep" / "comparison.csv")))
-    assert [r["run"] for r in rows] == ["small-lr", "big-lr"] and rows[0]["images_seen"] == "128" and float(rows[1]["cpu_hours"]) > 0
-    assert rows[0]["class_agreement"] == "" and 0 <= float(rows[1]["class_agreement"]) <= 1  # a's metrics.json holds no single eval
+    assert (
+        [r["run"] for r in rows] == ["small-lr", "big-lr"]
+        and rows[0]["images_seen"] == "128"
+        and float(rows[1]["cpu_hours"]) > 0
+    )
+    assert (
+        rows[0]["class_agreement"] == "" and 0 <= float(rows[1]["class_agreement"]) <= 1
+    )  # a's metrics.json holds no single eval
     table = (tmp_path / "rep" / "comparison.md").read_text()
     assert "| small-lr |" in table and "lr" in table.splitlines()[2]
     for plot in ("loss.png", "val_loss.png", "guidance_sweep_class_agreement.png"):
@@ -164,8 +325,8 @@ def test_report_compares_runs_with_a_guidance_sweep(tmp_path):
 @pytest.mark.parametrize("source", ["cache", "shards"])
 @pytest.mark.slow
 def test_validation_loss_from_the_cache_and_from_shards(tmp_path, source):
-    from ldmkit.train.encode import encode_dataset
     from ldmkit.data.shards import write_mnist_caption_shards
+    from ldmkit.train.encode import encode_dataset
 
     extra = ["train.val_every_images=64", "eval.val_batch=8"]
     if source == "cache":
@@ -174,7 +335,12 @@ def test_validation_loss_from_the_cache_and_from_shards(tmp_path, source):
         extra.append("data.from_cache=true")
     else:
         write_mnist_caption_shards(tmp_path / "shards", load_config().data, "held_out", shard_size=100)
-        extra += ["data.name=shards", f"data.path={tmp_path}/shards/mnist-{{00000..00004}}.tar", "data.label_field=label", "data.crop=none"]
+        extra += [
+            "data.name=shards",
+            f"data.path={tmp_path}/shards/mnist-{{00000..00004}}.tar",
+            "data.label_field=label",
+            "data.crop=none",
+        ]
     run = training_loop(load_config(overrides=TINY + extra), tmp_path / "run", quiet=True)
     losses = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     assert [r["images"] for r in losses] == [64, 128] and all(np.isfinite(r["val_loss_mean"]) for r in losses)

@@ -1,4 +1,5 @@
 """Classifier-free guidance: u + s (c - u) on the noise channels, the learned variance from the conditional half."""
+
 import torch
 
 from ldmkit.conditioning.cond import Cond
@@ -14,7 +15,11 @@ class Recorder(torch.nn.Module):
 
     def forward(self, x, t, cond):
         self.calls.append(cond)
-        label = torch.where(cond.drop_semantic, torch.full_like(cond.class_labels, -5), cond.class_labels) if cond.drop_semantic is not None else cond.class_labels
+        label = (
+            torch.where(cond.drop_semantic, torch.full_like(cond.class_labels, -5), cond.class_labels)
+            if cond.drop_semantic is not None
+            else cond.class_labels
+        )
         eps = x + label.view(-1, 1, 1, 1).float()
         var = x * 0 + 10 * label.view(-1, 1, 1, 1).float()
         return torch.cat([eps, var], 1)

@@ -1,9 +1,10 @@
 """MDT-v2: the official checkpoint layout, the masked pass, relative position bias, and training with the
 two losses (exact resume included)."""
+
 import pytest
 import torch
+from conftest import TINY, randomised, state_of
 
-from conftest import TINY, state_of, randomised
 from ldmkit.conditioning.cond import Cond
 from ldmkit.config import load_config
 from ldmkit.models.mdt import MDT, draw_token_keep
@@ -11,19 +12,62 @@ from ldmkit.train.loop import training_loop
 
 
 def tiny(**kw):
-    return MDT(**{**dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=4, num_heads=2, decode_layers=2, num_classes=10), **kw})
+    return MDT(
+        **{
+            **dict(
+                input_size=8,
+                patch_size=2,
+                in_channels=4,
+                hidden_size=32,
+                depth=4,
+                num_heads=2,
+                decode_layers=2,
+                num_classes=10,
+            ),
+            **kw,
+        }
+    )
 
 
 def official_keys(half_depth: int, decode: int) -> set[str]:
     """The state-dict names of sail-sg/MDT's MDTv2 (masked_diffusion/models.py)."""
-    block = ["attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias", "attn.rel_pos_bias.relative_position_bias_table",
-             "attn.rel_pos_bias.relative_position_index", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias",
-             "adaLN_modulation.1.weight", "adaLN_modulation.1.bias"]
+    block = [
+        "attn.qkv.weight",
+        "attn.qkv.bias",
+        "attn.proj.weight",
+        "attn.proj.bias",
+        "attn.rel_pos_bias.relative_position_bias_table",
+        "attn.rel_pos_bias.relative_position_index",
+        "mlp.fc1.weight",
+        "mlp.fc1.bias",
+        "mlp.fc2.weight",
+        "mlp.fc2.bias",
+        "adaLN_modulation.1.weight",
+        "adaLN_modulation.1.bias",
+    ]
     skip = ["skip_linear.weight", "skip_linear.bias"]
-    keys = {"x_embedder.proj.weight", "x_embedder.proj.bias", "t_embedder.mlp.0.weight", "t_embedder.mlp.0.bias", "t_embedder.mlp.2.weight",
-            "t_embedder.mlp.2.bias", "y_embedder.embedding_table.weight", "pos_embed", "decoder_pos_embed", "mask_token",
-            "final_layer.linear.weight", "final_layer.linear.bias", "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias"}
-    for group, n, extra in (("en_inblocks", half_depth, []), ("en_outblocks", half_depth, skip), ("de_blocks", decode, skip), ("sideblocks", 1, [])):
+    keys = {
+        "x_embedder.proj.weight",
+        "x_embedder.proj.bias",
+        "t_embedder.mlp.0.weight",
+        "t_embedder.mlp.0.bias",
+        "t_embedder.mlp.2.weight",
+        "t_embedder.mlp.2.bias",
+        "y_embedder.embedding_table.weight",
+        "pos_embed",
+        "decoder_pos_embed",
+        "mask_token",
+        "final_layer.linear.weight",
+        "final_layer.linear.bias",
+        "final_layer.adaLN_modulation.1.weight",
+        "final_layer.adaLN_modulation.1.bias",
+    }
+    for group, n, extra in (
+        ("en_inblocks", half_depth, []),
+        ("en_outblocks", half_depth, skip),
+        ("de_blocks", decode, skip),
+        ("sideblocks", 1, []),
+    ):
         keys |= {f"{group}.{i}.{k}" for i in range(n) for k in block + extra}
     return keys
 
@@ -54,8 +98,12 @@ def test_keeping_every_token_in_order_is_the_full_pass():
 
 def test_masked_pass_trains_the_side_interpolator_and_mask_token():
     model = randomised(tiny())
-    out = model(torch.randn(2, 4, 8, 8), torch.rand(2), Cond(class_labels=torch.tensor([1, 2])),
-                keep=draw_token_keep(2, 16, 0.3, torch.Generator().manual_seed(1), "cpu"))
+    out = model(
+        torch.randn(2, 4, 8, 8),
+        torch.rand(2),
+        Cond(class_labels=torch.tensor([1, 2])),
+        keep=draw_token_keep(2, 16, 0.3, torch.Generator().manual_seed(1), "cpu"),
+    )
     out.square().mean().backward()
     assert model.mask_token.grad.abs().sum() > 0 and model.sideblocks[0].attn.qkv.weight.grad.abs().sum() > 0
     keep = draw_token_keep(4, 100, 0.3, torch.Generator().manual_seed(2), "cpu")
@@ -64,7 +112,12 @@ def test_masked_pass_trains_the_side_interpolator_and_mask_token():
 
 @pytest.mark.slow
 def test_mdt_training_with_two_losses_resumes_exactly(tmp_path):
-    overrides = TINY + ["model.name=mdt", "model.preset=mDT-v2-tiny/4", "model.mask_ratio=0.3", "diffusion.min_snr_gamma=5"]
+    overrides = TINY + [
+        "model.name=mdt",
+        "model.preset=mDT-v2-tiny/4",
+        "model.mask_ratio=0.3",
+        "diffusion.min_snr_gamma=5",
+    ]
     straight = training_loop(load_config(overrides=overrides), tmp_path / "straight", quiet=True)
     training_loop(load_config(overrides=overrides), tmp_path / "split", quiet=True, stop_after_images=64)
     training_loop(load_config(overrides=overrides), tmp_path / "split", quiet=True)
@@ -76,15 +129,34 @@ def test_mdt_training_with_two_losses_resumes_exactly(tmp_path):
 def test_official_checkpoint_converts_to_a_sampling_ready_run(tmp_path):
     """A state dict in the official layout (as sail-sg/MDT saves ema_0.9999_*.pt) -> 'ldmkit convert' -> the
     architecture is read from the tensors and the weights load unchanged."""
-    from ldmkit.cli import main
     from ldmkit.checkpoint import load_checkpoint
+    from ldmkit.cli import main
 
-    official = randomised(MDT(input_size=8, patch_size=2, in_channels=4, hidden_size=48, depth=6, num_heads=3, decode_layers=2, num_classes=10))
+    official = randomised(
+        MDT(
+            input_size=8,
+            patch_size=2,
+            in_channels=4,
+            hidden_size=48,
+            depth=6,
+            num_heads=3,
+            decode_layers=2,
+            num_classes=10,
+        )
+    )
     torch.save(official.state_dict(), tmp_path / "ema_0.9999_100000.pt")
     assert main(["convert", str(tmp_path / "ema_0.9999_100000.pt"), "--out", str(tmp_path / "mdt.pt")]) == 0
     state = load_checkpoint(tmp_path / "mdt.pt")
     m = state["config"]["model"]
-    assert (m["name"], m["depth"], m["decode_layers"], m["num_heads"], m["hidden_size"], m["num_classes"], m["input_size"]) == ("mdt", 6, 2, 3, 48, 10, 8)
+    assert (
+        m["name"],
+        m["depth"],
+        m["decode_layers"],
+        m["num_heads"],
+        m["hidden_size"],
+        m["num_classes"],
+        m["input_size"],
+    ) == ("mdt", 6, 2, 3, 48, 10, 8)
     assert all(torch.equal(state["ema"][k], v) for k, v in official.state_dict().items())
     # sampling needs the recipe's VAE (sd-vae-ft-ema), which this offline machine cannot fetch: a one-line error
     assert main(["sample", str(tmp_path / "mdt.pt"), "--steps", "2", "--grid", str(tmp_path / "g.png")]) == 2

@@ -1,9 +1,10 @@
 """mmDiT against diffusers' SD3Transformer2DModel with the same weights (fp32, max abs diff <= 1e-5),
 weight round trips, class conditioning and guidance dropout."""
+
 import pytest
 import torch
-
 from conftest import randomised
+
 from ldmkit.conditioning.cond import Cond
 from ldmkit.models.mmdit import MMDiT
 from ldmkit.models.mmdit_spec import mmdit_diffusers_config, mmdit_from_diffusers, mmdit_to_diffusers
@@ -12,7 +13,9 @@ diffusers = pytest.importorskip("diffusers")
 
 
 def tiny(**kw):
-    args = dict(input_size=16, patch_size=2, in_channels=4, hidden_size=48, depth=3, num_heads=3, context_dim=24, pooled_dim=20)
+    args = dict(
+        input_size=16, patch_size=2, in_channels=4, hidden_size=48, depth=3, num_heads=3, context_dim=24, pooled_dim=20
+    )
     return MMDiT(**{**args, **kw})
 
 
@@ -52,7 +55,10 @@ def test_mmdit_dropout_and_class_conditioning():
     assert torch.allclose(dropped[0], zeros[0], atol=1e-6) and torch.allclose(dropped[1], plain[1], atol=1e-6)
     classes = randomised(tiny(conditioning="class", num_classes=10)).eval()
     with torch.no_grad():
-        a, b = classes(x, t, Cond(class_labels=torch.tensor([1, 2]))), classes(x, t, Cond(class_labels=torch.tensor([1, 3])))
+        a, b = (
+            classes(x, t, Cond(class_labels=torch.tensor([1, 2]))),
+            classes(x, t, Cond(class_labels=torch.tensor([1, 3]))),
+        )
     assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1])
     assert tiny()(x, t, Cond(context=context, pooled=pooled)).abs().max() == 0  # adaLN-Zero and a zero output layer
     with pytest.raises(ValueError, match="cond.context"):
@@ -61,24 +67,47 @@ def test_mmdit_dropout_and_class_conditioning():
 
 def test_export_then_convert_reproduces_an_mmdit(tmp_path):
     from conftest import TINY
+
+    from ldmkit.checkpoint import atomic_save, load_checkpoint
     from ldmkit.cli import main
     from ldmkit.config import load_config, to_dict
     from ldmkit.models.registry import build_model
-    from ldmkit.checkpoint import atomic_save, load_checkpoint
 
-    cfg = load_config(overrides=TINY + ["model.name=mmdit", "model.preset=mmDiT-tiny/4", "model.conditioning=text", "model.context_dim=384",
-                                        "model.pooled_dim=384", "model.qk_norm=true", "diffusion.objective=flow", "model.learn_sigma=false",
-                                        "sample.sampler=euler", "text.encoder=minilm", "data.name=shards", "data.path=unused.tar"])
+    cfg = load_config(
+        overrides=TINY
+        + [
+            "model.name=mmdit",
+            "model.preset=mmDiT-tiny/4",
+            "model.conditioning=text",
+            "model.context_dim=384",
+            "model.pooled_dim=384",
+            "model.qk_norm=true",
+            "diffusion.objective=flow",
+            "model.learn_sigma=false",
+            "sample.sampler=euler",
+            "text.encoder=minilm",
+            "data.name=shards",
+            "data.path=unused.tar",
+        ]
+    )
     model = randomised(build_model(cfg.model)).eval()
     ckpt = tmp_path / "model.pt"
-    atomic_save({"model": model.state_dict(), "ema": model.state_dict(), "config": to_dict(cfg), "images_seen": 0, "step": 0}, ckpt)
+    atomic_save(
+        {"model": model.state_dict(), "ema": model.state_dict(), "config": to_dict(cfg), "images_seen": 0, "step": 0},
+        ckpt,
+    )
     assert main(["export", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
     ref = diffusers.SD3Transformer2DModel.from_pretrained(tmp_path / "hf").eval()
     assert main(["convert", str(tmp_path / "hf"), "--out", str(tmp_path / "back.pt")]) == 0
     back = load_checkpoint(tmp_path / "back.pt")
     assert all(torch.equal(back["ema"][k], v) for k, v in model.state_dict().items())
     assert back["config"]["model"]["qk_norm"] is True and back["config"]["model"]["name"] == "mmdit"
-    x, sigmas, context, pooled = torch.randn(2, 1, 32, 32), torch.tensor([0.1, 0.8]), torch.randn(2, 9, 384), torch.randn(2, 384)
+    x, sigmas, context, pooled = (
+        torch.randn(2, 1, 32, 32),
+        torch.tensor([0.1, 0.8]),
+        torch.randn(2, 9, 384),
+        torch.randn(2, 384),
+    )
     with torch.no_grad():
         expected = ref(x, encoder_hidden_states=context, pooled_projections=pooled, timestep=sigmas * 1000).sample
         got = model(x, sigmas, Cond(context=context, pooled=pooled))

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import TINY, state_of
+
 from ldmkit.config import ConfigError, load_config
 from ldmkit.train.loop import training_loop
 from ldmkit.train.optim import Adan

@@ -1,22 +1,32 @@
 """PixArt-alpha against diffusers' PixArtTransformer2DModel with the same weights (fp32, max abs diff <= 1e-5),
 weight round trips, class conditioning, caption dropout and other grids."""
+
 import pytest
 import torch
-
 from conftest import TINY, randomised
+
+from ldmkit.checkpoint import atomic_save, load_checkpoint
 from ldmkit.cli import main
 from ldmkit.conditioning.cond import Cond
 from ldmkit.config import load_config, to_dict
 from ldmkit.models.pixart import PixArt
-from ldmkit.models.registry import build_model
-from ldmkit.checkpoint import atomic_save, load_checkpoint
 from ldmkit.models.pixart_spec import pixart_diffusers_config, pixart_from_diffusers, pixart_to_diffusers
+from ldmkit.models.registry import build_model
 
 diffusers = pytest.importorskip("diffusers")
 
 
 def tiny(**kw):
-    args = dict(input_size=16, patch_size=2, in_channels=4, hidden_size=48, depth=2, num_heads=3, caption_channels=24, max_tokens=7)
+    args = dict(
+        input_size=16,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=48,
+        depth=2,
+        num_heads=3,
+        caption_channels=24,
+        max_tokens=7,
+    )
     return PixArt(**{**args, **kw})
 
 
@@ -30,18 +40,31 @@ def test_pixart_matches_diffusers(micro, learn_sigma, size):
     B = 3
     x, steps = torch.randn(B, 4, size, size), torch.tensor([0, 417, 999])
     caption, mask = torch.randn(B, 7, 24), torch.tensor([[1] * 7, [1] * 3 + [0] * 4, [1] * 5 + [0] * 2]).bool()
-    control = {"original_size": torch.tensor([[512.0, 768.0], [256.0, 256.0], [1024.0, 640.0]]),
-               "target_size": torch.tensor([[16.0, 24.0], [16.0, 16.0], [24.0, 16.0]])}
-    added = {"resolution": control["original_size"], "aspect_ratio": control["target_size"][:, :1] / control["target_size"][:, 1:]} if micro else None
+    control = {
+        "original_size": torch.tensor([[512.0, 768.0], [256.0, 256.0], [1024.0, 640.0]]),
+        "target_size": torch.tensor([[16.0, 24.0], [16.0, 16.0], [24.0, 16.0]]),
+    }
+    added = (
+        {
+            "resolution": control["original_size"],
+            "aspect_ratio": control["target_size"][:, :1] / control["target_size"][:, 1:],
+        }
+        if micro
+        else None
+    )
     with torch.no_grad():
-        expected = ref(x, encoder_hidden_states=caption, encoder_attention_mask=mask, timestep=steps, added_cond_kwargs=added).sample
+        expected = ref(
+            x, encoder_hidden_states=caption, encoder_attention_mask=mask, timestep=steps, added_cond_kwargs=added
+        ).sample
         got = ours(x, steps / 1000.0, Cond(context=caption, context_mask=mask, control=control))
     assert got.shape == expected.shape == (B, 8 if learn_sigma else 4, size, size)
     assert (got - expected).abs().max().item() <= 1e-5
     if size == 16:  # another grid: both recompute the table with PixArt's base-size scaling
         x2 = torch.randn(B, 4, 16, 24)
         with torch.no_grad():
-            expected2 = ref(x2, encoder_hidden_states=caption, encoder_attention_mask=mask, timestep=steps, added_cond_kwargs=added).sample
+            expected2 = ref(
+                x2, encoder_hidden_states=caption, encoder_attention_mask=mask, timestep=steps, added_cond_kwargs=added
+            ).sample
             got2 = ours(x2, steps / 1000.0, Cond(context=caption, context_mask=mask, control=control))
         assert (got2 - expected2).abs().max().item() <= 1e-5
 
@@ -77,13 +100,25 @@ def test_pixart_caption_dropout_and_class_conditioning():
 def test_export_then_convert_reproduces_a_trained_pixart(tmp_path):
     """A text-conditional PixArt run -> diffusers folder (loads with from_pretrained) -> ldmkit checkpoint:
     the same weights, the same outputs."""
-    cfg_overrides = ["model.name=pixart", "model.preset=PixArt-alpha-tiny/4", "model.conditioning=text", "model.context_dim=384",
-                     "model.max_tokens=16", "text.encoder=minilm", "text.max_length=16", "data.name=shards", "data.path=unused.tar"]
+    cfg_overrides = [
+        "model.name=pixart",
+        "model.preset=PixArt-alpha-tiny/4",
+        "model.conditioning=text",
+        "model.context_dim=384",
+        "model.max_tokens=16",
+        "text.encoder=minilm",
+        "text.max_length=16",
+        "data.name=shards",
+        "data.path=unused.tar",
+    ]
     cfg = load_config(overrides=TINY + cfg_overrides)
     model = randomised(build_model(cfg.model))
     ckpt = tmp_path / "run" / "checkpoints" / "ckpt-0000000128.pt"
     ckpt.parent.mkdir(parents=True)
-    atomic_save({"model": model.state_dict(), "ema": model.state_dict(), "config": to_dict(cfg), "images_seen": 128, "step": 8}, ckpt)
+    atomic_save(
+        {"model": model.state_dict(), "ema": model.state_dict(), "config": to_dict(cfg), "images_seen": 128, "step": 8},
+        ckpt,
+    )
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
     ref = diffusers.PixArtTransformer2DModel.from_pretrained(tmp_path / "hf").eval()
     assert main(["convert", str(tmp_path / "hf"), "--out", str(tmp_path / "back.pt")]) == 0

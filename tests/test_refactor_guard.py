@@ -6,6 +6,7 @@ Bit equality is defined only for the same torch build and CPU kernel set, so the
 the test is skipped with a visible reason. Re-record deliberately, after a change that is meant to alter
 training, with:  python tests/test_refactor_guard.py --record
 """
+
 import hashlib
 import json
 import sys
@@ -18,30 +19,70 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import TINY  # noqa: E402
 
 RECORD = Path(__file__).parent / "data" / "refactor_guard.json"
-SHORT = ["data.resolution=16", "model.input_size=16", "train.total_images=48", "train.global_batch=16",
-         "train.log_every_images=16", "train.checkpoint_every_images=48", "train.lr=0.002"]
+SHORT = [
+    "data.resolution=16",
+    "model.input_size=16",
+    "train.total_images=48",
+    "train.global_batch=16",
+    "train.log_every_images=16",
+    "train.checkpoint_every_images=48",
+    "train.lr=0.002",
+]
 FLOW = ["diffusion.objective=flow", "model.learn_sigma=false", "sample.sampler=euler"]
-CONTROL = ["conditioning.control=[original_size, crop_top_left, flip]", "data.original_sizes=[16, 40]", "data.hflip=true"]
+CONTROL = [
+    "conditioning.control=[original_size, crop_top_left, flip]",
+    "data.original_sizes=[16, 40]",
+    "data.hflip=true",
+]
 CASES = {
     "dit-class-ddpm": ["model.name=dit", "model.preset=DiT-tiny/4"],
-    "dit-disentangled-control": ["model.name=dit", "model.preset=DiT-tiny/4", "conditioning.mechanism=disentangled",
-                                 "data.crop=random_resized"] + CONTROL + FLOW,
+    "dit-disentangled-control": [
+        "model.name=dit",
+        "model.preset=DiT-tiny/4",
+        "conditioning.mechanism=disentangled",
+        "data.crop=random_resized",
+    ]
+    + CONTROL
+    + FLOW,
     "pixart-class-flow": ["model.name=pixart", "model.preset=PixArt-alpha-tiny/4", "model.conditioning=class"] + FLOW,
-    "mmdit-class-flow": ["model.name=mmdit", "model.preset=mmDiT-tiny/4", "model.conditioning=class",
-                         "model.qk_norm=true"] + FLOW,
-    "mmdit-additive-control": ["model.name=mmdit", "model.preset=mmDiT-tiny/4", "model.conditioning=class",
-                               "conditioning.mechanism=additive"] + CONTROL + FLOW,
+    "mmdit-class-flow": [
+        "model.name=mmdit",
+        "model.preset=mmDiT-tiny/4",
+        "model.conditioning=class",
+        "model.qk_norm=true",
+    ]
+    + FLOW,
+    "mmdit-additive-control": [
+        "model.name=mmdit",
+        "model.preset=mmDiT-tiny/4",
+        "model.conditioning=class",
+        "conditioning.mechanism=additive",
+    ]
+    + CONTROL
+    + FLOW,
     "unet-class-flow": ["model.name=unet", "model.preset=UNet-tiny", "model.conditioning=class"] + FLOW,
-    "mdt-class-masked": ["model.name=mdt", "model.preset=mDT-v2-tiny/4", "model.mask_ratio=0.3",
-                         "diffusion.min_snr_gamma=5"],
-    "dit-adan-ema-halflife": ["model.name=dit", "model.preset=DiT-tiny/4", "train.optimizer=adan",
-                              "train.betas=[0.98, 0.92, 0.99]", "train.ema_halflife_images=64"],
+    "mdt-class-masked": [
+        "model.name=mdt",
+        "model.preset=mDT-v2-tiny/4",
+        "model.mask_ratio=0.3",
+        "diffusion.min_snr_gamma=5",
+    ],
+    "dit-adan-ema-halflife": [
+        "model.name=dit",
+        "model.preset=DiT-tiny/4",
+        "train.optimizer=adan",
+        "train.betas=[0.98, 0.92, 0.99]",
+        "train.ema_halflife_images=64",
+    ],
 }
 
 
 def environment() -> dict:
-    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads()}
+    return {
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def trained_hashes(name: str, root: Path) -> dict[str, str]:
@@ -51,8 +92,11 @@ def trained_hashes(name: str, root: Path) -> dict[str, str]:
 
     run = training_loop(load_config(overrides=TINY + SHORT + CASES[name]), root / name, quiet=True)
     state = load_checkpoint(latest_checkpoint(run))
-    return {f"{part}.{key}": hashlib.sha256(value.contiguous().numpy().tobytes()).hexdigest()
-            for part in ("model", "ema") for key, value in sorted(state[part].items())}
+    return {
+        f"{part}.{key}": hashlib.sha256(value.contiguous().numpy().tobytes()).hexdigest()
+        for part in ("model", "ema")
+        for key, value in sorted(state[part].items())
+    }
 
 
 @pytest.mark.slow

@@ -12,9 +12,9 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import TINY, state_of, tiny_config
 from PIL import Image
 
-from conftest import TINY, state_of, tiny_config
 from ldmkit.checkpoint import (
     UnsafeFileError,
     atomic_save,

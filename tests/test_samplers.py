@@ -1,4 +1,5 @@
 """Each sampler step against the matching diffusers scheduler on the same inputs."""
+
 import numpy as np
 import pytest
 import torch
@@ -29,8 +30,13 @@ def test_ddpm_learned_range_step_matches_diffusers(position):
     obj = objective(True)
     use = space_timesteps(1000, 250, "adm")
     chain = DDPMObjective(obj.schedule.respace(use), True)
-    ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type="learned_range",
-                        clip_sample=False, timestep_spacing="linspace")
+    ref = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        variance_type="learned_range",
+        clip_sample=False,
+        timestep_spacing="linspace",
+    )
     ref.set_timesteps(250)
     g = torch.Generator().manual_seed(0)
     x, out = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 8, 8, 8, generator=g)
@@ -46,7 +52,13 @@ def test_ddim_step_matches_diffusers(position):
     obj = objective(False)
     use = space_timesteps(1000, 10, "leading")
     chain = DDPMObjective(obj.schedule.respace(use), False)
-    ref = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False, set_alpha_to_one=True, timestep_spacing="leading")
+    ref = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        clip_sample=False,
+        set_alpha_to_one=True,
+        timestep_spacing="leading",
+    )
     ref.set_timesteps(10)
     g = torch.Generator().manual_seed(1)
     x, eps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)

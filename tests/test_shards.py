@@ -1,4 +1,5 @@
 """WebDataset shards of the captioned digits: written, read back, split across ranks without overlap."""
+
 import io
 import tarfile
 
@@ -70,8 +71,17 @@ def stream_keys(stream, batches):
 
 
 def shard_cfg(**kw):
-    return load_config(overrides=["data.name=shards", "data.path=unused", "data.label_field=label", "data.crop=random",
-                                  "data.hflip=true", "data.shuffle_buffer=30"] + [f"data.{k}={v}" for k, v in kw.items()]).data
+    return load_config(
+        overrides=[
+            "data.name=shards",
+            "data.path=unused",
+            "data.label_field=label",
+            "data.crop=random",
+            "data.hflip=true",
+            "data.shuffle_buffer=30",
+        ]
+        + [f"data.{k}={v}" for k, v in kw.items()]
+    ).data
 
 
 def test_shard_stream_is_deterministic_resumable_and_worker_independent(shards):
@@ -88,7 +98,9 @@ def test_shard_stream_is_deterministic_resumable_and_worker_independent(shards):
     resumed = ShardStream(paths, cfg, seed=0, rank=0, world_size=1, micro=8, start=96)
     assert stream_keys(resumed, 10) == keys[96:176]  # no sample repeated or skipped
     a, b = next(iter(full)), next(iter(ShardStream(paths, cfg, 0, 0, 1, 8)))
-    assert torch.equal(a["image"], b["image"]) and all(torch.equal(a["control"][k], b["control"][k]) for k in a["control"])
+    assert torch.equal(a["image"], b["image"]) and all(
+        torch.equal(a["control"][k], b["control"][k]) for k in a["control"]
+    )
     workers = torch.utils.data.DataLoader(ShardStream(paths, cfg, 0, 0, 1, 8), batch_size=None, num_workers=2)
     batches = [batch for _, batch in zip(range(10), workers)]
     assert [k for b in batches for k in b["key"]] == keys[:80]
@@ -132,7 +144,9 @@ def test_shard_urls_from_patterns_lists_globs_and_pipes(shards, tmp_path):
     folder = paths[0].parent
     assert expand_urls(f"{folder}/mnist-{{00000..00004}}.tar") == [str(p) for p in paths]
     assert expand_urls(f"{folder}/mnist-0000[0-1].tar") == [str(p) for p in paths[:2]]
-    assert expand_urls(f"{folder}/mnist-00000.tar::{folder}/mnist-{{00003..00004}}.tar") == [str(paths[i]) for i in (0, 3, 4)]
+    assert expand_urls(f"{folder}/mnist-00000.tar::{folder}/mnist-{{00003..00004}}.tar") == [
+        str(paths[i]) for i in (0, 3, 4)
+    ]
     (tmp_path / "urls.txt").write_text(f"# CC12M\n{paths[1]}\npipe:cat {paths[2]}\n")
     assert expand_urls(tmp_path / "urls.txt", allow_shell=True) == [str(paths[1]), f"pipe:cat {paths[2]}"]
     # without data.allow_shell a pipe: URL is refused, listed or given directly
@@ -141,6 +155,8 @@ def test_shard_urls_from_patterns_lists_globs_and_pipes(shards, tmp_path):
     with pytest.raises(ValueError, match="allow_shell"):
         expand_urls(f"pipe:cat {paths[2]}")
     # a pipe: command streams the same samples as the file (how object stores are read)
-    assert [r["__key__"] for r in tar_records(f"pipe:cat {paths[2]}")] == [r["__key__"] for r in tar_records(str(paths[2]))]
+    assert [r["__key__"] for r in tar_records(f"pipe:cat {paths[2]}")] == [
+        r["__key__"] for r in tar_records(str(paths[2]))
+    ]
     with pytest.raises(ValueError, match="no shards match"):
         expand_urls(f"{folder}/nothing-*.tar")

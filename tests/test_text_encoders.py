@@ -1,5 +1,6 @@
 """Text encoders: the real offline MiniLM against sentence-transformers, and T5 / CLIP through their real
 loading path with tiny random weights."""
+
 import pytest
 import torch
 
@@ -15,7 +16,9 @@ def test_minilm_matches_sentence_transformers():
     out = enc(CAPTIONS)
     assert out.tokens.shape == (2, 32, 384) and out.mask.shape == (2, 32) and out.pooled.shape == (2, 384)
     assert out.mask[0].sum() < out.mask[1].sum() and out.mask[:, 0].all()  # shorter caption, more padding
-    reference = sentence_transformers.SentenceTransformer(str(minilm_path()), device="cpu").encode(CAPTIONS, convert_to_tensor=True)
+    reference = sentence_transformers.SentenceTransformer(str(minilm_path()), device="cpu").encode(
+        CAPTIONS, convert_to_tensor=True
+    )
     assert torch.allclose(out.pooled, reference, atol=1e-5)
     # semantically closer captions are closer
     more = enc(["a handwritten digit seven", "a handwritten number 7", "a photo of a red sports car"]).pooled
@@ -43,9 +46,17 @@ def test_t5_encoder_path_with_tiny_random_weights(tmp_path):
 def test_clip_encoder_path_with_tiny_random_weights(tmp_path):
     import transformers
 
-    cfg = transformers.CLIPTextConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, max_position_embeddings=32, projection_dim=24,
-                                      eos_token_id=102, pad_token_id=0)
+    cfg = transformers.CLIPTextConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        projection_dim=24,
+        eos_token_id=102,
+        pad_token_id=0,
+    )
     transformers.CLIPTextModelWithProjection(cfg).save_pretrained(tmp_path / "clip")
     _save_minilm_tokenizer(tmp_path / "clip")
     out = TextEncoder("clip", tmp_path / "clip", max_length=16)(CAPTIONS)

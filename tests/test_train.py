@@ -1,4 +1,5 @@
 """The training loop: exact resume (also after a real SIGKILL), DDP equivalence, refusals that lose nothing."""
+
 import os
 import signal
 import subprocess
@@ -8,12 +9,12 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from conftest import TINY, state_of, tiny_config
+
+from ldmkit.checkpoint import CheckpointError
 from ldmkit.config import ConfigError
 from ldmkit.data.loader import batch_indices
 from ldmkit.train.loop import training_loop
-from ldmkit.checkpoint import CheckpointError
 
 
 def assert_same_weights(a, b, atol=0.0):
@@ -22,21 +23,32 @@ def assert_same_weights(a, b, atol=0.0):
             if atol == 0.0:
                 assert torch.equal(value, b[key][name]), f"{key}.{name} differs"
             else:
-                assert torch.allclose(value, b[key][name], atol=atol, rtol=0), f"{key}.{name} differs by {(value - b[key][name]).abs().max()}"
+                assert torch.allclose(value, b[key][name], atol=atol, rtol=0), (
+                    f"{key}.{name} differs by {(value - b[key][name]).abs().max()}"
+                )
 
 
 @pytest.mark.slow
 def test_loss_falls_and_outputs_exist(tmp_path):
-    cfg = tiny_config("train.total_images=1024", "train.log_every_images=128", "train.checkpoint_every_images=512", "train.sample_every_images=512")
+    cfg = tiny_config(
+        "train.total_images=1024",
+        "train.log_every_images=128",
+        "train.checkpoint_every_images=512",
+        "train.sample_every_images=512",
+    )
     run = training_loop(cfg, tmp_path / "run", quiet=True)
     import json
 
-    records = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert records[-1]["images"] == 1024 and len(records) == 8
     assert records[-1]["loss"] < records[0]["loss"]
     assert (run / "loss.png").stat().st_size > 1000 and (run / "config.yaml").is_file()
-    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["ckpt-0000000512.pt", "ckpt-0000000512.pt.sha256",
-                                                                      "ckpt-0000001024.pt", "ckpt-0000001024.pt.sha256"]
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == [
+        "ckpt-0000000512.pt",
+        "ckpt-0000000512.pt.sha256",
+        "ckpt-0000001024.pt",
+        "ckpt-0000001024.pt.sha256",
+    ]
     assert any((run / "tensorboard").iterdir())
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["grid-0000000512.png", "grid-0000001024.png"]
     assert all(r["memory_gb"] > 0 and r["images_per_s"] > 0 for r in records)
@@ -47,7 +59,9 @@ def test_bf16_autocast_trains(tmp_path):
     run = training_loop(tiny_config("train.precision=bf16", "train.total_images=64"), tmp_path / "run", quiet=True)
     state = state_of(run)
     assert state["images_seen"] == 64
-    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in state["model"].values())  # master weights stay fp32
+    assert all(
+        v.dtype == torch.float32 and torch.isfinite(v).all() for v in state["model"].values()
+    )  # master weights stay fp32
 
 
 @pytest.mark.slow
@@ -57,11 +71,29 @@ def test_compiled_blocks_match_eager():
     from ldmkit.train.parallel import compile_blocks
 
     torch.manual_seed(0)
-    eager = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10, learn_sigma=False)
+    eager = DiT(
+        input_size=8,
+        patch_size=2,
+        in_channels=1,
+        hidden_size=32,
+        depth=1,
+        num_heads=2,
+        num_classes=10,
+        learn_sigma=False,
+    )
     with torch.no_grad():
         for p in eager.parameters():
             p.normal_(0, 0.1)
-    compiled = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2, num_classes=10, learn_sigma=False)
+    compiled = DiT(
+        input_size=8,
+        patch_size=2,
+        in_channels=1,
+        hidden_size=32,
+        depth=1,
+        num_heads=2,
+        num_classes=10,
+        learn_sigma=False,
+    )
     compiled.load_state_dict(eager.state_dict())
     compile_blocks(compiled)
     x, t, c = torch.randn(2, 1, 8, 8), torch.rand(2), Cond(class_labels=torch.tensor([1, 2]))
@@ -108,7 +140,9 @@ def test_resume_after_sigkill_is_exact(tmp_path):
 
 
 def _ddp_worker(rank, world, port, run_dir, overrides):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     training_loop(tiny_config(*overrides), run_dir, quiet=True)
     torch.distributed.destroy_process_group()
@@ -119,7 +153,9 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     overrides = ["train.micro_batch=4"]  # 1 process: 4 accumulation rounds; 2 processes: 2 rounds each
     single = training_loop(tiny_config(*overrides), tmp_path / "single", quiet=True)
     port = 29500 + os.getpid() % 1000
-    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path / "ddp"), overrides), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(
+        _ddp_worker, args=(2, port, str(tmp_path / "ddp"), overrides), nprocs=2, join=True, start_method="fork"
+    )
     assert_same_weights(state_of(single), state_of(tmp_path / "ddp"), atol=2e-6)
 
 
@@ -137,10 +173,28 @@ def test_torchrun_launch_equals_one_process(tmp_path):
     config.write_text("name: torchrun\n")
     sets = [a for o in TINY + ["train.total_images=64", "train.micro_batch=8"] for a in ("--set", o)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(30500 + os.getpid() % 1000)]
-    r = subprocess.run(torchrun + ["-m", "ldmkit.cli", "train", str(config), "--out", str(tmp_path / "ddp")] + sets, env=env, capture_output=True, text=True)
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(30500 + os.getpid() % 1000),
+    ]
+    r = subprocess.run(
+        torchrun + ["-m", "ldmkit.cli", "train", str(config), "--out", str(tmp_path / "ddp")] + sets,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "-m", "ldmkit.cli", "train", str(config), "--out", str(tmp_path / "one")] + sets, env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "ldmkit.cli", "train", str(config), "--out", str(tmp_path / "one")] + sets,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert_same_weights(state_of(tmp_path / "one"), state_of(tmp_path / "ddp"), atol=2e-6)
 
@@ -161,7 +215,9 @@ def test_ema_half_life_and_warmup():
 def test_learning_rate_warms_up_linearly(tmp_path):
     import json
 
-    run = training_loop(tiny_config("train.warmup_images=64", "train.lr=0.001", "train.total_images=128"), tmp_path / "run", quiet=True)
+    run = training_loop(
+        tiny_config("train.warmup_images=64", "train.lr=0.001", "train.total_images=128"), tmp_path / "run", quiet=True
+    )
     lrs = [json.loads(line)["lr"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert lrs == pytest.approx([0.0005, 0.001, 0.001, 0.001])  # logged every 32 images
 
@@ -186,7 +242,13 @@ def test_refuses_run_dir_of_another_config(tmp_path):
         training_loop(tiny_config("train.total_images=32", "train.lr=0.5"), tmp_path / "run", quiet=True)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
     # a longer run, or other sampling/eval/logging settings, is the same training: it resumes
-    training_loop(tiny_config("train.total_images=48", "sample.guidance_scale=4", "eval.num_images=7", "train.log_every_images=16"), tmp_path / "run", quiet=True)
+    training_loop(
+        tiny_config(
+            "train.total_images=48", "sample.guidance_scale=4", "eval.num_images=7", "train.log_every_images=16"
+        ),
+        tmp_path / "run",
+        quiet=True,
+    )
     assert state_of(tmp_path / "run")["images_seen"] == 48
 
 
@@ -194,7 +256,12 @@ def test_refuses_run_dir_of_another_config(tmp_path):
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     training_loop(tiny_config("train.total_images=32"), tmp_path / "run", quiet=True)
     with pytest.raises(CheckpointError, match="does not fit this model"):
-        training_loop(tiny_config("train.total_images=64", "model.hidden_size=32"), tmp_path / "run", allow_config_change=True, quiet=True)
+        training_loop(
+            tiny_config("train.total_images=64", "model.hidden_size=32"),
+            tmp_path / "run",
+            allow_config_change=True,
+            quiet=True,
+        )
 
 
 @pytest.mark.slow
@@ -202,7 +269,11 @@ def test_nan_guard_stops_a_diverging_run(tmp_path):
     from ldmkit.train.signals import TrainingDiverged
 
     with pytest.raises(TrainingDiverged, match="non-finite gradients"):
-        training_loop(tiny_config("train.lr=1e30", "train.total_images=320", "train.max_nan_skips=1", "train.grad_clip=null"), tmp_path / "run", quiet=True)
+        training_loop(
+            tiny_config("train.lr=1e30", "train.total_images=320", "train.max_nan_skips=1", "train.grad_clip=null"),
+            tmp_path / "run",
+            quiet=True,
+        )
 
 
 @pytest.mark.slow
@@ -210,6 +281,8 @@ def test_a_failed_start_does_not_block_the_corrected_config(tmp_path):
     from ldmkit.data.datasets import DataError
 
     with pytest.raises(DataError, match="no latent cache"):
-        training_loop(tiny_config("data.from_cache=true", f"data.cache={tmp_path / 'missing'}"), tmp_path / "run", quiet=True)
+        training_loop(
+            tiny_config("data.from_cache=true", f"data.cache={tmp_path / 'missing'}"), tmp_path / "run", quiet=True
+        )
     run = training_loop(tiny_config("train.total_images=32"), tmp_path / "run", quiet=True)  # no checkpoint to protect
     assert state_of(run)["images_seen"] == 32

@@ -1,4 +1,5 @@
 """Crop strategies record the metadata of what they did."""
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -37,7 +38,9 @@ def test_random_crop_stays_inside_and_is_reproducible():
 
 def test_random_resized_crop_respects_scale_and_ratio():
     for seed in range(30):
-        _, meta = crop_with_metadata(gradient_image(300, 200), 32, "random_resized", np.random.default_rng(seed), scale=(0.25, 0.5))
+        _, meta = crop_with_metadata(
+            gradient_image(300, 200), 32, "random_resized", np.random.default_rng(seed), scale=(0.25, 0.5)
+        )
         h, w = meta.crop_size
         top, left = meta.crop_top_left
         assert 0 <= top and top + h <= 300 and 0 <= left and left + w <= 200
@@ -52,7 +55,9 @@ def test_none_keeps_the_whole_image():
 def test_flip_is_recorded_and_mirrors():
     flips = []
     for seed in range(40):
-        out, meta = crop_with_metadata(gradient_image(200, 200), 32, "center", np.random.default_rng(seed), flip_prob=0.5)
+        out, meta = crop_with_metadata(
+            gradient_image(200, 200), 32, "center", np.random.default_rng(seed), flip_prob=0.5
+        )
         plain, _ = crop_with_metadata(gradient_image(200, 200), 32, "center")
         expected = np.asarray(plain)[:, ::-1] if meta.flip else np.asarray(plain)
         assert np.array_equal(np.asarray(out), expected)
@@ -63,8 +68,11 @@ def test_flip_is_recorded_and_mirrors():
 def test_control_values_and_errors():
     _, meta = crop_with_metadata(gradient_image(300, 200), 32, "center")
     control = meta.as_control()
-    assert control["original_size"] == [300.0, 200.0] and control["flip"] == [0.0] and set(control) == {
-        "original_size", "crop_top_left", "crop_size", "target_size", "aspect_ratio", "flip"}
+    assert (
+        control["original_size"] == [300.0, 200.0]
+        and control["flip"] == [0.0]
+        and set(control) == {"original_size", "crop_top_left", "crop_size", "target_size", "aspect_ratio", "flip"}
+    )
     with pytest.raises(ValueError, match="unknown crop strategy"):
         crop_with_metadata(gradient_image(), 32, "zoom")
     with pytest.raises(ValueError, match="needs a random generator"):

@@ -6,6 +6,7 @@ SDXL 4 channels, scale 0.13025; SD3 16 channels, scale 1.5305, shift 0.0609): la
 No weights ship with ldmkit; tests build a tiny random AutoencoderKL, save it with save_pretrained and load
 it through this same path.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -45,7 +46,8 @@ class KLAutoencoder(nn.Module):
 
     @torch.no_grad()
     def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, 3, H, W] in [-1, 1] -> posterior (mean, std), each [B, C, H/f, W/f], unscaled (what the cache stores)."""
+        """x [B, 3, H, W] in [-1, 1] -> posterior (mean, std), each [B, C, H/f, W/f], unscaled (what the cache
+        stores)."""
         posterior = self.vae.encode(x.to(self.vae.dtype)).latent_dist
         return posterior.mean.float(), posterior.std.float()
 
@@ -68,7 +70,7 @@ class KLAutoencoder(nn.Module):
 
 # The published latent layouts: channels, scaling factor, shift factor.
 VAE_LAYOUTS = {
-    "sd": dict(latent_channels=4, scaling_factor=0.18215, shift_factor=0.0),    # SD 1.x/2.x, sd-vae-ft-ema/mse (LDM, DiT)
+    "sd": dict(latent_channels=4, scaling_factor=0.18215, shift_factor=0.0),  # SD 1.x/2.x, sd-vae-ft-ema/mse (LDM, DiT)
     "sdxl": dict(latent_channels=4, scaling_factor=0.13025, shift_factor=0.0),  # SDXL VAE
     "sd3": dict(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609),  # SD3 VAE
 }
@@ -94,12 +96,25 @@ def build_autoencoder(ae_cfg, image_channels: int) -> nn.Module:
             f"({str(e).splitlines()[0][:160]}); give a local folder holding config.json and the weights"
         ) from None
     if image_channels != vae.config.in_channels:
-        raise ConfigError(f"config key 'data.channels': the autoencoder takes {vae.config.in_channels}-channel images, the data has {image_channels}")
+        raise ConfigError(
+            f"config key 'data.channels': the autoencoder takes {vae.config.in_channels}-channel images, the data "
+            f"has {image_channels}"
+        )
     layout = VAE_LAYOUTS.get(ae_cfg.layout, {})
     if layout and vae.config.latent_channels != layout["latent_channels"]:
-        raise ConfigError(f"config key 'autoencoder.layout': {ae_cfg.layout} latents have {layout['latent_channels']} channels, "
-                          f"the VAE at {ae_cfg.path} gives {vae.config.latent_channels}")
+        raise ConfigError(
+            f"config key 'autoencoder.layout': {ae_cfg.layout} latents have {layout['latent_channels']} channels, "
+            f"the VAE at {ae_cfg.path} gives {vae.config.latent_channels}"
+        )
     # Explicit value > layout > the VAE's own config (diffusers stores scaling_factor and, for SD3, shift_factor).
-    scale = ae_cfg.scaling_factor if ae_cfg.scaling_factor is not None else layout.get("scaling_factor", vae.config.scaling_factor)
-    shift = ae_cfg.shift_factor if ae_cfg.shift_factor is not None else layout.get("shift_factor", getattr(vae.config, "shift_factor", None) or 0.0)
+    scale = (
+        ae_cfg.scaling_factor
+        if ae_cfg.scaling_factor is not None
+        else layout.get("scaling_factor", vae.config.scaling_factor)
+    )
+    shift = (
+        ae_cfg.shift_factor
+        if ae_cfg.shift_factor is not None
+        else layout.get("shift_factor", getattr(vae.config, "shift_factor", None) or 0.0)
+    )
     return KLAutoencoder(vae, float(scale), float(shift), ae_cfg.sample_posterior)

@@ -9,6 +9,7 @@ sidecar file `ckpt-N.pt.sha256`, written before the checkpoint appears under its
 checkpoint whose bytes do not match its checksum, that cannot be read, or that lacks a part of the training
 state is reported in one line and the previous intact one is used.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,18 @@ CHECKSUM_SUFFIX = ".sha256"
 # What a training checkpoint must hold to resume from it.
 TRAINING_KEYS = ("model", "ema", "optimizer", "images_seen", "step", "rng", "config")
 # What torch.load raises for a file it cannot (or may not) read.
-READ_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError, KeyError, TypeError,
-               IndexError, ImportError)
+READ_ERRORS = (
+    pickle.UnpicklingError,
+    RuntimeError,
+    EOFError,
+    ValueError,
+    OSError,
+    AttributeError,
+    KeyError,
+    TypeError,
+    IndexError,
+    ImportError,
+)
 # Plain attribute containers some published training scripts store beside their weights (DiT's and MDT's
 # train.py save their argparse arguments): rebuilding one runs no code, so weights_only may accept it.
 SAFE_GLOBALS = [argparse.Namespace]
@@ -62,8 +73,12 @@ def load_file(path: str | Path, trust_pickle: bool = False) -> dict:
         except Exception as e:
             raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(e)})") from None
     if trust_pickle:
-        print(f"WARNING: reading {path} with full unpickling (--trust-pickle): a malicious file can run any code "
-              "on this machine. Do this only for files from a source you trust.", file=sys.stderr, flush=True)
+        print(
+            f"WARNING: reading {path} with full unpickling (--trust-pickle): a malicious file can run any code "
+            "on this machine. Do this only for files from a source you trust.",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:
@@ -80,8 +95,10 @@ def load_file(path: str | Path, trust_pickle: bool = False) -> dict:
                 f"its source, rewrite it once as plain weights with `ldmkit convert {path} --trust-pickle --out NEW.pt`"
             ) from None
         detail = re.search(r"Unsupported operand \d+|invalid load key[^.]*", str(e))
-        raise CheckpointError(f"{path} is not a readable weights file "
-                              f"({detail.group(0) if detail else type(e).__name__ + ': ' + _first_line(e)})") from None
+        raise CheckpointError(
+            f"{path} is not a readable weights file "
+            f"({detail.group(0) if detail else type(e).__name__ + ': ' + _first_line(e)})"
+        ) from None
 
 
 class _HashingWriter:
@@ -187,13 +204,15 @@ def load_checkpoint(path: str | Path, require: tuple[str, ...] = ()) -> dict:
         raise CheckpointError(f"{path} is not an ldmkit checkpoint (it holds a {type(state).__name__})")
     missing = [k for k in require if k not in state]
     if missing:
-        raise CheckpointError(f"checkpoint {path} lacks '{missing[0]}' "
-                              f"({len(missing)} part(s) of the training state missing)")
+        raise CheckpointError(
+            f"checkpoint {path} lacks '{missing[0]}' ({len(missing)} part(s) of the training state missing)"
+        )
     return state
 
 
-def newest_intact_checkpoint(run_dir: Path, require: tuple[str, ...] = TRAINING_KEYS,
-                             report=lambda line: None) -> tuple[Path | None, dict | None]:
+def newest_intact_checkpoint(
+    run_dir: Path, require: tuple[str, ...] = TRAINING_KEYS, report=lambda line: None
+) -> tuple[Path | None, dict | None]:
     """(path, state) of the newest checkpoint that verifies and loads, reporting each newer one skipped in one
     line; (None, None) when the run has none. A run whose checkpoints are all unusable raises the newest error."""
     errors = []
@@ -222,7 +241,7 @@ def remove_partial_writes(run_dir: Path) -> list[Path]:
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints (keep >= 1: the newest is never deleted)."""
-    for old in list_checkpoints(run_dir)[:-max(keep, 1)]:
+    for old in list_checkpoints(run_dir)[: -max(keep, 1)]:
         old.unlink(missing_ok=True)
         checksum_path(old).unlink(missing_ok=True)
 

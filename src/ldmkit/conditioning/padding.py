@@ -1,4 +1,5 @@
 """Caption padding strategies (the paper's noisy replicate padding; our reading, docs/conditioning.md)."""
+
 from __future__ import annotations
 
 import torch
@@ -6,8 +7,13 @@ import torch
 PADDINGS = ("zero", "replicate", "noisy_replicate")
 
 
-def pad_text(tokens: torch.Tensor, mask: torch.Tensor, strategy: str = "zero", sigma: float = 0.1,
-             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_text(
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    strategy: str = "zero",
+    sigma: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fill the padding positions of caption tokens [B, N, D] (mask [B, N], True = real token, real tokens
     first). zero: zeros, mask kept. replicate: position i > L takes real token ((i - 1) mod L) + 1 (1-based),
     all positions attended. noisy_replicate: the same plus sigma * std(real tokens) * eps, eps ~ N(0, I) from

@@ -6,6 +6,7 @@
 - `clip`: a transformers CLIP text model with projection (as SD/SDXL/SD3); pooled = the projected EOS state.
 T5 and CLIP load from a local folder or a hub id when online; tests build them with tiny random weights.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ TEXT_ENCODERS = ("minilm", "t5", "clip")
 @dataclass
 class TextEmbedding:
     tokens: torch.Tensor  # [B, L, D]
-    mask: torch.Tensor    # [B, L] bool, True = real token
+    mask: torch.Tensor  # [B, L] bool, True = real token
     pooled: torch.Tensor  # [B, Dp]
 
 
@@ -57,7 +58,9 @@ class TextEncoder(nn.Module):
             else:
                 self.model = transformers.CLIPTextModelWithProjection.from_pretrained(source)
         except (OSError, ValueError) as e:
-            raise ValueError(f"cannot load the {kind} text encoder from {source!r}: {str(e).splitlines()[0][:160]}") from None
+            raise ValueError(
+                f"cannot load the {kind} text encoder from {source!r}: {str(e).splitlines()[0][:160]}"
+            ) from None
         self.model.eval().requires_grad_(False)
         config = self.model.config
         self.token_dim = config.hidden_size if kind != "t5" else config.d_model
@@ -69,7 +72,9 @@ class TextEncoder(nn.Module):
         if isinstance(captions, str):
             raise TypeError("captions must be a list of strings")
         device = next(self.model.parameters()).device
-        batch = self.tokenizer(list(captions), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt").to(device)
+        batch = self.tokenizer(
+            list(captions), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(device)
         mask = batch["attention_mask"].bool()
         if self.kind == "clip":
             out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])

@@ -14,6 +14,7 @@ Layout of the cache folder:
 Reading memory-maps the safetensors files (numpy), so a cache larger than RAM trains without loading it, and
 a batch is gathered with one fancy index per part: tens of thousands of samples per second on one core.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,14 @@ import torch
 from .datasets import DataError, sample_rng, split_item
 
 CACHE_FORMAT = "ldmkit-latent-cache/1"
-_NUMPY_DTYPES = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32, "I64": np.int64, "U8": np.uint8, "BOOL": np.bool_}
+_NUMPY_DTYPES = {
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "F32": np.float32,
+    "I64": np.int64,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 
 
 def memmap_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str]]:
@@ -42,7 +50,9 @@ def memmap_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[st
         dtype = _NUMPY_DTYPES[info["dtype"]]
         count = int(np.prod(info["shape"])) if info["shape"] else 1
         if end - begin != count * np.dtype(dtype).itemsize:
-            raise DataError(f"cache part {path} is corrupt: tensor {name} has {end - begin} bytes for shape {info['shape']}")
+            raise DataError(
+                f"cache part {path} is corrupt: tensor {name} has {end - begin} bytes for shape {info['shape']}"
+            )
         arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=8 + header_len + begin, shape=tuple(info["shape"]))
         dtypes[name] = info["dtype"]
     return arrays, dtypes, metadata
@@ -57,10 +67,14 @@ def read_manifest(folder: str | Path) -> dict:
     folder = Path(folder).expanduser()
     path = folder / "manifest.json"
     if not path.is_file():
-        raise DataError(f"no latent cache at {folder} (manifest.json missing): run 'ldmkit encode CONFIG' first, or finish it")
+        raise DataError(
+            f"no latent cache at {folder} (manifest.json missing): run 'ldmkit encode CONFIG' first, or finish it"
+        )
     manifest = json.loads(path.read_text())
     if manifest.get("format") != CACHE_FORMAT:
-        raise DataError(f"{path} is not an ldmkit latent cache of format {CACHE_FORMAT} (found {manifest.get('format')!r})")
+        raise DataError(
+            f"{path} is not an ldmkit latent cache of format {CACHE_FORMAT} (found {manifest.get('format')!r})"
+        )
     return manifest
 
 
@@ -117,7 +131,9 @@ class LatentCache(torch.utils.data.Dataset):
         if index.min() < 0 or index.max() >= len(self):
             raise IndexError(f"cache index out of range 0..{len(self) - 1}")
         if len(set(self.bucket_of[index].tolist())) > 1:
-            raise DataError("a batch mixes aspect-ratio buckets; use BucketBatches to draw batches from a bucketed cache")
+            raise DataError(
+                "a batch mixes aspect-ratio buckets; use BucketBatches to draw batches from a bucketed cache"
+            )
         flips = np.asarray([int(self.hflip and sample_rng(s).random() < 0.5) for s in seeds], dtype=np.int64)
         part_of = np.searchsorted(self.offsets, index, side="right") - 1
         out: dict[str, list] = {}
@@ -135,8 +151,14 @@ class LatentCache(torch.utils.data.Dataset):
             order.append(sel)
         inverse = np.argsort(np.concatenate(order))  # back to the order of `items`
         batch = {name: torch.cat(values)[inverse] for name, values in out.items()}
-        result = {"latent_mean": batch.pop("latent_mean"), "latent_std": batch.pop("latent_std"), "label": batch.pop("label")}
-        control = {name.split(".", 1)[1]: batch.pop(name).float() for name in list(batch) if name.startswith("control.")}
+        result = {
+            "latent_mean": batch.pop("latent_mean"),
+            "latent_std": batch.pop("latent_std"),
+            "label": batch.pop("label"),
+        }
+        control = {
+            name.split(".", 1)[1]: batch.pop(name).float() for name in list(batch) if name.startswith("control.")
+        }
         control["flip"] = torch.from_numpy(flips).float()[:, None]
         result["control"] = control
         if "text_mask" in batch:

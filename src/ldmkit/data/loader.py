@@ -8,6 +8,7 @@ next sample after an interruption:
 - WebDataset shards: a stream per process (`ShardStream`), resumed by skipping what it already read.
 Each sample also gets a seed from its stream position, which fixes its random crop and flip.
 """
+
 from __future__ import annotations
 
 import functools
@@ -41,7 +42,7 @@ def batch_indices(dataset_len: int, seed: int, start: int, count: int) -> np.nda
         epoch, offset = divmod(pos, dataset_len)
         perm = epoch_permutation(dataset_len, seed, epoch)
         take = min(count - len(out), dataset_len - offset)
-        out.extend(perm[offset: offset + take])
+        out.extend(perm[offset : offset + take])
         pos += take
     return np.asarray(out)
 
@@ -51,7 +52,9 @@ class GlobalBatches(torch.utils.data.Sampler):
     `start`: each step's global batch (global_batch_at) sliced by (accumulation round, rank). Given to a
     DataLoader as batch_sampler, so worker processes load in this exact order."""
 
-    def __init__(self, seed: int, start: int, end: int, global_batch: int, micro: int, rounds: int, world: int, rank: int):
+    def __init__(
+        self, seed: int, start: int, end: int, global_batch: int, micro: int, rounds: int, world: int, rank: int
+    ):
         self.seed, self.start, self.end, self.global_batch = seed, start, end, global_batch
         self.micro, self.rounds, self.world, self.rank = micro, rounds, world, rank
 
@@ -65,15 +68,25 @@ class GlobalBatches(torch.utils.data.Sampler):
             seeds = sample_seeds(self.seed, pos, self.global_batch)
             for r in range(self.rounds):
                 lo = (r * self.world + self.rank) * self.micro
-                yield list(zip(idx[lo: lo + self.micro].tolist(), seeds[lo: lo + self.micro]))
+                yield list(zip(idx[lo : lo + self.micro].tolist(), seeds[lo : lo + self.micro]))
             pos += self.global_batch
 
 
 class StreamBatches(GlobalBatches):
     """An indexed dataset in epochs of fresh permutations (batch_indices)."""
 
-    def __init__(self, dataset_len: int, seed: int, start: int, end: int, global_batch: int, micro: int, rounds: int,
-                 world: int, rank: int):
+    def __init__(
+        self,
+        dataset_len: int,
+        seed: int,
+        start: int,
+        end: int,
+        global_batch: int,
+        micro: int,
+        rounds: int,
+        world: int,
+        rank: int,
+    ):
         super().__init__(seed, start, end, global_batch, micro, rounds, world, rank)
         self.dataset_len = dataset_len
 
@@ -87,16 +100,28 @@ class BucketBatches(GlobalBatches):
     shuffle) and shuffles the batches with (seed, e). Position = images seen, so a resumed run continues with
     the next batch, whatever the process count."""
 
-    def __init__(self, bucket_of: np.ndarray, seed: int, start: int, end: int, global_batch: int, micro: int, rounds: int,
-                 world: int, rank: int):
+    def __init__(
+        self,
+        bucket_of: np.ndarray,
+        seed: int,
+        start: int,
+        end: int,
+        global_batch: int,
+        micro: int,
+        rounds: int,
+        world: int,
+        rank: int,
+    ):
         super().__init__(seed, start, end, global_batch, micro, rounds, world, rank)
         self.bucket_of = np.asarray(bucket_of)
         per_bucket = np.bincount(self.bucket_of)
         self.batches_per_epoch = int((per_bucket // self.global_batch).sum())
         self._epoch: tuple[int, list] | None = None  # the current epoch's batches, computed once
         if self.batches_per_epoch == 0:
-            raise DataError(f"no aspect-ratio bucket holds a whole global batch of {self.global_batch} samples "
-                            f"(bucket sizes {per_bucket.tolist()})")
+            raise DataError(
+                f"no aspect-ratio bucket holds a whole global batch of {self.global_batch} samples "
+                f"(bucket sizes {per_bucket.tolist()})"
+            )
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         if self._epoch is not None and self._epoch[0] == epoch:
@@ -105,8 +130,10 @@ class BucketBatches(GlobalBatches):
         for bucket in np.unique(self.bucket_of):
             members = np.flatnonzero(self.bucket_of == bucket)
             members = members[np.random.default_rng([self.seed, epoch, int(bucket)]).permutation(len(members))]
-            batches += [members[i: i + self.global_batch]
-                        for i in range(0, len(members) - self.global_batch + 1, self.global_batch)]
+            batches += [
+                members[i : i + self.global_batch]
+                for i in range(0, len(members) - self.global_batch + 1, self.global_batch)
+            ]
         order = np.random.default_rng([self.seed, epoch]).permutation(len(batches))
         self._epoch = (epoch, [batches[i] for i in order])
         return self._epoch[1]
@@ -129,16 +156,32 @@ def training_batches(cfg, dist, micro: int, rounds: int, start: int, end: int):
     if dc.from_cache:
         source = LatentCache(dc.cache, hflip=dc.hflip)
         if len(np.unique(source.bucket_of)) > 1:
-            sampler = BucketBatches(source.bucket_of, tc.seed, start, end, tc.global_batch, micro, rounds, dist.world_size, dist.rank)
+            sampler = BucketBatches(
+                source.bucket_of, tc.seed, start, end, tc.global_batch, micro, rounds, dist.world_size, dist.rank
+            )
         else:
-            sampler = StreamBatches(len(source), tc.seed, start, end, tc.global_batch, micro, rounds, dist.world_size, dist.rank)
-        loader = torch.utils.data.DataLoader(source, batch_sampler=sampler, collate_fn=_collated, num_workers=dc.num_workers, pin_memory=pin)
+            sampler = StreamBatches(
+                len(source), tc.seed, start, end, tc.global_batch, micro, rounds, dist.world_size, dist.rank
+            )
+        loader = torch.utils.data.DataLoader(
+            source, batch_sampler=sampler, collate_fn=_collated, num_workers=dc.num_workers, pin_memory=pin
+        )
     elif dc.name == "shards":
-        source = ShardStream(expand_urls(dc.path, dc.allow_shell), dc, tc.seed, dist.rank, dist.world_size, micro, start // dist.world_size,
-                             with_labels=cfg.model.conditioning == "class")
+        source = ShardStream(
+            expand_urls(dc.path, dc.allow_shell),
+            dc,
+            tc.seed,
+            dist.rank,
+            dist.world_size,
+            micro,
+            start // dist.world_size,
+            with_labels=cfg.model.conditioning == "class",
+        )
         loader = torch.utils.data.DataLoader(source, batch_size=None, num_workers=dc.num_workers, pin_memory=pin)
     else:
         source = build_dataset(dc, "train")
-        sampler = StreamBatches(len(source), tc.seed, start, end, tc.global_batch, micro, rounds, dist.world_size, dist.rank)
+        sampler = StreamBatches(
+            len(source), tc.seed, start, end, tc.global_batch, micro, rounds, dist.world_size, dist.rank
+        )
         loader = torch.utils.data.DataLoader(source, batch_sampler=sampler, num_workers=dc.num_workers, pin_memory=pin)
     return iter(loader), source

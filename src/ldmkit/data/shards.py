@@ -7,6 +7,7 @@ URL WebDataset's gopen accepts (`pipe:` commands for object stores, http); `shar
 list across processes explicitly, so ranks never overlap. `ShardStream` is the training stream: a
 deterministic, resumable order per process (see its docstring).
 """
+
 from __future__ import annotations
 
 import io
@@ -31,7 +32,9 @@ def digit_caption(label: int) -> str:
     return f"a handwritten digit {DIGIT_WORDS[label]}"
 
 
-def write_mnist_caption_shards(out_dir: str | Path, data_cfg, split: str = "train", shard_size: int = 1000, prefix: str = "mnist") -> list[Path]:
+def write_mnist_caption_shards(
+    out_dir: str | Path, data_cfg, split: str = "train", shard_size: int = 1000, prefix: str = "mnist"
+) -> list[Path]:
     """Write the MNIST digits of `split` with captions as shards of `shard_size` samples; returns their paths."""
     import webdataset as wds
 
@@ -40,7 +43,9 @@ def write_mnist_caption_shards(out_dir: str | Path, data_cfg, split: str = "trai
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ds = build_dataset(DataConfig(name="mnist", resolution=data_cfg.resolution, channels=1, held_out=data_cfg.held_out), split)
+    ds = build_dataset(
+        DataConfig(name="mnist", resolution=data_cfg.resolution, channels=1, held_out=data_cfg.held_out), split
+    )
     with wds.ShardWriter(str(out_dir / f"{prefix}-%05d.tar"), maxcount=shard_size, verbose=0) as sink:
         for i in range(len(ds)):
             sample = ds[i]
@@ -49,15 +54,23 @@ def write_mnist_caption_shards(out_dir: str | Path, data_cfg, split: str = "trai
             buffer = io.BytesIO()
             Image.fromarray(pixels).save(buffer, format="PNG")
             label = int(label)
-            sink.write({"__key__": f"{split}{i:07d}", "png": buffer.getvalue(), "txt": digit_caption(label),
-                        "json": json.dumps({"label": label, "width": pixels.shape[1], "height": pixels.shape[0]}).encode()})
+            sink.write(
+                {
+                    "__key__": f"{split}{i:07d}",
+                    "png": buffer.getvalue(),
+                    "txt": digit_caption(label),
+                    "json": json.dumps({"label": label, "width": pixels.shape[1], "height": pixels.shape[0]}).encode(),
+                }
+            )
     return sorted(out_dir.glob(f"{prefix}-*.tar"))
 
 
 def shards_for_rank(urls: list[str], rank: int, world_size: int) -> list[str]:
     """This process's shards: every world_size-th one, starting at its rank. Needs at least one shard per rank."""
     if len(urls) < world_size:
-        raise ValueError(f"{len(urls)} shard(s) cannot be split across {world_size} processes; write more, smaller shards")
+        raise ValueError(
+            f"{len(urls)} shard(s) cannot be split across {world_size} processes; write more, smaller shards"
+        )
     return list(urls)[rank::world_size]
 
 
@@ -101,8 +114,10 @@ def check_shell(urls: list[str], allow_shell: bool, what: str) -> list[str]:
     """`pipe:CMD` URLs run CMD through a shell: refused unless the config allows it (data.allow_shell)."""
     piped = [u for u in urls if u.startswith("pipe:")]
     if piped and not allow_shell:
-        raise ValueError(f"{what} a 'pipe:' URL ({piped[0][:80]}), which runs a shell command; set data.allow_shell: true "
-                         "if you trust it (docs/data.md)")
+        raise ValueError(
+            f"{what} a 'pipe:' URL ({piped[0][:80]}), which runs a shell command; set data.allow_shell: true "
+            "if you trust it (docs/data.md)"
+        )
     return urls
 
 
@@ -184,10 +199,21 @@ class ShardStream(torch.utils.data.IterableDataset):
     The order depends on the number of processes (shards are split by rank): resume with the same count.
     """
 
-    def __init__(self, urls: list[str], data_cfg, seed: int, rank: int, world_size: int, micro: int, start: int = 0,
-                 with_labels: bool = False):
+    def __init__(
+        self,
+        urls: list[str],
+        data_cfg,
+        seed: int,
+        rank: int,
+        world_size: int,
+        micro: int,
+        start: int = 0,
+        with_labels: bool = False,
+    ):
         if len(urls) < world_size:
-            raise ValueError(f"{len(urls)} shard(s) cannot be split across {world_size} processes; write more, smaller shards")
+            raise ValueError(
+                f"{len(urls)} shard(s) cannot be split across {world_size} processes; write more, smaller shards"
+            )
         self.urls, self.cfg, self.seed = [str(u) for u in urls], data_cfg, seed
         self.rank, self.world_size, self.micro, self.start = rank, world_size, micro, start
         self.label_field = data_cfg.label_field if with_labels else None
@@ -197,7 +223,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         position, epoch = 0, 0
         while True:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.urls))
-            mine = [self.urls[i] for i in order[self.rank::self.world_size]]
+            mine = [self.urls[i] for i in order[self.rank :: self.world_size]]
             rng = np.random.default_rng([self.seed, epoch, self.rank])
             before = position
             for record in shuffled((r for url in mine for r in tar_records(url)), self.cfg.shuffle_buffer, rng):
@@ -212,12 +238,24 @@ class ShardStream(torch.utils.data.IterableDataset):
         image, _ = record_image(record, cfg.channels, cfg.min_side_px)
         label = record_label(record, self.label_field)
         rng = np.random.default_rng([self.seed, self.rank, position])
-        image, meta = crop_with_metadata(image, cfg.resolution, cfg.crop, rng, 0.5 if cfg.hflip else 0.0,
-                                         tuple(cfg.crop_scale), tuple(cfg.crop_ratio))
+        image, meta = crop_with_metadata(
+            image,
+            cfg.resolution,
+            cfg.crop,
+            rng,
+            0.5 if cfg.hflip else 0.0,
+            tuple(cfg.crop_scale),
+            tuple(cfg.crop_ratio),
+        )
         from .datasets import control_tensors, pil_to_tensor
 
-        return {"image": pil_to_tensor(image), "label": torch.tensor(label), "caption": record_caption(record),
-                "key": record["__key__"], "control": control_tensors(meta)}
+        return {
+            "image": pil_to_tensor(image),
+            "label": torch.tensor(label),
+            "caption": record_caption(record),
+            "key": record["__key__"],
+            "control": control_tensors(meta),
+        }
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()

@@ -1,9 +1,9 @@
 """Resize/crop strategies that record the control metadata of what they did (PAPER.md sections 2-3).
 
-Every call returns the target image (square, or a bucket's h x w) and a `CropMetadata`, whose fields are the named control values
-the conditioner embeds. Coordinates are in pixels of the ORIGINAL image (SDXL records the crop corner in the
-resized image instead: multiply by target / min(original) to convert). Randomness comes from the numpy
-Generator the caller passes, so a sample's crop is reproducible from its seed.
+Every call returns the target image (square, or a bucket's h x w) and a `CropMetadata`, whose fields are the
+named control values the conditioner embeds. Coordinates are in pixels of the ORIGINAL image (SDXL records the
+crop corner in the resized image instead: multiply by target / min(original) to convert). Randomness comes from
+the numpy Generator the caller passes, so a sample's crop is reproducible from its seed.
 
 Strategies:
 - `center`: ADM/DiT's centre crop, exactly (box-halving, bicubic resize of the short side, centre crop);
@@ -15,6 +15,7 @@ Strategies:
   torchvision's RandomResizedCrop), resized to the target.
 - `none`: the whole image resized to target x target (aspect ratio not kept).
 """
+
 from __future__ import annotations
 
 import math
@@ -23,18 +24,17 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
-
 CROP_STRATEGIES = ("center", "random", "random_resized", "none")
 
 
 @dataclass(frozen=True)
 class CropMetadata:
-    original_size: tuple[int, int]     # (h, w) of the source image
+    original_size: tuple[int, int]  # (h, w) of the source image
     crop_top_left: tuple[float, float]  # (top, left) of the cropped region, original pixels
-    crop_size: tuple[float, float]      # (h, w) of the cropped region, original pixels
-    target_size: tuple[int, int]        # (h, w) of the output
-    aspect_ratio: float                 # w / h of the source image
-    flip: int                           # 1 if the output was mirrored left-right
+    crop_size: tuple[float, float]  # (h, w) of the cropped region, original pixels
+    target_size: tuple[int, int]  # (h, w) of the output
+    aspect_ratio: float  # w / h of the source image
+    flip: int  # 1 if the output was mirrored left-right
 
     def as_control(self) -> dict[str, list[float]]:
         """Named control values, each a flat list of floats (what the conditioner embeds)."""
@@ -64,9 +64,15 @@ def _resize_region(image: Image.Image, box: tuple[float, float, float, float], s
     return image.resize(size, resample=Image.BICUBIC, box=(left, top, right, bottom))
 
 
-def crop_with_metadata(image: Image.Image, target: int | tuple[int, int], strategy: str = "center", rng: np.random.Generator | None = None,
-                       flip_prob: float = 0.0, scale: tuple[float, float] = (0.5, 1.0),
-                       ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[Image.Image, CropMetadata]:
+def crop_with_metadata(
+    image: Image.Image,
+    target: int | tuple[int, int],
+    strategy: str = "center",
+    rng: np.random.Generator | None = None,
+    flip_prob: float = 0.0,
+    scale: tuple[float, float] = (0.5, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[Image.Image, CropMetadata]:
     """Crop and resize `image` to target (side, or (h, w)) with `strategy`; returns the image and its metadata."""
     if strategy not in CROP_STRATEGIES:
         raise ValueError(f"unknown crop strategy {strategy!r} (one of {', '.join(CROP_STRATEGIES)})")
@@ -111,8 +117,8 @@ class BadImage(ValueError):
 
 def load_image(source, channels: int | None = 3, min_size: int = 0) -> tuple[Image.Image, str | None]:
     """Decode a file path or bytes into an 'RGB' (channels 3) or 'L' (channels 1) image. Returns the image and
-    the source mode when it had to be converted (channels None: keep the file's mode) (grayscale, CMYK, palette, alpha), else None. Raises BadImage
-    for corrupt, truncated or too-small images."""
+    the source mode when it had to be converted (grayscale, CMYK, palette, alpha), else None (channels None: keep
+    the file's mode). Raises BadImage for corrupt, truncated or too-small images."""
     import io
 
     try:

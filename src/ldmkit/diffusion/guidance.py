@@ -1,5 +1,6 @@
 """Classifier-free guidance: the model evaluated on [conditional; unconditional] in one batch; with a separate
 control scale (PAPER.md section 2), on [full; semantic only; neither] in one batch."""
+
 from __future__ import annotations
 
 import torch
@@ -21,7 +22,9 @@ def guided(model, cond: Cond, scale: float, guided_channels: int | None = None, 
     plain classifier-free guidance with the control values kept in both branches (two evaluations).
     """
     B = cond.batch_size
-    device = next(getattr(cond, f) for f in ("class_labels", "pooled", "context") if getattr(cond, f) is not None).device
+    device = next(
+        getattr(cond, f) for f in ("class_labels", "pooled", "context") if getattr(cond, f) is not None
+    ).device
     if control_scale != 1.0:
         return _guided_with_control(model, cond, scale, control_scale, guided_channels, B, device)
     if scale == 1.0:

@@ -1,6 +1,7 @@
 """Training objectives. Each maps its own time variable onto the contract's t in [0, 1] and returns a
 per-sample loss [B]; which samples, times and noise are used is decided by the caller's generator.
 """
+
 from __future__ import annotations
 
 import functools
@@ -49,7 +50,9 @@ class DDPMObjective:
 
     @classmethod
     def from_config(cls, diffusion_cfg, learn_sigma: bool, resolution_factor: float = 1.0) -> "DDPMObjective":
-        betas = ddpm_betas(diffusion_cfg.beta_schedule, diffusion_cfg.num_timesteps, diffusion_cfg.beta_start, diffusion_cfg.beta_end)
+        betas = ddpm_betas(
+            diffusion_cfg.beta_schedule, diffusion_cfg.num_timesteps, diffusion_cfg.beta_start, diffusion_cfg.beta_end
+        )
         if resolution_factor != 1.0:  # log-SNR shifted for the resolution (diffusion.shift_base_resolution)
             betas = shift_log_snr(betas, resolution_factor)
         return cls(DDPMSchedule(betas), learn_sigma, diffusion_cfg.min_snr_gamma)
@@ -59,11 +62,17 @@ class DDPMObjective:
 
     def q_sample(self, x0, index, noise):
         s = self.schedule
-        return s.gather("sqrt_alphas_cumprod", index, x0.ndim) * x0 + s.gather("sqrt_one_minus_alphas_cumprod", index, x0.ndim) * noise
+        return (
+            s.gather("sqrt_alphas_cumprod", index, x0.ndim) * x0
+            + s.gather("sqrt_one_minus_alphas_cumprod", index, x0.ndim) * noise
+        )
 
     def q_posterior(self, x0, x_t, index):
         s = self.schedule
-        mean = s.gather("posterior_mean_coef1", index, x0.ndim) * x0 + s.gather("posterior_mean_coef2", index, x0.ndim) * x_t
+        mean = (
+            s.gather("posterior_mean_coef1", index, x0.ndim) * x0
+            + s.gather("posterior_mean_coef2", index, x0.ndim) * x_t
+        )
         return mean, s.gather("posterior_log_variance_clipped", index, x0.ndim)
 
     def p_mean_variance(self, model_out, x_t, index):
@@ -78,7 +87,10 @@ class DDPMObjective:
         else:
             eps = model_out
             log_variance = s.gather("log_variance_fixed_large", index, x_t.ndim)
-        x0 = s.gather("sqrt_recip_alphas_cumprod", index, x_t.ndim) * x_t - s.gather("sqrt_recipm1_alphas_cumprod", index, x_t.ndim) * eps
+        x0 = (
+            s.gather("sqrt_recip_alphas_cumprod", index, x_t.ndim) * x_t
+            - s.gather("sqrt_recipm1_alphas_cumprod", index, x_t.ndim) * eps
+        )
         mean, _ = self.q_posterior(x0, x_t, index)
         return mean, log_variance, x0, eps
 
@@ -109,7 +121,9 @@ class DDPMObjective:
 class FlowObjective:
     """Rectified flow (SD3): x_t = (1 - t) x0 + t eps, the model predicts v = eps - x0."""
 
-    def __init__(self, time_sampler: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0, time_shift: float = 1.0):
+    def __init__(
+        self, time_sampler: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0, time_shift: float = 1.0
+    ):
         self.time_sampler = time_sampler
         self.logit_mean, self.logit_std = logit_mean, logit_std
         self.time_shift = time_shift
@@ -134,8 +148,9 @@ class FlowObjective:
         return {"mse": mse, "loss": mse}
 
 
-def training_loss(objective, model, x0: torch.Tensor, cond, t: torch.Tensor, noise: torch.Tensor,
-                  extra_passes: tuple[dict, ...] = ()) -> dict[str, torch.Tensor]:
+def training_loss(
+    objective, model, x0: torch.Tensor, cond, t: torch.Tensor, noise: torch.Tensor, extra_passes: tuple[dict, ...] = ()
+) -> dict[str, torch.Tensor]:
     """The objective's loss, plus one more per extra pass: the same noisy latents through the model called with
     that pass's arguments (MDT-v2's masked pass: keep=...); the losses add."""
     terms = objective.loss(model, x0, cond, t, noise)
@@ -147,5 +162,7 @@ def training_loss(objective, model, x0: torch.Tensor, cond, t: torch.Tensor, noi
 
 def build_objective(cfg):
     if cfg.diffusion.objective == "ddpm":
-        return DDPMObjective.from_config(cfg.diffusion, cfg.model.learn_sigma, resolution_factor(cfg.diffusion, cfg.data.resolution))
+        return DDPMObjective.from_config(
+            cfg.diffusion, cfg.model.learn_sigma, resolution_factor(cfg.diffusion, cfg.data.resolution)
+        )
     return FlowObjective.from_config(cfg.diffusion, flow_shift(cfg))

@@ -5,6 +5,7 @@ DDPM objective: `ddpm` (ancestral, learned or fixed variance, respaced) and `ddi
 `euler` and `heun` over a shifted sigma grid from 1 to 0. The single-step functions are tested against
 diffusers' DDPMScheduler, DDIMScheduler, FlowMatchEulerDiscreteScheduler and FlowMatchHeunDiscreteScheduler.
 """
+
 from __future__ import annotations
 
 import torch
@@ -44,7 +45,16 @@ def ddim_step(objective: DDPMObjective, model_out, x, i: int, eta: float = 0.0, 
     return out
 
 
-def sample_ddpm(model_fn, objective: DDPMObjective, x, generators, steps: int, respacing: str = "adm", method: str = "ddpm", eta: float = 0.0):
+def sample_ddpm(
+    model_fn,
+    objective: DDPMObjective,
+    x,
+    generators,
+    steps: int,
+    respacing: str = "adm",
+    method: str = "ddpm",
+    eta: float = 0.0,
+):
     """Run the respaced chain from pure noise x (position steps-1) to the data."""
     base = objective.schedule
     use = space_timesteps(base.num_steps, steps, respacing)
@@ -99,4 +109,14 @@ def sample(model_fn, cfg, objective, shape, generators, device, steps: int | Non
     return sample_flow(model_fn, x, flow_sigmas(steps, flow_shift(cfg)).to(device), sampler)
 
 
-__all__ = ["DDPMSchedule", "sample", "sample_ddpm", "sample_flow", "flow_sigmas", "ddpm_step", "ddim_step", "euler_step", "randn_per_sample"]
+__all__ = [
+    "DDPMSchedule",
+    "sample",
+    "sample_ddpm",
+    "sample_flow",
+    "flow_sigmas",
+    "ddpm_step",
+    "ddim_step",
+    "euler_step",
+    "randn_per_sample",
+]

@@ -2,6 +2,7 @@
 sample as float32 tensors. The backbone contract's noise level is t in [0, 1] (1 = pure noise): DDPM
 step k is t = k / num_timesteps; rectified flow uses t = sigma directly.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,18 +18,25 @@ def ddpm_betas(schedule: str, num_timesteps: int, beta_start: float = 1e-4, beta
         # DiT/ADM: the 1000-step endpoints, rescaled when the number of steps differs.
         scale = 1000 / num_timesteps
         if not 0 < scale * beta_start < 1 or not 0 < scale * beta_end < 1:
-            raise ConfigError(f"config key 'diffusion.num_timesteps': {num_timesteps} steps rescale the linear betas "
-                              f"[{beta_start}, {beta_end}] by 1000 / {num_timesteps} to outside (0, 1)")
+            raise ConfigError(
+                f"config key 'diffusion.num_timesteps': {num_timesteps} steps rescale the linear betas "
+                f"[{beta_start}, {beta_end}] by 1000 / {num_timesteps} to outside (0, 1)"
+            )
         return np.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=np.float64)
     if schedule == "scaled_linear":
-        # LDM / Stable Diffusion: linear in sqrt(beta) (latent-diffusion linear_start 0.00085 or 0.0015, linear_end 0.012 or 0.0195).
+        # LDM / Stable Diffusion: linear in sqrt(beta) (latent-diffusion linear_start 0.00085 or 0.0015,
+        # linear_end 0.012 or 0.0195).
         return np.linspace(beta_start**0.5, beta_end**0.5, num_timesteps, dtype=np.float64) ** 2
     if schedule == "cosine":
+
         def alpha_bar(t):
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
         return np.array(
-            [min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), 0.999) for i in range(num_timesteps)],
+            [
+                min(1 - alpha_bar((i + 1) / num_timesteps) / alpha_bar(i / num_timesteps), 0.999)
+                for i in range(num_timesteps)
+            ],
             dtype=np.float64,
         )
     raise ValueError(f"unknown beta schedule {schedule!r}")

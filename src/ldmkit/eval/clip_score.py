@@ -7,6 +7,7 @@ Two things break between torchmetrics 1.x and transformers 5, fixed here rather 
 local folder is refused. `clip_score_metric` loads the model itself and hands torchmetrics an adapter that
 returns the tensors torchmetrics expects.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -57,7 +58,7 @@ def update_clip_score(metric, images: torch.Tensor, prompts: list[str], batch: i
     if pixels.shape[1] == 1:
         pixels = pixels.repeat(1, 3, 1, 1)
     for lo in range(0, len(pixels), batch):
-        metric.update(list(pixels[lo: lo + batch]), list(prompts[lo: lo + batch]))
+        metric.update(list(pixels[lo : lo + batch]), list(prompts[lo : lo + batch]))
 
 
 def clip_score(images: torch.Tensor, prompts: list[str], path: str, batch: int = 64) -> float:
@@ -70,22 +71,36 @@ def clip_score(images: torch.Tensor, prompts: list[str], path: str, batch: int =
 def byte_symbols() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table, which CLIP's BPE uses: printable bytes map to
     themselves, the other 68 to the characters from U+0100 on, in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("\u00a1"), ord("\u00ac") + 1),
+        *range(ord("\u00ae"), ord("\u00ff") + 1),
+    ]
     table, extra = {b: chr(b) for b in printable}, 0
     for b in range(256):
         if b not in table:
             table[b] = chr(256 + extra)
             extra += 1
-    return dict(sorted(table.items(), key=lambda kv: (kv[0] not in printable, printable.index(kv[0]) if kv[0] in printable else kv[0])))
+    return dict(
+        sorted(
+            table.items(),
+            key=lambda kv: (kv[0] not in printable, printable.index(kv[0]) if kv[0] in printable else kv[0]),
+        )
+    )
 
 
 def clip_tokenizer_files(bpe_gz: str | Path, out_dir: str | Path) -> Path:
     """vocab.json and merges.txt of CLIP's tokenizer, rebuilt from OpenAI's bpe_simple_vocab_16e6.txt.gz (the
     file OpenAI's clip and open_clip ship): the 256 byte symbols, the same with the end-of-word marker, one
     token per merge (48,894 merges), then <|startoftext|> and <|endoftext|> (49,408 tokens)."""
-    merges = gzip.open(bpe_gz).read().decode("utf-8").split("\n")[1: 49152 - 256 - 2 + 1]
+    merges = gzip.open(bpe_gz).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     symbols = list(byte_symbols().values())
-    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = (
+        symbols
+        + [s + "</w>" for s in symbols]
+        + ["".join(m.split()) for m in merges]
+        + ["<|startoftext|>", "<|endoftext|>"]
+    )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))

@@ -2,17 +2,28 @@
 CSV table of metrics, images seen, device hours and settings, and PNG plots: the small-N metric and the
 validation loss against images seen (eval.jsonl), the training loss curves (log.jsonl), and the guidance
 sweeps (eval/sweep.json, from `ldmkit eval --sweep-guidance`)."""
+
 from __future__ import annotations
 
 import csv
 import json
 from pathlib import Path
 
+from ..checkpoint import run_checkpoint
 from ..config import RunConfig, build
 from .report import read_log
-from ..checkpoint import run_checkpoint
 
-METRIC_KEYS = ("fid", "kid", "precision", "recall", "density", "coverage", "clip_score", "fd_effnetlite0", "class_agreement")
+METRIC_KEYS = (
+    "fid",
+    "kid",
+    "precision",
+    "recall",
+    "density",
+    "coverage",
+    "clip_score",
+    "fd_effnetlite0",
+    "class_agreement",
+)
 
 
 def _init_source(run_dir: Path) -> str:
@@ -30,15 +41,30 @@ def run_summary(run_dir: Path) -> dict:
     log = read_log(run_dir)
     seconds = sum(r.get("interval_s", 0.0) * r.get("processes", 1) for r in log)
     device = log[-1].get("device", "?") if log else "?"
-    row = {"run": cfg.name, "folder": str(run_dir), "backbone": cfg.model.name, "preset": cfg.model.preset, "conditioning": cfg.model.conditioning,
-           "mechanism": cfg.conditioning.mechanism, "control": " ".join(cfg.conditioning.control) or "-",
-           "padding": cfg.conditioning.padding if cfg.model.conditioning == "text" else "-",
-           "objective": cfg.diffusion.objective, "data": f"{cfg.data.name} {cfg.data.resolution}px", "global_batch": cfg.train.global_batch,
-           # transfer settings (docs/transfer.md): where the weights came from, the positions, the noise shift
-           "init": _init_source(run_dir), "positions": (f"{cfg.model.pos_embed_resample} from {cfg.model.pos_embed_base_size}"
-                                                        if cfg.model.pos_embed_base_size else "-"),
-           "noise_shift": f"from {cfg.diffusion.shift_base_resolution}px" if cfg.diffusion.shift_base_resolution else "-",
-           "lr": cfg.train.lr, "images_seen": state["images_seen"], f"{device}_hours": round(seconds / 3600, 4)}
+    row = {
+        "run": cfg.name,
+        "folder": str(run_dir),
+        "backbone": cfg.model.name,
+        "preset": cfg.model.preset,
+        "conditioning": cfg.model.conditioning,
+        "mechanism": cfg.conditioning.mechanism,
+        "control": " ".join(cfg.conditioning.control) or "-",
+        "padding": cfg.conditioning.padding if cfg.model.conditioning == "text" else "-",
+        "objective": cfg.diffusion.objective,
+        "data": f"{cfg.data.name} {cfg.data.resolution}px",
+        "global_batch": cfg.train.global_batch,
+        # transfer settings (docs/transfer.md): where the weights came from, the positions, the noise shift
+        "init": _init_source(run_dir),
+        "positions": (
+            f"{cfg.model.pos_embed_resample} from {cfg.model.pos_embed_base_size}"
+            if cfg.model.pos_embed_base_size
+            else "-"
+        ),
+        "noise_shift": f"from {cfg.diffusion.shift_base_resolution}px" if cfg.diffusion.shift_base_resolution else "-",
+        "lr": cfg.train.lr,
+        "images_seen": state["images_seen"],
+        f"{device}_hours": round(seconds / 3600, 4),
+    }
     metrics_file = run_dir / "metrics.json"
     if metrics_file.is_file():
         metrics = json.loads(metrics_file.read_text())
@@ -68,8 +94,11 @@ def write_comparison(runs: list[str | Path], out_dir: str | Path) -> dict[str, P
 
     table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     table += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
-    notes = ["", "Metrics are the runs' metrics.json (`ldmkit eval`); compare them only at equal num_images, sampler, steps and "
-             "guidance. Device hours = training wall time x processes, from log.jsonl."]
+    notes = [
+        "",
+        "Metrics are the runs' metrics.json (`ldmkit eval`); compare them only at equal num_images, sampler, steps and "
+        "guidance. Device hours = training wall time x processes, from log.jsonl.",
+    ]
     paths["markdown"].write_text("# Run comparison\n\n" + "\n".join(table) + "\n" + "\n".join(notes) + "\n")
 
     def plot(name: str, ylabel: str, series: list[tuple[str, list, list]], xlabel: str = "images seen"):
@@ -89,19 +118,43 @@ def write_comparison(runs: list[str | Path], out_dir: str | Path) -> dict[str, P
 
     names = [row["run"] for row in rows]
     logs = [read_log(Path(r)) for r in runs]
-    plot("loss.png", "training loss", [(n, [r["images"] for r in log], [r["loss"] for r in log]) for n, log in zip(names, logs)])
+    plot(
+        "loss.png",
+        "training loss",
+        [(n, [r["images"] for r in log], [r["loss"] for r in log]) for n, log in zip(names, logs)],
+    )
     evals = [read_log(Path(r), "eval.jsonl") for r in runs]
-    plot("val_loss.png", "validation loss (fixed batch, mean over levels)",
-         [(n, [r["images"] for r in ev if "val_loss_mean" in r], [r["val_loss_mean"] for r in ev if "val_loss_mean" in r]) for n, ev in zip(names, evals)])
+    plot(
+        "val_loss.png",
+        "validation loss (fixed batch, mean over levels)",
+        [
+            (
+                n,
+                [r["images"] for r in ev if "val_loss_mean" in r],
+                [r["val_loss_mean"] for r in ev if "val_loss_mean" in r],
+            )
+            for n, ev in zip(names, evals)
+        ],
+    )
     for key in ("fid", "fd_effnetlite0", "class_agreement"):
-        plot(f"{key}_vs_images.png", f"{key} (small-N, during training)",
-             [(n, [r["images"] for r in ev if key in r], [r[key] for r in ev if key in r]) for n, ev in zip(names, evals)])
+        plot(
+            f"{key}_vs_images.png",
+            f"{key} (small-N, during training)",
+            [
+                (n, [r["images"] for r in ev if key in r], [r[key] for r in ev if key in r])
+                for n, ev in zip(names, evals)
+            ],
+        )
     sweeps = []
     for n, r in zip(names, runs):
         file = Path(r) / "eval" / "sweep.json"
         if file.is_file():
             sweeps.append((n, json.loads(file.read_text())))
     for key in METRIC_KEYS:
-        plot(f"guidance_sweep_{key}.png", key, [(n, [p["guidance_scale"] for p in s if key in p], [p[key] for p in s if key in p]) for n, s in sweeps],
-             xlabel="guidance scale")
+        plot(
+            f"guidance_sweep_{key}.png",
+            key,
+            [(n, [p["guidance_scale"] for p in s if key in p], [p[key] for p in s if key in p]) for n, s in sweeps],
+            xlabel="guidance scale",
+        )
     return paths

@@ -1,5 +1,6 @@
 """A small digit classifier trained by ldmkit on the embedded MNIST digits, used to check that generated
 digits show the class they were conditioned on (the demo's main metric and the conditioning probe's judge)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,11 +15,14 @@ class DigitClassifier(nn.Module):
 
     def __init__(self, num_classes: int = 10):
         super().__init__()
+
         def block(cin, cout):
             return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
 
         self.features = nn.Sequential(block(1, 16), block(16, 32), block(32, 64))  # -> [B, 64, 4, 4]
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 16, 128), nn.ReLU(), nn.Linear(128, num_classes))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 16, 128), nn.ReLU(), nn.Linear(128, num_classes)
+        )
 
     def forward(self, x):
         if x.shape[-2:] != (32, 32):
@@ -31,10 +35,12 @@ def random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 2
     padded = F.pad(x, [max_shift] * 4, value=-1.0)
     H, W = x.shape[-2:]
     offsets = torch.randint(0, 2 * max_shift + 1, (x.shape[0], 2), generator=generator)
-    return torch.stack([padded[i, :, dy: dy + H, dx: dx + W] for i, (dy, dx) in enumerate(offsets.tolist())])
+    return torch.stack([padded[i, :, dy : dy + H, dx : dx + W] for i, (dy, dx) in enumerate(offsets.tolist())])
 
 
-def train_classifier(images, labels, epochs: int = 20, batch: int = 64, seed: int = 0, lr: float = 2e-3) -> DigitClassifier:
+def train_classifier(
+    images, labels, epochs: int = 20, batch: int = 64, seed: int = 0, lr: float = 2e-3
+) -> DigitClassifier:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = DigitClassifier(int(labels.max()) + 1)
@@ -45,7 +51,7 @@ def train_classifier(images, labels, epochs: int = 20, batch: int = 64, seed: in
     for _ in range(epochs):
         perm = torch.randperm(len(labels), generator=gen)
         for lo in range(0, len(labels), batch):
-            idx = perm[lo: lo + batch]
+            idx = perm[lo : lo + batch]
             loss = F.cross_entropy(model(random_shift(images[idx], gen)), labels[idx])
             opt.zero_grad()
             loss.backward()
@@ -57,7 +63,7 @@ def train_classifier(images, labels, epochs: int = 20, batch: int = 64, seed: in
 @torch.no_grad()
 def predict(model: DigitClassifier, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(images[lo: lo + batch].float().cpu()).argmax(1) for lo in range(0, len(images), batch)])
+    return torch.cat([model(images[lo : lo + batch].float().cpu()).argmax(1) for lo in range(0, len(images), batch)])
 
 
 def accuracy(model, images, labels) -> float:

@@ -1,6 +1,7 @@
 """Evaluation of a run or a folder of images: the run's sample set (eval/sampleset.py), then digit-classifier
 agreement (digit runs), FD-EffNetLite0 (offline), and with Inception-v3 weights FID, KID, precision/recall and
 density/coverage against reference statistics (eval/reference.py)."""
+
 from __future__ import annotations
 
 import json
@@ -12,12 +13,12 @@ import torch
 from PIL import Image
 
 from ..autoencoders import build_autoencoder
+from ..checkpoint import CheckpointError, load_weights, nonfinite_count, run_checkpoint
 from ..config import RunConfig, build, validate
 from ..data.datasets import IMAGE_SUFFIXES, DataError, build_dataset, pil_to_tensor
 from ..data.transforms import BadImage, load_image
 from ..diffusion.objectives import build_objective
 from ..models.registry import build_model
-from ..checkpoint import CheckpointError, load_weights, nonfinite_count, run_checkpoint
 from .features import extract
 from .generate import generate
 from .metrics import frechet_distance_of
@@ -30,22 +31,28 @@ def load_generator(path: str | Path, use_ema: bool = True, device="cpu"):
     except CheckpointError as e:
         if "lacks 'config'" not in str(e):
             raise
-        raise CheckpointError(f"{path} is not an ldmkit checkpoint (no config); import foreign weights with 'ldmkit convert'") from None
+        raise CheckpointError(
+            f"{path} is not an ldmkit checkpoint (no config); import foreign weights with 'ldmkit convert'"
+        ) from None
     cfg = build(RunConfig, state["config"])
     validate(cfg)
     model = build_model(cfg.model, cfg.conditioning)
     weights = state["ema" if use_ema else "model"]
     bad = int(nonfinite_count(weights.values()))
     if bad:
-        raise CheckpointError(f"checkpoint {ckpt} holds {bad:,} non-finite {'EMA ' if use_ema else ''}weights: it cannot sample "
-                              "(the run diverged before it was written)")
+        raise CheckpointError(
+            f"checkpoint {ckpt} holds {bad:,} non-finite {'EMA ' if use_ema else ''}weights: it cannot sample "
+            "(the run diverged before it was written)"
+        )
     load_weights(model, weights, f"checkpoint {ckpt}")
     model.to(device).eval()
     autoencoder = build_autoencoder(cfg.autoencoder, cfg.data.channels).to(device)
     return cfg, model, build_objective(cfg), autoencoder, run_dir
 
 
-def read_image_folder(folder: str | Path, channels: int, limit: int | None = None, size: int | None = None) -> torch.Tensor:
+def read_image_folder(
+    folder: str | Path, channels: int, limit: int | None = None, size: int | None = None
+) -> torch.Tensor:
     """Every readable image below folder as [N, C, H, W] in [-1, 1]; unreadable files are skipped."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -82,7 +89,9 @@ def digit_data(cfg):
     return None
 
 
-def sample_set_folder(cfg, run_dir, checkpoint_path: Path, n: int, guidance: float, sampler: str, steps: int, seed: int) -> Path:
+def sample_set_folder(
+    cfg, run_dir, checkpoint_path: Path, n: int, guidance: float, sampler: str, steps: int, seed: int
+) -> Path:
     """Where a run's evaluation sample set goes: one folder per setting, so settings never mix."""
     base = Path(run_dir) / "eval" if run_dir is not None else checkpoint_path.parent / f"{checkpoint_path.stem}-eval"
     name = f"samples-n{n}-{sampler}{steps}-cfg{guidance:g}-seed{seed}"
@@ -94,11 +103,23 @@ def sample_set_folder(cfg, run_dir, checkpoint_path: Path, n: int, guidance: flo
     return base / name
 
 
-def evaluate_run(path, num_images: int | None = None, guidance_scale: float | None = None, steps: int | None = None,
-                 sampler: str | None = None, seed: int | None = None, classifier_path: str | Path | None = None,
-                 reference: str | Path | None = None, fd: bool | None = None, device=None, log=print,
-                 eval_cfg=None, sample_dir: str | Path | None = None, control: list[str] | None = None,
-                 control_guidance: float | None = None) -> tuple[dict | None, torch.Tensor | None, torch.Tensor | None]:
+def evaluate_run(
+    path,
+    num_images: int | None = None,
+    guidance_scale: float | None = None,
+    steps: int | None = None,
+    sampler: str | None = None,
+    seed: int | None = None,
+    classifier_path: str | Path | None = None,
+    reference: str | Path | None = None,
+    fd: bool | None = None,
+    device=None,
+    log=print,
+    eval_cfg=None,
+    sample_dir: str | Path | None = None,
+    control: list[str] | None = None,
+    control_guidance: float | None = None,
+) -> tuple[dict | None, torch.Tensor | None, torch.Tensor | None]:
     """Generate the class-balanced sample set of a run (one seed per sample index, over all torchrun
     processes, resumable, PNGs + ADM .npz) and compute its metrics on process 0.
     Returns (metrics, images [N, C, H, W] when N <= 5000, labels); other processes get (None, None, None).
@@ -119,7 +140,10 @@ def evaluate_run(path, num_images: int | None = None, guidance_scale: float | No
 
         inception_weights_path(cfg.eval.inception_weights)
         if not cfg.eval.reference:
-            raise ValueError("eval.fid needs eval.reference: a reference .npz ('ldmkit reference'), ADM's reference batch, a folder or shards")
+            raise ValueError(
+                "eval.fid needs eval.reference: a reference .npz ('ldmkit reference'), ADM's reference batch, a "
+                "folder or shards"
+            )
     n = num_images or cfg.eval.num_images
     guidance = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
     sampler, steps = sampler or cfg.sample.sampler, steps or cfg.sample.steps
@@ -127,15 +151,40 @@ def evaluate_run(path, num_images: int | None = None, guidance_scale: float | No
     digits = digit_data(cfg)
     labels = sample_labels(n, cfg.model.num_classes if digits is None else 10)
     prompts = eval_prompts(cfg, labels)
-    folder = Path(sample_dir) if sample_dir else sample_set_folder(cfg, run_dir, path, n, guidance, sampler, steps, seed)
+    folder = (
+        Path(sample_dir) if sample_dir else sample_set_folder(cfg, run_dir, path, n, guidance, sampler, steps, seed)
+    )
     t0 = time.time()
-    write_sample_set(folder, model, cfg, objective, autoencoder, n, cfg.eval.batch, d.device, labels=labels, prompts=prompts,
-                     guidance_scale=guidance, sampler=sampler, steps=steps, seed=seed, rank=d.rank, world_size=d.world_size,
-                     log=lambda *a: None)
+    write_sample_set(
+        folder,
+        model,
+        cfg,
+        objective,
+        autoencoder,
+        n,
+        cfg.eval.batch,
+        d.device,
+        labels=labels,
+        prompts=prompts,
+        guidance_scale=guidance,
+        sampler=sampler,
+        steps=steps,
+        seed=seed,
+        rank=d.rank,
+        world_size=d.world_size,
+        log=lambda *a: None,
+    )
     distributed.barrier(d)
     if not d.is_main:
         return None, None, None
-    info = {"source": str(path), "guidance_scale": guidance, "sampler": sampler, "steps": steps, "seed": seed, "processes": d.world_size}
+    info = {
+        "source": str(path),
+        "guidance_scale": guidance,
+        "sampler": sampler,
+        "steps": steps,
+        "seed": seed,
+        "processes": d.world_size,
+    }
     if cfg.conditioning.control:
         info.update(control=list(cfg.sample.control), control_guidance_scale=cfg.sample.control_guidance_scale)
     finish_sample_set(folder, n, labels, info, npz=cfg.eval.npz)
@@ -169,9 +218,18 @@ def evaluate_run(path, num_images: int | None = None, guidance_scale: float | No
 
         extractors["inception"] = InceptionV3Features(cfg.eval.inception_weights)
         ref_path = Path(cfg.eval.reference).expanduser()
-        ref = load_reference(ref_path) if ref_path.suffix == ".npz" else compute_reference(
-            cfg.eval.reference, extractors["inception"], cfg.data.resolution, cfg.eval.reference_images, cfg.eval.batch,
-            cfg.data.allow_shell)
+        ref = (
+            load_reference(ref_path)
+            if ref_path.suffix == ".npz"
+            else compute_reference(
+                cfg.eval.reference,
+                extractors["inception"],
+                cfg.data.resolution,
+                cfg.eval.reference_images,
+                cfg.eval.batch,
+                cfg.data.allow_shell,
+            )
+        )
         references["inception"] = (ref, ref["source"])
 
     clip_metric = None
@@ -192,7 +250,7 @@ def evaluate_run(path, num_images: int | None = None, guidance_scale: float | No
         if clip_metric is not None:  # accumulated batch by batch, computed once below
             from .clip_score import update_clip_score
 
-            update_clip_score(clip_metric, images, prompts[start: start + len(images)])
+            update_clip_score(clip_metric, images, prompts[start : start + len(images)])
         start += len(images)
     if clip_metric is not None:
         metrics["clip_score"], metrics["clip_model"] = float(clip_metric.compute()), cfg.eval.clip_model
@@ -200,8 +258,13 @@ def evaluate_run(path, num_images: int | None = None, guidance_scale: float | No
     if predictions:
         pred = torch.cat(predictions)
         metrics["class_agreement"] = float((pred == labels).float().mean())
-        metrics["class_agreement_per_class"] = {int(c): float((pred[labels == c] == c).float().mean()) for c in labels.unique()}
-        log(f"digit classifier: held-out accuracy {metrics['classifier_heldout_accuracy']:.4f}; generated digits labelled as conditioned: {metrics['class_agreement']:.4f}")
+        metrics["class_agreement_per_class"] = {
+            int(c): float((pred[labels == c] == c).float().mean()) for c in labels.unique()
+        }
+        log(
+            f"digit classifier: held-out accuracy {metrics['classifier_heldout_accuracy']:.4f}; generated digits "
+            f"labelled as conditioned: {metrics['class_agreement']:.4f}"
+        )
     if "effnet" in features:
         ref_features, name = references["effnet"]
         metrics["fd_effnetlite0"] = frechet_distance_of(torch.cat(features["effnet"]).numpy(), ref_features)
@@ -226,19 +289,34 @@ def quick_metrics(model, cfg, objective, autoencoder, device, run_dir, n: int) -
 
     digits = digit_data(cfg)
     labels = sample_labels(n, cfg.model.num_classes if digits is None else 10)
-    images = generate(model, cfg, objective, autoencoder, labels, list(range(n)), device, batch=cfg.eval.batch, prompts=eval_prompts(cfg, labels))
+    images = generate(
+        model,
+        cfg,
+        objective,
+        autoencoder,
+        labels,
+        list(range(n)),
+        device,
+        batch=cfg.eval.batch,
+        prompts=eval_prompts(cfg, labels),
+    )
     images = ((images + 1) * 127.5).round().clamp(0, 255) / 127.5 - 1
     out = {"metric_images": n}
     if digits is not None:
         from .digits import load_or_train_classifier, predict
 
         with torch.enable_grad():  # trains the classifier the first time
-            classifier, _ = load_or_train_classifier(digits, Path(run_dir) / "digit_classifier.pt", cfg.eval.classifier_epochs)
+            classifier, _ = load_or_train_classifier(
+                digits, Path(run_dir) / "digit_classifier.pt", cfg.eval.classifier_epochs
+            )
         out["class_agreement"] = float((predict(classifier, images) == labels).float().mean())
         key = ("effnet", cfg.data.resolution)
         if key not in _REFERENCE_CACHE:
             net = EffNetLite0Features()
-            _REFERENCE_CACHE[key] = (net, extract(net, build_dataset(digits, "held_out").images, cfg.eval.batch).numpy())
+            _REFERENCE_CACHE[key] = (
+                net,
+                extract(net, build_dataset(digits, "held_out").images, cfg.eval.batch).numpy(),
+            )
         net, ref = _REFERENCE_CACHE[key]
         out["fd_effnetlite0"] = frechet_distance_of(extract(net, images, cfg.eval.batch).numpy(), ref)
     if cfg.eval.fid:
@@ -247,9 +325,14 @@ def quick_metrics(model, cfg, objective, autoencoder, device, run_dir, n: int) -
 
         key = ("inception", cfg.eval.reference)
         if key not in _REFERENCE_CACHE:
-            _REFERENCE_CACHE[key] = (InceptionV3Features(cfg.eval.inception_weights), load_reference(cfg.eval.reference))
+            _REFERENCE_CACHE[key] = (
+                InceptionV3Features(cfg.eval.inception_weights),
+                load_reference(cfg.eval.reference),
+            )
         net, ref = _REFERENCE_CACHE[key]
-        out["fid"] = frechet_distance(*feature_statistics(extract(net, images, cfg.eval.batch).numpy()), ref["mu"], ref["sigma"])
+        out["fid"] = frechet_distance(
+            *feature_statistics(extract(net, images, cfg.eval.batch).numpy()), ref["mu"], ref["sigma"]
+        )
     return out
 
 
@@ -282,10 +365,20 @@ def eval_prompts(cfg, labels: torch.Tensor) -> list[str] | None:
 
 def inception_metrics(gen_features: np.ndarray, ref: dict) -> dict:
     """FID from float64 statistics; KID, precision/recall and density/coverage when the reference has features."""
-    from .metrics import density_coverage, feature_statistics, frechet_distance, kernel_inception_distance, precision_recall
+    from .metrics import (
+        density_coverage,
+        feature_statistics,
+        frechet_distance,
+        kernel_inception_distance,
+        precision_recall,
+    )
 
-    out = {"fid": frechet_distance(*feature_statistics(gen_features), ref["mu"], ref["sigma"]),
-           "fid_reference": ref["source"], "fid_reference_count": ref["count"], "feature_extractor": "InceptionV3 (pt_inception-2015-12-05)"}
+    out = {
+        "fid": frechet_distance(*feature_statistics(gen_features), ref["mu"], ref["sigma"]),
+        "fid_reference": ref["source"],
+        "fid_reference_count": ref["count"],
+        "feature_extractor": "InceptionV3 (pt_inception-2015-12-05)",
+    }
     if ref.get("features") is not None:
         out.update(kernel_inception_distance(gen_features, ref["features"]))
         out.update(precision_recall(gen_features, ref["features"]))
@@ -304,7 +397,12 @@ def evaluate_folder(folder, reference=None, channels: int = 1, resolution: int =
         data_cfg = data_cfg or DataConfig(resolution=resolution)
         ref = build_dataset(data_cfg, "held_out").images
         name = f"mnist held-out split ({len(ref)} real digits)"
-    metrics = {"num_images": len(images), "fd_effnetlite0": fd_effnet(images, ref), "fd_reference": name, "fd_reference_count": len(ref)}
+    metrics = {
+        "num_images": len(images),
+        "fd_effnetlite0": fd_effnet(images, ref),
+        "fd_reference": name,
+        "fd_reference_count": len(ref),
+    }
     log(f"FD-EffNetLite0 {metrics['fd_effnetlite0']:.2f} for {len(images)} images against {name}")
     return metrics
 

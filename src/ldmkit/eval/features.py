@@ -4,6 +4,7 @@ EfficientNet-Lite0 (ImageNet weights shipped in the `efficientnet-lite0-pytorch-
 offline Frechet distance named FD-EffNetLite0. It is NOT FID (FID uses Inception-v3's pool3 features) and
 must never be reported as FID.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,7 +49,7 @@ class EffNetLite0Features(nn.Module):
 
 @torch.no_grad()
 def extract(extractor: nn.Module, images: torch.Tensor, batch: int = 100) -> torch.Tensor:
-    return torch.cat([extractor(images[lo: lo + batch]) for lo in range(0, len(images), batch)]).double()
+    return torch.cat([extractor(images[lo : lo + batch]) for lo in range(0, len(images), batch)]).double()
 
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -62,12 +63,15 @@ class FeatureWeightsMissing(FileNotFoundError):
 def inception_weights_path(path: str | None = None) -> Path:
     """Where the Inception-v3 weights are: the given path, else $LDMKIT_INCEPTION_WEIGHTS, else
     ~/.cache/ldmkit/<file>. A missing file is a one-line error naming it and where to put it."""
-    candidate = Path(path or os.environ.get("LDMKIT_INCEPTION_WEIGHTS") or Path.home() / ".cache" / "ldmkit" / INCEPTION_FILE).expanduser()
+    candidate = Path(
+        path or os.environ.get("LDMKIT_INCEPTION_WEIGHTS") or Path.home() / ".cache" / "ldmkit" / INCEPTION_FILE
+    ).expanduser()
     if not candidate.is_file():
         raise FeatureWeightsMissing(
             f"Inception-v3 weights not found at {candidate}: download {INCEPTION_FILE} (the pt_inception-2015-12-05 "
             f"weights of pytorch-fid / torch-fidelity / torchmetrics, {INCEPTION_URL}) and put it there, or point "
-            "eval.inception_weights or $LDMKIT_INCEPTION_WEIGHTS at it")
+            "eval.inception_weights or $LDMKIT_INCEPTION_WEIGHTS at it"
+        )
     return candidate
 
 
@@ -87,10 +91,13 @@ class InceptionV3Features(nn.Module):
         state = load_file(path)  # read without code execution; torch-fidelity's own loader would unpickle fully
         try:
             with mock.patch("torch.load", return_value=state):
-                self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                                       feature_extractor_weights_path=str(path))
+                self.net = FeatureExtractorInceptionV3(
+                    "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path)
+                )
         except RuntimeError as e:  # load_state_dict: missing, unexpected or misshapen tensors
-            raise CheckpointError(f"{path} is not the Inception-v3 weights file ({str(e).splitlines()[0][:120]})") from None
+            raise CheckpointError(
+                f"{path} is not the Inception-v3 weights file ({str(e).splitlines()[0][:120]})"
+            ) from None
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:

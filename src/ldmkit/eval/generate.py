@@ -1,4 +1,5 @@
 """Generation: class- or text-conditional samples with one seed per sample index, decoded to images."""
+
 from __future__ import annotations
 
 import math
@@ -6,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError
 from ..conditioning.build import build_text_encoder, check_sampling_control, prompts_for_labels, sampling_cond
+from ..config import ConfigError
 from ..diffusion import samplers
 from ..diffusion.guidance import guided
 
@@ -18,10 +19,22 @@ def sample_seed(base_seed: int, index: int) -> int:
 
 
 @torch.no_grad()
-def generate(model, cfg, objective, autoencoder, labels: torch.Tensor, indices: list[int], device,
-             batch: int = 64, guidance_scale: float | None = None, sampler: str | None = None,
-             steps: int | None = None, seed: int | None = None, prompts: list[str] | None = None,
-             text_encoder=None) -> torch.Tensor:
+def generate(
+    model,
+    cfg,
+    objective,
+    autoencoder,
+    labels: torch.Tensor,
+    indices: list[int],
+    device,
+    batch: int = 64,
+    guidance_scale: float | None = None,
+    sampler: str | None = None,
+    steps: int | None = None,
+    seed: int | None = None,
+    prompts: list[str] | None = None,
+    text_encoder=None,
+) -> torch.Tensor:
     """Images [N, C, H, W] in [-1, 1] for class `labels[i]` (text-conditional models: for prompts[i], by
     default sample.class_prompts[labels[i]]) drawn with the seed of sample `indices[i]`."""
     if cfg.model.conditioning != "class":
@@ -31,22 +44,28 @@ def generate(model, cfg, objective, autoencoder, labels: torch.Tensor, indices: 
     model.eval()
     scale = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
     if not math.isfinite(scale) or not math.isfinite(cfg.sample.control_guidance_scale):
-        raise ConfigError(f"the guidance scale must be a finite number, got {scale} (control: {cfg.sample.control_guidance_scale})")
+        raise ConfigError(
+            f"the guidance scale must be a finite number, got {scale} (control: {cfg.sample.control_guidance_scale})"
+        )
     seed = cfg.sample.seed if seed is None else seed
     shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
     guided_channels = cfg.model.in_channels if cfg.model.learn_sigma else None
     out = []
     for lo in range(0, len(indices), batch):
-        idx = indices[lo: lo + batch]
+        idx = indices[lo : lo + batch]
         gens = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in idx]
-        cond = sampling_cond(cfg, labels[lo: lo + len(idx)], prompts[lo: lo + len(idx)] if prompts else None, text_encoder, device)
+        cond = sampling_cond(
+            cfg, labels[lo : lo + len(idx)], prompts[lo : lo + len(idx)] if prompts else None, text_encoder, device
+        )
         fn = guided(model, cond, scale, guided_channels, control_scale=cfg.sample.control_guidance_scale)
         z = samplers.sample(fn, cfg, objective, shape, gens, device, steps=steps, sampler=sampler)
         out.append(autoencoder.decode(z).clamp(-1, 1).cpu())
     return torch.cat(out)
 
 
-def grid_labels(cfg, num_classes: int, classes: list[int] | None = None, per_class: int | None = None) -> tuple[torch.Tensor, int]:
+def grid_labels(
+    cfg, num_classes: int, classes: list[int] | None = None, per_class: int | None = None
+) -> tuple[torch.Tensor, int]:
     """Labels for a grid with one row per class: (labels [rows * per_class], per_class). Defaults: the
     config's sample.classes (else the first 10 classes) and sample.per_class."""
     classes = classes or cfg.sample.classes or list(range(min(num_classes, 10)))
@@ -67,7 +86,9 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> Path:
     return path
 
 
-def save_images(images: torch.Tensor, folder: str | Path, indices: list[int], labels: torch.Tensor | None = None) -> None:
+def save_images(
+    images: torch.Tensor, folder: str | Path, indices: list[int], labels: torch.Tensor | None = None
+) -> None:
     """One PNG per sample, named by its index (and class), so folders from different processes merge."""
     from torchvision.utils import save_image
 

@@ -1,4 +1,5 @@
 """Metrics from features, with float64 statistics."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,7 +24,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"statistics of different dimension: {mu1.shape} vs {mu2.shape}")
-    if not (np.isfinite(sigma1).all() and np.isfinite(sigma2).all() and np.isfinite(mu1).all() and np.isfinite(mu2).all()):
+    if not (
+        np.isfinite(sigma1).all() and np.isfinite(sigma2).all() and np.isfinite(mu1).all() and np.isfinite(mu2).all()
+    ):
         raise ValueError("statistics hold NaN or inf (features of broken images?)")
     w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
     root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
@@ -38,23 +41,45 @@ def frechet_distance_of(features_a, features_b) -> float:
     return frechet_distance(*feature_statistics(features_a), *feature_statistics(features_b))
 
 
-def kernel_inception_distance(features_gen, features_ref, subsets: int = 100, subset_size: int = 1000, seed: int = 0) -> dict:
+def kernel_inception_distance(
+    features_gen, features_ref, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> dict:
     """KID (unbiased MMD^2, cubic polynomial kernel) by torch-fidelity, over random subsets; the subset size is
     capped by the smaller set (torch-fidelity's default, 1000, needs that many samples)."""
     from torch_fidelity.metric_kid import kid_features_to_metric
 
-    a, b = torch.as_tensor(np.asarray(features_gen, dtype=np.float64)), torch.as_tensor(np.asarray(features_ref, dtype=np.float64))
+    a, b = (
+        torch.as_tensor(np.asarray(features_gen, dtype=np.float64)),
+        torch.as_tensor(np.asarray(features_ref, dtype=np.float64)),
+    )
     size = min(subset_size, len(a), len(b))
-    out = kid_features_to_metric(a, b, kid_subsets=subsets, kid_subset_size=size, rng_seed=seed, verbose=False,
-                                 kid_kernel="poly", kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1)
-    return {"kid": out["kernel_inception_distance_mean"], "kid_std": out["kernel_inception_distance_std"], "kid_subset_size": size}
+    out = kid_features_to_metric(
+        a,
+        b,
+        kid_subsets=subsets,
+        kid_subset_size=size,
+        rng_seed=seed,
+        verbose=False,
+        kid_kernel="poly",
+        kid_kernel_poly_degree=3,
+        kid_kernel_poly_gamma=None,
+        kid_kernel_poly_coef0=1,
+    )
+    return {
+        "kid": out["kernel_inception_distance_mean"],
+        "kid_std": out["kernel_inception_distance_std"],
+        "kid_subset_size": size,
+    }
 
 
 def precision_recall(features_gen, features_ref, k: int = 3) -> dict:
     """Improved precision and recall (Kynkaanniemi et al. 2019) with k-NN manifolds, by torch-fidelity."""
     from torch_fidelity.metric_prc import prc_features_to_metric
 
-    a, b = torch.as_tensor(np.asarray(features_gen, dtype=np.float32)), torch.as_tensor(np.asarray(features_ref, dtype=np.float32))
+    a, b = (
+        torch.as_tensor(np.asarray(features_gen, dtype=np.float32)),
+        torch.as_tensor(np.asarray(features_ref, dtype=np.float32)),
+    )
     out = prc_features_to_metric(a, b, prc_neighborhood=k, prc_batch_size=10000, save_cpu_ram=False, verbose=False)
     return {"precision": float(out["precision"]), "recall": float(out["recall"])}
 

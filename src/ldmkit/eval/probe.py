@@ -8,6 +8,7 @@ With fixed seeds and fixed semantic conditions, one control is swept over values
 - control effect, for `flip`: how much closer a flip=1 image is to the mirror of its flip=0 image than to the
   flip=0 image itself (positive: the flag mirrors the image).
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,19 +27,42 @@ def _relative_distance(features: list[torch.Tensor]) -> float:
 
 
 @torch.no_grad()
-def probe_control(run, key: str, values: list[str], num: int = 20, steps: int | None = None, seed: int | None = None,
-                  guidance_scale: float | None = None, log=print) -> dict:
+def probe_control(
+    run,
+    key: str,
+    values: list[str],
+    num: int = 20,
+    steps: int | None = None,
+    seed: int | None = None,
+    guidance_scale: float | None = None,
+    log=print,
+) -> dict:
     cfg, model, objective, autoencoder, run_dir = load_generator(run)
     if key not in cfg.conditioning.control:
-        raise ValueError(f"this run does not embed control {key!r} (it embeds: {', '.join(cfg.conditioning.control) or 'none'})")
+        raise ValueError(
+            f"this run does not embed control {key!r} (it embeds: {', '.join(cfg.conditioning.control) or 'none'})"
+        )
     digits = digit_data(cfg)
     labels = sample_labels(num, cfg.model.num_classes if digits is None else 10)
     base_control = list(cfg.sample.control)
     images = []
     for value in values:
         cfg.sample.control = base_control + [f"{key}={value}"]
-        images.append(generate(model, cfg, objective, autoencoder, labels, list(range(num)), "cpu", batch=cfg.eval.batch,
-                               steps=steps, seed=seed, guidance_scale=guidance_scale))
+        images.append(
+            generate(
+                model,
+                cfg,
+                objective,
+                autoencoder,
+                labels,
+                list(range(num)),
+                "cpu",
+                batch=cfg.eval.batch,
+                steps=steps,
+                seed=seed,
+                guidance_scale=guidance_scale,
+            )
+        )
     net = EffNetLite0Features()
     features = [extract(net, x, cfg.eval.batch).float() for x in images]
     out = {"control": key, "values": values, "num_images": num, "feature_drift": _relative_distance(features)}
@@ -48,7 +72,9 @@ def probe_control(run, key: str, values: list[str], num: int = 20, steps: int | 
         from .digits import load_or_train_classifier, predict
 
         with torch.enable_grad():
-            classifier, _ = load_or_train_classifier(digits, Path(run_dir or ".") / "digit_classifier.pt", cfg.eval.classifier_epochs)
+            classifier, _ = load_or_train_classifier(
+                digits, Path(run_dir or ".") / "digit_classifier.pt", cfg.eval.classifier_epochs
+            )
         preds = [predict(classifier, x) for x in images]
         out["label_change_rate"] = float(torch.stack([(p != preds[0]).float().mean() for p in preds[1:]]).mean())
         out["class_agreement"] = [float((p == labels).float().mean()) for p in preds]

@@ -3,6 +3,7 @@ precision/recall, density/coverage), their float64 mean and covariance (for Frec
 extractor's name, the image count and the source. ADM's reference batches (`VIRTUAL_imagenet256_labeled.npz`:
 arr_0 images, mu/sigma of TF Inception-v3 pool3) are read as they are.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,15 +28,19 @@ def iterate_source_images(source: str, resolution: int, limit: int, batch: int =
     if path.suffix == ".npz":
         arr = np.load(path)["arr_0"][:limit]
         for lo in range(0, len(arr), batch):
-            yield torch.from_numpy(arr[lo: lo + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1
+            yield torch.from_numpy(arr[lo : lo + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1
         return
     if path.is_dir():
         sources = (f for f in sorted(path.rglob("*")) if f.suffix.lower() in IMAGE_SUFFIXES)
     else:
         from ..data.shards import IMAGE_KEYS, expand_urls, tar_records
 
-        sources = (next(r[k] for k in IMAGE_KEYS if k in r) for url in expand_urls(str(source), allow_shell) for r in tar_records(url)
-                   if any(k in r for k in IMAGE_KEYS))
+        sources = (
+            next(r[k] for k in IMAGE_KEYS if k in r)
+            for url in expand_urls(str(source), allow_shell)
+            for r in tar_records(url)
+            if any(k in r for k in IMAGE_KEYS)
+        )
     images, count = [], 0
     for item in sources:
         if count >= limit:
@@ -60,19 +65,33 @@ def features_of(batches, extractor) -> np.ndarray:
     return torch.cat([extractor(b).double().cpu() for b in batches]).numpy()
 
 
-def compute_reference(source: str, extractor, resolution: int, limit: int = 50_000, batch: int = 100,
-                      allow_shell: bool = False) -> dict:
+def compute_reference(
+    source: str, extractor, resolution: int, limit: int = 50_000, batch: int = 100, allow_shell: bool = False
+) -> dict:
     features = features_of(iterate_source_images(source, resolution, limit, batch, allow_shell), extractor)
     mu, sigma = feature_statistics(features)
-    return {"features": features.astype(np.float32), "mu": mu, "sigma": sigma, "extractor": extractor.name,
-            "count": len(features), "source": str(source), "resolution": resolution}
+    return {
+        "features": features.astype(np.float32),
+        "mu": mu,
+        "sigma": sigma,
+        "extractor": extractor.name,
+        "count": len(features),
+        "source": str(source),
+        "resolution": resolution,
+    }
 
 
 def save_reference(ref: dict, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: ref[k] for k in ("extractor", "count", "source", "resolution")}
-    np.savez(path, features=ref["features"], mu=ref["mu"], sigma=ref["sigma"], meta=json.dumps(dict(meta, format=REFERENCE_FORMAT)))
+    np.savez(
+        path,
+        features=ref["features"],
+        mu=ref["mu"],
+        sigma=ref["sigma"],
+        meta=json.dumps(dict(meta, format=REFERENCE_FORMAT)),
+    )
     return path
 
 
@@ -80,13 +99,25 @@ def load_reference(path: str | Path) -> dict:
     """An ldmkit reference .npz, or ADM's reference batch (mu/sigma of Inception pool3 + arr_0 images)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise DataError(f"reference statistics not found: {path} (make them with 'ldmkit reference SOURCE --out {path.name}')")
+        raise DataError(
+            f"reference statistics not found: {path} (make them with 'ldmkit reference SOURCE --out {path.name}')"
+        )
     data = np.load(path)
     if "meta" in data:
         meta = json.loads(str(data["meta"]))
         return dict(meta, features=data["features"].astype(np.float64), mu=data["mu"], sigma=data["sigma"])
     if "mu" in data and "sigma" in data:  # ADM's evaluation-suite layout
-        return {"extractor": "InceptionV3", "mu": data["mu"].astype(np.float64), "sigma": data["sigma"].astype(np.float64),
-                "features": None, "count": int(len(data["arr_0"])) if "arr_0" in data else None, "source": f"ADM reference batch {path.name}",
-                "images": path if "arr_0" in data else None, "resolution": int(data["arr_0"].shape[1]) if "arr_0" in data else None}
-    raise DataError(f"{path} is neither an ldmkit reference (features, mu, sigma, meta) nor ADM's reference batch (arr_0, mu, sigma)")
+        return {
+            "extractor": "InceptionV3",
+            "mu": data["mu"].astype(np.float64),
+            "sigma": data["sigma"].astype(np.float64),
+            "features": None,
+            "count": int(len(data["arr_0"])) if "arr_0" in data else None,
+            "source": f"ADM reference batch {path.name}",
+            "images": path if "arr_0" in data else None,
+            "resolution": int(data["arr_0"].shape[1]) if "arr_0" in data else None,
+        }
+    raise DataError(
+        f"{path} is neither an ldmkit reference (features, mu, sigma, meta) nor ADM's reference batch (arr_0, mu, "
+        "sigma)"
+    )

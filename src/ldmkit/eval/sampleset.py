@@ -6,6 +6,7 @@ batches k with k % w == r. A batch holds the same samples whatever the process c
 computed by the same operations on the same inputs: 1 or 64 processes write the same bytes. An image file
 is written atomically; a batch whose files all exist is skipped, so a crashed run continues where it stopped.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,9 +37,27 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def write_sample_set(folder: str | Path, model, cfg, objective, autoencoder, num: int, batch: int, device, *, labels: torch.Tensor,
-                     prompts: list[str] | None = None, guidance_scale=None, sampler=None, steps=None, seed=None,
-                     rank: int = 0, world_size: int = 1, text_encoder=None, log=print) -> int:
+def write_sample_set(
+    folder: str | Path,
+    model,
+    cfg,
+    objective,
+    autoencoder,
+    num: int,
+    batch: int,
+    device,
+    *,
+    labels: torch.Tensor,
+    prompts: list[str] | None = None,
+    guidance_scale=None,
+    sampler=None,
+    steps=None,
+    seed=None,
+    rank: int = 0,
+    world_size: int = 1,
+    text_encoder=None,
+    log=print,
+) -> int:
     """Generate this process's batches of the sample set into folder/images; returns how many images it wrote."""
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
@@ -47,9 +66,22 @@ def write_sample_set(folder: str | Path, model, cfg, objective, autoencoder, num
         indices = list(range(k * batch, min((k + 1) * batch, num)))
         if all(image_path(folder, i).is_file() for i in indices):
             continue  # done before an interruption
-        images = generate(model, cfg, objective, autoencoder, labels[indices], indices, device, batch=len(indices),
-                          guidance_scale=guidance_scale, sampler=sampler, steps=steps, seed=seed,
-                          prompts=[prompts[i] for i in indices] if prompts else None, text_encoder=text_encoder)
+        images = generate(
+            model,
+            cfg,
+            objective,
+            autoencoder,
+            labels[indices],
+            indices,
+            device,
+            batch=len(indices),
+            guidance_scale=guidance_scale,
+            sampler=sampler,
+            steps=steps,
+            seed=seed,
+            prompts=[prompts[i] for i in indices] if prompts else None,
+            text_encoder=text_encoder,
+        )
         for i, pixels in zip(indices, to_uint8(images)):
             tmp = image_path(folder, i).with_suffix(".tmp.png")
             Image.fromarray(pixels).save(tmp)
@@ -65,7 +97,10 @@ def finish_sample_set(folder: str | Path, num: int, labels: torch.Tensor, info: 
     folder = Path(folder)
     missing = [i for i in range(num) if not image_path(folder, i).is_file()]
     if missing:
-        raise FileNotFoundError(f"sample set {folder} lacks {len(missing)} of {num} images (e.g. {image_path(folder, missing[0]).name}); run the same command again")
+        raise FileNotFoundError(
+            f"sample set {folder} lacks {len(missing)} of {num} images (e.g. {image_path(folder, missing[0]).name}); "
+            "run the same command again"
+        )
     manifest = dict(info, num_images=num, labels="arr_1 of samples.npz" if npz else None)
     if npz:
         arr = np.stack([np.asarray(Image.open(image_path(folder, i)).convert("RGB")) for i in range(num)])
@@ -78,5 +113,7 @@ def read_sample_set(folder: str | Path, num: int, batch: int = 100):
     """Yield the images of a sample set as [B, 3, H, W] tensors in [-1, 1], in index order."""
     folder = Path(folder)
     for lo in range(0, num, batch):
-        arr = np.stack([np.asarray(Image.open(image_path(folder, i)).convert("RGB")) for i in range(lo, min(lo + batch, num))])
+        arr = np.stack(
+            [np.asarray(Image.open(image_path(folder, i)).convert("RGB")) for i in range(lo, min(lo + batch, num))]
+        )
         yield torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1

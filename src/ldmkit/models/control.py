@@ -6,6 +6,7 @@ per-key MLP; a group's vector is the sum of its keys' vectors; dropped samples (
 learned null vector; the group vector is multiplied by w_group(t) before it joins the timestep embedding.
 t is the noise level in [0, 1] (1 = pure noise).
 """
+
 from __future__ import annotations
 
 import math
@@ -52,29 +53,47 @@ class ControlEmbedder(nn.Module):
     {group: [names]}; schedules: {group: ControlSchedule}. Each value is scaled by `value_scale` (pixel
     sizes and offsets ~ 1000 become ~ 1) and embedded with `frequency_dim` sinusoidal features."""
 
-    def __init__(self, dim: int, keys: dict[str, int], groups: dict[str, list[str]], schedules: dict[str, ControlSchedule],
-                 frequency_dim: int = 256, value_scale: float = 1.0):
+    def __init__(
+        self,
+        dim: int,
+        keys: dict[str, int],
+        groups: dict[str, list[str]],
+        schedules: dict[str, ControlSchedule],
+        frequency_dim: int = 256,
+        value_scale: float = 1.0,
+    ):
         super().__init__()
         unknown = [k for names in groups.values() for k in names if k not in keys]
         if unknown:
             raise ValueError(f"control groups name unknown keys: {', '.join(unknown)}")
         self.keys, self.groups, self.schedules = dict(keys), {g: list(n) for g, n in groups.items()}, schedules
         self.frequency_dim, self.value_scale = frequency_dim, value_scale
-        self.embedders = nn.ModuleDict({
-            name: nn.Sequential(nn.Linear(count * frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim)) for name, count in keys.items()})
+        self.embedders = nn.ModuleDict(
+            {
+                name: nn.Sequential(nn.Linear(count * frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+                for name, count in keys.items()
+            }
+        )
         self.null = nn.ParameterDict({group: nn.Parameter(torch.zeros(dim)) for group in groups})
 
-    def group_vectors(self, control: dict[str, torch.Tensor], drop: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def group_vectors(
+        self, control: dict[str, torch.Tensor], drop: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Unweighted group vectors {group: [B, D]}; dropped rows take the group's null vector."""
         out = {}
         for group, names in self.groups.items():
             vec = None
             for name in names:
                 if name not in control:
-                    raise ValueError(f"control value {name!r} is missing (cond.control has {', '.join(sorted(control)) or 'nothing'})")
+                    raise ValueError(
+                        f"control value {name!r} is missing "
+                        f"(cond.control has {', '.join(sorted(control)) or 'nothing'})"
+                    )
                 values = control[name].reshape(control[name].shape[0], -1).float() * self.value_scale  # [B, k]
                 if values.shape[1] != self.keys[name]:
-                    raise ValueError(f"control {name!r} has {values.shape[1]} values per sample, expected {self.keys[name]}")
+                    raise ValueError(
+                        f"control {name!r} has {values.shape[1]} values per sample, expected {self.keys[name]}"
+                    )
                 features = timestep_embedding(values.flatten(), self.frequency_dim).reshape(values.shape[0], -1)
                 emb = self.embedders[name](features.to(self.embedders[name][0].weight.dtype))
                 vec = emb if vec is None else vec + emb
@@ -83,7 +102,9 @@ class ControlEmbedder(nn.Module):
             out[group] = vec
         return out
 
-    def forward(self, control: dict[str, torch.Tensor], t: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, control: dict[str, torch.Tensor], t: torch.Tensor, drop: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """sum over groups of w_group(t) * group vector: [B, D], added to the timestep embedding."""
         vectors = self.group_vectors(control, drop)
         return sum(self.schedules[g](t)[:, None].to(v.dtype) * v for g, v in vectors.items())

@@ -1,9 +1,10 @@
 """DiT: Scalable Diffusion Models with Transformers (Peebles & Xie, 2023), after facebookresearch/DiT.
 
-Embedders, one adaLN-Zero block, model, explicit init, size presets (the final layer is shared: layers.py). Module names follow the
-official checkpoint, so its state dicts load as they are (see models/dit_spec.py).
+Embedders, one adaLN-Zero block, model, explicit init, size presets (the final layer is shared: layers.py).
+Module names follow the official checkpoint, so its state dicts load as they are (see models/dit_spec.py).
 Shapes: B batch, C latent channels, T = (H/p)*(W/p) tokens, D width.
 """
+
 from __future__ import annotations
 
 import torch
@@ -11,7 +12,21 @@ import torch.nn as nn
 
 from ..conditioning.cond import Cond
 from .control import ControlEmbedder, zero_init_control
-from .layers import Attention, CrossAttention, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, PooledTextEmbedder, TimestepEmbedder, get_2d_sincos_pos_embed, modulate, sincos_table, unpatchify, xavier_init_linears
+from .layers import (
+    Attention,
+    CrossAttention,
+    FinalLayer,
+    LabelEmbedder,
+    Mlp,
+    PatchEmbed,
+    PooledTextEmbedder,
+    TimestepEmbedder,
+    get_2d_sincos_pos_embed,
+    modulate,
+    sincos_table,
+    unpatchify,
+    xavier_init_linears,
+)
 
 
 class DiTBlock(nn.Module):
@@ -30,7 +45,9 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         # x [B, T, D], c [B, D], context [B, L, D] (semantic tokens), mask [B, L]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
@@ -95,13 +112,18 @@ class DiT(nn.Module):
         elif conditioning == "text" and semantic_path == "attention":
             self.context_embedder = nn.Linear(context_dim, hidden_size)  # caption tokens -> attended tokens
         else:
-            raise ValueError(f"DiT takes class (adaln or attention), pooled_text (adaln) or text (attention), not {conditioning} via {semantic_path}")
+            raise ValueError(
+                f"DiT takes class (adaln or attention), pooled_text (adaln) or text (attention), not {conditioning} "
+                f"via {semantic_path}"
+            )
         # Control metadata (crop, size, flip): per-key Fourier embeddings, grouped, weighted by w_group(t).
         self.control_embedder = ControlEmbedder(hidden_size, **control) if control else None
         num_patches = (input_size // patch_size) ** 2
         # Fixed sin-cos table, kept in the state dict as the official checkpoints do.
         self.register_buffer("pos_embed", torch.zeros(1, num_patches, hidden_size))
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, semantic_path == "attention") for _ in range(depth)])
+        self.blocks = nn.ModuleList(
+            [DiTBlock(hidden_size, num_heads, mlp_ratio, semantic_path == "attention") for _ in range(depth)]
+        )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
@@ -137,7 +159,9 @@ class DiT(nn.Module):
         if self.pos_base_grid == self.input_size // self.patch_size:
             return torch.from_numpy(get_2d_sincos_pos_embed(self.hidden_size, (h, w))).float().unsqueeze(0)
         base = self.pos_base_grid
-        return sincos_table(self.hidden_size, (h, w), (base * h / self.grid, base * w / self.grid), self.pos_embed_resample)
+        return sincos_table(
+            self.hidden_size, (h, w), (base * h / self.grid, base * w / self.grid), self.pos_embed_resample
+        )
 
     @property
     def grid(self) -> int:
@@ -153,7 +177,9 @@ class DiT(nn.Module):
         # x [B, C, H, W] latents, t [B] noise level in [0, 1], cond.class_labels [B] or cond.pooled [B, Dp]
         p = self.patch_size
         if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2] % p or x.shape[3] % p:
-            raise ValueError(f"DiT expects input [B, {self.in_channels}, H, W] with H and W multiples of {p}, got {list(x.shape)}")
+            raise ValueError(
+                f"DiT expects input [B, {self.in_channels}, H, W] with H and W multiples of {p}, got {list(x.shape)}"
+            )
         h, w = x.shape[2] // p, x.shape[3] // p
         x = self.x_embedder(x) + self.pos_embed_for(h, w).to(x.dtype)  # [B, T, D]
         c = self.t_embedder(t)  # [B, D]
@@ -187,8 +213,8 @@ class DiT(nn.Module):
 
 # Sizes of the DiT paper (Table 1): depth, width, heads. Every size has patch 2, 4 and 8.
 DIT_SIZES = {
-    "tiny": dict(depth=2, hidden_size=64, num_heads=2),     # for tests
-    "demo": dict(depth=6, hidden_size=256, num_heads=4),    # the CPU demo
+    "tiny": dict(depth=2, hidden_size=64, num_heads=2),  # for tests
+    "demo": dict(depth=6, hidden_size=256, num_heads=4),  # the CPU demo
     "S": dict(depth=12, hidden_size=384, num_heads=6),
     "B": dict(depth=12, hidden_size=768, num_heads=12),
     "L": dict(depth=24, hidden_size=1024, num_heads=16),

@@ -10,6 +10,7 @@ settings rather than hidden: diffusers' timestep features divide by (half - 1) w
 divides by half (`model.timestep_freq_shift` 1 vs 0), and its feed-forward LayerNorm eps defaults to 1e-5
 (export writes the official 1e-6).
 """
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,14 @@ from pathlib import Path
 import torch
 
 from .dit import DIT_PRESETS, DIT_SIZES, DiT
-from .spec import BackboneSpec, ConversionError, block_count, cross_attention_flops, overrides_of, transformer_block_flops
+from .spec import (
+    BackboneSpec,
+    ConversionError,
+    block_count,
+    cross_attention_flops,
+    overrides_of,
+    transformer_block_flops,
+)
 
 
 def dit_arch_from_state_dict(sd: dict, num_heads: int | None = None, input_size: int | None = None) -> dict:
@@ -39,8 +47,13 @@ def dit_arch_from_state_dict(sd: dict, num_heads: int | None = None, input_size:
     out = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
     tokens = sd["pos_embed"].shape[1] if "pos_embed" in sd else None
     return dict(
-        hidden_size=hidden, in_channels=in_channels, patch_size=patch, depth=depth, num_heads=num_heads,
-        num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1, learn_sigma=out == 2 * in_channels,
+        hidden_size=hidden,
+        in_channels=in_channels,
+        patch_size=patch,
+        depth=depth,
+        num_heads=num_heads,
+        num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1,
+        learn_sigma=out == 2 * in_channels,
         input_size=int(round(tokens**0.5)) * patch if tokens else input_size,
     )
 
@@ -48,17 +61,22 @@ def dit_arch_from_state_dict(sd: dict, num_heads: int | None = None, input_size:
 def diffusers_to_ldmkit(sd: dict) -> dict:
     depth = block_count(sd, "transformer_blocks.")
     if depth == 0 or "pos_embed.proj.weight" not in sd:
-        raise ConversionError("not a diffusers DiTTransformer2DModel state dict (no transformer_blocks / pos_embed.proj)")
+        raise ConversionError(
+            "not a diffusers DiTTransformer2DModel state dict (no transformer_blocks / pos_embed.proj)"
+        )
     emb = "transformer_blocks.0.norm1.emb."
     out = {
-        "x_embedder.proj.weight": sd["pos_embed.proj.weight"], "x_embedder.proj.bias": sd["pos_embed.proj.bias"],
+        "x_embedder.proj.weight": sd["pos_embed.proj.weight"],
+        "x_embedder.proj.bias": sd["pos_embed.proj.bias"],
         "t_embedder.mlp.0.weight": sd[emb + "timestep_embedder.linear_1.weight"],
         "t_embedder.mlp.0.bias": sd[emb + "timestep_embedder.linear_1.bias"],
         "t_embedder.mlp.2.weight": sd[emb + "timestep_embedder.linear_2.weight"],
         "t_embedder.mlp.2.bias": sd[emb + "timestep_embedder.linear_2.bias"],
         "y_embedder.embedding_table.weight": sd[emb + "class_embedder.embedding_table.weight"],
-        "final_layer.adaLN_modulation.1.weight": sd["proj_out_1.weight"], "final_layer.adaLN_modulation.1.bias": sd["proj_out_1.bias"],
-        "final_layer.linear.weight": sd["proj_out_2.weight"], "final_layer.linear.bias": sd["proj_out_2.bias"],
+        "final_layer.adaLN_modulation.1.weight": sd["proj_out_1.weight"],
+        "final_layer.adaLN_modulation.1.bias": sd["proj_out_1.bias"],
+        "final_layer.linear.weight": sd["proj_out_2.weight"],
+        "final_layer.linear.bias": sd["proj_out_2.bias"],
     }
     for i in range(depth):
         src, dst = f"transformer_blocks.{i}.", f"blocks.{i}."
@@ -78,9 +96,12 @@ def diffusers_to_ldmkit(sd: dict) -> dict:
 def ldmkit_to_diffusers(sd: dict) -> dict:
     depth = block_count(sd, "blocks.")
     out = {
-        "pos_embed.proj.weight": sd["x_embedder.proj.weight"], "pos_embed.proj.bias": sd["x_embedder.proj.bias"],
-        "proj_out_1.weight": sd["final_layer.adaLN_modulation.1.weight"], "proj_out_1.bias": sd["final_layer.adaLN_modulation.1.bias"],
-        "proj_out_2.weight": sd["final_layer.linear.weight"], "proj_out_2.bias": sd["final_layer.linear.bias"],
+        "pos_embed.proj.weight": sd["x_embedder.proj.weight"],
+        "pos_embed.proj.bias": sd["x_embedder.proj.bias"],
+        "proj_out_1.weight": sd["final_layer.adaLN_modulation.1.weight"],
+        "proj_out_1.bias": sd["final_layer.adaLN_modulation.1.bias"],
+        "proj_out_2.weight": sd["final_layer.linear.weight"],
+        "proj_out_2.bias": sd["final_layer.linear.bias"],
     }
     for i in range(depth):
         src, dst = f"blocks.{i}.", f"transformer_blocks.{i}."
@@ -102,10 +123,15 @@ def ldmkit_to_diffusers(sd: dict) -> dict:
 
 def diffusers_config(arch: dict) -> dict:
     return dict(
-        num_attention_heads=arch["num_heads"], attention_head_dim=arch["hidden_size"] // arch["num_heads"],
-        in_channels=arch["in_channels"], out_channels=arch["in_channels"] * (2 if arch["learn_sigma"] else 1),
-        num_layers=arch["depth"], sample_size=arch["input_size"], patch_size=arch["patch_size"],
-        num_embeds_ada_norm=arch["num_classes"], norm_eps=1e-6,
+        num_attention_heads=arch["num_heads"],
+        attention_head_dim=arch["hidden_size"] // arch["num_heads"],
+        in_channels=arch["in_channels"],
+        out_channels=arch["in_channels"] * (2 if arch["learn_sigma"] else 1),
+        num_layers=arch["depth"],
+        sample_size=arch["input_size"],
+        patch_size=arch["patch_size"],
+        num_embeds_ada_norm=arch["num_classes"],
+        norm_eps=1e-6,
     )
 
 
@@ -118,17 +144,30 @@ def write_diffusers(sd_ldmkit: dict, arch: dict, out_dir: str | Path) -> Path:
     missing, unexpected = model.load_state_dict(ldmkit_to_diffusers(sd_ldmkit), strict=False)
     real_missing = [k for k in missing if "pos_embed.pos_embed" not in k]
     if real_missing or unexpected:
-        raise ConversionError(f"export does not fit DiTTransformer2DModel: missing {real_missing[:3]}, unexpected {unexpected[:3]}")
+        raise ConversionError(
+            f"export does not fit DiTTransformer2DModel: missing {real_missing[:3]}, unexpected {unexpected[:3]}"
+        )
     model.save_pretrained(out_dir)
-    (out_dir / "ldmkit.json").write_text(json.dumps({"converted_by": "ldmkit", "arch": arch,
-                                                     "note": "diffusers' DiT uses timestep freq shift 1; ldmkit-trained models used 0"}, indent=1))
+    (out_dir / "ldmkit.json").write_text(
+        json.dumps(
+            {
+                "converted_by": "ldmkit",
+                "arch": arch,
+                "note": "diffusers' DiT uses timestep freq shift 1; ldmkit-trained models used 0",
+            },
+            indent=1,
+        )
+    )
     return out_dir
 
 
-def dit_overrides(sd: dict, layout: str, folder_config: dict, num_heads: int | None = None,
-                  timestep_freq_shift: float | None = None) -> list[str]:
+def dit_overrides(
+    sd: dict, layout: str, folder_config: dict, num_heads: int | None = None, timestep_freq_shift: float | None = None
+) -> list[str]:
     """Config overrides for an official or diffusers DiT (sd already in ldmkit's names)."""
-    arch = dit_arch_from_state_dict(sd, num_heads or folder_config.get("num_attention_heads"), folder_config.get("sample_size"))
+    arch = dit_arch_from_state_dict(
+        sd, num_heads or folder_config.get("num_attention_heads"), folder_config.get("sample_size")
+    )
     if arch["input_size"] is None:
         raise ConversionError("the input size is unknown (no pos_embed and no config.json with sample_size)")
     # diffusers' DiT embeds timesteps with freq shift 1, the official code with 0
@@ -141,10 +180,15 @@ def dit_overrides(sd: dict, layout: str, folder_config: dict, num_heads: int | N
 
 def export_dit(model: DiT, out_dir: Path) -> Path:
     if model.conditioning != "class":
-        raise ConversionError("diffusers' DiTTransformer2DModel is DiT as published (class in adaLN); this DiT has no diffusers form")
+        raise ConversionError(
+            "diffusers' DiTTransformer2DModel is DiT as published (class in adaLN); this DiT has no diffusers form"
+        )
     if model.t_embedder.freq_shift != 1:
-        print("note: diffusers' DiT embeds timesteps with freq shift 1 (this model: "
-              f"{model.t_embedder.freq_shift:g}); outputs differ slightly in diffusers", file=sys.stderr)
+        print(
+            "note: diffusers' DiT embeds timesteps with freq shift 1 (this model: "
+            f"{model.t_embedder.freq_shift:g}); outputs differ slightly in diffusers",
+            file=sys.stderr,
+        )
     return write_diffusers(model.state_dict(), dit_arch_from_state_dict(model.state_dict(), model.num_heads), out_dir)
 
 
@@ -174,13 +218,28 @@ def dit_flops(model: DiT, tokens_per_caption: int) -> float:
 
 
 SPEC = BackboneSpec(
-    name="dit", model_class=DiT, presets=DIT_PRESETS, conditionings=("class", "pooled_text", "text"),
-    config_keys=("num_classes", "timestep_freq_shift", "pooled_dim", "context_dim", "mlp_ratio", "pos_embed_base_size",
-                 "pos_embed_resample"),
-    published_class_path="adaln", blocks=lambda model: list(model.blocks), flops=dit_flops,
+    name="dit",
+    model_class=DiT,
+    presets=DIT_PRESETS,
+    conditionings=("class", "pooled_text", "text"),
+    config_keys=(
+        "num_classes",
+        "timestep_freq_shift",
+        "pooled_dim",
+        "context_dim",
+        "mlp_ratio",
+        "pos_embed_base_size",
+        "pos_embed_resample",
+    ),
+    published_class_path="adaln",
+    blocks=lambda model: list(model.blocks),
+    flops=dit_flops,
     recipe="imagenet256/dit_xl2.yaml",
     class_tables=("y_embedder.embedding_table.weight",),
     text_embedders=("context_embedder.", "text_embedder."),
-    detect=detect_dit, import_weights=lambda sd, layout: diffusers_to_ldmkit(sd) if layout == "diffusers" else sd,
-    import_overrides=dit_overrides, kept_on_import=("pos_embed",), export_weights=export_dit,
+    detect=detect_dit,
+    import_weights=lambda sd, layout: diffusers_to_ldmkit(sd) if layout == "diffusers" else sd,
+    import_overrides=dit_overrides,
+    kept_on_import=("pos_embed",),
+    export_weights=export_dit,
 )

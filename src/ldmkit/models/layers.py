@@ -3,6 +3,7 @@
 Plain PyTorch only: no precision, distribution or compile logic here (the trainer applies those from
 outside). Shapes: B batch, T tokens, D width, H heads.
 """
+
 from __future__ import annotations
 
 import math
@@ -168,7 +169,9 @@ class LabelEmbedder(nn.Module):
 
     def forward(self, labels: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
         if labels.min() < 0 or labels.max() >= self.num_classes:
-            raise ValueError(f"class id out of range [0, {self.num_classes}): {labels.min().item()}..{labels.max().item()}")
+            raise ValueError(
+                f"class id out of range [0, {self.num_classes}): {labels.min().item()}..{labels.max().item()}"
+            )
         if drop is not None:
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         return self.embedding_table(labels)

@@ -8,6 +8,7 @@ some tokens (`keep`, drawn by the training loop); the encoder runs on those, and
 fills the masked positions from mask tokens before the decoder. Module names follow the official
 checkpoints, so their state dicts load as they are. Shapes: B batch, C channels, T tokens, K kept, D width.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,7 +17,18 @@ import torch.nn.functional as F
 
 from ..conditioning.cond import Cond
 from .control import ControlEmbedder, zero_init_control
-from .layers import FinalLayer, LabelEmbedder, Mlp, PatchEmbed, PooledTextEmbedder, TimestepEmbedder, get_2d_sincos_pos_embed, modulate, unpatchify, xavier_init_linears
+from .layers import (
+    FinalLayer,
+    LabelEmbedder,
+    Mlp,
+    PatchEmbed,
+    PooledTextEmbedder,
+    TimestepEmbedder,
+    get_2d_sincos_pos_embed,
+    modulate,
+    unpatchify,
+    xavier_init_linears,
+)
 
 
 class RelativePositionBias(nn.Module):
@@ -81,9 +93,10 @@ class MDTBlock(nn.Module):
 
 
 class MDT(nn.Module):
-    """MDT-v2: class-conditional as published; "pooled_text" is the additive text variant (as DiT's). forward(x, t, cond, keep=None): keep [B, K] are the indices
-    of the tokens the masked training pass keeps (None: the full pass, used for sampling). mask_ratio is the
-    lower end of the share of tokens masked per masked pass (MDT-v2: U[mask_ratio, mask_ratio + 0.2])."""
+    """MDT-v2: class-conditional as published; "pooled_text" is the additive text variant (as DiT's).
+    forward(x, t, cond, keep=None): keep [B, K] are the indices of the tokens the masked training pass keeps
+    (None: the full pass, used for sampling). mask_ratio is the lower end of the share of tokens masked per
+    masked pass (MDT-v2: U[mask_ratio, mask_ratio + 0.2])."""
 
     def __init__(
         self,
@@ -111,7 +124,12 @@ class MDT(nn.Module):
             raise ValueError(f"MDT depth {depth} minus {decode_layers} decoder blocks must be a positive even number")
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.hidden_size, self.num_heads, self.mask_ratio, self.conditioning = hidden_size, num_heads, mask_ratio, conditioning
+        self.hidden_size, self.num_heads, self.mask_ratio, self.conditioning = (
+            hidden_size,
+            num_heads,
+            mask_ratio,
+            conditioning,
+        )
         self.grid = input_size // patch_size
         num_patches = self.grid**2
         half_depth = (depth - decode_layers) // 2
@@ -124,9 +142,15 @@ class MDT(nn.Module):
             self.text_embedder = PooledTextEmbedder(pooled_dim, hidden_size)
         self.control_embedder = ControlEmbedder(hidden_size, **control) if control else None  # additive only
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size))  # learnable, sin-cos at init
-        self.en_inblocks = nn.ModuleList([MDTBlock(hidden_size, num_heads, self.grid, mlp_ratio) for _ in range(half_depth)])
-        self.en_outblocks = nn.ModuleList([MDTBlock(hidden_size, num_heads, self.grid, mlp_ratio, skip=True) for _ in range(half_depth)])
-        self.de_blocks = nn.ModuleList([MDTBlock(hidden_size, num_heads, self.grid, mlp_ratio, skip=True) for _ in range(decode_layers)])
+        self.en_inblocks = nn.ModuleList(
+            [MDTBlock(hidden_size, num_heads, self.grid, mlp_ratio) for _ in range(half_depth)]
+        )
+        self.en_outblocks = nn.ModuleList(
+            [MDTBlock(hidden_size, num_heads, self.grid, mlp_ratio, skip=True) for _ in range(half_depth)]
+        )
+        self.de_blocks = nn.ModuleList(
+            [MDTBlock(hidden_size, num_heads, self.grid, mlp_ratio, skip=True) for _ in range(decode_layers)]
+        )
         self.sideblocks = nn.ModuleList([MDTBlock(hidden_size, num_heads, self.grid, mlp_ratio)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size))
@@ -172,7 +196,9 @@ class MDT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, keep: torch.Tensor | None = None) -> torch.Tensor:
         # x [B, C, H, W] latents, t [B] noise level in [0, 1], cond.class_labels [B], keep [B, K] or None
         if x.shape[1:] != (self.in_channels, self.input_size, self.input_size):
-            raise ValueError(f"MDT expects input [B, {self.in_channels}, {self.input_size}, {self.input_size}], got {list(x.shape)}")
+            raise ValueError(
+                f"MDT expects input [B, {self.in_channels}, {self.input_size}, {self.input_size}], got {list(x.shape)}"
+            )
         x = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # [B, T, D]
         if self.conditioning == "class":
             if cond.class_labels is None:
@@ -197,7 +223,9 @@ class MDT(nn.Module):
         x = self.side_interpolate(x, c, keep) if keep is not None else x + self.decoder_pos_embed.to(x.dtype)
         for block in self.de_blocks:
             x = block(x, c, skip=input_skip)
-        return unpatchify(self.final_layer(x, c), self.grid, self.grid, self.patch_size, self.out_channels)  # [B, C_out, H, W]
+        return unpatchify(
+            self.final_layer(x, c), self.grid, self.grid, self.patch_size, self.out_channels
+        )  # [B, C_out, H, W]
 
 
 def draw_token_keep(batch: int, tokens: int, mask_ratio: float, generator: torch.Generator, device) -> torch.Tensor:

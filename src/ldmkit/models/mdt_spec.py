@@ -1,5 +1,6 @@
 """MDT-v2's spec (see models/spec.py): the official sail-sg/MDT checkpoints share ldmkit's module names, and
 its training adds a masked pass (MaskedPass) to every step."""
+
 from __future__ import annotations
 
 import torch
@@ -14,11 +15,17 @@ def mdt_arch_from_state_dict(sd: dict) -> dict:
     w = sd["x_embedder.proj.weight"]
     hidden, in_channels, patch = w.shape[0], w.shape[1], w.shape[2]
     half, decode = count("en_inblocks"), count("de_blocks")
-    return dict(hidden_size=hidden, in_channels=in_channels, patch_size=patch, depth=2 * half + decode, decode_layers=decode,
-                num_heads=sd["en_inblocks.0.attn.rel_pos_bias.relative_position_bias_table"].shape[1],
-                num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1,
-                learn_sigma=sd["final_layer.linear.weight"].shape[0] == 2 * in_channels * patch * patch,
-                input_size=int(round(sd["pos_embed"].shape[1] ** 0.5)) * patch)
+    return dict(
+        hidden_size=hidden,
+        in_channels=in_channels,
+        patch_size=patch,
+        depth=2 * half + decode,
+        decode_layers=decode,
+        num_heads=sd["en_inblocks.0.attn.rel_pos_bias.relative_position_bias_table"].shape[1],
+        num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1,
+        learn_sigma=sd["final_layer.linear.weight"].shape[0] == 2 * in_channels * patch * patch,
+        input_size=int(round(sd["pos_embed"].shape[1] ** 0.5)) * patch,
+    )
 
 
 def mdt_overrides(sd: dict, layout: str, folder_config: dict, **_) -> list[str]:
@@ -56,14 +63,21 @@ def mdt_flops(model: MDT, tokens_per_caption: int = 0) -> float:
 
 
 SPEC = BackboneSpec(
-    name="mdt", model_class=MDT, presets=MDT_PRESETS, conditionings=("class", "pooled_text"),
+    name="mdt",
+    model_class=MDT,
+    presets=MDT_PRESETS,
+    conditionings=("class", "pooled_text"),
     config_keys=("num_classes", "pooled_dim", "mask_ratio", "mlp_ratio"),
-    published_class_path="adaln", attends_class=False,
+    published_class_path="adaln",
+    attends_class=False,
     blocks=lambda model: [*model.en_inblocks, *model.en_outblocks, *model.de_blocks, *model.sideblocks],
-    flops=mdt_flops, recipe="imagenet256/mdt_xl2.yaml",
+    flops=mdt_flops,
+    recipe="imagenet256/mdt_xl2.yaml",
     fixed_pos_table="its learned tables are resampled by init.pos_embed",
-    class_tables=("y_embedder.embedding_table.weight",), text_embedders=("text_embedder.",),
-    detect=lambda sd: "official" if "en_inblocks.0.attn.qkv.weight" in sd else None, import_overrides=mdt_overrides,
+    class_tables=("y_embedder.embedding_table.weight",),
+    text_embedders=("text_embedder.",),
+    detect=lambda sd: "official" if "en_inblocks.0.attn.qkv.weight" in sd else None,
+    import_overrides=mdt_overrides,
     no_export="diffusers has no MDT model; convert to ldmkit",
     extra_pass=lambda model: MaskedPass(model) if model.mask_ratio is not None else None,
 )

@@ -9,6 +9,7 @@ Class-conditional use (ImageNet): the class is the context stream (one label-emb
 for guidance), with no pooled vector. Module names follow the official SD3 checkpoints.
 Shapes: B batch, C latent channels, T image tokens, L context tokens, D width.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,7 +19,18 @@ import torch.nn.functional as F
 
 from ..conditioning.cond import Cond
 from .control import ControlEmbedder, zero_init_control
-from .layers import FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, grid_positions, modulate, sincos_2d, unpatchify, xavier_init_linears
+from .layers import (
+    FinalLayer,
+    LabelEmbedder,
+    Mlp,
+    PatchEmbed,
+    TimestepEmbedder,
+    grid_positions,
+    modulate,
+    sincos_2d,
+    unpatchify,
+    xavier_init_linears,
+)
 
 
 class StreamAttention(nn.Module):
@@ -36,7 +48,9 @@ class StreamAttention(nn.Module):
 
     def pre_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, N, D = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # 3 x [B, H, N, D/H]
+        q, k, v = (
+            self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        )  # 3 x [B, H, N, D/H]
         return self.ln_q(q), self.ln_k(k), v
 
 
@@ -62,7 +76,9 @@ class DismantledBlock(nn.Module):
         qkv = self.attn.pre_attention(modulate(self.norm1(x), shift_msa, scale_msa))
         return qkv, (x, gate_msa, shift_mlp, scale_mlp, gate_mlp)
 
-    def post_attention(self, attn: torch.Tensor, x: torch.Tensor, gate_msa, shift_mlp, scale_mlp, gate_mlp) -> torch.Tensor:
+    def post_attention(
+        self, attn: torch.Tensor, x: torch.Tensor, gate_msa, shift_mlp, scale_mlp, gate_mlp
+    ) -> torch.Tensor:
         x = x + gate_msa.unsqueeze(1) * self.attn.proj(attn)
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
@@ -84,7 +100,9 @@ class JointBlock(nn.Module):
         attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, H * Dh)  # [B, T+L, D]
         T = x.shape[1]
         x = self.x_block.post_attention(attn[:, :T], *x_state)
-        context = None if self.context_block.pre_only else self.context_block.post_attention(attn[:, T:], *context_state)
+        context = (
+            None if self.context_block.pre_only else self.context_block.post_attention(attn[:, T:], *context_state)
+        )
         return context, x
 
 
@@ -141,14 +159,17 @@ class MMDiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         if conditioning == "text":
             if semantic_path == "adaln":
-                self.y_embedder = nn.Sequential(nn.Linear(pooled_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+                self.y_embedder = nn.Sequential(
+                    nn.Linear(pooled_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+                )
             self.context_embedder = nn.Linear(context_dim, hidden_size)
         else:
             self.class_embedder = LabelEmbedder(num_classes, hidden_size)  # the context token (and adaLN vector)
         self.control_embedder = ControlEmbedder(hidden_size, **control) if control else None
         self.register_buffer("pos_embed", torch.zeros(1, self.pos_embed_max_size**2, hidden_size))
         self.joint_blocks = nn.ModuleList(
-            [JointBlock(hidden_size, num_heads, mlp_ratio, qk_norm, pre_only=i == depth - 1) for i in range(depth)])
+            [JointBlock(hidden_size, num_heads, mlp_ratio, qk_norm, pre_only=i == depth - 1) for i in range(depth)]
+        )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
@@ -158,7 +179,9 @@ class MMDiT(nn.Module):
         positions = np.arange(M, dtype=np.float64) / (M / self.base_size)
         if self.pos_base_grid is not None:  # the M-cell table measured on the base grid, scaled as the input grid is
             positions = grid_positions(M, M * self.pos_base_grid / self.base_size, self.pos_embed_resample)
-        self.pos_embed.data.copy_(torch.from_numpy(sincos_2d(self.hidden_size, positions, positions)).float().unsqueeze(0))
+        self.pos_embed.data.copy_(
+            torch.from_numpy(sincos_2d(self.hidden_size, positions, positions)).float().unsqueeze(0)
+        )
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
@@ -183,21 +206,27 @@ class MMDiT(nn.Module):
         if h > M or w > M:
             raise ValueError(f"a {h}x{w} token grid exceeds pos_embed_max_size {M}")
         top, left = (M - h) // 2, (M - w) // 2
-        table = self.pos_embed.reshape(1, M, M, -1)[:, top: top + h, left: left + w, :]
+        table = self.pos_embed.reshape(1, M, M, -1)[:, top : top + h, left : left + w, :]
         return table.reshape(1, h * w, -1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         # x [B, C, H, W] latents, t [B] noise level in [0, 1] (SD3: sigma; the embedder sees 1000 * t)
         p = self.patch_size
         if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2] % p or x.shape[3] % p:
-            raise ValueError(f"mmDiT expects input [B, {self.in_channels}, H, W] with H and W multiples of {p}, got {list(x.shape)}")
+            raise ValueError(
+                f"mmDiT expects input [B, {self.in_channels}, H, W] with H and W multiples of {p}, got {list(x.shape)}"
+            )
         h, w = x.shape[2] // p, x.shape[3] // p
         x = self.x_embedder(x) + self.cropped_pos_embed(h, w).to(x.dtype)  # [B, T, D]
         c = self.t_embedder(t)  # [B, D]
         if self.conditioning == "text":
             pooled_needed = self.semantic_path == "adaln"
             if cond.context is None or (pooled_needed and cond.pooled is None):
-                raise ValueError("this mmDiT is text-conditional: cond.context (tokens)" + (" and cond.pooled are" if pooled_needed else " is") + " required")
+                raise ValueError(
+                    "this mmDiT is text-conditional: cond.context (tokens)"
+                    + (" and cond.pooled are" if pooled_needed else " is")
+                    + " required"
+                )
             context = cond.context
             keep = None if cond.drop_semantic is None else (~cond.drop_semantic).to(context.dtype)
             if keep is not None:

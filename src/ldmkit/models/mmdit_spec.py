@@ -1,8 +1,10 @@
-"""mmDiT's spec (see models/spec.py), and its weights between ldmkit (the official SD3 module names) and diffusers' `SD3Transformer2DModel`.
+"""mmDiT's spec (see models/spec.py), and its weights between ldmkit (the official SD3 module names) and
+diffusers' `SD3Transformer2DModel`.
 
 diffusers stores the two-way modulations of the pre-only context block and of the final layer as
 (scale, shift); the official layout, and ldmkit, as (shift, scale): those halves are swapped.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,9 +22,26 @@ _RENAMES = {
     "final_layer.linear": "proj_out",
 }
 _STREAMS = {  # ldmkit stream -> diffusers names: (adaLN, q, k, v, out, norm q, norm k, mlp)
-    "x_block": ("norm1.linear", "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.norm_q", "attn.norm_k", "ff"),
-    "context_block": ("norm1_context.linear", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-                      "attn.norm_added_q", "attn.norm_added_k", "ff_context"),
+    "x_block": (
+        "norm1.linear",
+        "attn.to_q",
+        "attn.to_k",
+        "attn.to_v",
+        "attn.to_out.0",
+        "attn.norm_q",
+        "attn.norm_k",
+        "ff",
+    ),
+    "context_block": (
+        "norm1_context.linear",
+        "attn.add_q_proj",
+        "attn.add_k_proj",
+        "attn.add_v_proj",
+        "attn.to_add_out",
+        "attn.norm_added_q",
+        "attn.norm_added_k",
+        "ff_context",
+    ),
 }
 
 
@@ -43,19 +62,26 @@ def mmdit_to_diffusers(sd: dict) -> dict:
             for part in ("weight", "bias"):
                 mod = sd[f"{src}adaLN_modulation.1.{part}"]
                 out[f"{dst}{ada}.{part}"] = _swap_halves(mod) if pre_only else mod
-                out[f"{dst}{q}.{part}"], out[f"{dst}{k}.{part}"], out[f"{dst}{v}.{part}"] = sd[f"{src}attn.qkv.{part}"].chunk(3)
+                out[f"{dst}{q}.{part}"], out[f"{dst}{k}.{part}"], out[f"{dst}{v}.{part}"] = sd[
+                    f"{src}attn.qkv.{part}"
+                ].chunk(3)
                 if not pre_only:
                     out[f"{dst}{proj}.{part}"] = sd[f"{src}attn.proj.{part}"]
                     out[f"{dst}{ff}.net.0.proj.{part}"] = sd[f"{src}mlp.fc1.{part}"]
                     out[f"{dst}{ff}.net.2.{part}"] = sd[f"{src}mlp.fc2.{part}"]
             if f"{src}attn.ln_q.weight" in sd:
-                out[f"{dst}{nq}.weight"], out[f"{dst}{nk}.weight"] = sd[f"{src}attn.ln_q.weight"], sd[f"{src}attn.ln_k.weight"]
+                out[f"{dst}{nq}.weight"], out[f"{dst}{nk}.weight"] = (
+                    sd[f"{src}attn.ln_q.weight"],
+                    sd[f"{src}attn.ln_k.weight"],
+                )
     return {k: v.contiguous() for k, v in out.items()}
 
 
 def mmdit_from_diffusers(sd: dict) -> dict:
     if "time_text_embed.timestep_embedder.linear_1.weight" not in sd or "context_embedder.weight" not in sd:
-        raise ConversionError("not a diffusers SD3Transformer2DModel state dict (no time_text_embed / context_embedder)")
+        raise ConversionError(
+            "not a diffusers SD3Transformer2DModel state dict (no time_text_embed / context_embedder)"
+        )
     out = copy_renamed(sd, _RENAMES, {"pos_embed": sd["pos_embed.pos_embed"]}, reverse=True)
     for part in ("weight", "bias"):
         out[f"final_layer.adaLN_modulation.1.{part}"] = _swap_halves(sd[f"norm_out.linear.{part}"])
@@ -72,7 +98,10 @@ def mmdit_from_diffusers(sd: dict) -> dict:
                     out[f"{dst}mlp.fc1.{part}"] = sd[f"{src}{ff}.net.0.proj.{part}"]
                     out[f"{dst}mlp.fc2.{part}"] = sd[f"{src}{ff}.net.2.{part}"]
             if f"{src}{nq}.weight" in sd:
-                out[f"{dst}attn.ln_q.weight"], out[f"{dst}attn.ln_k.weight"] = sd[f"{src}{nq}.weight"], sd[f"{src}{nk}.weight"]
+                out[f"{dst}attn.ln_q.weight"], out[f"{dst}attn.ln_k.weight"] = (
+                    sd[f"{src}{nq}.weight"],
+                    sd[f"{src}{nk}.weight"],
+                )
     return out
 
 
@@ -83,10 +112,17 @@ def is_diffusers_mmdit(sd: dict) -> bool:
 def mmdit_diffusers_config(model) -> dict:
     """The SD3Transformer2DModel config of a text-conditional ldmkit mmDiT."""
     return dict(
-        sample_size=model.input_size, patch_size=model.patch_size, in_channels=model.in_channels, out_channels=model.out_channels,
-        num_layers=len(model.joint_blocks), attention_head_dim=model.hidden_size // model.num_heads, num_attention_heads=model.num_heads,
-        joint_attention_dim=model.context_embedder.in_features, caption_projection_dim=model.hidden_size,
-        pooled_projection_dim=model.y_embedder[0].in_features, pos_embed_max_size=model.pos_embed_max_size,
+        sample_size=model.input_size,
+        patch_size=model.patch_size,
+        in_channels=model.in_channels,
+        out_channels=model.out_channels,
+        num_layers=len(model.joint_blocks),
+        attention_head_dim=model.hidden_size // model.num_heads,
+        num_attention_heads=model.num_heads,
+        joint_attention_dim=model.context_embedder.in_features,
+        caption_projection_dim=model.hidden_size,
+        pooled_projection_dim=model.y_embedder[0].in_features,
+        pos_embed_max_size=model.pos_embed_max_size,
         qk_norm="rms_norm" if isinstance(model.joint_blocks[0].x_block.attn.ln_q, torch.nn.RMSNorm) else None,
     )
 
@@ -101,11 +137,20 @@ def mmdit_overrides(config: dict) -> list[str]:
     in_channels = config.get("in_channels", 16)
     out_channels = config.get("out_channels") or in_channels
     size = config.get("sample_size", 128)
-    return [f"model.input_size={size}", f"model.in_channels={in_channels}", f"model.learn_sigma={str(out_channels == 2 * in_channels).lower()}",
-            f"model.depth={config.get('num_layers', 18)}", f"model.hidden_size={heads * head_dim}", f"model.num_heads={heads}",
-            f"model.patch_size={config.get('patch_size', 2)}", f"model.context_dim={config.get('joint_attention_dim', 4096)}",
-            f"model.pooled_dim={config.get('pooled_projection_dim', 2048)}", f"model.qk_norm={str(config.get('qk_norm') == 'rms_norm').lower()}",
-            f"model.pos_embed_max_size={config.get('pos_embed_max_size') or size // config.get('patch_size', 2)}", f"data.resolution={size * 8}"]
+    return [
+        f"model.input_size={size}",
+        f"model.in_channels={in_channels}",
+        f"model.learn_sigma={str(out_channels == 2 * in_channels).lower()}",
+        f"model.depth={config.get('num_layers', 18)}",
+        f"model.hidden_size={heads * head_dim}",
+        f"model.num_heads={heads}",
+        f"model.patch_size={config.get('patch_size', 2)}",
+        f"model.context_dim={config.get('joint_attention_dim', 4096)}",
+        f"model.pooled_dim={config.get('pooled_projection_dim', 2048)}",
+        f"model.qk_norm={str(config.get('qk_norm') == 'rms_norm').lower()}",
+        f"model.pos_embed_max_size={config.get('pos_embed_max_size') or size // config.get('patch_size', 2)}",
+        f"data.resolution={size * 8}",
+    ]
 
 
 def write_mmdit_diffusers(model, out_dir):
@@ -114,11 +159,15 @@ def write_mmdit_diffusers(model, out_dir):
     from diffusers import SD3Transformer2DModel
 
     if model.conditioning != "text":
-        raise ConversionError("diffusers' SD3Transformer2DModel is text-conditional; a class-conditional mmDiT has no diffusers form")
+        raise ConversionError(
+            "diffusers' SD3Transformer2DModel is text-conditional; a class-conditional mmDiT has no diffusers form"
+        )
     ref = SD3Transformer2DModel(**mmdit_diffusers_config(model))
     missing, unexpected = ref.load_state_dict(mmdit_to_diffusers(model.state_dict()), strict=False)
     if missing or unexpected:
-        raise ConversionError(f"export does not fit SD3Transformer2DModel: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ConversionError(
+            f"export does not fit SD3Transformer2DModel: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     ref.save_pretrained(out_dir)
     return Path(out_dir)
 
@@ -146,14 +195,30 @@ def mmdit_flops(model: MMDiT, L: int) -> float:
 
 
 SPEC = BackboneSpec(
-    name="mmdit", model_class=MMDiT, presets=MMDIT_PRESETS, conditionings=("class", "text"),
-    config_keys=("num_classes", "context_dim", "pooled_dim", "qk_norm", "pos_embed_max_size", "mlp_ratio",
-                 "pos_embed_base_size", "pos_embed_resample"),
-    published_class_path="attention", pooled_text_with_tokens=True, blocks=lambda model: list(model.joint_blocks),
-    flops=mmdit_flops, recipe="cc12m256/mmdit_xl2.yaml",
+    name="mmdit",
+    model_class=MMDiT,
+    presets=MMDIT_PRESETS,
+    conditionings=("class", "text"),
+    config_keys=(
+        "num_classes",
+        "context_dim",
+        "pooled_dim",
+        "qk_norm",
+        "pos_embed_max_size",
+        "mlp_ratio",
+        "pos_embed_base_size",
+        "pos_embed_resample",
+    ),
+    published_class_path="attention",
+    pooled_text_with_tokens=True,
+    blocks=lambda model: list(model.joint_blocks),
+    flops=mmdit_flops,
+    recipe="cc12m256/mmdit_xl2.yaml",
     class_tables=("class_embedder.embedding_table.weight",),
     text_embedders=("context_embedder.", "y_embedder.0.", "y_embedder.2."),
-    detect=lambda sd: "diffusers" if is_diffusers_mmdit(sd) else None, import_weights=lambda sd, layout: mmdit_from_diffusers(sd),
+    detect=lambda sd: "diffusers" if is_diffusers_mmdit(sd) else None,
+    import_weights=lambda sd, layout: mmdit_from_diffusers(sd),
     import_overrides=lambda sd, layout, folder_config, **_: mmdit_overrides(folder_config),
-    kept_on_import=("pos_embed",), export_weights=write_mmdit_diffusers,
+    kept_on_import=("pos_embed",),
+    export_weights=write_mmdit_diffusers,
 )

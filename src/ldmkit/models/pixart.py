@@ -8,6 +8,7 @@ Class-conditional use (ImageNet): the class is one attended token (a label embed
 on the same cross-attention path the caption uses. Module names follow the official checkpoints.
 Shapes: B batch, C latent channels, T tokens, D width, L caption tokens, Dc caption width.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,7 +17,18 @@ import torch.nn as nn
 
 from ..conditioning.cond import Cond
 from .control import ControlEmbedder, zero_init_control
-from .layers import Attention, CrossAttention, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, grid_positions, sincos_2d, unpatchify, xavier_init_linears
+from .layers import (
+    Attention,
+    CrossAttention,
+    LabelEmbedder,
+    Mlp,
+    PatchEmbed,
+    TimestepEmbedder,
+    grid_positions,
+    sincos_2d,
+    unpatchify,
+    xavier_init_linears,
+)
 
 
 def t2i_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -56,10 +68,14 @@ class PixArtBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         # x [B, T, D], t [B, 6*D] (shared), context [B, L, D], mask [B, L]
         B = x.shape[0]
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.scale_shift_table[None] + t.reshape(B, 6, -1)).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.scale_shift_table[None] + t.reshape(B, 6, -1)
+        ).chunk(6, dim=1)
         x = x + gate_msa * self.attn(t2i_modulate(self.norm1(x), shift_msa, scale_msa))
         if context is not None:
             x = x + self.cross_attn(x, context, mask)
@@ -117,7 +133,10 @@ class PixArt(nn.Module):
         if conditioning not in ("text", "class"):
             raise ValueError(f"PixArt conditioning must be text or class, got {conditioning!r}")
         if semantic_path not in ("attention", "adaln") or (semantic_path == "adaln" and conditioning != "class"):
-            raise ValueError(f"PixArt takes text by attention and class by attention or adaln, not {conditioning} via {semantic_path}")
+            raise ValueError(
+                f"PixArt takes text by attention and class by attention or adaln, not {conditioning} via "
+                f"{semantic_path}"
+            )
         self.semantic_path = semantic_path
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -143,7 +162,9 @@ class PixArt(nn.Module):
             self.csize_embedder = TimestepEmbedder(hidden_size // 3, time_scale=1.0)  # each of h, w
             self.ar_embedder = TimestepEmbedder(hidden_size // 3, time_scale=1.0)
         self.register_buffer("pos_embed", torch.zeros(1, self.base_size**2, hidden_size))
-        self.blocks = nn.ModuleList([PixArtBlock(hidden_size, num_heads, mlp_ratio, semantic_path == "attention") for _ in range(depth)])
+        self.blocks = nn.ModuleList(
+            [PixArtBlock(hidden_size, num_heads, mlp_ratio, semantic_path == "attention") for _ in range(depth)]
+        )
         self.final_layer = T2IFinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
@@ -190,7 +211,9 @@ class PixArt(nn.Module):
         # x [B, C, H, W] latents, t [B] noise level in [0, 1]
         p = self.patch_size
         if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2] % p or x.shape[3] % p:
-            raise ValueError(f"PixArt expects input [B, {self.in_channels}, H, W] with H and W multiples of {p}, got {list(x.shape)}")
+            raise ValueError(
+                f"PixArt expects input [B, {self.in_channels}, H, W] with H and W multiples of {p}, got {list(x.shape)}"
+            )
         B, h, w = x.shape[0], x.shape[2] // p, x.shape[3] // p
         x = self.x_embedder(x) + self.pos_embed_for(h, w).to(x.dtype)  # [B, T, D]
         t_emb = self.t_embedder(t)  # [B, D]
@@ -231,4 +254,6 @@ PIXART_SIZES = {
     "B": dict(depth=12, hidden_size=768, num_heads=12),
     "XL": dict(depth=28, hidden_size=1152, num_heads=16),
 }
-PIXART_PRESETS = {f"PixArt-alpha-{size}/{p}": dict(arch, patch_size=p) for size, arch in PIXART_SIZES.items() for p in (2, 4)}
+PIXART_PRESETS = {
+    f"PixArt-alpha-{size}/{p}": dict(arch, patch_size=p) for size, arch in PIXART_SIZES.items() for p in (2, 4)
+}

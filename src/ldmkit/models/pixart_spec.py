@@ -1,9 +1,10 @@
-"""PixArt-alpha's spec (see models/spec.py), and its weights between ldmkit (the official PixArt-alpha module names) and diffusers'
-`PixArtTransformer2DModel`.
+"""PixArt-alpha's spec (see models/spec.py), and its weights between ldmkit (the official PixArt-alpha module
+names) and diffusers' `PixArtTransformer2DModel`.
 
 Not carried by diffusers: the null caption `y_embedder.y_embedding` (diffusers' pipelines encode an empty
 prompt instead) and the fixed `pos_embed` table (recomputed from the config); importing keeps ldmkit's own.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +12,14 @@ from pathlib import Path
 import torch
 
 from .pixart import PIXART_PRESETS, PixArt
-from .spec import BackboneSpec, ConversionError, block_count, copy_renamed, cross_attention_flops, transformer_block_flops
+from .spec import (
+    BackboneSpec,
+    ConversionError,
+    block_count,
+    copy_renamed,
+    cross_attention_flops,
+    transformer_block_flops,
+)
 
 # ldmkit name -> diffusers name, for tensors that map one to one (per-block names use "{i}").
 _RENAMES = {
@@ -53,7 +61,9 @@ def pixart_to_diffusers(sd: dict) -> dict:
 
 def pixart_from_diffusers(sd: dict) -> dict:
     if "adaln_single.linear.weight" not in sd or "caption_projection.linear_1.weight" not in sd:
-        raise ConversionError("not a diffusers PixArtTransformer2DModel state dict (no adaln_single / caption_projection)")
+        raise ConversionError(
+            "not a diffusers PixArtTransformer2DModel state dict (no adaln_single / caption_projection)"
+        )
     out = copy_renamed(sd, _RENAMES, {}, reverse=True)
     out["final_layer.scale_shift_table"] = sd["scale_shift_table"]
     for i in range(block_count(sd, "transformer_blocks.")):
@@ -69,11 +79,18 @@ def pixart_from_diffusers(sd: dict) -> dict:
 def pixart_diffusers_config(model) -> dict:
     """The PixArtTransformer2DModel config of an ldmkit PixArt (text-conditional)."""
     return dict(
-        num_attention_heads=model.num_heads, attention_head_dim=model.hidden_size // model.num_heads,
-        in_channels=model.in_channels, out_channels=model.out_channels, num_layers=len(model.blocks),
-        sample_size=model.input_size, patch_size=model.patch_size, caption_channels=model.y_embedder.y_proj.fc1.in_features,
-        cross_attention_dim=model.hidden_size, use_additional_conditions=model.micro_conditions,
-        interpolation_scale=model.pe_interpolation, norm_eps=1e-6,
+        num_attention_heads=model.num_heads,
+        attention_head_dim=model.hidden_size // model.num_heads,
+        in_channels=model.in_channels,
+        out_channels=model.out_channels,
+        num_layers=len(model.blocks),
+        sample_size=model.input_size,
+        patch_size=model.patch_size,
+        caption_channels=model.y_embedder.y_proj.fc1.in_features,
+        cross_attention_dim=model.hidden_size,
+        use_additional_conditions=model.micro_conditions,
+        interpolation_scale=model.pe_interpolation,
+        norm_eps=1e-6,
     )
 
 
@@ -91,10 +108,18 @@ def pixart_overrides(config: dict) -> list[str]:
     size = config.get("sample_size", 128)
     micro = config.get("use_additional_conditions")
     micro = size == 128 if micro is None else micro  # diffusers' default rule
-    return [f"model.input_size={size}", f"model.in_channels={in_channels}", f"model.learn_sigma={str(out_channels == 2 * in_channels).lower()}",
-            f"model.depth={config.get('num_layers', 28)}", f"model.hidden_size={heads * head_dim}", f"model.num_heads={heads}",
-            f"model.patch_size={config.get('patch_size', 2)}", f"model.context_dim={config.get('caption_channels') or 4096}",
-            f"model.micro_conditions={str(micro).lower()}", f"data.resolution={size * 8}"]
+    return [
+        f"model.input_size={size}",
+        f"model.in_channels={in_channels}",
+        f"model.learn_sigma={str(out_channels == 2 * in_channels).lower()}",
+        f"model.depth={config.get('num_layers', 28)}",
+        f"model.hidden_size={heads * head_dim}",
+        f"model.num_heads={heads}",
+        f"model.patch_size={config.get('patch_size', 2)}",
+        f"model.context_dim={config.get('caption_channels') or 4096}",
+        f"model.micro_conditions={str(micro).lower()}",
+        f"data.resolution={size * 8}",
+    ]
 
 
 def write_pixart_diffusers(model, out_dir) -> Path:
@@ -102,12 +127,16 @@ def write_pixart_diffusers(model, out_dir) -> Path:
     from diffusers import PixArtTransformer2DModel
 
     if model.conditioning != "text":
-        raise ConversionError("diffusers' PixArtTransformer2DModel is text-conditional; a class-conditional PixArt has no diffusers form")
+        raise ConversionError(
+            "diffusers' PixArtTransformer2DModel is text-conditional; a class-conditional PixArt has no diffusers form"
+        )
     ref = PixArtTransformer2DModel(**pixart_diffusers_config(model))
     missing, unexpected = ref.load_state_dict(pixart_to_diffusers(model.state_dict()), strict=False)
     missing = [k for k in missing if "pos_embed.pos_embed" not in k]
     if missing or unexpected:
-        raise ConversionError(f"export does not fit PixArtTransformer2DModel: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ConversionError(
+            f"export does not fit PixArtTransformer2DModel: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     ref.save_pretrained(out_dir)
     return Path(out_dir)
 
@@ -138,13 +167,29 @@ def pixart_flops(model: PixArt, L: int) -> float:
 
 
 SPEC = BackboneSpec(
-    name="pixart", model_class=PixArt, presets=PIXART_PRESETS, conditionings=("class", "text"),
-    config_keys=("num_classes", "context_dim", "max_tokens", "micro_conditions", "mlp_ratio", "pos_embed_base_size",
-                 "pos_embed_resample"),
-    published_class_path="attention", blocks=lambda model: list(model.blocks), flops=pixart_flops,
-    recipe="cc12m256/pixart_xl2.yaml", build_kwargs=pixart_kwargs,
-    class_tables=("y_embedder.embedding_table.weight",), text_embedders=("y_embedder.y_proj.", "y_embedder.y_embedding"),
-    detect=lambda sd: "diffusers" if is_diffusers_pixart(sd) else None, import_weights=lambda sd, layout: pixart_from_diffusers(sd),
+    name="pixart",
+    model_class=PixArt,
+    presets=PIXART_PRESETS,
+    conditionings=("class", "text"),
+    config_keys=(
+        "num_classes",
+        "context_dim",
+        "max_tokens",
+        "micro_conditions",
+        "mlp_ratio",
+        "pos_embed_base_size",
+        "pos_embed_resample",
+    ),
+    published_class_path="attention",
+    blocks=lambda model: list(model.blocks),
+    flops=pixart_flops,
+    recipe="cc12m256/pixart_xl2.yaml",
+    build_kwargs=pixart_kwargs,
+    class_tables=("y_embedder.embedding_table.weight",),
+    text_embedders=("y_embedder.y_proj.", "y_embedder.y_embedding"),
+    detect=lambda sd: "diffusers" if is_diffusers_pixart(sd) else None,
+    import_weights=lambda sd, layout: pixart_from_diffusers(sd),
     import_overrides=lambda sd, layout, folder_config, **_: pixart_overrides(folder_config),
-    kept_on_import=("pos_embed", "y_embedder.y_embedding"), export_weights=write_pixart_diffusers,
+    kept_on_import=("pos_embed", "y_embedder.y_embedding"),
+    export_weights=write_pixart_diffusers,
 )

@@ -1,5 +1,6 @@
 """Backbone registry: model.name -> the backbone's spec (models/<name>_spec.py), and the model a config builds.
 A new backbone is one model file, one spec file, and one line in BACKBONES."""
+
 from __future__ import annotations
 
 import torch.nn as nn
@@ -9,13 +10,23 @@ from . import dit_spec, mdt_spec, mmdit_spec, pixart_spec, unet_spec
 from .control import ControlSchedule
 from .spec import BackboneSpec
 
-BACKBONES: dict[str, BackboneSpec] = {spec.name: spec for spec in (
-    dit_spec.SPEC, pixart_spec.SPEC, mmdit_spec.SPEC, unet_spec.SPEC, mdt_spec.SPEC,
-)}
+BACKBONES: dict[str, BackboneSpec] = {
+    spec.name: spec
+    for spec in (
+        dit_spec.SPEC,
+        pixart_spec.SPEC,
+        mmdit_spec.SPEC,
+        unet_spec.SPEC,
+        mdt_spec.SPEC,
+    )
+}
 # Transformer presets may be overridden key by key; the UNet's text context width comes from model.context_dim.
 ARCH_OVERRIDES = ("depth", "hidden_size", "num_heads", "patch_size", "decode_layers")
-CONDITIONING_HELP = {"class": "class labels", "pooled_text": "a pooled caption vector in adaLN",
-                     "text": "caption tokens by attention"}
+CONDITIONING_HELP = {
+    "class": "class labels",
+    "pooled_text": "a pooled caption vector in adaLN",
+    "text": "caption tokens by attention",
+}
 
 
 def spec_of(model: nn.Module) -> BackboneSpec:
@@ -59,10 +70,16 @@ def control_spec(conditioning_cfg) -> dict | None:
     if cc.mechanism != "disentangled":
         schedules = {g: ControlSchedule("constant") for g in groups}
     else:
-        schedules = {"low_level": ControlSchedule(cc.low_schedule, cc.low_start, cc.low_end, cc.low_power),
-                     "high_level": ControlSchedule(cc.high_schedule, cc.high_start, cc.high_end, cc.high_power)}
-    return dict(keys={k: CONTROL_SIZES[k] for k in cc.control}, groups=groups,
-                schedules={g: schedules[g] for g in groups}, value_scale=cc.value_scale)
+        schedules = {
+            "low_level": ControlSchedule(cc.low_schedule, cc.low_start, cc.low_end, cc.low_power),
+            "high_level": ControlSchedule(cc.high_schedule, cc.high_start, cc.high_end, cc.high_power),
+        }
+    return dict(
+        keys={k: CONTROL_SIZES[k] for k in cc.control},
+        groups=groups,
+        schedules={g: schedules[g] for g in groups},
+        value_scale=cc.value_scale,
+    )
 
 
 def semantic_path(backbone: str, conditioning: str, mechanism: str) -> str:
@@ -75,22 +92,28 @@ def semantic_path(backbone: str, conditioning: str, mechanism: str) -> str:
     spec = BACKBONES[backbone]
     if conditioning == "pooled_text":
         if mechanism == "disentangled":
-            raise ConfigError("config key 'model.conditioning': pooled_text sums the caption into adaLN; the disentangled "
-                              "mechanism attends to caption tokens: use model.conditioning: text")
+            raise ConfigError(
+                "config key 'model.conditioning': pooled_text sums the caption into adaLN; the disentangled "
+                "mechanism attends to caption tokens: use model.conditioning: text"
+            )
         return "adaln"
     if conditioning == "text":
         return "adaln" if spec.pooled_text_with_tokens and mechanism != "disentangled" else "attention"
     if mechanism == "published":
         return spec.published_class_path
     if mechanism == "disentangled" and not spec.attends_class:
-        raise ConfigError(f"config key 'conditioning.mechanism': {backbone} has no attention to a class token; "
-                          "it takes published or additive")
+        raise ConfigError(
+            f"config key 'conditioning.mechanism': {backbone} has no attention to a class token; "
+            "it takes published or additive"
+        )
     return "adaln" if mechanism == "additive" else "attention"
 
 
 def backbone_spec(model_cfg) -> BackboneSpec:
     if model_cfg.name not in BACKBONES:
-        raise ConfigError(f"config key 'model.name': unknown backbone {model_cfg.name!r} (available: {', '.join(BACKBONES)})")
+        raise ConfigError(
+            f"config key 'model.name': unknown backbone {model_cfg.name!r} (available: {', '.join(BACKBONES)})"
+        )
     return BACKBONES[model_cfg.name]
 
 
@@ -105,10 +128,13 @@ def build_model(model_cfg, conditioning_cfg=None) -> nn.Module:
     if preset not in spec.presets:
         other = next((name for name, entry in BACKBONES.items() if preset in entry.presets), None)
         if other is not None:
-            raise ConfigError(f"config key 'model.name': preset {model_cfg.preset!r} belongs to {other}; "
-                              f"set model.name: {other}")
-        raise ConfigError(f"config key 'model.preset': unknown preset {model_cfg.preset!r} for {spec.name} "
-                          f"(available: {', '.join(sorted(spec.presets))})")
+            raise ConfigError(
+                f"config key 'model.name': preset {model_cfg.preset!r} belongs to {other}; set model.name: {other}"
+            )
+        raise ConfigError(
+            f"config key 'model.preset': unknown preset {model_cfg.preset!r} for {spec.name} "
+            f"(available: {', '.join(sorted(spec.presets))})"
+        )
     arch = dict(spec.presets[preset])
     for key in ARCH_OVERRIDES:
         value = getattr(model_cfg, key)
@@ -116,17 +142,25 @@ def build_model(model_cfg, conditioning_cfg=None) -> nn.Module:
             if key not in arch:
                 raise ConfigError(f"config key 'model.{key}': {spec.name} presets have no {key}")
             arch[key] = value
-    if spec.fixed_pos_table and (model_cfg.pos_embed_base_size is not None or model_cfg.pos_embed_resample != "extrapolate"):
-        raise ConfigError(f"config key 'model.pos_embed_base_size': {spec.name} has no fixed positional table "
-                          f"({spec.fixed_pos_table})")
+    if spec.fixed_pos_table and (
+        model_cfg.pos_embed_base_size is not None or model_cfg.pos_embed_resample != "extrapolate"
+    ):
+        raise ConfigError(
+            f"config key 'model.pos_embed_base_size': {spec.name} has no fixed positional table "
+            f"({spec.fixed_pos_table})"
+        )
     mechanism = conditioning_cfg.mechanism if conditioning_cfg is not None else "published"
     if mechanism == "published" and conditioning_cfg is not None and conditioning_cfg.control:
-        raise ConfigError("config key 'conditioning.control': the published backbones embed no control values (PixArt "
-                          "and the SDXL UNet have model.micro_conditions); set conditioning.mechanism: additive or "
-                          "disentangled")
+        raise ConfigError(
+            "config key 'conditioning.control': the published backbones embed no control values (PixArt "
+            "and the SDXL UNet have model.micro_conditions); set conditioning.mechanism: additive or "
+            "disentangled"
+        )
     if mechanism != "published" and getattr(model_cfg, "micro_conditions", False):
-        raise ConfigError(f"config key 'model.micro_conditions': the published micro-conditioning; with "
-                          f"conditioning.mechanism {mechanism} list the control values in conditioning.control instead")
+        raise ConfigError(
+            f"config key 'model.micro_conditions': the published micro-conditioning; with "
+            f"conditioning.mechanism {mechanism} list the control values in conditioning.control instead"
+        )
     kwargs = {key: getattr(model_cfg, key) for key in spec.config_keys}
     path = semantic_path(spec.name, model_cfg.conditioning, mechanism)
     if spec.attends_class:
@@ -135,15 +169,22 @@ def build_model(model_cfg, conditioning_cfg=None) -> nn.Module:
         kwargs["control"] = control_spec(conditioning_cfg)
     kwargs = spec.build_kwargs(model_cfg, {**kwargs, **arch})
     try:
-        return spec.model_class(input_size=model_cfg.input_size, in_channels=model_cfg.in_channels,
-                                learn_sigma=model_cfg.learn_sigma, conditioning=model_cfg.conditioning, **kwargs)
+        return spec.model_class(
+            input_size=model_cfg.input_size,
+            in_channels=model_cfg.in_channels,
+            learn_sigma=model_cfg.learn_sigma,
+            conditioning=model_cfg.conditioning,
+            **kwargs,
+        )
     except ConfigError:
         raise
     except (RuntimeError, TypeError, ValueError, AssertionError, MemoryError, ZeroDivisionError) as e:
         # Sizes that fit no layer (a width the heads do not divide, a grid the patch does not tile, ...).
         detail = (str(e).splitlines() or [""])[0][:160]
-        raise ConfigError(f"config section 'model': {model_cfg.preset} cannot be built with these settings "
-                          f"({type(e).__name__}: {detail})") from None
+        raise ConfigError(
+            f"config section 'model': {model_cfg.preset} cannot be built with these settings "
+            f"({type(e).__name__}: {detail})"
+        ) from None
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -4,6 +4,7 @@ The trainer, the parallel wrappers, transfer and the CLI read a backbone only th
 it, which blocks repeat (what compile, activation checkpointing and FSDP wrap), its FLOPs, where the semantic
 condition may enter, its weight mappings to and from other layouts, and any extra training pass.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,20 +21,20 @@ class ConversionError(ValueError):
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    name: str                                   # model.name
+    name: str  # model.name
     model_class: type[nn.Module]
-    presets: dict[str, dict]                    # preset name -> architecture keyword arguments
-    conditionings: tuple[str, ...]              # model.conditioning values it takes
-    config_keys: tuple[str, ...]                # model.* keys its constructor reads beyond the common ones
-    published_class_path: str                   # where its paper puts a class label: adaln | attention
-    blocks: Callable[[nn.Module], list[nn.Module]]      # the repeated blocks, in forward order
-    flops: Callable[[nn.Module, int], float]    # (model, tokens per caption) -> forward FLOPs per image
-    recipe: str                                 # shipped config that imported foreign weights start from
+    presets: dict[str, dict]  # preset name -> architecture keyword arguments
+    conditionings: tuple[str, ...]  # model.conditioning values it takes
+    config_keys: tuple[str, ...]  # model.* keys its constructor reads beyond the common ones
+    published_class_path: str  # where its paper puts a class label: adaln | attention
+    blocks: Callable[[nn.Module], list[nn.Module]]  # the repeated blocks, in forward order
+    flops: Callable[[nn.Module, int], float]  # (model, tokens per caption) -> forward FLOPs per image
+    recipe: str  # shipped config that imported foreign weights start from
     # Constructor arguments from the model config: (model_cfg, keyword arguments so far) -> keyword arguments.
     build_kwargs: Callable[[object, dict], dict] = lambda model_cfg, kwargs: kwargs
-    attends_class: bool = True                  # False: no attention to a class token (no semantic_path argument)
-    pooled_text_with_tokens: bool = False       # text also sums a pooled caption into adaLN (SD3's mmDiT)
-    fixed_pos_table: str | None = None          # why model.pos_embed_* do not apply, or None when they do
+    attends_class: bool = True  # False: no attention to a class token (no semantic_path argument)
+    pooled_text_with_tokens: bool = False  # text also sums a pooled caption into adaLN (SD3's mmDiT)
+    fixed_pos_table: str | None = None  # why model.pos_embed_* do not apply, or None when they do
     # Tensor names by role, for init transfer: class tables (remapped by WordNet id), text embedders.
     class_tables: tuple[str, ...] = ()
     text_embedders: tuple[str, ...] = ()
@@ -45,8 +46,8 @@ class BackboneSpec:
     import_overrides: Callable[..., list[str]] | None = None
     # Tensors that a foreign layout does not carry and that the new model keeps from its own init.
     kept_on_import: tuple[str, ...] = ()
-    export_weights: Callable[[nn.Module, Path], Path] | None = None   # -> the diffusers folder written
-    no_export: str = "no diffusers form"        # why, when export_weights is None
+    export_weights: Callable[[nn.Module, Path], Path] | None = None  # -> the diffusers folder written
+    no_export: str = "no diffusers form"  # why, when export_weights is None
     # Extra training pass (MDT-v2's masked pass): model -> ExtraPass or None.
     extra_pass: Callable[[nn.Module], "ExtraPass | None"] = lambda model: None
 
@@ -75,7 +76,7 @@ def copy_renamed(sd: dict, renames: dict[str, str], out: dict, reverse: bool = F
 
 def block_count(sd: dict, prefix: str) -> int:
     """How many numbered blocks `prefix<i>.` a state dict holds."""
-    ids = {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)}
+    ids = {int(k[len(prefix) :].split(".")[0]) for k in sd if k.startswith(prefix)}
     return max(ids) + 1 if ids else 0
 
 

@@ -9,6 +9,7 @@ sinusoidal features of six control values (original size, crop top-left, target 
 vector, embedded and added to the timestep embedding. Module names follow diffusers' UNet2DConditionModel
 (descriptive, and its checkpoints load as they are). Shapes: B batch, C channels, H x W latent grid.
 """
+
 from __future__ import annotations
 
 import torch
@@ -69,7 +70,9 @@ class UNetAttention(nn.Module):
         self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, T, D = x.shape
         context = x if context is None else context
         H = self.num_heads
@@ -127,12 +130,22 @@ class SpatialTransformer(nn.Module):
     """GroupNorm, projection in (1x1 conv, or linear on tokens as SDXL), transformer blocks, projection
     out, residual."""
 
-    def __init__(self, channels: int, num_heads: int, context_dim: int, depth: int = 1, groups: int = 32, linear_projection: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int,
+        context_dim: int,
+        depth: int = 1,
+        groups: int = 32,
+        linear_projection: bool = False,
+    ):
         super().__init__()
         self.linear_projection = linear_projection
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels) if linear_projection else nn.Conv2d(channels, channels, 1)
-        self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, num_heads, context_dim) for _ in range(depth)])
+        self.transformer_blocks = nn.ModuleList(
+            [TransformerBlock(channels, num_heads, context_dim) for _ in range(depth)]
+        )
         self.proj_out = nn.Linear(channels, channels) if linear_projection else nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -173,11 +186,33 @@ class DownBlock(nn.Module):
     """num_layers ResNet blocks (each followed by a spatial transformer when depth > 0), then a 2x
     downsampling unless it is the last level. Returns every intermediate activation for the skips."""
 
-    def __init__(self, in_channels, out_channels, temb_dim, num_layers, heads, context_dim, depth, groups, linear_projection, downsample):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        temb_dim,
+        num_layers,
+        heads,
+        context_dim,
+        depth,
+        groups,
+        linear_projection,
+        downsample,
+    ):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(in_channels if i == 0 else out_channels, out_channels, temb_dim, groups) for i in range(num_layers)])
+        self.resnets = nn.ModuleList(
+            [
+                ResnetBlock(in_channels if i == 0 else out_channels, out_channels, temb_dim, groups)
+                for i in range(num_layers)
+            ]
+        )
         if depth:
-            self.attentions = nn.ModuleList([SpatialTransformer(out_channels, heads, context_dim, depth, groups, linear_projection) for _ in range(num_layers)])
+            self.attentions = nn.ModuleList(
+                [
+                    SpatialTransformer(out_channels, heads, context_dim, depth, groups, linear_projection)
+                    for _ in range(num_layers)
+                ]
+            )
         self.downsamplers = nn.ModuleList([Downsample(out_channels)]) if downsample else None
 
     def forward(self, x, temb, context, mask):
@@ -197,13 +232,40 @@ class UpBlock(nn.Module):
     """num_layers ResNet blocks, each on [x; a skip] (and a spatial transformer when depth > 0), then a 2x
     upsampling unless it is the last level."""
 
-    def __init__(self, in_channels, out_channels, prev_channels, temb_dim, num_layers, heads, context_dim, depth, groups, linear_projection, upsample):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        prev_channels,
+        temb_dim,
+        num_layers,
+        heads,
+        context_dim,
+        depth,
+        groups,
+        linear_projection,
+        upsample,
+    ):
         super().__init__()
-        self.resnets = nn.ModuleList([
-            ResnetBlock((prev_channels if i == 0 else out_channels) + (in_channels if i == num_layers - 1 else out_channels), out_channels, temb_dim, groups)
-            for i in range(num_layers)])
+        self.resnets = nn.ModuleList(
+            [
+                ResnetBlock(
+                    (prev_channels if i == 0 else out_channels)
+                    + (in_channels if i == num_layers - 1 else out_channels),
+                    out_channels,
+                    temb_dim,
+                    groups,
+                )
+                for i in range(num_layers)
+            ]
+        )
         if depth:
-            self.attentions = nn.ModuleList([SpatialTransformer(out_channels, heads, context_dim, depth, groups, linear_projection) for _ in range(num_layers)])
+            self.attentions = nn.ModuleList(
+                [
+                    SpatialTransformer(out_channels, heads, context_dim, depth, groups, linear_projection)
+                    for _ in range(num_layers)
+                ]
+            )
         self.upsamplers = nn.ModuleList([Upsample(out_channels)]) if upsample else None
 
     def forward(self, x, skips, temb, context, mask):
@@ -220,7 +282,9 @@ class MidBlock(nn.Module):
     def __init__(self, channels, temb_dim, heads, context_dim, depth, groups, linear_projection):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock(channels, channels, temb_dim, groups) for _ in range(2)])
-        self.attentions = nn.ModuleList([SpatialTransformer(channels, heads, context_dim, depth, groups, linear_projection)])
+        self.attentions = nn.ModuleList(
+            [SpatialTransformer(channels, heads, context_dim, depth, groups, linear_projection)]
+        )
 
     def forward(self, x, temb, context, mask):
         x = self.resnets[0](x, temb)
@@ -265,15 +329,25 @@ class UNet(nn.Module):
         if conditioning not in ("class", "text"):
             raise ValueError(f"UNet conditioning must be class or text, got {conditioning!r}")
         if semantic_path not in ("attention", "adaln") or (semantic_path == "adaln" and conditioning != "class"):
-            raise ValueError(f"the UNet takes text by attention and class by attention or adaln, not {conditioning} via {semantic_path}")
+            raise ValueError(
+                f"the UNet takes text by attention and class by attention or adaln, not {conditioning} via "
+                f"{semantic_path}"
+            )
         self.semantic_path = semantic_path
         if len(transformer_depth) != len(block_out_channels):
             raise ValueError("transformer_depth needs one entry per level of block_out_channels")
         if input_size % 2 ** (len(block_out_channels) - 1):
-            raise ValueError(f"input size {input_size} is not divisible by the UNet's {2 ** (len(block_out_channels) - 1)}x downsampling")
+            raise ValueError(
+                f"input size {input_size} is not divisible by the UNet's {2 ** (len(block_out_channels) - 1)}x "
+                "downsampling"
+            )
         self.input_size, self.in_channels = input_size, in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
-        self.block_out_channels, self.conditioning, self.micro_conditions = tuple(block_out_channels), conditioning, micro_conditions
+        self.block_out_channels, self.conditioning, self.micro_conditions = (
+            tuple(block_out_channels),
+            conditioning,
+            micro_conditions,
+        )
         self.micro_embed_dim, self.model_channels = micro_embed_dim, block_out_channels[0]
         temb_dim = 4 * block_out_channels[0]
         # Heads: a fixed number per transformer (LDM: num_heads 1), or channels / head_channels (SDXL: 64).
@@ -293,18 +367,51 @@ class UNet(nn.Module):
         self.down_blocks = nn.ModuleList()
         channels = block_out_channels[0]
         for i, out in enumerate(block_out_channels):
-            self.down_blocks.append(DownBlock(channels, out, temb_dim, layers_per_block, heads[i], context_dim, transformer_depth[i],
-                                              norm_groups, linear_projection, downsample=i < levels - 1))
+            self.down_blocks.append(
+                DownBlock(
+                    channels,
+                    out,
+                    temb_dim,
+                    layers_per_block,
+                    heads[i],
+                    context_dim,
+                    transformer_depth[i],
+                    norm_groups,
+                    linear_projection,
+                    downsample=i < levels - 1,
+                )
+            )
             channels = out
-        self.mid_block = MidBlock(block_out_channels[-1], temb_dim, heads[-1], context_dim, max(transformer_depth[-1], 1), norm_groups, linear_projection)
+        self.mid_block = MidBlock(
+            block_out_channels[-1],
+            temb_dim,
+            heads[-1],
+            context_dim,
+            max(transformer_depth[-1], 1),
+            norm_groups,
+            linear_projection,
+        )
         self.up_blocks = nn.ModuleList()
         reversed_channels = list(reversed(block_out_channels))
         prev = reversed_channels[0]
         for i, out in enumerate(reversed_channels):
             skip_in = reversed_channels[min(i + 1, levels - 1)]
             level = levels - 1 - i
-            self.up_blocks.append(UpBlock(skip_in, out, prev, temb_dim, layers_per_block + 1, heads[level], context_dim, transformer_depth[level],
-                                          norm_groups, linear_projection, upsample=i < levels - 1))
+            self.up_blocks.append(
+                UpBlock(
+                    skip_in,
+                    out,
+                    prev,
+                    temb_dim,
+                    layers_per_block + 1,
+                    heads[level],
+                    context_dim,
+                    transformer_depth[level],
+                    norm_groups,
+                    linear_projection,
+                    upsample=i < levels - 1,
+                )
+            )
             prev = out
         self.conv_norm_out = nn.GroupNorm(norm_groups, block_out_channels[0], eps=1e-5)
         self.conv_out = nn.Conv2d(block_out_channels[0], self.out_channels, 3, padding=1)
@@ -353,7 +460,10 @@ class UNet(nn.Module):
         if self.micro_conditions:
             missing = [k for k in MICRO_CONDITIONS if k not in cond.control]
             if missing or cond.pooled is None:
-                raise ValueError(f"this UNet takes SDXL micro-conditions: cond.control needs {', '.join(MICRO_CONDITIONS)} and cond.pooled")
+                raise ValueError(
+                    f"this UNet takes SDXL micro-conditions: cond.control needs {', '.join(MICRO_CONDITIONS)} and "
+                    "cond.pooled"
+                )
             values = torch.cat([cond.control[k].reshape(B, 2) for k in MICRO_CONDITIONS], dim=1)  # [B, 6]
             micro = timestep_embedding(values.flatten(), self.micro_embed_dim).reshape(B, -1)  # [B, 6 * 256]
             pooled = cond.pooled
@@ -379,9 +489,34 @@ class UNet(nn.Module):
 # (320 x (1, 2, 4), transformer depths 0/2/10, 64-channel heads, linear projections, 2048-d context, micro-
 # conditioning with a 1280-d pooled vector); small sizes for tests and CPU runs.
 UNET_PRESETS = {
-    "UNet-tiny": dict(block_out_channels=(16, 32), layers_per_block=1, transformer_depth=(0, 1), head_channels=8, context_dim=32, norm_groups=4),
-    "UNet-S": dict(block_out_channels=(64, 128, 256), layers_per_block=2, transformer_depth=(0, 1, 1), head_channels=32, context_dim=256),
-    "UNet/LDM": dict(block_out_channels=(192, 384, 576, 960), layers_per_block=2, transformer_depth=(0, 1, 1, 1), num_heads=1, context_dim=512),
-    "UNet/SDXL": dict(block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_depth=(0, 2, 10), head_channels=64,
-                      context_dim=2048, linear_projection=True),
+    "UNet-tiny": dict(
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        transformer_depth=(0, 1),
+        head_channels=8,
+        context_dim=32,
+        norm_groups=4,
+    ),
+    "UNet-S": dict(
+        block_out_channels=(64, 128, 256),
+        layers_per_block=2,
+        transformer_depth=(0, 1, 1),
+        head_channels=32,
+        context_dim=256,
+    ),
+    "UNet/LDM": dict(
+        block_out_channels=(192, 384, 576, 960),
+        layers_per_block=2,
+        transformer_depth=(0, 1, 1, 1),
+        num_heads=1,
+        context_dim=512,
+    ),
+    "UNet/SDXL": dict(
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        transformer_depth=(0, 2, 10),
+        head_channels=64,
+        context_dim=2048,
+        linear_projection=True,
+    ),
 }

@@ -4,6 +4,7 @@ ldmkit's UNet uses diffusers' module names, so the state dicts map one to one; t
 (`class_embedder`, LDM's ClassEmbedder) has no diffusers counterpart (diffusers' UNet takes the context
 tokens from outside) and is kept on import.
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,17 +41,25 @@ def unet_diffusers_config(model) -> dict:
     heads[-1] = mid.transformer_blocks[0].attn1.num_heads
     first = model.down_blocks[0].resnets[0]
     config = dict(
-        sample_size=model.input_size, in_channels=model.in_channels, out_channels=model.out_channels,
+        sample_size=model.input_size,
+        in_channels=model.in_channels,
+        out_channels=model.out_channels,
         down_block_types=["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in depth],
         up_block_types=["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(depth)],
-        block_out_channels=list(model.block_out_channels), layers_per_block=len(model.down_blocks[0].resnets),
-        norm_num_groups=first.norm1.num_groups, cross_attention_dim=mid.transformer_blocks[0].attn2.to_k.in_features,
+        block_out_channels=list(model.block_out_channels),
+        layers_per_block=len(model.down_blocks[0].resnets),
+        norm_num_groups=first.norm1.num_groups,
+        cross_attention_dim=mid.transformer_blocks[0].attn2.to_k.in_features,
         transformer_layers_per_block=[d or 1 for d in depth[:-1]] + [len(mid.transformer_blocks)],
-        attention_head_dim=heads, use_linear_projection=mid.linear_projection,
+        attention_head_dim=heads,
+        use_linear_projection=mid.linear_projection,
     )
     if model.micro_conditions:
-        config.update(addition_embed_type="text_time", addition_time_embed_dim=model.micro_embed_dim,
-                      projection_class_embeddings_input_dim=model.add_embedding.linear_1.in_features)
+        config.update(
+            addition_embed_type="text_time",
+            addition_time_embed_dim=model.micro_embed_dim,
+            projection_class_embeddings_input_dim=model.add_embedding.linear_1.in_features,
+        )
     return config
 
 
@@ -62,28 +71,40 @@ def unet_overrides(config: dict) -> list[str]:
         raise ConversionError("a diffusers UNet folder needs its config.json to be converted")
     levels = len(config.get("block_out_channels", ()))
     given = {
-        "block_out_channels": list(config.get("block_out_channels", ())), "layers_per_block": config.get("layers_per_block", 2),
-        "down_block_types": list(config.get("down_block_types", ())), "use_linear_projection": config.get("use_linear_projection", False),
+        "block_out_channels": list(config.get("block_out_channels", ())),
+        "layers_per_block": config.get("layers_per_block", 2),
+        "down_block_types": list(config.get("down_block_types", ())),
+        "use_linear_projection": config.get("use_linear_projection", False),
         "transformer_layers_per_block": _per_level(config.get("transformer_layers_per_block", 1), levels),
-        "attention_head_dim": _per_level(config.get("attention_head_dim", 8), levels), "norm_num_groups": config.get("norm_num_groups", 32),
+        "attention_head_dim": _per_level(config.get("attention_head_dim", 8), levels),
+        "norm_num_groups": config.get("norm_num_groups", 32),
     }
     for name, preset in UNET_PRESETS.items():
         if len(preset["block_out_channels"]) != levels:
             continue
         with torch.device("meta"):
-            candidate = UNet(input_size=2 ** levels, conditioning="text", **{**preset, "context_dim": 8})
+            candidate = UNet(input_size=2**levels, conditioning="text", **{**preset, "context_dim": 8})
         reference = unet_diffusers_config(candidate)
         if all(given[k] == reference[k] for k in given):
             size, in_channels = config.get("sample_size", 64), config.get("in_channels", 4)
             micro = config.get("addition_embed_type") == "text_time"
-            out = [f"model.preset={name}", f"model.input_size={size}", f"model.in_channels={in_channels}",
-                   f"model.learn_sigma={str(config.get('out_channels', in_channels) == 2 * in_channels).lower()}",
-                   f"model.context_dim={config.get('cross_attention_dim', 768)}", f"model.micro_conditions={str(micro).lower()}",
-                   f"data.resolution={size * 8}"]
+            out = [
+                f"model.preset={name}",
+                f"model.input_size={size}",
+                f"model.in_channels={in_channels}",
+                f"model.learn_sigma={str(config.get('out_channels', in_channels) == 2 * in_channels).lower()}",
+                f"model.context_dim={config.get('cross_attention_dim', 768)}",
+                f"model.micro_conditions={str(micro).lower()}",
+                f"data.resolution={size * 8}",
+            ]
             if micro:
-                out.append(f"model.pooled_dim={config['projection_class_embeddings_input_dim'] - 6 * config.get('addition_time_embed_dim', 256)}")
+                time_embed_dim = config.get("addition_time_embed_dim", 256)
+                out.append(f"model.pooled_dim={config['projection_class_embeddings_input_dim'] - 6 * time_embed_dim}")
             return out
-    raise ConversionError(f"the UNet with block_out_channels {given['block_out_channels']} matches no ldmkit UNet preset ({', '.join(UNET_PRESETS)})")
+    raise ConversionError(
+        f"the UNet with block_out_channels {given['block_out_channels']} matches no ldmkit UNet preset "
+        f"({', '.join(UNET_PRESETS)})"
+    )
 
 
 def _per_level(value, levels: int) -> list:
@@ -96,8 +117,10 @@ def write_unet_diffusers(model, out_dir):
     from diffusers import UNet2DConditionModel
 
     if model.conditioning != "text":
-        raise ConversionError("diffusers' UNet2DConditionModel takes context tokens; export a text-conditional UNet "
-                              "(a class-conditional UNet's class-token embedder has no diffusers counterpart)")
+        raise ConversionError(
+            "diffusers' UNet2DConditionModel takes context tokens; export a text-conditional UNet "
+            "(a class-conditional UNet's class-token embedder has no diffusers counterpart)"
+        )
     ref = UNet2DConditionModel(**unet_diffusers_config(model))
     ref.load_state_dict(unet_to_diffusers(model.state_dict()), strict=True)
     ref.save_pretrained(out_dir)
@@ -125,19 +148,32 @@ def unet_flops(model: UNet, tokens: int) -> float:
     def transformer(st: SpatialTransformer, hw):
         C = st.norm.num_channels
         Dc = st.transformer_blocks[0].attn2.to_k.in_features
-        L = hw if model.semantic_path == "adaln" else tokens  # without a class token the second attention is self-attention
-        per_block = (2 * hw * 4 * C * C + 2 * 2 * hw * hw * C  # self-attention: q, k, v, out; scores and values
-                     + 2 * hw * 2 * C * C + 2 * L * 2 * Dc * C + 2 * 2 * hw * L * C  # cross-attention
-                     + 2 * hw * (C * 8 * C + 4 * C * C))  # GEGLU feed-forward
+        L = (
+            hw if model.semantic_path == "adaln" else tokens
+        )  # without a class token the second attention is self-attention
+        per_block = (
+            2 * hw * 4 * C * C
+            + 2 * 2 * hw * hw * C  # self-attention: q, k, v, out; scores and values
+            + 2 * hw * 2 * C * C
+            + 2 * L * 2 * Dc * C
+            + 2 * 2 * hw * L * C  # cross-attention
+            + 2 * hw * (C * 8 * C + 4 * C * C)
+        )  # GEGLU feed-forward
         return 2 * 2 * hw * C * C + len(st.transformer_blocks) * per_block  # + projections in and out
 
     side = model.input_size
-    total = conv(model.in_channels, model.model_channels, 3, side * side) + conv(model.model_channels, model.out_channels, 3, side * side)
+    total = conv(model.in_channels, model.model_channels, 3, side * side) + conv(
+        model.model_channels, model.out_channels, 3, side * side
+    )
     temb = model.time_embedding
-    total += 2 * (temb.linear_1.in_features * temb.linear_1.out_features + temb.linear_2.in_features * temb.linear_2.out_features)
+    total += 2 * (
+        temb.linear_1.in_features * temb.linear_1.out_features + temb.linear_2.in_features * temb.linear_2.out_features
+    )
     if model.micro_conditions:
         add = model.add_embedding
-        total += 2 * (add.linear_1.in_features * add.linear_1.out_features + add.linear_2.in_features * add.linear_2.out_features)
+        total += 2 * (
+            add.linear_1.in_features * add.linear_1.out_features + add.linear_2.in_features * add.linear_2.out_features
+        )
     for level, block in enumerate(model.down_blocks):
         hw = (side >> level) ** 2
         for i, r in enumerate(block.resnets):
@@ -159,13 +195,20 @@ def unet_flops(model: UNet, tokens: int) -> float:
 
 
 SPEC = BackboneSpec(
-    name="unet", model_class=UNet, presets=UNET_PRESETS, conditionings=("class", "text"),
+    name="unet",
+    model_class=UNet,
+    presets=UNET_PRESETS,
+    conditionings=("class", "text"),
     config_keys=("num_classes", "micro_conditions", "pooled_dim"),
     published_class_path="attention",
     blocks=lambda model: [*model.down_blocks, *model.up_blocks, model.mid_block],
-    flops=unet_flops, recipe="cc12m256/unet_ldm.yaml", build_kwargs=unet_kwargs, fixed_pos_table="convolutions only",
+    flops=unet_flops,
+    recipe="cc12m256/unet_ldm.yaml",
+    build_kwargs=unet_kwargs,
+    fixed_pos_table="convolutions only",
     class_tables=("class_embedder.embedding_table.weight", "class_embedding.embedding_table.weight"),
-    detect=lambda sd: "diffusers" if is_diffusers_unet(sd) else None, import_weights=lambda sd, layout: unet_from_diffusers(sd),
+    detect=lambda sd: "diffusers" if is_diffusers_unet(sd) else None,
+    import_weights=lambda sd, layout: unet_from_diffusers(sd),
     import_overrides=lambda sd, layout, folder_config, **_: unet_overrides(folder_config),
     export_weights=write_unet_diffusers,
 )

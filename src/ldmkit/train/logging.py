@@ -1,4 +1,5 @@
 """Run logs: JSONL (one record per log interval), TensorBoard, a status line, and the loss-curve PNG."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,6 @@ import time
 from pathlib import Path
 
 from ..eval.report import read_log
-
 
 LOG_FILES = ("log.jsonl", "eval.jsonl")
 

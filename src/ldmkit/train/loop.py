@@ -6,6 +6,7 @@ order is a permutation seeded by (seed, epoch). So the run depends only on the c
 processes or on where it was interrupted: re-running the same command resumes from the newest checkpoint
 and produces the same weights as an uninterrupted run.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,22 +15,28 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from ..autoencoders import build_autoencoder
-from ..config import ConfigError, RunConfig, build, diff_configs, dump_config, load_config, to_dict, validate
+from ..checkpoint import (
+    checkpoint_path,
+    latest_checkpoint,
+    newest_intact_checkpoint,
+    nonfinite_count,
+    remove_partial_writes,
+)
 from ..conditioning.build import build_text_encoder, cond_from_batch
+from ..config import ConfigError, RunConfig, build, diff_configs, dump_config, load_config, to_dict, validate
 from ..data.loader import training_batches
 from ..diffusion.objectives import build_objective, training_loss
 from ..eval.evaluate import quick_metrics
 from ..eval.generate import generate, grid_labels, save_grid
 from ..models.registry import build_model, spec_of
-from .. import distributed
 from . import parallel
-from .optim import build_optimizer
-from .validation import Validator
 from .logging import RunLogger, plot_loss_curve, print_status, status_line
-from ..checkpoint import checkpoint_path, latest_checkpoint, newest_intact_checkpoint, nonfinite_count, remove_partial_writes
+from .optim import build_optimizer
 from .signals import StopSignals, TrainingDiverged, TrainingStopped
 from .state import EMA, TrainingState, learning_rate
+from .validation import Validator
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -37,9 +44,20 @@ def step_seed(seed: int, step: int) -> int:
 
 
 # Keys that do not change the trained weights: a run may resume with other values.
-NOT_TRAINING_KEYS = ("name", "sample.", "eval.", "data.num_workers", "train.total_images", "train.log_every_images",
-                     "train.checkpoint_every_images", "train.sample_every_images", "train.keep_checkpoints", "train.max_nan_skips",
-                     "train.val_every_images", "train.metric_every_images")
+NOT_TRAINING_KEYS = (
+    "name",
+    "sample.",
+    "eval.",
+    "data.num_workers",
+    "train.total_images",
+    "train.log_every_images",
+    "train.checkpoint_every_images",
+    "train.sample_every_images",
+    "train.keep_checkpoints",
+    "train.max_nan_skips",
+    "train.val_every_images",
+    "train.metric_every_images",
+)
 
 
 def prepare_run_dir(cfg: RunConfig, run_dir: Path, allow_config_change: bool, is_main: bool) -> None:
@@ -55,7 +73,9 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, allow_config_change: bool, is
                 "use another --out, or --resume to continue it with the new config"
             )
     elif run_dir.exists() and any(run_dir.iterdir()) and not allow_config_change:
-        raise ConfigError(f"run directory {run_dir} exists and is not an ldmkit run (no config.yaml); choose another --out")
+        raise ConfigError(
+            f"run directory {run_dir} exists and is not an ldmkit run (no config.yaml); choose another --out"
+        )
     if is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         dump_config(cfg, config_file)
@@ -106,21 +126,42 @@ class StepStats:
         mem = torch.cuda.max_memory_allocated(d.device) / 2**30 if d.device.type == "cuda" else peak_rss_gb()
         self.loss.zero_(), self.mse.zero_()
         self.n, self.tick_time, self.tick_images = 0, time.time(), images_seen
-        return {"images": images_seen, "step": step, "loss": totals[0].item(), "mse": totals[1].item(), "lr": lr,
-                "images_per_s": speed, "time": time.time(), "memory_gb": mem, "processes": d.world_size,
-                "device": d.device.type, "interval_s": elapsed}
+        return {
+            "images": images_seen,
+            "step": step,
+            "loss": totals[0].item(),
+            "mse": totals[1].item(),
+            "lr": lr,
+            "images_per_s": speed,
+            "time": time.time(),
+            "memory_gb": mem,
+            "processes": d.world_size,
+            "device": d.device.type,
+            "interval_s": elapsed,
+        }
 
 
-def training_loop(cfg: RunConfig, run_dir: str | Path, allow_config_change: bool = False, stop_after_images: int | None = None,
-                  quiet: bool = False) -> Path:
+def training_loop(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    allow_config_change: bool = False,
+    stop_after_images: int | None = None,
+    quiet: bool = False,
+) -> Path:
     """Train until cfg.train.total_images (or stop_after_images), checkpointing on the way. Returns run_dir."""
     d = distributed.init_distributed(cfg.train.device, timeout_s=cfg.train.dist_timeout_s)
     with distributed.lost_process_errors(d, cfg.train.dist_timeout_s):
         return _train(cfg, Path(run_dir), d, allow_config_change, stop_after_images, quiet)
 
 
-def _train(cfg: RunConfig, run_dir: Path, d: distributed.Dist, allow_config_change: bool, stop_after_images: int | None,
-           quiet: bool) -> Path:
+def _train(
+    cfg: RunConfig,
+    run_dir: Path,
+    d: distributed.Dist,
+    allow_config_change: bool,
+    stop_after_images: int | None,
+    quiet: bool,
+) -> Path:
     device, tc = d.device, cfg.train
     say = print_status if d.is_main and not quiet else (lambda *_: None)
     micro, rounds = batch_split(tc, d.world_size)
@@ -143,15 +184,19 @@ def _train(cfg: RunConfig, run_dir: Path, d: distributed.Dist, allow_config_chan
     total = -(-tc.total_images // tc.global_batch) * tc.global_batch
     end = -(-min(total, stop_after_images or total) // tc.global_batch) * tc.global_batch
     if total != tc.total_images:
-        say(f"note: train.total_images {tc.total_images:,} is not a multiple of the global batch {tc.global_batch}: "
-            f"training {total:,} images")
+        say(
+            f"note: train.total_images {tc.total_images:,} is not a multiple of the global batch {tc.global_batch}: "
+            f"training {total:,} images"
+        )
     batches, source = training_batches(cfg, d, micro, rounds, state.images_seen, end)
     check_data_matches_model(cfg, source)
     num_classes = getattr(source, "num_classes", 0) or cfg.model.num_classes
     train_model = parallel.parallelize(model, d, compile=tc.compile)
     logger = RunLogger(run_dir, enabled=d.is_main, resume_at=state.images_seen)
-    say(f"{cfg.model.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}, "
-        f"{d.world_size} process(es), global batch {tc.global_batch} = {micro} x {d.world_size} x {rounds}")
+    say(
+        f"{cfg.model.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}, "
+        f"{d.world_size} process(es), global batch {tc.global_batch} = {micro} x {d.world_size} x {rounds}"
+    )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
     stats = StepStats(device, state.images_seen)
     signals = StopSignals(d)  # SIGTERM / SIGINT / SIGUSR1: finish the step, checkpoint, exit
@@ -180,7 +225,9 @@ def _train(cfg: RunConfig, run_dir: Path, d: distributed.Dist, allow_config_chan
     # process 0 and write eval.jsonl / samples/.
     hooks = [Every(tc.log_every_images, state.images_seen, log_status, forced=True)]
     if d.is_main:
-        hooks += evaluation_hooks(cfg, state, objective, autoencoder, text_encoder, num_classes, device, run_dir, logger)
+        hooks += evaluation_hooks(
+            cfg, state, objective, autoencoder, text_encoder, num_classes, device, run_dir, logger
+        )
     hooks.append(Every(tc.checkpoint_every_images, state.images_seen, save_checkpoint, forced=True))
 
     try:
@@ -199,8 +246,11 @@ def _train(cfg: RunConfig, run_dir: Path, d: distributed.Dist, allow_config_chan
             # A backbone's extra pass draws its randomness here (MDT-v2: the tokens each sample keeps).
             extra_drawn = extra_pass.draw(G, gen, device) if extra_pass is not None else None
             # Control metadata has its own guidance dropout, drawn independently of the semantic one.
-            drop_control = (torch.rand(G, generator=gen, device=device) < cfg.conditioning.control_dropout
-                            if cfg.conditioning.control else None)
+            drop_control = (
+                torch.rand(G, generator=gen, device=device) < cfg.conditioning.control_dropout
+                if cfg.conditioning.control
+                else None
+            )
 
             # ---- forward and backward, micro-batch by micro-batch; DDP syncs gradients on the last one.
             state.optimizer.zero_grad(set_to_none=True)
@@ -208,13 +258,22 @@ def _train(cfg: RunConfig, run_dir: Path, d: distributed.Dist, allow_config_chan
                 lo = (r * d.world_size + d.rank) * micro
                 part = slice(lo, lo + micro)
                 if "latent_mean" in batch:  # from the cache: sample the stored posterior
-                    mean, std = batch["latent_mean"].to(device, non_blocking=True), batch["latent_std"].to(device, non_blocking=True)
+                    mean, std = (
+                        batch["latent_mean"].to(device, non_blocking=True),
+                        batch["latent_std"].to(device, non_blocking=True),
+                    )
                     x0 = autoencoder.latents(mean, std, posterior_noise[part])
                 else:
                     x0 = autoencoder.encode(batch["image"].to(device, non_blocking=True), posterior_noise[part])
-                cond = cond_from_batch(cfg, batch, text_encoder, drop[part], device,
-                                       drop_control=None if drop_control is None else drop_control[part],
-                                       padding_seeds=[step_seed(tc.seed, state.step) + lo + i for i in range(micro)])
+                cond = cond_from_batch(
+                    cfg,
+                    batch,
+                    text_encoder,
+                    drop[part],
+                    device,
+                    drop_control=None if drop_control is None else drop_control[part],
+                    padding_seeds=[step_seed(tc.seed, state.step) + lo + i for i in range(micro)],
+                )
                 extra = (extra_pass.kwargs(extra_drawn, part),) if extra_pass is not None else ()
                 sync = r == rounds - 1 or d.world_size == 1
                 with train_model.no_sync() if not sync else contextlib.nullcontext():
@@ -248,8 +307,10 @@ def batch_split(tc, world_size: int) -> tuple[int, int]:
     """(micro batch, accumulation rounds): global batch = micro batch x processes x rounds."""
     micro = tc.micro_batch or tc.global_batch // world_size
     if tc.global_batch % (micro * world_size):
-        raise ConfigError(f"config key 'train.global_batch': {tc.global_batch} is not a multiple of micro batch {micro} "
-                          f"x {world_size} processes")
+        raise ConfigError(
+            f"config key 'train.global_batch': {tc.global_batch} is not a multiple of micro batch {micro} "
+            f"x {world_size} processes"
+        )
     return micro, tc.global_batch // (micro * world_size)
 
 
@@ -260,13 +321,19 @@ def build_components(cfg: RunConfig, run_dir: Path, device, say):
         torch.backends.cudnn.allow_tf32 = cfg.train.tf32
     autoencoder = build_autoencoder(cfg.autoencoder, cfg.data.channels).to(device)
     if cfg.data.resolution // autoencoder.downsample != cfg.model.input_size:
-        raise ConfigError(f"config key 'model.input_size': {cfg.model.input_size} does not match data.resolution "
-                          f"{cfg.data.resolution} / autoencoder downsampling {autoencoder.downsample}")
+        raise ConfigError(
+            f"config key 'model.input_size': {cfg.model.input_size} does not match data.resolution "
+            f"{cfg.data.resolution} / autoencoder downsampling {autoencoder.downsample}"
+        )
     if autoencoder.latent_channels != cfg.model.in_channels:
-        raise ConfigError(f"config key 'model.in_channels': {cfg.model.in_channels}, but the autoencoder gives "
-                          f"{autoencoder.latent_channels} latent channels")
+        raise ConfigError(
+            f"config key 'model.in_channels': {cfg.model.in_channels}, but the autoencoder gives "
+            f"{autoencoder.latent_channels} latent channels"
+        )
     # Captions are encoded on the fly unless the cache holds their embeddings.
-    text_encoder = build_text_encoder(cfg, device) if cfg.model.conditioning != "class" and not cfg.data.from_cache else None
+    text_encoder = (
+        build_text_encoder(cfg, device) if cfg.model.conditioning != "class" and not cfg.data.from_cache else None
+    )
     if text_encoder is not None:
         check_text_width(cfg, text_encoder.name, text_encoder.pooled_dim, text_encoder.token_dim)
     torch.manual_seed(cfg.train.seed)
@@ -294,8 +361,10 @@ def resume(state: TrainingState, cfg: RunConfig, run_dir: Path, d: distributed.D
     state.load_state_dict(saved, path)
     saved_world = saved.get("world_size", d.world_size)
     if cfg.data.name == "shards" and not cfg.data.from_cache and saved_world != d.world_size:
-        raise ConfigError(f"this run streams shards split over {saved_world} process(es); resume it with {saved_world}, "
-                          f"not {d.world_size} (or train from the latent cache, which does not depend on the process count)")
+        raise ConfigError(
+            f"this run streams shards split over {saved_world} process(es); resume it with {saved_world}, "
+            f"not {d.world_size} (or train from the latent cache, which does not depend on the process count)"
+        )
     say(f"resumed from {path} at {state.images_seen:,} images")
     return path
 
@@ -311,10 +380,13 @@ def update(state: TrainingState, cfg: RunConfig, d: distributed.Dist, run_dir: P
         state.nan_skips += 1
         state.optimizer.zero_grad(set_to_none=True)
         if d.is_main:
-            print_status(f"non-finite gradients at {state.images_seen:,} images: step skipped ({state.nan_skips} in a row)")
+            print_status(
+                f"non-finite gradients at {state.images_seen:,} images: step skipped ({state.nan_skips} in a row)"
+            )
         if state.nan_skips > tc.max_nan_skips:
-            raise TrainingDiverged(state.images_seen, f"{state.nan_skips} consecutive steps with non-finite gradients",
-                                   last_good, run_dir)
+            raise TrainingDiverged(
+                state.images_seen, f"{state.nan_skips} consecutive steps with non-finite gradients", last_good, run_dir
+            )
         return
     state.nan_skips = 0
     if tc.grad_clip is not None:
@@ -325,26 +397,36 @@ def update(state: TrainingState, cfg: RunConfig, d: distributed.Dist, run_dir: P
     state.ema.update(state.model, state.images_seen)
 
 
-def evaluation_hooks(cfg, state, objective, autoencoder, text_encoder, num_classes, device, run_dir, logger) -> list[Every]:
+def evaluation_hooks(
+    cfg, state, objective, autoencoder, text_encoder, num_classes, device, run_dir, logger
+) -> list[Every]:
     """Signals for comparing runs while they train, from the EMA weights: the fixed-batch validation loss and
     small-N metrics (eval.jsonl), and sample grids (samples/grid-<images>.png)."""
     tc, ema = cfg.train, state.ema.model
     hooks = []
     if tc.val_every_images:
         validator = Validator(cfg, objective, autoencoder, text_encoder, device)
-        hooks.append(Every(tc.val_every_images, state.images_seen,
-                           lambda images: logger.log({"images": images, **validator.loss(ema)}, file="eval.jsonl")))
+        hooks.append(
+            Every(
+                tc.val_every_images,
+                state.images_seen,
+                lambda images: logger.log({"images": images, **validator.loss(ema)}, file="eval.jsonl"),
+            )
+        )
     if tc.metric_every_images:
+
         def metrics(images: int) -> None:
             found = quick_metrics(ema, cfg, objective, autoencoder, device, run_dir, cfg.eval.train_metric_images)
             logger.log({"images": images, **found}, file="eval.jsonl")
 
         hooks.append(Every(tc.metric_every_images, state.images_seen, metrics))
     if tc.sample_every_images:
+
         def grid(images: int) -> None:
             labels, per = grid_labels(cfg, num_classes)
-            samples = generate(ema, cfg, objective, autoencoder, labels, list(range(len(labels))), device,
-                               text_encoder=text_encoder)
+            samples = generate(
+                ema, cfg, objective, autoencoder, labels, list(range(len(labels))), device, text_encoder=text_encoder
+            )
             save_grid(samples, run_dir / "samples" / f"grid-{images:010d}.png", per)
 
         hooks.append(Every(tc.sample_every_images, state.images_seen, grid))
@@ -368,22 +450,34 @@ def check_data_matches_model(cfg, source) -> None:
     if cfg.data.from_cache:
         shape = source.manifest["latent_shape"]
         if shape[0] != m.in_channels:
-            raise ConfigError(f"config key 'model.in_channels': {m.in_channels}, but the cache at {cfg.data.cache} holds {shape[0]}-channel latents")
+            raise ConfigError(
+                f"config key 'model.in_channels': {m.in_channels}, but the cache at {cfg.data.cache} holds "
+                f"{shape[0]}-channel latents"
+            )
         if m.conditioning == "class" and classes == 0:
-            raise ConfigError(f"config key 'model.conditioning': the cache at {cfg.data.cache} has no class labels; use pooled_text")
+            raise ConfigError(
+                f"config key 'model.conditioning': the cache at {cfg.data.cache} has no class labels; use pooled_text"
+            )
         if m.conditioning != "class":
             text = source.manifest.get("text_encoder")
             if not source.has_text:
-                raise ConfigError(f"config key 'text.encoder': the cache at {cfg.data.cache} holds no text embeddings; encode with a text encoder")
+                raise ConfigError(
+                    f"config key 'text.encoder': the cache at {cfg.data.cache} holds no text embeddings; encode with "
+                    "a text encoder"
+                )
             check_text_width(cfg, f"cache's {text['name']}", text["pooled_dim"], text["token_dim"])
 
 
 def check_text_width(cfg, encoder_name: str, pooled_dim: int, token_dim: int) -> None:
     m = cfg.model
     if m.conditioning == "pooled_text" and pooled_dim != m.pooled_dim:
-        raise ConfigError(f"config key 'model.pooled_dim': {m.pooled_dim}, but the {encoder_name} pooled vectors have {pooled_dim}")
+        raise ConfigError(
+            f"config key 'model.pooled_dim': {m.pooled_dim}, but the {encoder_name} pooled vectors have {pooled_dim}"
+        )
     if m.conditioning == "text" and token_dim != m.context_dim:
-        raise ConfigError(f"config key 'model.context_dim': {m.context_dim}, but the {encoder_name} tokens have {token_dim}")
+        raise ConfigError(
+            f"config key 'model.context_dim': {m.context_dim}, but the {encoder_name} tokens have {token_dim}"
+        )
 
 
 def peak_rss_gb() -> float:

@@ -6,6 +6,7 @@ corrected; the update is lr * (m / bc1 + beta2 * v / bc2) / (sqrt(n / bc3) + eps
 proximally (divide by 1 + lr * weight_decay), as sail-sg/Adan's default. Betas follow that code's convention
 (0.98, 0.92, 0.99): the weight of the old average. Gradient clipping is the training loop's.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,7 +15,9 @@ import torch
 
 
 class Adan(torch.optim.Optimizer):
-    def __init__(self, params, lr: float = 1e-3, betas=(0.98, 0.92, 0.99), eps: float = 1e-8, weight_decay: float = 0.0):
+    def __init__(
+        self, params, lr: float = 1e-3, betas=(0.98, 0.92, 0.99), eps: float = 1e-8, weight_decay: float = 0.0
+    ):
         if len(betas) != 3 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"Adan takes three betas in [0, 1), got {betas}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
@@ -35,10 +38,10 @@ class Adan(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)       # m
+                    state["exp_avg"] = torch.zeros_like(p)  # m
                     state["exp_avg_diff"] = torch.zeros_like(p)  # v
-                    state["exp_avg_sq"] = torch.zeros_like(p)    # n
-                    state["prev_grad"] = g.clone()                # the first step has no change: diff = 0
+                    state["exp_avg_sq"] = torch.zeros_like(p)  # n
+                    state["prev_grad"] = g.clone()  # the first step has no change: diff = 0
                 state["step"] += 1
                 k = state["step"]
                 diff = g - state["prev_grad"]
@@ -57,5 +60,13 @@ class Adan(torch.optim.Optimizer):
 
 def build_optimizer(params, train_cfg) -> torch.optim.Optimizer:
     if train_cfg.optimizer == "adan":
-        return Adan(params, lr=train_cfg.lr, betas=tuple(train_cfg.betas), eps=train_cfg.eps, weight_decay=train_cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=train_cfg.lr, betas=tuple(train_cfg.betas), weight_decay=train_cfg.weight_decay, eps=train_cfg.eps)
+        return Adan(
+            params,
+            lr=train_cfg.lr,
+            betas=tuple(train_cfg.betas),
+            eps=train_cfg.eps,
+            weight_decay=train_cfg.weight_decay,
+        )
+    return torch.optim.AdamW(
+        params, lr=train_cfg.lr, betas=tuple(train_cfg.betas), weight_decay=train_cfg.weight_decay, eps=train_cfg.eps
+    )

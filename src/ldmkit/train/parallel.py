@@ -1,5 +1,6 @@
 """Distribution and compilation, applied to a plain model from outside (as torchtitan's parallelize.py).
 Process groups themselves are set up in ldmkit.distributed."""
+
 from __future__ import annotations
 
 import torch.nn as nn

@@ -14,6 +14,7 @@ Recipe file:
         init: in1k-256                       # a previous stage (its final weights), or a path
         set: [model.pos_embed_base_size=32, model.pos_embed_resample=rectified]
 """
+
 from __future__ import annotations
 
 import re
@@ -57,7 +58,11 @@ def stage_configs(recipe: dict, out: Path, extra_overrides: list[str] | None = N
     for stage in recipe["stages"]:
         overrides = [str(s) for s in stage.get("set", [])] + list(extra_overrides or [])
         if "init" in stage:
-            source = out / stage["init"] if any(s["name"] == stage["init"] for s in recipe["stages"]) else Path(stage["init"])
+            source = (
+                out / stage["init"]
+                if any(s["name"] == stage["init"] for s in recipe["stages"])
+                else Path(stage["init"])
+            )
             overrides.append(f"init.source={source}")
         stages.append((stage["name"], load_config(stage["config"], overrides), out / stage["name"]))
     return stages
@@ -70,7 +75,9 @@ def stage_done(cfg, run_dir: Path) -> bool:
     return last is not None and int(re.search(r"(\d+)", last.name).group(1)) >= cfg.train.total_images
 
 
-def run_recipe(path: str | Path, out: str | Path | None = None, extra_overrides: list[str] | None = None, log=print) -> list[Path]:
+def run_recipe(
+    path: str | Path, out: str | Path | None = None, extra_overrides: list[str] | None = None, log=print
+) -> list[Path]:
     from .loop import training_loop
 
     recipe = read_recipe(path)

@@ -1,5 +1,6 @@
 """The training state as small objects (after NVlabs/edm2): the EMA, the lr schedule, and the state that saves
 and loads itself. The loop in loop.py only calls them."""
+
 from __future__ import annotations
 
 import copy
@@ -61,13 +62,19 @@ class TrainingState:
 
     def state_dict(self, cfg, world_size: int) -> dict:
         return {
-            "model": self.model.state_dict(), "ema": self.ema.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "images_seen": self.images_seen, "step": self.step, "nan_skips": self.nan_skips,
+            "model": self.model.state_dict(),
+            "ema": self.ema.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "images_seen": self.images_seen,
+            "step": self.step,
+            "nan_skips": self.nan_skips,
             # The lr schedule is a pure function of images_seen (learning_rate).
             "lr_schedule": {"base_lr": cfg.train.lr, "warmup_images": cfg.train.warmup_images},
             # Where the data stream continues: images seen (indexed sets, cache); shard streams also need the
             # process count, since each process reads its own shards.
-            "data_position": self.images_seen, "world_size": world_size, "rng": {"torch": torch.get_rng_state()},
+            "data_position": self.images_seen,
+            "world_size": world_size,
+            "rng": {"torch": torch.get_rng_state()},
             "config": to_dict(cfg),
         }
 

@@ -4,6 +4,7 @@ The validation loss is the training objective of the EMA model on one fixed batc
 digit runs, else the first eval.val_batch samples of the training data, centre-cropped as stored), at fixed
 noise levels eval.val_times with fixed noise, so its curve moves only with the model.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,7 +31,9 @@ def validation_batch(cfg, n: int) -> dict:
         from ..data.shards import ShardStream, expand_urls
 
         plain = DataConfig(**{**dc.__dict__, "hflip": False, "crop": "center", "shuffle_buffer": 1})
-        stream = ShardStream(expand_urls(dc.path, dc.allow_shell), plain, 0, 0, 1, n, with_labels=cfg.model.conditioning == "class")
+        stream = ShardStream(
+            expand_urls(dc.path, dc.allow_shell), plain, 0, 0, 1, n, with_labels=cfg.model.conditioning == "class"
+        )
         return next(iter(stream))
     else:
         source = build_dataset(DataConfig(**{**dc.__dict__, "hflip": False}), "train")
@@ -60,6 +63,8 @@ class Validator:
     @torch.no_grad()
     def loss(self, model) -> dict:
         model.eval()
-        per_level = {f"{t:g}": float(self.objective.loss(model, self.x0, self.cond, self.times(t), self.noise)["loss"].mean())
-                     for t in self.cfg.eval.val_times}
+        per_level = {
+            f"{t:g}": float(self.objective.loss(model, self.x0, self.cond, self.times(t), self.noise)["loss"].mean())
+            for t in self.cfg.eval.val_times
+        }
         return {"val_loss": per_level, "val_loss_mean": sum(per_level.values()) / len(per_level)}

@@ -1,5 +1,6 @@
 """Reading weight files of every layout: an ldmkit checkpoint, or a backbone's foreign layouts (official
 code, diffusers), recognised by the backbone specs' detectors (models/<name>_spec.py holds the mappings)."""
+
 from __future__ import annotations
 
 import json
@@ -46,6 +47,8 @@ def read_weights(path: str | Path, trust_pickle: bool = False) -> tuple[dict, st
     sd = unwrap_official(sd)
     found = detect_backbone(sd)
     if found is None:
-        raise ConversionError(f"{path}: unrecognised weight layout (not an ldmkit checkpoint, an official DiT or MDT, or a "
-                              "diffusers DiT / PixArt / SD3 transformer or UNet)")
+        raise ConversionError(
+            f"{path}: unrecognised weight layout (not an ldmkit checkpoint, an official DiT or MDT, or a "
+            "diffusers DiT / PixArt / SD3 transformer or UNet)"
+        )
     return sd, found[1], None, folder_config

@@ -12,6 +12,7 @@ Every tensor of the new model gets one explicit action, reported at start and wr
 - dropped     a source tensor with no place in the new model: only the class table when init.semantic is replace.
 Anything else that does not fit is an error naming the tensor.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,14 +67,19 @@ def _class_ids(class_index: str | None, table_rows: int) -> list[str] | None:
     from ..data.datasets import read_class_index
 
     if class_index is None:
-        class_index = next((name for rows, name in ((1000, "imagenet1k"), (21841, "imagenet22k")) if table_rows in (rows, rows + 1)), None)
+        class_index = next(
+            (name for rows, name in ((1000, "imagenet1k"), (21841, "imagenet22k")) if table_rows in (rows, rows + 1)),
+            None,
+        )
     if class_index is None:
         return None
     index = read_class_index(class_index)
     return [wnid for wnid, _ in sorted(index.items(), key=lambda item: item[1])]
 
 
-def _remap_classes(old: torch.Tensor, new: torch.Tensor, source_ids: list[str], target_ids: list[str]) -> tuple[torch.Tensor, int]:
+def _remap_classes(
+    old: torch.Tensor, new: torch.Tensor, source_ids: list[str], target_ids: list[str]
+) -> tuple[torch.Tensor, int]:
     """Rows of `new` (target classes [+ null row]) taken from `old` by WordNet id; the null row from the null row."""
     out = new.clone()
     row_of = {wnid: i for i, wnid in enumerate(source_ids)}
@@ -97,7 +103,12 @@ def plan_and_apply(model: nn.Module, source_sd: dict, source_cfg: dict | None, c
     out, report, used = {}, [], set()
 
     def note(name, action, why, src=None):
-        entry = {"tensor": name, "action": action, "why": why, "shape": list(own[name].shape) if name in own else list(src.shape)}
+        entry = {
+            "tensor": name,
+            "action": action,
+            "why": why,
+            "shape": list(own[name].shape) if name in own else list(src.shape),
+        }
         if src is not None and name in own and tuple(src.shape) != tuple(own[name].shape):
             entry["source_shape"] = list(src.shape)
         report.append(entry)
@@ -107,11 +118,20 @@ def plan_and_apply(model: nn.Module, source_sd: dict, source_cfg: dict | None, c
         src = source_sd.get(name)
         leaf = name.rsplit(".", 1)[-1]
         fixed_table = name in buffers and leaf in ("pos_embed", "relative_position_index")
-        if fixed_table and src is not None and not (src.shape == target.shape and torch.allclose(src.float(), target.float(), atol=1e-6)):
+        if (
+            fixed_table
+            and src is not None
+            and not (src.shape == target.shape and torch.allclose(src.float(), target.float(), atol=1e-6))
+        ):
             # the model computes its fixed tables from its config (grid, model.pos_embed_*): those values win
             used.add(name)
-            note(name, "recomputed", f"fixed table of the grid, computed for this model (model.pos_embed_resample: "
-                 f"{getattr(cfg.model, 'pos_embed_resample', 'extrapolate')})", src)
+            note(
+                name,
+                "recomputed",
+                f"fixed table of the grid, computed for this model (model.pos_embed_resample: "
+                f"{getattr(cfg.model, 'pos_embed_resample', 'extrapolate')})",
+                src,
+            )
         elif src is not None and tuple(src.shape) == tuple(target.shape):
             out[name] = src.to(target.dtype)
             used.add(name)
@@ -119,7 +139,9 @@ def plan_and_apply(model: nn.Module, source_sd: dict, source_cfg: dict | None, c
         elif src is not None and leaf.endswith("pos_embed"):  # learned table: resample to the new grid
             old, new = math.isqrt(src.shape[-2]), math.isqrt(target.shape[-2])
             if old * old != src.shape[-2] or new * new != target.shape[-2]:
-                raise InitError(f"init: positional table '{name}' is not square ({src.shape[-2]} -> {target.shape[-2]} positions)")
+                raise InitError(
+                    f"init: positional table '{name}' is not square ({src.shape[-2]} -> {target.shape[-2]} positions)"
+                )
             out[name] = resample_learned(src, (old, old), (new, new), ic.pos_embed).to(target.dtype)
             used.add(name)
             note(name, "resampled", f"learned table {old}x{old} -> {new}x{new} ({ic.pos_embed})", src)
@@ -128,22 +150,37 @@ def plan_and_apply(model: nn.Module, source_sd: dict, source_cfg: dict | None, c
             extra = target.shape[0] - (2 * new - 1) ** 2
             old = (math.isqrt(src.shape[0] - extra) + 1) // 2
             if (2 * old - 1) ** 2 + extra != src.shape[0]:
-                raise InitError(f"init: relative-position table '{name}' has {src.shape[0]} rows, which fits no square grid")
+                raise InitError(
+                    f"init: relative-position table '{name}' has {src.shape[0]} rows, which fits no square grid"
+                )
             out[name] = resample_relative_bias(src, old, new, ic.pos_embed, extra).to(target.dtype)
             used.add(name)
             note(name, "resampled", f"relative offsets of a {old}x{old} grid -> {new}x{new} ({ic.pos_embed})", src)
         elif src is not None and name in spec.class_tables:
             if ic.class_map != "wnid":
-                raise InitError(f"init: class table '{name}' has {src.shape[0]} rows in the source and {target.shape[0]} here; "
-                                f"set init.class_map: wnid to match classes by WordNet id")
+                raise InitError(
+                    f"init: class table '{name}' has {src.shape[0]} rows in the source and {target.shape[0]} here; "
+                    f"set init.class_map: wnid to match classes by WordNet id"
+                )
             source_index = ic.source_class_index or (source_cfg or {}).get("data", {}).get("class_index")
-            source_ids, target_ids = _class_ids(source_index, src.shape[0]), _class_ids(cfg.data.class_index, target.shape[0])
+            source_ids, target_ids = (
+                _class_ids(source_index, src.shape[0]),
+                _class_ids(cfg.data.class_index, target.shape[0]),
+            )
             if source_ids is None or target_ids is None:
-                raise InitError("init: the class indexes are unknown; set data.class_index (and init.source_class_index for the source)")
+                raise InitError(
+                    "init: the class indexes are unknown; set data.class_index (and init.source_class_index for the "
+                    "source)"
+                )
             out[name], missing = _remap_classes(src, target, source_ids, target_ids)
             used.add(name)
-            note(name, "remapped", f"{len(target_ids) - missing} of {len(target_ids)} classes by WordNet id from the source's "
-                 f"{len(source_ids)}; {missing} absent there start fresh", src)
+            note(
+                name,
+                "remapped",
+                f"{len(target_ids) - missing} of {len(target_ids)} classes by WordNet id from the source's "
+                f"{len(source_ids)}; {missing} absent there start fresh",
+                src,
+            )
         elif src is None and fixed_table:
             note(name, "recomputed", "fixed table of the grid, which the source does not store (diffusers computes it)")
         elif src is None and name.startswith(ZERO_STARTED):
@@ -153,11 +190,15 @@ def plan_and_apply(model: nn.Module, source_sd: dict, source_cfg: dict | None, c
         elif src is None and replace_semantic and name.startswith(spec.text_embedders):
             note(name, "fresh", "text embedder replacing the source's class embedder (init.semantic: replace)")
         elif src is None:
-            raise InitError(f"init: tensor '{name}' of this model is not in the source, and no rule covers it "
-                            f"(another architecture or conditioning?)")
+            raise InitError(
+                f"init: tensor '{name}' of this model is not in the source, and no rule covers it "
+                f"(another architecture or conditioning?)"
+            )
         else:
-            raise InitError(f"init: tensor '{name}' has shape {list(src.shape)} in the source and {list(target.shape)} here, "
-                            f"and no rule covers it")
+            raise InitError(
+                f"init: tensor '{name}' has shape {list(src.shape)} in the source and {list(target.shape)} here, "
+                f"and no rule covers it"
+            )
         if name not in out:
             out[name] = target
     for name, src in source_sd.items():
@@ -168,7 +209,10 @@ def plan_and_apply(model: nn.Module, source_sd: dict, source_cfg: dict | None, c
         elif name in own:
             continue
         else:
-            raise InitError(f"init: source tensor '{name}' has no place in this model (set init.semantic: replace for class -> text)")
+            raise InitError(
+                f"init: source tensor '{name}' has no place in this model (set init.semantic: replace for class -> "
+                "text)"
+            )
     model.load_state_dict(out)
     return report
 

@@ -11,6 +11,7 @@ Fixed sin-cos tables are recomputed at those positions; learned tables are sampl
 outside the old grid take the border values); relative-position bias tables (MDT) are resampled the same way
 over the offsets -(G-1)..(G-1).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 from ..models.layers import RESAMPLE_MODES, grid_positions, sincos_table
 
 __all__ = ["RESAMPLE_MODES", "grid_positions", "sincos_table", "resample_learned", "resample_relative_bias"]
+
 
 def _sample_bilinear(grid: torch.Tensor, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:
     """grid [C, H, W] sampled at fractional (row, col) positions -> [C, len(rows), len(cols)], border-clamped."""
@@ -41,7 +43,9 @@ def resample_learned(table: torch.Tensor, old: tuple[int, int], new: tuple[int, 
     """A learned table [1, old_h * old_w, D] -> [1, new_h * new_w, D] by bilinear sampling at the mode's positions."""
     D = table.shape[-1]
     if table.shape[-2] != old[0] * old[1]:
-        raise ValueError(f"positional table has {table.shape[-2]} rows, not the {old[0]}x{old[1]} grid's {old[0] * old[1]}")
+        raise ValueError(
+            f"positional table has {table.shape[-2]} rows, not the {old[0]}x{old[1]} grid's {old[0] * old[1]}"
+        )
     grid = table.reshape(old[0], old[1], D).permute(2, 0, 1).float()  # [D, H, W]
     out = _sample_bilinear(grid, grid_positions(new[0], old[0], mode), grid_positions(new[1], old[1], mode))
     return out.permute(1, 2, 0).reshape(1, new[0] * new[1], D).to(table.dtype)
