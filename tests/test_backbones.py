@@ -47,7 +47,8 @@ def losses(run):
 def test_backbone_trains_on_the_digits(tmp_path, overrides):
     run = training_loop(load_config(overrides=TINY + SHORT + overrides), tmp_path / "run", quiet=True)
     curve = losses(run)
-    assert len(curve) == 6 and curve[-1] < 0.8 * curve[0], curve  # 300 steps
+    assert len(curve) == 6
+    assert curve[-1] < 0.8 * curve[0], curve  # 300 steps
 
 
 @pytest.mark.parametrize(
@@ -126,8 +127,10 @@ def test_shipped_configs_load_and_build(path):
         model = build_model(cfg.model, cfg.conditioning)
     assert sum(p.numel() for p in model.parameters()) > 0
     if path.stem.startswith("proposed"):  # the paper's model: control embedded, semantic only through attention
-        assert model.semantic_path == "attention" and set(model.control_embedder.keys) == set(cfg.conditioning.control)
-        assert not hasattr(model, "y_embedder") and cfg.conditioning.mechanism == "disentangled"
+        assert model.semantic_path == "attention"
+        assert set(model.control_embedder.keys) == set(cfg.conditioning.control)
+        assert not hasattr(model, "y_embedder")
+        assert cfg.conditioning.mechanism == "disentangled"
 
 
 @pytest.mark.parametrize("preset", ["DiT-tiny/4", "PixArt-alpha-tiny/4", "mmDiT-tiny/4", "UNet-tiny", "mDT-v2-tiny/4"])
@@ -142,7 +145,8 @@ def test_every_backbone_exposes_its_repeated_blocks_for_compilation(preset):
     # every parameter outside the repeated blocks belongs to the embedders and the output layer
     inside = {id(p) for b in blocks for p in b.parameters()}
     share = sum(p.numel() for p in model.parameters() if id(p) in inside) / sum(p.numel() for p in model.parameters())
-    assert len(blocks) >= 2 and share > 0.5
+    assert len(blocks) >= 2
+    assert share > 0.5
     compile_blocks(model)
     assert all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks)
 

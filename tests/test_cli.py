@@ -45,8 +45,10 @@ def test_bad_config_key_is_one_line_error(tmp_path):
     cfg.write_text("train:\n  learning_rate: 1\n")
     r = run_cli("train", str(cfg), "--out", str(tmp_path / "run"))
     assert r.returncode == 2
-    assert r.stderr.strip().count("\n") == 0 and "unknown config key 'train.learning_rate'" in r.stderr
-    assert "Traceback" not in r.stderr and not (tmp_path / "run").exists()
+    assert r.stderr.strip().count("\n") == 0
+    assert "unknown config key 'train.learning_rate'" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow
@@ -61,7 +63,9 @@ def test_missing_dataset_folder_is_one_line_error(tmp_path):
         "--out",
         str(tmp_path / "run"),
     )
-    assert r.returncode == 2 and "dataset folder not found" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2
+    assert "dataset folder not found" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 @pytest.mark.slow
@@ -115,7 +119,8 @@ def test_convert_official_layout_to_ldmkit_and_diffusers(tmp_path):
         main(["convert", str(tmp_path / "DiT-test.pt"), "--num-heads", "2", "--out", str(tmp_path / "model.pt")]) == 0
     )
     state = torch.load(tmp_path / "model.pt", weights_only=False)
-    assert state["config"]["model"]["hidden_size"] == 64 and state["config"]["model"]["timestep_freq_shift"] == 0.0
+    assert state["config"]["model"]["hidden_size"] == 64
+    assert state["config"]["model"]["timestep_freq_shift"] == 0.0
     for k, v in official.state_dict().items():
         assert torch.equal(state["ema"][k], v)
     assert main(["convert", str(tmp_path / "model.pt"), "--to", "diffusers", "--out", str(tmp_path / "hf")]) == 0
@@ -146,6 +151,8 @@ def test_eval_a_folder_of_images(tmp_path, capsys):
         main(["eval", str(tmp_path / "a"), "--ref", str(tmp_path / "a_copy"), "--json", str(tmp_path / "aa.json")]) == 0
     )
     ab, aa = (json.loads((tmp_path / f).read_text()) for f in ("ab.json", "aa.json"))
-    assert ab["num_images"] == 20 and ab["fd_reference_count"] == 20 and ab["fd_effnetlite0"] > 1.0
+    assert ab["num_images"] == 20
+    assert ab["fd_reference_count"] == 20
+    assert ab["fd_effnetlite0"] > 1.0
     assert abs(aa["fd_effnetlite0"]) < 1e-3
     assert main(["eval", str(tmp_path / "missing")]) == 2

@@ -1,14 +1,57 @@
 """CLIP score through torchmetrics with a tiny random CLIP, the real CLIP tokenizer vocabulary and a local
 folder (what transformers 5 and torchmetrics' name check would otherwise break)."""
 
+import gzip
 import importlib.resources
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from ldmkit.eval.clip_score import clip_score, clip_tokenizer_files
+from ldmkit.eval.clip_score import clip_score
 
 transformers = pytest.importorskip("transformers")
+
+
+def byte_symbols() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table, which CLIP's BPE uses: printable bytes map to
+    themselves, the other 68 to the characters from U+0100 on, in byte order."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("\u00a1"), ord("\u00ac") + 1),
+        *range(ord("\u00ae"), ord("\u00ff") + 1),
+    ]
+    table, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return dict(
+        sorted(
+            table.items(),
+            key=lambda kv: (kv[0] not in printable, printable.index(kv[0]) if kv[0] in printable else kv[0]),
+        )
+    )
+
+
+def clip_tokenizer_files(bpe_gz: str | Path, out_dir: str | Path) -> Path:
+    """vocab.json and merges.txt of CLIP's tokenizer, rebuilt from OpenAI's bpe_simple_vocab_16e6.txt.gz (the
+    file OpenAI's clip and open_clip ship): the 256 byte symbols, the same with the end-of-word marker, one
+    token per merge (48,894 merges), then <|startoftext|> and <|endoftext|> (49,408 tokens)."""
+    merges = gzip.open(bpe_gz).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    symbols = list(byte_symbols().values())
+    vocab = (
+        symbols
+        + [s + "</w>" for s in symbols]
+        + ["".join(m.split()) for m in merges]
+        + ["<|startoftext|>", "<|endoftext|>"]
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return out_dir
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +120,8 @@ def test_clip_score_matches_the_definition(tiny_clip):
         tok = processor(text=prompts, return_tensors="pt", padding=True)
         txt = model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).pooler_output
     expected = max(float((100 * torch.nn.functional.cosine_similarity(img, txt)).mean()), 0.0)
-    assert score == pytest.approx(expected, abs=1e-4) and 0 <= score <= 100
+    assert score == pytest.approx(expected, abs=1e-4)
+    assert 0 <= score <= 100
 
 
 def test_missing_clip_model_is_one_line(tmp_path):
@@ -134,9 +178,11 @@ def test_eval_of_a_text_run_reports_clip_score_for_a_prompt_file(tiny_clip, tmp_
         == 0
     )
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert 0 <= metrics["clip_score"] <= 100 and metrics["clip_model"] == str(tiny_clip)
+    assert 0 <= metrics["clip_score"] <= 100
+    assert metrics["clip_model"] == str(tiny_clip)
     from ldmkit.eval.evaluate import eval_prompts
 
     cfg.eval.prompts_file = f"{tmp_path}/shards/mnist-00000.tar"  # a validation shard set's captions
     prompts = eval_prompts(cfg, torch.arange(3))
-    assert len(prompts) == 3 and all(p.startswith("a handwritten digit ") for p in prompts)
+    assert len(prompts) == 3
+    assert all(p.startswith("a handwritten digit ") for p in prompts)

@@ -65,7 +65,8 @@ def test_low_level_control_has_no_effect_where_its_weight_is_zero():
 
 def test_disentangled_class_goes_through_attention_not_adaln():
     model, _ = dit("conditioning.mechanism=disentangled")
-    assert hasattr(model.blocks[0], "cross_attn") and model.semantic_path == "attention"
+    assert hasattr(model.blocks[0], "cross_attn")
+    assert model.semantic_path == "attention"
     randomised(model)
     x, t = torch.randn(2, 1, 32, 32), torch.tensor([0.5, 0.5])
     with torch.no_grad():
@@ -79,7 +80,9 @@ def test_disentangled_class_goes_through_attention_not_adaln():
             model(x, t, Cond(class_labels=torch.tensor([1, 2]))),
             model(x, t, Cond(class_labels=torch.tensor([1, 3]))),
         )
-    assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1]) and torch.equal(c, d)
+    assert torch.equal(a[0], b[0])
+    assert not torch.allclose(a[1], b[1])
+    assert torch.equal(c, d)
 
 
 @pytest.mark.slow
@@ -111,7 +114,8 @@ def test_dropout_frequencies_match_their_probabilities(tmp_path, monkeypatch):
     )
     sem, ctrl = torch.cat([s for s, _ in seen]).float(), torch.cat([c for _, c in seen]).float()
     assert len(sem) == 1024
-    assert abs(sem.mean() - 0.1) < 0.03 and abs(ctrl.mean() - 0.3) < 0.04
+    assert abs(sem.mean() - 0.1) < 0.03
+    assert abs(ctrl.mean() - 0.3) < 0.04
     assert abs((sem * ctrl).mean() - sem.mean() * ctrl.mean()) < 0.02  # drawn independently
 
 
@@ -160,11 +164,9 @@ def test_training_and_sampling_with_control_values_and_control_guidance(tmp_path
         == 0
     )
     metrics = json.loads((tmp_path / "m.json").read_text())
-    assert (
-        metrics["control"] == ["flip=1"]
-        and metrics["control_guidance_scale"] == 2.0
-        and "ctrlcfg2" in metrics["sample_set"]
-    )
+    assert metrics["control"] == ["flip=1"]
+    assert metrics["control_guidance_scale"] == 2.0
+    assert "ctrlcfg2" in metrics["sample_set"]
 
 
 def test_impossible_conditioning_combinations_are_config_errors():
@@ -216,7 +218,8 @@ def test_dit_attends_to_padded_caption_tokens(tmp_path):
     training_loop(load_config(overrides=text), tmp_path / "b", quiet=True)
     a, b = state_of(straight)["model"], state_of(tmp_path / "b")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # the padding noise is seeded per sample: resume stays exact
-    assert "context_embedder.weight" in a and "blocks.0.cross_attn.kv_linear.weight" in a
+    assert "context_embedder.weight" in a
+    assert "blocks.0.cross_attn.kv_linear.weight" in a
 
 
 @pytest.mark.slow
@@ -232,8 +235,11 @@ def test_probe_reports_drift_and_flip_effect(tmp_path):
     )
     assert main(["probe", str(run), "--control", "flip", "--values", "0;1", "--num", "10", "--steps", "2"]) == 0
     out = json.loads((run / "probe-flip.json").read_text())
-    assert out["values"] == ["0", "1"] and 0 <= out["label_change_rate"] <= 1 and out["feature_drift"] >= 0
-    assert -1 <= out["flip_effect"] <= 1 and len(out["class_agreement"]) == 2
+    assert out["values"] == ["0", "1"]
+    assert 0 <= out["label_change_rate"] <= 1
+    assert out["feature_drift"] >= 0
+    assert -1 <= out["flip_effect"] <= 1
+    assert len(out["class_agreement"]) == 2
     assert (
         main(["probe", str(run), "--control", "crop_size", "--values", "32,32;16,16", "--num", "4"]) == 2
     )  # not embedded: one-line error
@@ -333,9 +339,11 @@ def test_the_semantic_condition_reaches_the_adaln_vector_only_on_the_adaln_path(
             for p in (pooled, torch.stack([pooled[0], -pooled[1]]))
         ]
     (a, out_a), (b, out_b) = adaln_vector(model, name, conds[0]), adaln_vector(model, name, conds[1])
-    assert torch.equal(a[0], b[0]) and torch.equal(out_a[0], out_b[0])  # the first sample's condition is the same
+    assert torch.equal(a[0], b[0])
+    assert torch.equal(out_a[0], out_b[0])  # the first sample's condition is the same
     if conditioning == "text" and path == "attention":
-        assert torch.equal(a, b) and torch.equal(out_a, out_b)  # the pooled vector is not used at all
+        assert torch.equal(a, b)
+        assert torch.equal(out_a, out_b)  # the pooled vector is not used at all
     else:
         assert torch.equal(a[1], b[1]) == (path == "attention")  # semantic in the adaLN vector iff adaln path
         assert not torch.allclose(out_a[1], out_b[1])  # and it reaches the output either way
@@ -382,7 +390,8 @@ def test_every_backbone_trains_and_samples_with_controls_and_control_guidance(tm
     )
     run = training_loop(load_config(overrides=overrides), tmp_path / "run", quiet=True)
     state = state_of(run)
-    assert state["images_seen"] == 32 and any(k.startswith("control_embedder.embedders.flip") for k in state["model"])
+    assert state["images_seen"] == 32
+    assert any(k.startswith("control_embedder.embedders.flip") for k in state["model"])
     assert (
         main(
             [
@@ -406,4 +415,5 @@ def test_every_backbone_trains_and_samples_with_controls_and_control_guidance(tm
     )
     assert (tmp_path / "g.png").is_file()
     if name != "mdt":  # diffusers has the published conditioning only: a one-line refusal, nothing written
-        assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 2 and not (tmp_path / "hf").exists()
+        assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 2
+        assert not (tmp_path / "hf").exists()

@@ -15,12 +15,12 @@ def test_defaults_and_overrides():
             "train.total_images=1e6",
         ]
     )
-    assert cfg.train.lr == 3e-4 and cfg.train.betas == [0.9, 0.95] and cfg.train.grad_clip is None
-    assert (
-        cfg.model.preset == "DiT-B/4"
-        and cfg.train.total_images == 1_000_000
-        and isinstance(cfg.train.total_images, int)
-    )
+    assert cfg.train.lr == 3e-4
+    assert cfg.train.betas == [0.9, 0.95]
+    assert cfg.train.grad_clip is None
+    assert cfg.model.preset == "DiT-B/4"
+    assert cfg.train.total_images == 1_000_000
+    assert isinstance(cfg.train.total_images, int)
 
 
 @pytest.mark.parametrize(
@@ -39,7 +39,8 @@ def test_defaults_and_overrides():
 def test_bad_keys_and_types_are_one_line_errors(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(overrides=[override])
-    assert message in str(err.value) and "\n" not in str(err.value)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_yaml_file_errors(tmp_path):

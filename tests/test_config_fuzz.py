@@ -181,4 +181,5 @@ def test_every_key_names_itself_when_given_a_wrong_type(key):
     """A mapping is the wrong type for every key: the one-line error names the key."""
     code, err, root = train_one_step([(key, "{a: 1}")])
     shutil.rmtree(root, ignore_errors=True)
-    assert code == 2 and f"'{key}'" in err.strip().splitlines()[-1], err
+    assert code == 2
+    assert f"'{key}'" in err.strip().splitlines()[-1], err

@@ -14,24 +14,34 @@ from ldmkit.train.loop import training_loop
 
 def test_image_folder_replaces_bad_files_and_records_metadata(tmp_path, caplog):
     ds = ImageFolder(make_folder(tmp_path / "data"), resolution=32)
-    assert len(ds) == 10 and ds.classes == ["n01440764", "n01443537"]  # listing only: no decode at scan time
+    assert len(ds) == 10
+    assert ds.classes == ["n01440764", "n01443537"]  # listing only: no decode at scan time
     sample = ds[9]  # gray.png: converted to RGB
     x, y = sample["image"], sample["label"]
-    assert x.shape == (3, 32, 32) and -1 <= x.min() and x.max() <= 1 and int(y) == 1
+    assert x.shape == (3, 32, 32)
+    assert -1 <= x.min()
+    assert x.max() <= 1
+    assert int(y) == 1
     control = {k: v.tolist() for k, v in sample["control"].items()}
-    assert control["original_size"] == [40, 40] and control["target_size"] == [32, 32] and control["flip"] == [0]
-    assert control["crop_size"] == [40, 40] and control["crop_top_left"] == [0, 0]
+    assert control["original_size"] == [40, 40]
+    assert control["target_size"] == [32, 32]
+    assert control["flip"] == [0]
+    assert control["crop_size"] == [40, 40]
+    assert control["crop_top_left"] == [0, 0]
     assert ds.files[4].name == "corrupt.jpg"
     bad = ds[4]  # replaced by the next usable file (the first of the next class), with a warning
-    assert torch.equal(bad["image"], ds[5]["image"]) and int(bad["label"]) == 1
-    assert "corrupt.jpg" in caplog.text and "corrupt" in caplog.text
+    assert torch.equal(bad["image"], ds[5]["image"])
+    assert int(bad["label"]) == 1
+    assert "corrupt.jpg" in caplog.text
+    assert "corrupt" in caplog.text
 
 
 def test_class_index_fixes_ids(tmp_path):
     root = make_folder(tmp_path / "data")
     (tmp_path / "wnids.txt").write_text("n01443537\nn99999999\nn01440764\n")
     ds = ImageFolder(root, 32, class_index=tmp_path / "wnids.txt")
-    assert ds.num_classes == 3 and sorted(set(ds.labels.tolist())) == [0, 2]
+    assert ds.num_classes == 3
+    assert sorted(set(ds.labels.tolist())) == [0, 2]
     assert int(ds.labels[0]) == 2  # files of n01440764 come first and carry that class's id from the file
     (tmp_path / "ids.json").write_text('{"n01440764": 7, "n01443537": 3}')
     assert set(ImageFolder(root, 32, class_index=tmp_path / "ids.json").labels.tolist()) == {7, 3}
@@ -53,11 +63,14 @@ def test_image_folder_errors(tmp_path):
 @pytest.mark.slow
 def test_mnist_split_is_balanced():
     images, labels = mnist_digits(32)
-    assert images.shape == (5000, 1, 32, 32) and labels.bincount().tolist() == [500] * 10
+    assert images.shape == (5000, 1, 32, 32)
+    assert labels.bincount().tolist() == [500] * 10
     cfg = load_config()
     held = build_dataset(cfg.data, "held_out")
     train = build_dataset(cfg.data, "train")
-    assert len(held) == 500 and len(train) == 4500 and held.labels.bincount().tolist() == [50] * 10
+    assert len(held) == 500
+    assert len(train) == 4500
+    assert held.labels.bincount().tolist() == [50] * 10
 
 
 def test_latent_training_and_sampling_through_autoencoder_kl(tmp_path, tiny_vae):
@@ -108,7 +121,8 @@ def test_kl_encode_uses_the_given_posterior_noise(tiny_vae):
     mean = ae.encode(x)
     noise = torch.randn(2, 4, 16, 16)
     sampled = ae.encode(x, noise)
-    assert mean.shape == (2, 4, 16, 16) and not torch.allclose(mean, sampled)
+    assert mean.shape == (2, 4, 16, 16)
+    assert not torch.allclose(mean, sampled)
     assert torch.allclose(ae.encode(x, noise), sampled)
     assert ae.decode(mean).shape == (2, 3, 32, 32)
 
@@ -142,8 +156,10 @@ def test_shipped_imagenet_class_indexes():
     from ldmkit.data.datasets import read_class_index
 
     in1k, in22k = read_class_index("imagenet1k"), read_class_index("imagenet22k")
-    assert len(in1k) == 1000 and len(in22k) == 21841
-    assert in1k["n01440764"] == 0 and in1k["n15075141"] == 999  # tench first, toilet tissue last
+    assert len(in1k) == 1000
+    assert len(in22k) == 21841
+    assert in1k["n01440764"] == 0
+    assert in1k["n15075141"] == 999  # tench first, toilet tissue last
     assert list(in22k) == sorted(in22k)  # the standard order of ImageNet-21k: sorted WordNet ids
     assert [w for w in in1k if w not in in22k] == ["n04399382"]  # teddy bear is absent from the fall 2011 release
 
@@ -159,15 +175,20 @@ def test_augmented_digits_record_scale_crop_and_flip_as_control():
     flips, sharpness = 0, {}
     for seed in range(200):
         a, b = plain[(seed % 50, seed)], flipping[(seed % 50, seed)]
-        assert a["image"].shape == (1, 32, 32) and torch.equal(a["image"], plain[(seed % 50, seed)]["image"])  # seeded
+        assert a["image"].shape == (1, 32, 32)
+        assert torch.equal(a["image"], plain[(seed % 50, seed)]["image"])  # seeded
         c = {k: v.tolist() for k, v in a["control"].items()}
         side = c["original_size"][0]
-        assert 12 <= side <= 28 and c["original_size"] == [side, side] and c["target_size"] == [32, 32]
+        assert 12 <= side <= 28
+        assert c["original_size"] == [side, side]
+        assert c["target_size"] == [32, 32]
         top, left = c["crop_top_left"]
         h, w = c["crop_size"]
-        assert (
-            top >= 0 and left >= 0 and top + h <= side + 1e-6 and left + w <= side + 1e-6 and h * w >= 0.5 * side * side
-        )  # integer regions round the area
+        assert top >= 0
+        assert left >= 0
+        assert top + h <= side + 1e-6
+        assert left + w <= side + 1e-6
+        assert h * w >= 0.5 * side * side  # integer regions round the area
         if b["control"]["flip"].item() == 1:  # the same draws, then mirrored
             flips += 1
             assert torch.equal(b["image"], a["image"].flip(-1))

@@ -28,9 +28,13 @@ def test_demo_quick_end_to_end(tmp_path):
     assert Image.open(out / "loss.png").size[0] > 300
     assert list((out / "checkpoints").glob("ckpt-*.pt"))
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0 <= metrics["class_agreement"] <= 1 and metrics["fd_effnetlite0"] > 0 and metrics["num_images"] == 40
+    assert 0 <= metrics["class_agreement"] <= 1
+    assert metrics["fd_effnetlite0"] > 0
+    assert metrics["num_images"] == 40
     report = (out / "report.md").read_text()
-    assert "FD-EffNetLite0" in report and "| FID" not in report and "![samples](samples.png)" in report
+    assert "FD-EffNetLite0" in report
+    assert "| FID" not in report
+    assert "![samples](samples.png)" in report
     assert yaml.safe_load((out / "config.yaml").read_text())["model"]["preset"] == "DiT-tiny/4"
 
 
@@ -58,7 +62,8 @@ def test_text_demo_quick_end_to_end_and_prompts(tmp_path):
     assert main(args) == 0
     assert len(list((tmp_path / "shards").glob("mnist-*.tar"))) == 9
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
-    assert manifest["count"] == 4500 and manifest["text_encoder"]["kind"] == "minilm"
+    assert manifest["count"] == 4500
+    assert manifest["text_encoder"]["kind"] == "minilm"
     assert Image.open(out / "samples.png").size == (2 * 33 + 1, 10 * 33 + 1)
     assert 0 <= json.loads((out / "metrics.json").read_text())["class_agreement"] <= 1
     grid = tmp_path / "prompts.png"

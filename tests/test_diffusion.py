@@ -21,7 +21,9 @@ class Oracle(torch.nn.Module):
 
 def test_ddpm_linear_schedule_is_dits():
     betas = ddpm_betas("linear", 1000)
-    assert betas[0] == 1e-4 and abs(betas[-1] - 0.02) < 1e-12 and len(betas) == 1000
+    assert betas[0] == 1e-4
+    assert abs(betas[-1] - 0.02) < 1e-12
+    assert len(betas) == 1000
     s = DDPMSchedule(betas)
     assert abs(s.alphas_cumprod[-1] - 4.036e-5) < 1e-7  # the terminal signal level of DiT's schedule
 
@@ -60,15 +62,19 @@ def test_vb_term_matches_closed_form_kl():
 def test_flow_loss_and_time_sampling():
     obj = FlowObjective("logit_normal", 0.0, 1.0, time_shift=3.0)
     t = obj.sample_time(10_000, torch.Generator().manual_seed(0), "cpu")
-    assert 0 < t.min() and t.max() < 1 and t.median() > 0.6  # shifted towards noise
+    assert 0 < t.min()
+    assert t.max() < 1
+    assert t.median() > 0.6  # shifted towards noise
     x0, noise = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
     assert obj.loss(Oracle(noise - x0), x0, Cond(), torch.rand(3), noise)["loss"].abs().max() < 1e-10
-    assert float(shift_time(torch.tensor(0.0), 3.0)) == 0 and float(shift_time(torch.tensor(1.0), 3.0)) == 1
+    assert float(shift_time(torch.tensor(0.0), 3.0)) == 0
+    assert float(shift_time(torch.tensor(1.0), 3.0)) == 1
 
 
 def test_cosine_schedule():
     betas = ddpm_betas("cosine", 1000)
-    assert betas.max() <= 0.999 and (np.diff(betas) >= -1e-12).all()
+    assert betas.max() <= 0.999
+    assert (np.diff(betas) >= -1e-12).all()
     assert (
         abs(
             DDPMSchedule(betas).alphas_cumprod[499]
@@ -116,4 +122,5 @@ def test_min_snr_weighting():
     alpha_bar = torch.from_numpy(schedule.alphas_cumprod[[10, 900]]).float()
     snr = alpha_bar / (1 - alpha_bar)
     assert snr[0] > 5 > snr[1]
-    assert torch.allclose(b, a * torch.clamp(snr, max=5) / snr) and torch.allclose(b[1], a[1])
+    assert torch.allclose(b, a * torch.clamp(snr, max=5) / snr)
+    assert torch.allclose(b[1], a[1])

@@ -31,7 +31,8 @@ def test_dit_matches_diffusers(learn_sigma, patch):
     arch = ck.dit_arch_from_state_dict(ours.state_dict(), num_heads=4)
     ref = diffusers.DiTTransformer2DModel(**ck.diffusers_config(arch)).eval()
     missing, unexpected = ref.load_state_dict(ck.ldmkit_to_diffusers(ours.state_dict()), strict=False)
-    assert not unexpected and all("pos_embed.pos_embed" in k for k in missing)
+    assert not unexpected
+    assert all("pos_embed.pos_embed" in k for k in missing)
     x = torch.randn(3, 4, 16, 16)
     steps = torch.tensor([0, 417, 999])
     labels = torch.tensor([1, 5, 9])
@@ -79,14 +80,16 @@ def test_convert_round_trip_is_exact(tmp_path):
     arch = ck.dit_arch_from_state_dict(sd, num_heads=4)
     ck.write_diffusers(sd, arch, tmp_path / "exported")
     back, layout, _, folder_config = read_weights(tmp_path / "exported")
-    assert layout == "diffusers" and folder_config["sample_size"] == 16
+    assert layout == "diffusers"
+    assert folder_config["sample_size"] == 16
     restored = ck.diffusers_to_ldmkit(back)
     for k, v in sd.items():
         if k == "pos_embed":
             continue  # a fixed table, rebuilt from the architecture
         assert torch.equal(restored[k], v), k
     loaded = diffusers.DiTTransformer2DModel.from_pretrained(tmp_path / "exported")
-    assert loaded.config.num_layers == 2 and loaded.config.norm_eps == 1e-6
+    assert loaded.config.num_layers == 2
+    assert loaded.config.norm_eps == 1e-6
 
 
 def test_arch_inference_of_official_layout():

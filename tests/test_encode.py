@@ -98,11 +98,13 @@ def test_bad_images_are_counted_and_cache_equals_on_the_fly_encoding(tmp_path, t
         "n01443537/x_small.png",
     ]
     assert manifest["converted"] == {"L": 1, "CMYK": 1, "RGBA": 1}
-    assert manifest["latent_shape"] == [4, 16, 16] and manifest["autoencoder"]["layout"] == "sd"
+    assert manifest["latent_shape"] == [4, 16, 16]
+    assert manifest["autoencoder"]["layout"] == "sd"
     assert len(manifest["parts"]) == 3  # 15 files in units of 5
 
     cache = LatentCache(tmp_path / "cache")
-    assert len(cache) == 11 and cache.labels.tolist() == [0] * 4 + [1] * 7
+    assert len(cache) == 11
+    assert cache.labels.tolist() == [0] * 4 + [1] * 7
     keys = [
         k for p in manifest["parts"] for k in json.loads(memmap_safetensors(tmp_path / "cache" / p["file"])[2]["keys"])
     ]
@@ -116,15 +118,15 @@ def test_bad_images_are_counted_and_cache_equals_on_the_fly_encoding(tmp_path, t
         mean, std = ae.moments(x)
         mean_flip, _ = ae.moments(x.flip(-1))
         sample = cache.__getitems__([(i, 0)])
-        assert torch.allclose(sample["latent_mean"][0], mean[0], atol=1e-5) and torch.allclose(
-            sample["latent_std"][0], std[0], atol=1e-5
-        )
+        assert torch.allclose(sample["latent_mean"][0], mean[0], atol=1e-5)
+        assert torch.allclose(sample["latent_std"][0], std[0], atol=1e-5)
         part = int(np.searchsorted(cache.offsets, i, side="right")) - 1
         stored = memmap_safetensors(tmp_path / "cache" / manifest["parts"][part]["file"])[0]
         row = i - int(cache.offsets[part])
         assert np.allclose(stored["latent_mean"][row, 1], mean_flip[0].numpy(), atol=1e-5)  # the mirror image's moments
         control = {k: v[0].tolist() for k, v in sample["control"].items()}
-        assert control["original_size"] == list(meta.original_size) and control["crop_size"] == list(meta.crop_size)
+        assert control["original_size"] == list(meta.original_size)
+        assert control["crop_size"] == list(meta.crop_size)
         assert control["flip"] == [0.0]
     # The fully transparent RGBA image became white (not black) before encoding.
     from ldmkit.data.transforms import load_image
@@ -141,7 +143,8 @@ def test_encode_resumes_where_it_stopped(tmp_path):
     assert not (tmp_path / "cache" / "manifest.json").exists()
     messages = []
     assert encode_dataset(cfg, log=messages.append) is not None
-    assert "1 already done" in messages[0] and first.stat().st_mtime_ns == before  # not redone
+    assert "1 already done" in messages[0]
+    assert first.stat().st_mtime_ns == before  # not redone
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     keys = [
         k for p in manifest["parts"] for k in json.loads(memmap_safetensors(tmp_path / "cache" / p["file"])[2]["keys"])
@@ -175,7 +178,9 @@ def test_two_processes_encode_disjoint_units(tmp_path):
         k for p in manifest["parts"] for k in json.loads(memmap_safetensors(tmp_path / "cache" / p["file"])[2]["keys"])
     ]
     assert len(keys) == len(set(keys)) == 11
-    assert "unit 000001" in outputs[1] and "unit 000001" not in outputs[0] and "unit 000002" in outputs[0]
+    assert "unit 000001" in outputs[1]
+    assert "unit 000001" not in outputs[0]
+    assert "unit 000002" in outputs[0]
 
 
 @pytest.fixture(scope="module")
@@ -210,14 +215,18 @@ def test_captioned_shards_to_text_cache_to_training(tmp_path, digit_shards):
     cfg = load_config(overrides=text_overrides(digit_shards, tmp_path / "cache"))
     encode_dataset(cfg, batch_size=64, log=quiet)
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
-    assert manifest["count"] == 500 and len(manifest["parts"]) == 5
-    assert manifest["text_encoder"]["kind"] == "minilm" and manifest["text_encoder"]["pooled_dim"] == 384
+    assert manifest["count"] == 500
+    assert len(manifest["parts"]) == 5
+    assert manifest["text_encoder"]["kind"] == "minilm"
+    assert manifest["text_encoder"]["pooled_dim"] == 384
     cache = LatentCache(tmp_path / "cache")
     batch = cache.__getitems__([(0, 0), (250, 0), (499, 0)])
-    assert batch["text_tokens"].shape == (3, 16, 384) and batch["text_mask"].dtype == torch.bool
+    assert batch["text_tokens"].shape == (3, 16, 384)
+    assert batch["text_mask"].dtype == torch.bool
     captions = [digit_caption(int(y)) for y in batch["label"]]
     text = TextEncoder("minilm", max_length=16)(captions)
-    assert torch.allclose(batch["text_pooled"], text.pooled, atol=1e-5) and torch.equal(batch["text_mask"], text.mask)
+    assert torch.allclose(batch["text_pooled"], text.pooled, atol=1e-5)
+    assert torch.equal(batch["text_mask"], text.mask)
     assert torch.allclose(batch["text_tokens"], text.tokens, atol=1e-4)
 
     run = training_loop(
@@ -303,7 +312,8 @@ def test_buckets_assign_by_aspect_and_batches_stay_in_one_bucket(tmp_path):
         cache.bucket_of, seed=0, start=0, end=40, global_batch=4, micro=2, rounds=2, world=1, rank=0
     )
     batches = list(sampler)
-    assert sampler.batches_per_epoch == 5 and len(batches) == 20
+    assert sampler.batches_per_epoch == 5
+    assert len(batches) == 20
     for k in range(0, 20, 2):  # the two micro-batches of a step: one bucket
         assert len({int(cache.bucket_of[i]) for i, _ in batches[k] + batches[k + 1]}) == 1
     epoch0 = [i for b in batches[:10] for i, _ in b]
@@ -336,4 +346,5 @@ def test_cache_pickles_without_copying_its_arrays(tmp_path):
     assert len(blob) < 200_000  # 4,500 digits of 32x32 would be megabytes
     clone = pickle.loads(blob)
     a, b = cache.__getitems__([(3, 7), (4000, 1)]), clone.__getitems__([(3, 7), (4000, 1)])
-    assert torch.equal(a["latent_mean"], b["latent_mean"]) and torch.equal(a["control"]["flip"], b["control"]["flip"])
+    assert torch.equal(a["latent_mean"], b["latent_mean"])
+    assert torch.equal(a["control"]["flip"], b["control"]["flip"])

@@ -35,11 +35,13 @@ def test_effnet_features_are_real_and_deterministic():
     net = EffNetLite0Features()
     x = torch.rand(3, 1, 32, 32) * 2 - 1
     f = net(x)
-    assert f.shape == (3, 1280) and torch.isfinite(f).all()
+    assert f.shape == (3, 1280)
+    assert torch.isfinite(f).all()
     assert torch.allclose(net(x), f)
     # pretrained ImageNet weights, not random: the classifier head is confident on a structured image
     head = net.net._fc.weight
-    assert head.shape == (1000, 1280) and head.std() > 0.01
+    assert head.shape == (1000, 1280)
+    assert head.std() > 0.01
 
 
 @pytest.mark.slow

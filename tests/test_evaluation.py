@@ -69,11 +69,9 @@ def test_sample_set_is_identical_on_one_and_two_processes(run, tmp_path):
             tmp_path / "two" / "images" / f"{i:06d}.png"
         ).read_bytes()
     one, two = np.load(tmp_path / "one" / "samples.npz"), np.load(tmp_path / "two" / "samples.npz")
-    assert (
-        one["arr_0"].shape == (12, 32, 32, 3)
-        and np.array_equal(one["arr_0"], two["arr_0"])
-        and one["arr_1"].tolist() == [i % 10 for i in range(12)]
-    )
+    assert one["arr_0"].shape == (12, 32, 32, 3)
+    assert np.array_equal(one["arr_0"], two["arr_0"])
+    assert one["arr_1"].tolist() == [i % 10 for i in range(12)]
     assert json.loads((tmp_path / "two" / "manifest.json").read_text())["processes"] == 2
 
 
@@ -150,7 +148,9 @@ def test_inception_path_end_to_end_with_random_weights_of_the_standard_layout(ru
     metrics = json.loads((tmp_path / "m.json").read_text())
     for key in ("fid", "kid", "precision", "recall", "density", "coverage"):
         assert np.isfinite(metrics[key]), key
-    assert metrics["fid"] > 0 and metrics["fid_reference_count"] == 24 and metrics["kid_subset_size"] == 20
+    assert metrics["fid"] > 0
+    assert metrics["fid_reference_count"] == 24
+    assert metrics["kid_subset_size"] == 20
     before = set((run / "eval").iterdir())
     assert (
         main(
@@ -225,12 +225,10 @@ def test_reference_round_trip_and_adm_layout(inception, tmp_path):
     net = InceptionV3Features(str(inception))
     ref = compute_reference(str(tmp_path / "batch.npz"), net, 32)
     back = load_reference(save_reference(ref, tmp_path / "ref.npz"))
-    assert (
-        back["count"] == 16
-        and back["extractor"] == "InceptionV3"
-        and np.allclose(back["mu"], ref["mu"])
-        and np.allclose(back["sigma"], ref["sigma"])
-    )
+    assert back["count"] == 16
+    assert back["extractor"] == "InceptionV3"
+    assert np.allclose(back["mu"], ref["mu"])
+    assert np.allclose(back["sigma"], ref["sigma"])
     assert np.allclose(back["features"], ref["features"], atol=1e-4)
     # ADM's reference batch: arr_0 images with mu / sigma (and spatial mu_s / sigma_s)
     mu, sigma = rng.normal(size=2048), np.eye(2048) * 0.5
@@ -238,12 +236,10 @@ def test_reference_round_trip_and_adm_layout(inception, tmp_path):
         tmp_path / "VIRTUAL_imagenet256_labeled.npz", arr_0=images, mu=mu, sigma=sigma, mu_s=mu[:7], sigma_s=np.eye(7)
     )
     adm = load_reference(tmp_path / "VIRTUAL_imagenet256_labeled.npz")
-    assert (
-        np.array_equal(adm["mu"], mu)
-        and np.array_equal(adm["sigma"], sigma)
-        and adm["count"] == 16
-        and adm["resolution"] == 32
-    )
+    assert np.array_equal(adm["mu"], mu)
+    assert np.array_equal(adm["sigma"], sigma)
+    assert adm["count"] == 16
+    assert adm["resolution"] == 32
 
 
 def test_kid_precision_recall_density_coverage_behave():
@@ -252,9 +248,13 @@ def test_kid_precision_recall_density_coverage_behave():
     same, apart = kernel_inception_distance(a, b, subsets=20), kernel_inception_distance(far, b, subsets=20)
     assert abs(same["kid"]) < 0.05 < apart["kid"]
     pr_same, pr_far = precision_recall(a, b), precision_recall(far, b)
-    assert pr_same["precision"] > 0.6 and pr_same["recall"] > 0.6 and pr_far["precision"] < 0.05
+    assert pr_same["precision"] > 0.6
+    assert pr_same["recall"] > 0.6
+    assert pr_far["precision"] < 0.05
     dc = density_coverage(a, b)
-    assert 0.8 < dc["density"] < 1.2 and dc["coverage"] > 0.9 and density_coverage(far, b)["coverage"] < 0.05
+    assert 0.8 < dc["density"] < 1.2
+    assert dc["coverage"] > 0.9
+    assert density_coverage(far, b)["coverage"] < 0.05
 
 
 @pytest.mark.slow
@@ -280,7 +280,8 @@ def test_validation_loss_and_small_metric_during_training_leave_the_weights_alon
     assert all(torch.equal(a[k], b[k]) for k in a)
     records = [json.loads(line) for line in (watched / "eval.jsonl").read_text().splitlines()]
     losses = [r for r in records if "val_loss" in r]
-    assert [r["images"] for r in losses] == [64, 128] and set(losses[0]["val_loss"]) == {
+    assert [r["images"] for r in losses] == [64, 128]
+    assert set(losses[0]["val_loss"]) == {
         "0.1",
         "0.3",
         "0.5",
@@ -289,7 +290,9 @@ def test_validation_loss_and_small_metric_during_training_leave_the_weights_alon
     }
     assert losses[1]["val_loss_mean"] < losses[0]["val_loss_mean"]  # the EMA model improves on the fixed batch
     metric = next(r for r in records if "class_agreement" in r)
-    assert metric["images"] == 128 and metric["metric_images"] == 20 and metric["fd_effnetlite0"] > 0
+    assert metric["images"] == 128
+    assert metric["metric_images"] == 20
+    assert metric["fd_effnetlite0"] > 0
     assert not (plain / "eval.jsonl").exists()
 
 
@@ -304,20 +307,19 @@ def test_report_compares_runs_with_a_guidance_sweep(tmp_path):
         main(["eval", str(a), "--num", "10", "--steps", "2", "--metrics", "classifier", "--sweep-guidance", "1,3"]) == 0
     )
     sweep = json.loads((a / "eval" / "sweep.json").read_text())
-    assert [p["guidance_scale"] for p in sweep] == [1.0, 3.0] and all("class_agreement" in p for p in sweep)
+    assert [p["guidance_scale"] for p in sweep] == [1.0, 3.0]
+    assert all("class_agreement" in p for p in sweep)
     assert main(["eval", str(b), "--num", "10", "--steps", "2", "--metrics", "classifier"]) == 0
     assert main(["report", str(a), str(b), "--out", str(tmp_path / "rep")]) == 0
     rows = list(csv.DictReader(open(tmp_path / "rep" / "comparison.csv")))
-    assert (
-        [r["run"] for r in rows] == ["small-lr", "big-lr"]
-        and rows[0]["images_seen"] == "128"
-        and float(rows[1]["cpu_hours"]) > 0
-    )
-    assert (
-        rows[0]["class_agreement"] == "" and 0 <= float(rows[1]["class_agreement"]) <= 1
-    )  # a's metrics.json holds no single eval
+    assert [r["run"] for r in rows] == ["small-lr", "big-lr"]
+    assert rows[0]["images_seen"] == "128"
+    assert float(rows[1]["cpu_hours"]) > 0
+    assert rows[0]["class_agreement"] == ""
+    assert 0 <= float(rows[1]["class_agreement"]) <= 1  # a's metrics.json holds no single eval
     table = (tmp_path / "rep" / "comparison.md").read_text()
-    assert "| small-lr |" in table and "lr" in table.splitlines()[2]
+    assert "| small-lr |" in table
+    assert "lr" in table.splitlines()[2]
     for plot in ("loss.png", "val_loss.png", "guidance_sweep_class_agreement.png"):
         assert (tmp_path / "rep" / plot).is_file(), plot
 
@@ -343,4 +345,5 @@ def test_validation_loss_from_the_cache_and_from_shards(tmp_path, source):
         ]
     run = training_loop(load_config(overrides=TINY + extra), tmp_path / "run", quiet=True)
     losses = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
-    assert [r["images"] for r in losses] == [64, 128] and all(np.isfinite(r["val_loss_mean"]) for r in losses)
+    assert [r["images"] for r in losses] == [64, 128]
+    assert all(np.isfinite(r["val_loss_mean"]) for r in losses)

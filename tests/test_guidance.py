@@ -34,7 +34,8 @@ def test_guidance_formula_and_variance_from_conditional_half():
     assert torch.allclose(out[:, :1], u_eps + 4.0 * (c_eps - u_eps))
     assert torch.allclose(out[:, 1:], torch.tensor([30.0, 70.0]).view(-1, 1, 1, 1).expand(2, 1, 2, 2))
     (both,) = model.calls  # one batched evaluation of [conditional; unconditional]
-    assert both.drop_semantic.tolist() == [False, False, True, True] and both.class_labels.tolist() == [3, 7, 3, 7]
+    assert both.drop_semantic.tolist() == [False, False, True, True]
+    assert both.class_labels.tolist() == [3, 7, 3, 7]
 
 
 def test_scale_one_is_the_conditional_model_alone():
@@ -42,7 +43,8 @@ def test_scale_one_is_the_conditional_model_alone():
     x, t = torch.randn(2, 1, 2, 2), torch.rand(2)
     cond = Cond(class_labels=torch.tensor([1, 2]))
     assert torch.equal(guided(model, cond, 1.0, 1)(x, t), model(x, t, cond))
-    assert len(model.calls) == 2 and model.calls[0].batch_size == 2
+    assert len(model.calls) == 2
+    assert model.calls[0].batch_size == 2
 
 
 def test_control_guidance_formula_and_plain_cfg_at_control_scale_one():

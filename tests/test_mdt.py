@@ -83,7 +83,9 @@ def test_official_layout_loads_as_is():
 def test_relative_position_index_is_beit_layout():
     index = tiny().en_inblocks[0].attn.rel_pos_bias.relative_position_index  # 4x4 grid
     # token (0, 0) to token (0, 1): offset (0, -1) -> (0 + 3) * 7 + (-1 + 3) = 23; the diagonal is the centre, 24
-    assert index[0, 1].item() == 23 and index.diagonal().unique().tolist() == [24] and index.max().item() == 48
+    assert index[0, 1].item() == 23
+    assert index.diagonal().unique().tolist() == [24]
+    assert index.max().item() == 48
 
 
 def test_keeping_every_token_in_order_is_the_full_pass():
@@ -93,7 +95,8 @@ def test_keeping_every_token_in_order_is_the_full_pass():
     with torch.no_grad():
         assert torch.allclose(model(x, t, cond, keep=keep), model(x, t, cond), atol=1e-5)
         partial = model(x, t, cond, keep=draw_token_keep(2, 16, 0.3, torch.Generator().manual_seed(0), "cpu"))
-    assert partial.shape == (2, 8, 8, 8) and not torch.allclose(partial, model(x, t, cond))
+    assert partial.shape == (2, 8, 8, 8)
+    assert not torch.allclose(partial, model(x, t, cond))
 
 
 def test_masked_pass_trains_the_side_interpolator_and_mask_token():
@@ -105,9 +108,11 @@ def test_masked_pass_trains_the_side_interpolator_and_mask_token():
         keep=draw_token_keep(2, 16, 0.3, torch.Generator().manual_seed(1), "cpu"),
     )
     out.square().mean().backward()
-    assert model.mask_token.grad.abs().sum() > 0 and model.sideblocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert model.mask_token.grad.abs().sum() > 0
+    assert model.sideblocks[0].attn.qkv.weight.grad.abs().sum() > 0
     keep = draw_token_keep(4, 100, 0.3, torch.Generator().manual_seed(2), "cpu")
-    assert 50 <= keep.shape[1] <= 70 and all(len(set(row.tolist())) == keep.shape[1] for row in keep)
+    assert 50 <= keep.shape[1] <= 70
+    assert all(len(set(row.tolist())) == keep.shape[1] for row in keep)
 
 
 @pytest.mark.slow

@@ -41,7 +41,8 @@ def test_mmdit_weights_round_trip_exactly():
     ours = randomised(tiny(qk_norm=True))
     sd = ours.state_dict()
     back = mmdit_from_diffusers(mmdit_to_diffusers(sd))
-    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    assert set(back) == set(sd)
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
 
 
 def test_mmdit_dropout_and_class_conditioning():
@@ -52,14 +53,16 @@ def test_mmdit_dropout_and_class_conditioning():
         dropped = model(x, t, Cond(context=context, pooled=pooled, drop_semantic=torch.tensor([True, False])))
         zeros = model(x, t, Cond(context=torch.zeros_like(context), pooled=torch.zeros_like(pooled)))
         plain = model(x, t, Cond(context=context, pooled=pooled))
-    assert torch.allclose(dropped[0], zeros[0], atol=1e-6) and torch.allclose(dropped[1], plain[1], atol=1e-6)
+    assert torch.allclose(dropped[0], zeros[0], atol=1e-6)
+    assert torch.allclose(dropped[1], plain[1], atol=1e-6)
     classes = randomised(tiny(conditioning="class", num_classes=10)).eval()
     with torch.no_grad():
         a, b = (
             classes(x, t, Cond(class_labels=torch.tensor([1, 2]))),
             classes(x, t, Cond(class_labels=torch.tensor([1, 3]))),
         )
-    assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1])
+    assert torch.equal(a[0], b[0])
+    assert not torch.allclose(a[1], b[1])
     assert tiny()(x, t, Cond(context=context, pooled=pooled)).abs().max() == 0  # adaLN-Zero and a zero output layer
     with pytest.raises(ValueError, match="cond.context"):
         model(x, t, Cond(class_labels=torch.tensor([1, 2])))
@@ -101,7 +104,8 @@ def test_export_then_convert_reproduces_an_mmdit(tmp_path):
     assert main(["convert", str(tmp_path / "hf"), "--out", str(tmp_path / "back.pt")]) == 0
     back = load_checkpoint(tmp_path / "back.pt")
     assert all(torch.equal(back["ema"][k], v) for k, v in model.state_dict().items())
-    assert back["config"]["model"]["qk_norm"] is True and back["config"]["model"]["name"] == "mmdit"
+    assert back["config"]["model"]["qk_norm"] is True
+    assert back["config"]["model"]["name"] == "mmdit"
     x, sigmas, context, pooled = (
         torch.randn(2, 1, 32, 32),
         torch.tensor([0.1, 0.8]),

@@ -43,7 +43,8 @@ def one_line_error(capsys, code, expected=2):
     assert code == expected, err
     assert "Traceback" not in err, err
     last = err.splitlines()[-1]
-    assert last.startswith("ldmkit ") and "error" in last, err
+    assert last.startswith("ldmkit ")
+    assert "error" in last, err
     return last
 
 
@@ -170,7 +171,8 @@ def test_divergence_saves_nothing_non_finite_and_names_the_last_good_checkpoint(
         capsys, main(["train", str(run), "--resume", "--set", "train.lr=1e30", "--set", "train.max_nan_skips=0"])
     )
     assert "training diverged at 80 images (1 consecutive steps with non-finite gradients)" in err
-    assert "ckpt-0000000064.pt" in err and f"ldmkit train {run} --resume --set train.lr=" in err
+    assert "ckpt-0000000064.pt" in err
+    assert f"ldmkit train {run} --resume --set train.lr=" in err
     assert [p.name for p in list_checkpoints(run)] == ["ckpt-0000000064.pt"]  # the good one was not pruned
     # Sampling refuses non-finite weights and a non-finite guidance scale.
     bad = dict(state_of(run))
@@ -241,7 +243,8 @@ def test_resume_skips_a_corrupt_truncated_or_incomplete_newest_checkpoint(tmp_pa
     atomic_save(state, newest)
     checksum_path(newest).unlink()
     path, _ = newest_intact_checkpoint(run, report=print)
-    assert path.name == "ckpt-0000000032.pt" and "lacks 'optimizer'" in capsys.readouterr().out
+    assert path.name == "ckpt-0000000032.pt"
+    assert "lacks 'optimizer'" in capsys.readouterr().out
     partial = run / "checkpoints" / "ckpt-0000000080.pt.tmp"  # a write a kill interrupted (another interval)
     partial.write_bytes(b"half a checkpoint")
     # The run resumes from the intact one and ends exactly where an uninterrupted run does.
@@ -259,7 +262,8 @@ def test_a_run_folder_without_config_yaml_resumes_from_its_checkpoint(tmp_path, 
     (run / "config.yaml").unlink()
     assert main(["train", str(run)]) == 0
     assert "config.yaml is missing: using the config recorded in ckpt-0000000032.pt" in capsys.readouterr().err
-    assert state_of(run)["images_seen"] == 64 and (run / "config.yaml").is_file()
+    assert state_of(run)["images_seen"] == 64
+    assert (run / "config.yaml").is_file()
 
 
 def _train_command(config, out, *extra):
@@ -292,7 +296,8 @@ def test_a_stop_signal_checkpoints_the_step_and_the_resumed_run_is_exact(tmp_pat
     assert proc.returncode == 75, err
     assert err.strip().splitlines()[-1].startswith("ldmkit train: stopped by " + signal.Signals(sig).name)
     stopped_at = state_of(tmp_path / "stopped")["images_seen"]
-    assert 0 < stopped_at < 4000 and stopped_at % 16 == 0  # the interrupted step, not a checkpoint interval
+    assert 0 < stopped_at < 4000
+    assert stopped_at % 16 == 0  # the interrupted step, not a checkpoint interval
     records = [json.loads(line)["images"] for line in log.read_text().splitlines()]
     assert records[-1] == stopped_at
     assert (
@@ -319,7 +324,8 @@ def test_a_second_ctrl_c_interrupts_at_once():
     signals = StopSignals(Dist())
     try:
         os.kill(os.getpid(), signal.SIGINT)  # the first: noted, the step goes on
-        assert signals.requested() and signals.name == "SIGINT"
+        assert signals.requested()
+        assert signals.name == "SIGINT"
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)  # the second: at once
             time.sleep(1)
@@ -401,7 +407,8 @@ def test_a_frozen_process_ends_a_two_process_run_within_the_timeout(tmp_path):
         procs[0].join(timeout=60)
         waited = time.time() - frozen_at
         assert procs[0].exitcode is not None, "process 0 still hangs a minute after the other froze"
-        assert procs[0].exitcode == 2 and waited < 10 + 30  # the one-line LostProcess error
+        assert procs[0].exitcode == 2
+        assert waited < 10 + 30  # the one-line LostProcess error
     finally:
         for p in procs:
             if p.is_alive():
@@ -509,7 +516,8 @@ def test_an_unexpected_error_is_one_line_with_a_hint(monkeypatch, capsys):
 
     monkeypatch.setitem(ldmkit.cli.COMMANDS, "presets", broken)
     err = one_line_error(capsys, main(["presets"]), expected=1)
-    assert "RuntimeError: something unforeseen" in err and "LDMKIT_DEBUG=1" in err
+    assert "RuntimeError: something unforeseen" in err
+    assert "LDMKIT_DEBUG=1" in err
     monkeypatch.setenv("LDMKIT_DEBUG", "1")
     with pytest.raises(RuntimeError):
         main(["presets"])
@@ -554,7 +562,8 @@ def test_images_below_min_side_are_skipped_and_counted(tmp_path):
     Image.new("RGB", (1, 1)).save(tmp_path / "a" / "dot.png")
     Image.new("RGB", (15, 64)).save(tmp_path / "b" / "thin.png")
     cfg = load_config(overrides=["data.name=image_folder", f"data.path={tmp_path}", "data.channels=3"])
-    assert cfg.data.min_side is None and cfg.data.min_side_px == 16  # half of the 32-pixel resolution
+    assert cfg.data.min_side is None
+    assert cfg.data.min_side_px == 16  # half of the 32-pixel resolution
     dataset = build_dataset(cfg.data, "train")
     seen = [dataset[(i, 0)]["image"].shape for i in range(len(dataset))]
     assert all(tuple(s) == (3, 32, 32) for s in seen)

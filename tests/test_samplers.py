@@ -16,7 +16,9 @@ def objective(learn_sigma=True):
 
 def test_adm_respacing_matches_dit_and_diffusers_linspace():
     use = space_timesteps(1000, 250, "adm")
-    assert len(use) == 250 and use[0] == 0 and use[-1] == 999
+    assert len(use) == 250
+    assert use[0] == 0
+    assert use[-1] == 999
     sched = DDPMScheduler(num_train_timesteps=1000, timestep_spacing="linspace")
     sched.set_timesteps(250)
     assert sorted(sched.timesteps.tolist()) == use

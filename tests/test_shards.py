@@ -1,6 +1,7 @@
 """WebDataset shards of the captioned digits: written, read back, split across ranks without overlap."""
 
 import io
+import json
 import tarfile
 
 import numpy as np
@@ -8,7 +9,28 @@ import pytest
 
 from ldmkit.config import load_config
 from ldmkit.data.datasets import build_dataset
-from ldmkit.data.shards import digit_caption, read_shards, shards_for_rank, write_mnist_caption_shards
+from ldmkit.data.shards import (
+    BadImage,
+    digit_caption,
+    record_caption,
+    record_image,
+    shards_for_rank,
+    tar_records,
+    write_mnist_caption_shards,
+)
+
+
+def read_shards(urls: list, channels: int | None = None):
+    """(PIL image, caption, meta dict) of every sample of the shards, in order; undecodable images skipped."""
+    for url in urls:
+        for record in tar_records(str(url)):
+            try:
+                image, _ = record_image(record, channels, 0)
+            except BadImage:
+                continue
+            meta = json.loads(record["json"]) if "json" in record else {}
+            meta["key"] = record["__key__"]
+            yield image, record_caption(record), meta
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +52,9 @@ def test_written_in_img2dataset_layout_and_read_back(shards):
     for i in (0, 123, 499):
         image, caption, meta = samples[i]
         label = int(ds.labels[i])
-        assert caption == digit_caption(label) and meta["label"] == label and meta["key"] == f"held_out{i:07d}"
+        assert caption == digit_caption(label)
+        assert meta["label"] == label
+        assert meta["key"] == f"held_out{i:07d}"
         expected = ((ds.images[i, 0].numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
         assert np.array_equal(np.asarray(image), expected)  # PNG is lossless
 
@@ -38,7 +62,8 @@ def test_written_in_img2dataset_layout_and_read_back(shards):
 def test_ranks_read_disjoint_shards_covering_everything(shards):
     paths, _ = shards
     keys = [set(m["key"] for _, _, m in read_shards(shards_for_rank(paths, r, 2))) for r in range(2)]
-    assert not keys[0] & keys[1] and len(keys[0] | keys[1]) == 500
+    assert not keys[0] & keys[1]
+    assert len(keys[0] | keys[1]) == 500
     with pytest.raises(ValueError, match="cannot be split across 8 processes"):
         shards_for_rank(paths, 0, 8)
 
@@ -62,7 +87,8 @@ def test_a_corrupt_sample_is_skipped(tmp_path):
 
 
 def test_captions():
-    assert digit_caption(7) == "a handwritten digit seven" and digit_caption(0) == "a handwritten digit zero"
+    assert digit_caption(7) == "a handwritten digit seven"
+    assert digit_caption(0) == "a handwritten digit zero"
 
 
 def stream_keys(stream, batches):
@@ -98,9 +124,8 @@ def test_shard_stream_is_deterministic_resumable_and_worker_independent(shards):
     resumed = ShardStream(paths, cfg, seed=0, rank=0, world_size=1, micro=8, start=96)
     assert stream_keys(resumed, 10) == keys[96:176]  # no sample repeated or skipped
     a, b = next(iter(full)), next(iter(ShardStream(paths, cfg, 0, 0, 1, 8)))
-    assert torch.equal(a["image"], b["image"]) and all(
-        torch.equal(a["control"][k], b["control"][k]) for k in a["control"]
-    )
+    assert torch.equal(a["image"], b["image"])
+    assert all(torch.equal(a["control"][k], b["control"][k]) for k in a["control"])
     workers = torch.utils.data.DataLoader(ShardStream(paths, cfg, 0, 0, 1, 8), batch_size=None, num_workers=2)
     batches = [batch for _, batch in zip(range(10), workers)]
     assert [k for b in batches for k in b["key"]] == keys[:80]
@@ -134,7 +159,8 @@ def test_shard_stream_splits_ranks_and_replaces_corrupt_samples(shards, tmp_path
                 tar.addfile(info, io.BytesIO(data))
     batch = next(iter(ShardStream([bad], shard_cfg(shuffle_buffer=1, hflip="false"), 0, 0, 1, 4)))
     assert batch["key"] == ["s0", "s1", "s3", "s3"]  # the broken sample is replaced by another of its micro-batch
-    assert "s2" in caplog.text and "corrupt" in caplog.text
+    assert "s2" in caplog.text
+    assert "corrupt" in caplog.text
 
 
 def test_shard_urls_from_patterns_lists_globs_and_pipes(shards, tmp_path):

@@ -14,8 +14,11 @@ def test_minilm_matches_sentence_transformers():
     sentence_transformers = pytest.importorskip("sentence_transformers")
     enc = TextEncoder("minilm", max_length=32)
     out = enc(CAPTIONS)
-    assert out.tokens.shape == (2, 32, 384) and out.mask.shape == (2, 32) and out.pooled.shape == (2, 384)
-    assert out.mask[0].sum() < out.mask[1].sum() and out.mask[:, 0].all()  # shorter caption, more padding
+    assert out.tokens.shape == (2, 32, 384)
+    assert out.mask.shape == (2, 32)
+    assert out.pooled.shape == (2, 384)
+    assert out.mask[0].sum() < out.mask[1].sum()
+    assert out.mask[:, 0].all()  # shorter caption, more padding
     reference = sentence_transformers.SentenceTransformer(str(minilm_path()), device="cpu").encode(
         CAPTIONS, convert_to_tensor=True
     )
@@ -38,7 +41,8 @@ def test_t5_encoder_path_with_tiny_random_weights(tmp_path):
     transformers.T5EncoderModel(cfg).save_pretrained(tmp_path / "t5")
     _save_minilm_tokenizer(tmp_path / "t5")  # a real tokenizer whose ids fit the tiny vocabulary
     out = TextEncoder("t5", tmp_path / "t5", max_length=16)(CAPTIONS)
-    assert out.tokens.shape == (2, 16, 32) and out.pooled.shape == (2, 32)
+    assert out.tokens.shape == (2, 16, 32)
+    assert out.pooled.shape == (2, 32)
     m = out.mask[0].unsqueeze(-1).float()
     assert torch.allclose(out.pooled[0], (out.tokens[0] * m).sum(0) / m.sum(), atol=1e-6)
 
@@ -60,7 +64,8 @@ def test_clip_encoder_path_with_tiny_random_weights(tmp_path):
     transformers.CLIPTextModelWithProjection(cfg).save_pretrained(tmp_path / "clip")
     _save_minilm_tokenizer(tmp_path / "clip")
     out = TextEncoder("clip", tmp_path / "clip", max_length=16)(CAPTIONS)
-    assert out.tokens.shape == (2, 16, 32) and out.pooled.shape == (2, 24)
+    assert out.tokens.shape == (2, 16, 32)
+    assert out.pooled.shape == (2, 24)
 
 
 def test_text_encoder_errors(tmp_path):

@@ -40,9 +40,11 @@ def test_loss_falls_and_outputs_exist(tmp_path):
     import json
 
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert records[-1]["images"] == 1024 and len(records) == 8
+    assert records[-1]["images"] == 1024
+    assert len(records) == 8
     assert records[-1]["loss"] < records[0]["loss"]
-    assert (run / "loss.png").stat().st_size > 1000 and (run / "config.yaml").is_file()
+    assert (run / "loss.png").stat().st_size > 1000
+    assert (run / "config.yaml").is_file()
     assert [p.name for p in sorted((run / "checkpoints").iterdir())] == [
         "ckpt-0000000512.pt",
         "ckpt-0000000512.pt.sha256",
@@ -230,7 +232,8 @@ def test_global_batch_must_divide(tmp_path):
 
 def test_batch_indices_cover_each_epoch_once():
     idx = batch_indices(10, seed=3, start=0, count=20)
-    assert sorted(idx[:10]) == list(range(10)) and sorted(idx[10:]) == list(range(10))
+    assert sorted(idx[:10]) == list(range(10))
+    assert sorted(idx[10:]) == list(range(10))
     assert list(batch_indices(10, 3, 7, 6)) == list(idx[7:13])
 
 

@@ -38,17 +38,21 @@ def test_rectified_keeps_the_grids_extent_and_the_others_do_not():
     rect, interp, extra = (grid_positions(new, old, m) for m in ("rectified", "interpolate", "extrapolate"))
     # cell i of the new grid covers [p - h, p + h] with h = half a new cell in old units; the extents coincide
     half = 0.5 * old / new
-    assert rect[0] - half == pytest.approx(-0.5) and rect[-1] + half == pytest.approx(old - 0.5)
+    assert rect[0] - half == pytest.approx(-0.5)
+    assert rect[-1] + half == pytest.approx(old - 0.5)
     assert rect.mean() == pytest.approx((old - 1) / 2)  # the centre stays the centre
     # interpolate starts at the first cell's centre: its extent and centre shift by half a new cell
-    assert interp[0] == 0 and interp[0] - half > -0.5 and interp.mean() == pytest.approx((old - 1) / 2 + half)
+    assert interp[0] == 0
+    assert interp[0] - half > -0.5
+    assert interp.mean() == pytest.approx((old - 1) / 2 + half)
     assert extra[-1] == new - 1  # positions never seen in training
     # a learned table linear in position: rectified resampling keeps its mean (the centre), interpolation shifts it
     rows = torch.arange(old, dtype=torch.float32)
     table = (rows[:, None] + 10 * rows[None, :]).reshape(1, old * old, 1)
     for mode, keeps in (("rectified", True), ("interpolate", False)):
         out = resample_learned(table, (old, old), (new, new), mode)
-        assert out.shape == (1, new * new, 1) and (abs(out.mean() - table.mean()) < 1e-4) == keeps
+        assert out.shape == (1, new * new, 1)
+        assert (abs(out.mean() - table.mean()) < 1e-4) == keeps
     grown = resample_relative_bias(torch.randn((2 * old - 1) ** 2 + 3, 2), old, new, "rectified", extra_rows=3)
     assert grown.shape == ((2 * new - 1) ** 2 + 3, 2)
 
@@ -128,10 +132,13 @@ def test_imagenet22k_classes_are_remapped_to_their_1k_rows_by_wordnet_id():
         if id_22k != "-":
             assert torch.equal(new[int(id_1k)], old[int(id_22k)])
         else:  # n04399382, teddy bear, is not in the fall-2011 22k release: it starts fresh
-            assert wnid == "n04399382" and torch.equal(new[int(id_1k)], fresh[int(id_1k)])
+            assert wnid == "n04399382"
+            assert torch.equal(new[int(id_1k)], fresh[int(id_1k)])
     assert torch.equal(new[-1], old[-1])  # the null class
     entry = next(e for e in report if e["tensor"] == "y_embedder.embedding_table.weight")
-    assert entry["action"] == "remapped" and "999 of 1000" in entry["why"] and entry["source_shape"] == [21842, 64]
+    assert entry["action"] == "remapped"
+    assert "999 of 1000" in entry["why"]
+    assert entry["source_shape"] == [21842, 64]
     with pytest.raises(InitError, match="set init.class_map: wnid"):
         plan_and_apply(
             build_model(target_cfg.model), sd, None, load_config(overrides=TINY + ["model.num_classes=1000"])
@@ -156,7 +163,8 @@ def test_a_run_starts_from_a_lower_resolution_run_and_reports_every_tensor(tmp_p
     model_keys = set(state_of(run)["model"])
     assert {e["tensor"] for e in report} == model_keys  # every tensor has an entry
     actions = {e["tensor"]: e["action"] for e in report}
-    assert actions.pop("pos_embed") == "recomputed" and set(actions.values()) == {"loaded"}
+    assert actions.pop("pos_embed") == "recomputed"
+    assert set(actions.values()) == {"loaded"}
     # `ldmkit report` shows where each run's weights came from and its transfer settings
     from ldmkit.eval.compare import run_summary
 
@@ -188,7 +196,8 @@ def test_mdt_learned_tables_and_relative_biases_are_resampled(tmp_path):
         quiet=True,
     )
     report = {e["tensor"]: e for e in json.loads((run / "init.json").read_text())["tensors"]}
-    assert report["pos_embed"]["action"] == "resampled" and report["pos_embed"]["source_shape"][1] == 16
+    assert report["pos_embed"]["action"] == "resampled"
+    assert report["pos_embed"]["source_shape"][1] == 16
     assert report["en_inblocks.0.attn.rel_pos_bias.relative_position_bias_table"]["action"] == "resampled"
     assert report["en_inblocks.0.attn.rel_pos_bias.relative_position_index"]["action"] == "recomputed"
 
@@ -221,7 +230,8 @@ def test_class_to_text_transfer_replaces_the_class_embedder(tmp_path):
         training_loop(load_config(overrides=text), tmp_path / "refused", quiet=True)
     run = training_loop(load_config(overrides=text + ["init.semantic=replace"]), tmp_path / "text", quiet=True)
     report = {e["tensor"]: e["action"] for e in json.loads((run / "init.json").read_text())["tensors"]}
-    assert report["y_embedder.embedding_table.weight"] == "dropped" and report["context_embedder.weight"] == "fresh"
+    assert report["y_embedder.embedding_table.weight"] == "dropped"
+    assert report["context_embedder.weight"] == "fresh"
     assert report["blocks.0.cross_attn.kv_linear.weight"] == "loaded"  # the attention path is kept
 
 
@@ -317,7 +327,8 @@ def test_a_recipe_resumes_at_the_right_stage(tmp_path):
         "stage 1/2 small: training in " + str(out / "small"),
         "stage 2/2 large: training in " + str(out / "large"),
     ]
-    assert state_of(out / "small")["images_seen"] == 64 and state_of(out / "large")["images_seen"] == 64
+    assert state_of(out / "small")["images_seen"] == 64
+    assert state_of(out / "large")["images_seen"] == 64
     init = json.loads((out / "large" / "init.json").read_text())
     assert init["source"] == str(out / "small")
     # crop strategy per stage: each stage trained with its own
@@ -328,10 +339,8 @@ def test_a_recipe_resumes_at_the_right_stage(tmp_path):
     last = latest_checkpoint(out / "large").stat().st_mtime
     logged.clear()
     run_recipe(tmp_path / "recipe.yaml", out, log=logged.append)  # everything done: nothing trains again
-    assert (
-        all(line.endswith(")") and ": done (" in line for line in logged)
-        and latest_checkpoint(out / "large").stat().st_mtime == last
-    )
+    assert all(line.endswith(")") and ": done (" in line for line in logged)
+    assert latest_checkpoint(out / "large").stat().st_mtime == last
     bad = dict(recipe, stages=[dict(recipe["stages"][1], init="nowhere")])
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(ConfigError, match="init 'nowhere' is neither an earlier stage nor an existing path"):
@@ -353,7 +362,8 @@ def test_init_from_imported_weights_official_and_diffusers(tmp_path):
             quiet=True,
         )
         report = {e["tensor"]: e["action"] for e in json.loads((out / "init.json").read_text())["tensors"]}
-        assert len(report) == len(ema) and report.pop("pos_embed") == ("loaded" if source.suffix else "recomputed")
+        assert len(report) == len(ema)
+        assert report.pop("pos_embed") == ("loaded" if source.suffix else "recomputed")
         assert set(report.values()) == {"loaded"}
     demo = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "demo" / "mnist_dit.yaml")
     assert main(["train", demo, "--init", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2

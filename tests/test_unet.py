@@ -67,9 +67,8 @@ def test_unet_round_trip_and_class_tokens():
     ours = randomised(UNet(input_size=16, in_channels=4, conditioning="class", num_classes=10, **LDM_LIKE)).eval()
     sd = ours.state_dict()
     back = unet_from_diffusers(unet_to_diffusers(sd))
-    assert set(back) == set(sd) - {"class_embedder.embedding_table.weight"} and all(
-        torch.equal(back[k], sd[k]) for k in back
-    )
+    assert set(back) == set(sd) - {"class_embedder.embedding_table.weight"}
+    assert all(torch.equal(back[k], sd[k]) for k in back)
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([0.2, 0.7])
     with torch.no_grad():
         a, b = ours(x, t, Cond(class_labels=torch.tensor([1, 2]))), ours(x, t, Cond(class_labels=torch.tensor([1, 3])))
@@ -78,7 +77,8 @@ def test_unet_round_trip_and_class_tokens():
         ref.load_state_dict(unet_to_diffusers(sd))
         token = ours.class_embedder(torch.tensor([1, 2]))[:, None]
         expected = ref(x, t * 1000, encoder_hidden_states=token).sample
-    assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1])
+    assert torch.equal(a[0], b[0])
+    assert not torch.allclose(a[1], b[1])
     assert (a - expected).abs().max() <= 1e-5
     fresh = UNet(input_size=16, in_channels=4, **LDM_LIKE)
     assert fresh(x, t, Cond(class_labels=torch.tensor([1, 2]))).abs().max() == 0  # zero-initialised output convolution
@@ -123,7 +123,8 @@ def test_export_then_convert_reproduces_an_sdxl_like_unet(tmp_path):
     ref = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "hf").eval()
     assert main(["convert", str(tmp_path / "hf"), "--out", str(tmp_path / "back.pt")]) == 0
     back = load_checkpoint(tmp_path / "back.pt")
-    assert back["config"]["model"]["preset"] == "UNet-S" and back["config"]["model"]["micro_conditions"] is True
+    assert back["config"]["model"]["preset"] == "UNet-S"
+    assert back["config"]["model"]["micro_conditions"] is True
     assert all(torch.equal(back["ema"][k], v) for k, v in model.state_dict().items())
     x, steps, context, pooled = (
         torch.randn(2, 1, 32, 32),

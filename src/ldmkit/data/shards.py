@@ -4,8 +4,8 @@
 `write_mnist_caption_shards` gives the embedded digits that form ("a handwritten digit seven"), so the
 text-to-image path runs offline. `tar_records` streams the raw samples of one shard from a local path or any
 URL WebDataset's gopen accepts (`pipe:` commands for object stores, http); `shards_for_rank` splits the shard
-list across processes explicitly, so ranks never overlap. `ShardStream` is the training stream: a
-deterministic, resumable order per process (see its docstring).
+list across processes explicitly, so ranks never overlap (the stream uses it for every epoch's order).
+`ShardStream` is the training stream: a deterministic, resumable order per process (see its docstring).
 """
 
 from __future__ import annotations
@@ -72,20 +72,6 @@ def shards_for_rank(urls: list[str], rank: int, world_size: int) -> list[str]:
             f"{len(urls)} shard(s) cannot be split across {world_size} processes; write more, smaller shards"
         )
     return list(urls)[rank::world_size]
-
-
-def read_shards(urls: list[str], channels: int | None = None):
-    """Iterate (PIL image, caption, meta dict) over the shards, in order; samples whose image cannot be
-    decoded are skipped."""
-    for url in urls:
-        for record in tar_records(str(url)):
-            try:
-                image, _ = record_image(record, channels, 0)
-            except BadImage:
-                continue
-            meta = json.loads(record["json"]) if "json" in record else {}
-            meta["key"] = record["__key__"]
-            yield image, record_caption(record), meta
 
 
 def expand_urls(spec: str | list[str], allow_shell: bool = False) -> list[str]:
@@ -210,10 +196,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         start: int = 0,
         with_labels: bool = False,
     ):
-        if len(urls) < world_size:
-            raise ValueError(
-                f"{len(urls)} shard(s) cannot be split across {world_size} processes; write more, smaller shards"
-            )
+        shards_for_rank(urls, rank, world_size)  # enough shards for every process
         self.urls, self.cfg, self.seed = [str(u) for u in urls], data_cfg, seed
         self.rank, self.world_size, self.micro, self.start = rank, world_size, micro, start
         self.label_field = data_cfg.label_field if with_labels else None
@@ -223,7 +206,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         position, epoch = 0, 0
         while True:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.urls))
-            mine = [self.urls[i] for i in order[self.rank :: self.world_size]]
+            mine = shards_for_rank([self.urls[i] for i in order], self.rank, self.world_size)
             rng = np.random.default_rng([self.seed, epoch, self.rank])
             before = position
             for record in shuffled((r for url in mine for r in tar_records(url)), self.cfg.shuffle_buffer, rng):

@@ -10,8 +10,6 @@ returns the tensors torchmetrics expects.
 
 from __future__ import annotations
 
-import gzip
-import json
 from pathlib import Path
 
 import torch
@@ -66,43 +64,3 @@ def clip_score(images: torch.Tensor, prompts: list[str], path: str, batch: int =
     metric = clip_score_metric(path)
     update_clip_score(metric, images, prompts, batch)
     return float(metric.compute())
-
-
-def byte_symbols() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character table, which CLIP's BPE uses: printable bytes map to
-    themselves, the other 68 to the characters from U+0100 on, in byte order."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("\u00a1"), ord("\u00ac") + 1),
-        *range(ord("\u00ae"), ord("\u00ff") + 1),
-    ]
-    table, extra = {b: chr(b) for b in printable}, 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return dict(
-        sorted(
-            table.items(),
-            key=lambda kv: (kv[0] not in printable, printable.index(kv[0]) if kv[0] in printable else kv[0]),
-        )
-    )
-
-
-def clip_tokenizer_files(bpe_gz: str | Path, out_dir: str | Path) -> Path:
-    """vocab.json and merges.txt of CLIP's tokenizer, rebuilt from OpenAI's bpe_simple_vocab_16e6.txt.gz (the
-    file OpenAI's clip and open_clip ship): the 256 byte symbols, the same with the end-of-word marker, one
-    token per merge (48,894 merges), then <|startoftext|> and <|endoftext|> (49,408 tokens)."""
-    merges = gzip.open(bpe_gz).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    symbols = list(byte_symbols().values())
-    vocab = (
-        symbols
-        + [s + "</w>" for s in symbols]
-        + ["".join(m.split()) for m in merges]
-        + ["<|startoftext|>", "<|endoftext|>"]
-    )
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return out_dir
