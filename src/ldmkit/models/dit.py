@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from ..conditioning.cond import Cond
 from .control import ControlEmbedder, zero_init_control
+from .frontend import plus, plus_control, semantic_inputs
 from .layers import (
     Attention,
     CrossAttention,
@@ -23,6 +24,7 @@ from .layers import (
     TimestepEmbedder,
     get_2d_sincos_pos_embed,
     modulate,
+    patch_grid,
     sincos_table,
     unpatchify,
     xavier_init_linears,
@@ -174,39 +176,18 @@ class DiT(nn.Module):
         return self.pos_table(h, w).to(self.pos_embed.device)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        # x [B, C, H, W] latents, t [B] noise level in [0, 1], cond.class_labels [B] or cond.pooled [B, Dp]
-        p = self.patch_size
-        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2] % p or x.shape[3] % p:
-            raise ValueError(
-                f"DiT expects input [B, {self.in_channels}, H, W] with H and W multiples of {p}, got {list(x.shape)}"
-            )
-        h, w = x.shape[2] // p, x.shape[3] // p
+        # x [B, C, H, W] latents, t [B] noise level in [0, 1], cond: class labels, pooled caption or caption tokens
+        h, w = patch_grid(x, self.in_channels, self.patch_size, "DiT")
         x = self.x_embedder(x) + self.pos_embed_for(h, w).to(x.dtype)  # [B, T, D]
-        c = self.t_embedder(t)  # [B, D]
-        context = mask = None
-        if self.conditioning == "class":
-            if cond.class_labels is None:
-                raise ValueError("this DiT is class-conditional: cond.class_labels is required")
-            y = self.y_embedder(cond.class_labels, cond.drop_semantic)  # [B, D]
-            if self.semantic_path == "adaln":
-                c = c + y
-            else:
-                context = y[:, None]  # [B, 1, D]: the class as an attended token
-        elif self.conditioning == "pooled_text":
-            if cond.pooled is None:
-                raise ValueError("this DiT is text-conditional: cond.pooled (the pooled caption vector) is required")
-            c = c + self.text_embedder(cond.pooled, cond.drop_semantic)  # [B, D]
-        else:
-            if cond.context is None:
-                raise ValueError("this DiT attends to caption tokens: cond.context is required")
-            tokens = cond.context
-            if cond.drop_semantic is not None:  # dropped captions: zero tokens
-                tokens = tokens * (~cond.drop_semantic).to(tokens.dtype)[:, None, None]
-            context, mask = self.context_embedder(tokens), cond.context_mask  # [B, L, D]
-        if self.control_embedder is not None:
-            c = c + self.control_embedder(cond.control, t, cond.drop_control)
+        embedder = {"class": "y_embedder", "pooled_text": "text_embedder", "text": "context_embedder"}[
+            self.conditioning
+        ]
+        y, context, mask = semantic_inputs(
+            cond, self.conditioning, self.semantic_path, getattr(self, embedder), name="DiT"
+        )
+        c = plus_control(plus(self.t_embedder(t), y), self.control_embedder, cond, t)  # [B, D]
         for block in self.blocks:
-            x = block(x, c, context, mask)
+            x = block(x, c, context, mask)  # context [B, L, D] when the condition is attended
         x = self.final_layer(x, c)  # [B, T, p*p*C_out]
         return unpatchify(x, h, w, self.patch_size, self.out_channels)  # [B, C_out, H, W]
 

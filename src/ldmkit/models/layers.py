@@ -81,6 +81,16 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))  # [B, T, p*p*C_out]
 
 
+def patch_grid(x: torch.Tensor, channels: int, patch_size: int, name: str) -> tuple[int, int]:
+    """(h, w) tokens of latents x [B, channels, H, W], whose sides the patch must divide."""
+    p = patch_size
+    if x.ndim != 4 or x.shape[1] != channels or x.shape[2] % p or x.shape[3] % p:
+        raise ValueError(
+            f"{name} expects input [B, {channels}, H, W] with H and W multiples of {p}, got {list(x.shape)}"
+        )
+    return x.shape[2] // p, x.shape[3] // p
+
+
 def unpatchify(x: torch.Tensor, h: int, w: int, patch_size: int, channels: int) -> torch.Tensor:
     """Tokens [B, h*w, p*p*C] -> image [B, C, h*p, w*p] (the inverse of PatchEmbed's layout)."""
     p = patch_size
@@ -162,6 +172,8 @@ class LabelEmbedder(nn.Module):
     classifier-free guidance. Which samples are dropped is decided by the conditioner (cond.drop_semantic),
     so guidance dropout is seeded and reproducible rather than drawn inside the model."""
 
+    takes_drop = True  # its own null condition (see models/frontend.py)
+
     def __init__(self, num_classes: int, dim: int, use_null_class: bool = True):
         super().__init__()
         self.num_classes = num_classes
@@ -180,6 +192,8 @@ class LabelEmbedder(nn.Module):
 class PooledTextEmbedder(nn.Module):
     """Pooled caption vector [B, Dp] -> [B, D] (Linear-SiLU-Linear, as SDXL's add_embedding), summed into the
     adaLN vector like a class embedding. Dropped rows (cond.drop_semantic) use a learned null vector."""
+
+    takes_drop = True
 
     def __init__(self, in_dim: int, dim: int):
         super().__init__()

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..conditioning.cond import Cond
 from .control import ControlEmbedder, zero_init_control
+from .frontend import plus_control, semantic_inputs
 from .layers import (
     FinalLayer,
     LabelEmbedder,
@@ -194,23 +195,15 @@ class MDT(nn.Module):
         return side * masked + full * (1 - masked)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond, keep: torch.Tensor | None = None) -> torch.Tensor:
-        # x [B, C, H, W] latents, t [B] noise level in [0, 1], cond.class_labels [B], keep [B, K] or None
+        # x [B, C, H, W] latents, t [B] noise level in [0, 1], cond: class labels or pooled caption, keep [B, K] or None
         if x.shape[1:] != (self.in_channels, self.input_size, self.input_size):
             raise ValueError(
                 f"MDT expects input [B, {self.in_channels}, {self.input_size}, {self.input_size}], got {list(x.shape)}"
             )
         x = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # [B, T, D]
-        if self.conditioning == "class":
-            if cond.class_labels is None:
-                raise ValueError("this MDT is class-conditional: cond.class_labels is required")
-            y = self.y_embedder(cond.class_labels, cond.drop_semantic)  # [B, D]
-        else:
-            if cond.pooled is None:
-                raise ValueError("this MDT is text-conditional: cond.pooled (the pooled caption vector) is required")
-            y = self.text_embedder(cond.pooled, cond.drop_semantic)
-        c = self.t_embedder(t) + y  # [B, D]
-        if self.control_embedder is not None:
-            c = c + self.control_embedder(cond.control, t, cond.drop_control)
+        embedder = self.y_embedder if self.conditioning == "class" else self.text_embedder
+        y, _, _ = semantic_inputs(cond, self.conditioning, "adaln", embedder, name="MDT")  # [B, D]
+        c = plus_control(self.t_embedder(t) + y, self.control_embedder, cond, t)  # [B, D]
         input_skip = x
         if keep is not None:
             x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.shape[-1]))  # [B, K, D]
@@ -223,9 +216,8 @@ class MDT(nn.Module):
         x = self.side_interpolate(x, c, keep) if keep is not None else x + self.decoder_pos_embed.to(x.dtype)
         for block in self.de_blocks:
             x = block(x, c, skip=input_skip)
-        return unpatchify(
-            self.final_layer(x, c), self.grid, self.grid, self.patch_size, self.out_channels
-        )  # [B, C_out, H, W]
+        x = self.final_layer(x, c)  # [B, T, p*p*C_out]
+        return unpatchify(x, self.grid, self.grid, self.patch_size, self.out_channels)  # [B, C_out, H, W]
 
 
 def draw_token_keep(batch: int, tokens: int, mask_ratio: float, generator: torch.Generator, device) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..conditioning.cond import Cond
 from .control import ControlEmbedder, zero_init_control
+from .frontend import plus, plus_control, semantic_inputs
 from .layers import (
     FinalLayer,
     LabelEmbedder,
@@ -27,6 +28,7 @@ from .layers import (
     TimestepEmbedder,
     grid_positions,
     modulate,
+    patch_grid,
     sincos_2d,
     unpatchify,
     xavier_init_linears,
@@ -211,41 +213,16 @@ class MMDiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         # x [B, C, H, W] latents, t [B] noise level in [0, 1] (SD3: sigma; the embedder sees 1000 * t)
-        p = self.patch_size
-        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2] % p or x.shape[3] % p:
-            raise ValueError(
-                f"mmDiT expects input [B, {self.in_channels}, H, W] with H and W multiples of {p}, got {list(x.shape)}"
-            )
-        h, w = x.shape[2] // p, x.shape[3] // p
+        h, w = patch_grid(x, self.in_channels, self.patch_size, "mmDiT")
         x = self.x_embedder(x) + self.cropped_pos_embed(h, w).to(x.dtype)  # [B, T, D]
-        c = self.t_embedder(t)  # [B, D]
-        if self.conditioning == "text":
-            pooled_needed = self.semantic_path == "adaln"
-            if cond.context is None or (pooled_needed and cond.pooled is None):
-                raise ValueError(
-                    "this mmDiT is text-conditional: cond.context (tokens)"
-                    + (" and cond.pooled are" if pooled_needed else " is")
-                    + " required"
-                )
-            context = cond.context
-            keep = None if cond.drop_semantic is None else (~cond.drop_semantic).to(context.dtype)
-            if keep is not None:
-                context = context * keep[:, None, None]
-            if pooled_needed:
-                pooled = cond.pooled if keep is None else cond.pooled * keep[:, None]
-                c = c + self.y_embedder(pooled)
-            context = self.context_embedder(context)  # [B, L, D]
-        else:
-            if cond.class_labels is None:
-                raise ValueError("this mmDiT is class-conditional: cond.class_labels is required")
-            y = self.class_embedder(cond.class_labels, cond.drop_semantic)  # [B, D]
-            context = y[:, None]  # [B, 1, D]
-            if self.semantic_path == "adaln":
-                c = c + y
-        if self.control_embedder is not None:
-            c = c + self.control_embedder(cond.control, t, cond.drop_control)
+        embedder = self.context_embedder if self.conditioning == "text" else self.class_embedder
+        pooled_embedder = getattr(self, "y_embedder", None)
+        y, context, _ = semantic_inputs(
+            cond, self.conditioning, self.semantic_path, embedder, pooled_embedder, class_token=True, name="mmDiT"
+        )  # y [B, D] (pooled caption or class) or None; context [B, L, D]: caption tokens or the class token
+        c = plus_control(plus(self.t_embedder(t), y), self.control_embedder, cond, t)  # [B, D]
         for block in self.joint_blocks:
-            context, x = block(context, x, c)
+            context, x = block(context, x, c)  # joint attention over both streams
         x = self.final_layer(x, c)  # [B, T, p*p*C_out]
         return unpatchify(x, h, w, self.patch_size, self.out_channels)  # [B, C_out, H, W]
 

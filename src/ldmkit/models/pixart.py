@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from ..conditioning.cond import Cond
 from .control import ControlEmbedder, zero_init_control
+from .frontend import plus, plus_control, semantic_inputs
 from .layers import (
     Attention,
     CrossAttention,
@@ -25,6 +26,7 @@ from .layers import (
     PatchEmbed,
     TimestepEmbedder,
     grid_positions,
+    patch_grid,
     sincos_2d,
     unpatchify,
     xavier_init_linears,
@@ -39,6 +41,8 @@ def t2i_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> t
 class CaptionEmbedder(nn.Module):
     """Caption tokens [B, L, Dc] -> [B, L, D] (Linear-GELU-Linear). Dropped rows take the null caption
     `y_embedding`, a fixed random table (a buffer, as in PixArt-alpha)."""
+
+    takes_drop = True
 
     def __init__(self, in_channels: int, dim: int, max_tokens: int = 120):
         super().__init__()
@@ -208,43 +212,30 @@ class PixArt(nn.Module):
         return self.pos_table(h, w).to(self.pos_embed.device)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        # x [B, C, H, W] latents, t [B] noise level in [0, 1]
-        p = self.patch_size
-        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2] % p or x.shape[3] % p:
-            raise ValueError(
-                f"PixArt expects input [B, {self.in_channels}, H, W] with H and W multiples of {p}, got {list(x.shape)}"
-            )
-        B, h, w = x.shape[0], x.shape[2] // p, x.shape[3] // p
+        # x [B, C, H, W] latents, t [B] noise level in [0, 1], cond: caption tokens (+ mask) or class labels
+        h, w = patch_grid(x, self.in_channels, self.patch_size, "PixArt")
         x = self.x_embedder(x) + self.pos_embed_for(h, w).to(x.dtype)  # [B, T, D]
-        t_emb = self.t_embedder(t)  # [B, D]
-        if self.micro_conditions:
-            if "original_size" not in cond.control or "target_size" not in cond.control:
-                raise ValueError("PixArt with micro_conditions needs cond.control original_size and target_size")
-            size = cond.control["original_size"].reshape(B, 2)
-            target = cond.control["target_size"].reshape(B, 2)
-            csize = self.csize_embedder(size.flatten()).reshape(B, -1)  # [B, 2D/3]
-            ar = self.ar_embedder(target[:, 0] / target[:, 1])  # [B, D/3]
-            t_emb = t_emb + torch.cat([csize, ar], dim=1)
-        if self.control_embedder is not None:
-            t_emb = t_emb + self.control_embedder(cond.control, t, cond.drop_control)
-        context = mask = None
-        if self.conditioning == "text":
-            if cond.context is None:
-                raise ValueError("this PixArt is text-conditional: cond.context (caption tokens) is required")
-            context, mask = self.y_embedder(cond.context, cond.drop_semantic), cond.context_mask  # [B, L, D]
-        else:
-            if cond.class_labels is None:
-                raise ValueError("this PixArt is class-conditional: cond.class_labels is required")
-            y = self.y_embedder(cond.class_labels, cond.drop_semantic)  # [B, D]
-            if self.semantic_path == "adaln":
-                t_emb = t_emb + y
-            else:
-                context = y[:, None]  # [B, 1, D]
-        t0 = self.t_block(t_emb)  # [B, 6D]
+        c = plus(self.t_embedder(t), self.micro_embedding(cond, x.shape[0]))  # [B, D]
+        c = plus_control(c, self.control_embedder, cond, t)
+        y, context, mask = semantic_inputs(cond, self.conditioning, self.semantic_path, self.y_embedder, name="PixArt")
+        c = plus(c, y)
+        t0 = self.t_block(c)  # [B, 6D]: every block's modulation, shifted by its own table
         for block in self.blocks:
-            x = block(x, t0, context, mask)
-        x = self.final_layer(x, t_emb)  # [B, T, p*p*C_out]
+            x = block(x, t0, context, mask)  # context [B, L, D]
+        x = self.final_layer(x, c)  # [B, T, p*p*C_out]
         return unpatchify(x, h, w, self.patch_size, self.out_channels)  # [B, C_out, H, W]
+
+    def micro_embedding(self, cond: Cond, B: int) -> torch.Tensor | None:
+        """PixArt-alpha MS: the embedded resolution and aspect ratio [B, D], or None without micro_conditions."""
+        if not self.micro_conditions:
+            return None
+        if "original_size" not in cond.control or "target_size" not in cond.control:
+            raise ValueError("PixArt with micro_conditions needs cond.control original_size and target_size")
+        size = cond.control["original_size"].reshape(B, 2)
+        target = cond.control["target_size"].reshape(B, 2)
+        csize = self.csize_embedder(size.flatten()).reshape(B, -1)  # [B, 2D/3]
+        ar = self.ar_embedder(target[:, 0] / target[:, 1])  # [B, D/3]
+        return torch.cat([csize, ar], dim=1)
 
 
 # PixArt-alpha's model (XL/2: DiT-XL's depth, width and heads) and small sizes for tests and CPU runs.

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..conditioning.cond import Cond
 from .control import ControlEmbedder, zero_init_control
+from .frontend import plus, semantic_inputs, zero_dropped
 from .layers import LabelEmbedder, timestep_embedding
 
 # The six SDXL micro-conditions, in SDXL's order (each (h, w) or (top, left)).
@@ -441,38 +442,15 @@ class UNet(nn.Module):
         factor = 2 ** (len(self.block_out_channels) - 1)
         if x.shape[2] % factor or x.shape[3] % factor:
             raise ValueError(f"UNet input height and width must be multiples of {factor}, got {list(x.shape[2:])}")
-        B = x.shape[0]
         temb = self.time_embedding(timestep_embedding(t * 1000.0, self.model_channels).to(x.dtype))  # [B, 4C]
-        context = mask = None
-        if self.conditioning == "class":
-            if cond.class_labels is None:
-                raise ValueError("this UNet is class-conditional: cond.class_labels is required")
-            if self.semantic_path == "adaln":
-                temb = temb + self.class_embedding(cond.class_labels, cond.drop_semantic)  # [B, 4C]
-            else:
-                context = self.class_embedder(cond.class_labels, cond.drop_semantic)[:, None]  # [B, 1, Dc]
+        if self.conditioning == "text":
+            embedder = None  # caption tokens are attended as they come
         else:
-            if cond.context is None:
-                raise ValueError("this UNet is text-conditional: cond.context (caption tokens) is required")
-            context, mask = cond.context, cond.context_mask
-            if cond.drop_semantic is not None:
-                context = context * (~cond.drop_semantic).to(context.dtype)[:, None, None]
-        if self.micro_conditions:
-            missing = [k for k in MICRO_CONDITIONS if k not in cond.control]
-            if missing or cond.pooled is None:
-                raise ValueError(
-                    f"this UNet takes SDXL micro-conditions: cond.control needs {', '.join(MICRO_CONDITIONS)} and "
-                    "cond.pooled"
-                )
-            values = torch.cat([cond.control[k].reshape(B, 2) for k in MICRO_CONDITIONS], dim=1)  # [B, 6]
-            micro = timestep_embedding(values.flatten(), self.micro_embed_dim).reshape(B, -1)  # [B, 6 * 256]
-            pooled = cond.pooled
-            if cond.drop_semantic is not None:
-                pooled = pooled * (~cond.drop_semantic).to(pooled.dtype)[:, None]
-            temb = temb + self.add_embedding(torch.cat([pooled, micro.to(pooled.dtype)], dim=1))
+            embedder = self.class_embedding if self.semantic_path == "adaln" else self.class_embedder
+        y, context, mask = semantic_inputs(cond, self.conditioning, self.semantic_path, embedder, name="UNet")
+        temb = plus(plus(temb, y), self.micro_embedding(cond, x.shape[0]))  # y [B, 4C]: a class in the adaln path
         if self.control_embedder is not None:
             temb = temb + self.control_embedder(cond.control, t, cond.drop_control).to(temb.dtype)
-
         h = self.conv_in(x)
         skips = [h]
         for block in self.down_blocks:
@@ -482,6 +460,21 @@ class UNet(nn.Module):
         for block in self.up_blocks:
             h = block(h, skips, temb, context, mask)
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # [B, C_out, H, W]
+
+    def micro_embedding(self, cond: Cond, B: int) -> torch.Tensor | None:
+        """SDXL's added embedding [B, 4C] of the pooled caption and the size/crop micro-conditions, or None."""
+        if not self.micro_conditions:
+            return None
+        missing = [k for k in MICRO_CONDITIONS if k not in cond.control]
+        if missing or cond.pooled is None:
+            raise ValueError(
+                f"this UNet takes SDXL micro-conditions: cond.control needs {', '.join(MICRO_CONDITIONS)} and "
+                "cond.pooled"
+            )
+        values = torch.cat([cond.control[k].reshape(B, 2) for k in MICRO_CONDITIONS], dim=1)  # [B, 6]
+        micro = timestep_embedding(values.flatten(), self.micro_embed_dim).reshape(B, -1)  # [B, 6 * 256]
+        pooled = zero_dropped(cond.pooled, cond.drop_semantic)
+        return self.add_embedding(torch.cat([pooled, micro.to(pooled.dtype)], dim=1))
 
 
 # LDM-4 ImageNet (latent-diffusion configs/latent-diffusion/cin256-v2.yaml: 192 channels x (1, 2, 3, 5), 2 blocks
