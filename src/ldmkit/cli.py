@@ -79,12 +79,7 @@ def _add_sampling_options(p):
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(
-        prog="ldmkit", description="Train, sample and evaluate latent diffusion models apples-to-apples.", epilog=EPILOG
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-
+def _add_train_command(sub) -> None:
     p = sub.add_parser(
         "train",
         help="train a model from a YAML config (re-run the same command to resume)",
@@ -130,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         "reported and written to <run>/init.json (docs/transfer.md)",
     )
 
+
+def _add_recipe_command(sub) -> None:
     p = sub.add_parser(
         "recipe",
         help="run a multi-stage training recipe (each stage starts from the previous one)",
@@ -149,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config key in every stage, e.g. --set data.path=/data/imagenet/train (repeatable)",
     )
 
+
+def _add_encode_command(sub) -> None:
     p = sub.add_parser(
         "encode",
         help="precompute VAE latents and text embeddings into the latent cache (data.cache)",
@@ -169,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch", type=positive_int, default=64, help="images per encoder call (default 64)")
 
+
+def _add_report_command(sub) -> None:
     p = sub.add_parser(
         "report",
         help="compare runs: a table (markdown, CSV) of metrics, images seen, device hours, settings, and plots",
@@ -180,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run folders")
     p.add_argument("--out", default="runs/report", help="output folder (default runs/report)")
 
+
+def _add_probe_command(sub) -> None:
     p = sub.add_parser(
         "probe",
         help="sweep one control value with fixed seeds and classes: does the content change?",
@@ -199,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, help="sampling steps (default: the run's)")
     p.add_argument("--seed", type=non_negative_int, help="base seed (default: the run's)")
 
+
+def _add_reference_command(sub) -> None:
     p = sub.add_parser(
         "reference",
         help="compute and cache reference statistics of real images (for FID and friends)",
@@ -221,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-shell", action="store_true", help="allow 'pipe:CMD' shard URLs, which run CMD through a shell"
     )
 
+
+def _add_mnist_shards_command(sub) -> None:
     p = sub.add_parser(
         "mnist-shards",
         help="write the embedded MNIST digits with captions as WebDataset shards",
@@ -235,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=positive_int, default=500, help="samples per shard (default 500)")
     p.add_argument("--resolution", type=positive_int, default=32, help="image side in pixels (default 32)")
 
+
+def _add_sample_command(sub) -> None:
     p = sub.add_parser(
         "sample",
         help="draw images from a run or checkpoint",
@@ -257,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write one PNG per image into this folder")
     _add_sampling_options(p)
 
+
+def _add_eval_command(sub) -> None:
     p = sub.add_parser(
         "eval",
         help="generate a run's sample set and compute its metrics (or a folder's)",
@@ -319,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=int, default=1, choices=[1, 3], help="image folders: 1 (grayscale) or 3 (RGB)")
     _add_sampling_options(p)
 
+
+def _add_demo_command(sub) -> None:
     p = sub.add_parser(
         "demo",
         help="train, sample and evaluate the CPU demo on the embedded MNIST digits",
@@ -334,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
     )
 
+
+def _add_convert_command(sub) -> None:
     p = sub.add_parser(
         "convert",
         help="import weights: official DiT / MDT, diffusers DiT / PixArt-alpha / SD3 / UNet -> ldmkit",
@@ -367,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
         "otherwise) and write it as plain weights: only for files from a source you trust",
     )
 
+
+def _add_export_command(sub) -> None:
     p = sub.add_parser(
         "export",
         help="write a run's model in the diffusers layout (DiT, PixArt-alpha, mmDiT, UNet)",
@@ -379,9 +396,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
 
+
+def _add_presets_command(sub) -> None:
     sub.add_parser(
         "presets", help="list the backbone size presets", description="List backbone presets with parameter counts."
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="ldmkit", description="Train, sample and evaluate latent diffusion models apples-to-apples.", epilog=EPILOG
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    for add in (
+        _add_train_command,
+        _add_recipe_command,
+        _add_encode_command,
+        _add_report_command,
+        _add_probe_command,
+        _add_reference_command,
+        _add_mnist_shards_command,
+        _add_sample_command,
+        _add_eval_command,
+        _add_demo_command,
+        _add_convert_command,
+        _add_export_command,
+        _add_presets_command,
+    ):
+        add(sub)
     return parser
 
 
@@ -527,7 +570,7 @@ def cmd_mnist_shards(args):
 
 
 def cmd_eval(args):
-    from .eval.evaluate import evaluate_folder, evaluate_run, write_metrics
+    from .eval.evaluate import SampleSettings, evaluate_folder, evaluate_run, write_metrics
 
     source = Path(args.source)
     is_run = source.is_file() or (source / "checkpoints").is_dir()
@@ -560,16 +603,8 @@ def cmd_eval(args):
             scales = number_list(args.sweep_guidance, finite_float, "--sweep-guidance")
             sweep = []
             for scale in scales:
-                metrics, _, _ = evaluate_run(
-                    source,
-                    num_images=args.num,
-                    guidance_scale=scale,
-                    steps=args.steps,
-                    sampler=args.sampler,
-                    seed=args.seed,
-                    reference=args.ref,
-                    eval_cfg=eval_cfg,
-                )
+                settings = SampleSettings(args.num, scale, args.steps, args.sampler, args.seed)
+                metrics, _, _ = evaluate_run(source, settings, eval_cfg, reference=args.ref)
                 sweep.append(metrics)
             if sweep[0] is None:  # not process 0 of a torchrun evaluation
                 return
@@ -578,19 +613,10 @@ def cmd_eval(args):
             out.write_text(json.dumps(sweep, indent=1))
             print(out)
             return
-        metrics, _, _ = evaluate_run(
-            source,
-            num_images=args.num,
-            guidance_scale=args.guidance,
-            steps=args.steps,
-            sampler=args.sampler,
-            seed=args.seed,
-            reference=args.ref,
-            eval_cfg=eval_cfg,
-            sample_dir=args.samples,
-            control=args.control,
-            control_guidance=args.control_guidance,
+        settings = SampleSettings(
+            args.num, args.guidance, args.steps, args.sampler, args.seed, args.control or [], args.control_guidance
         )
+        metrics, _, _ = evaluate_run(source, settings, eval_cfg, reference=args.ref, sample_dir=args.samples)
         if metrics is None:  # not process 0 of a torchrun evaluation
             return
         default_json = (source if source.is_dir() else source.parent) / "metrics.json"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -103,27 +104,45 @@ def sample_set_folder(
     return base / name
 
 
+@dataclass
+class SampleSettings:
+    """Overrides of a run's sampling settings for one evaluation (None: the run's config)."""
+
+    num_images: int | None = None
+    guidance_scale: float | None = None
+    steps: int | None = None
+    sampler: str | None = None
+    seed: int | None = None
+    control: list[str] = field(default_factory=list)  # added to sample.control
+    control_guidance: float | None = None
+
+    def apply(self, cfg) -> None:
+        s = cfg.sample
+        cfg.eval.num_images = self.num_images or cfg.eval.num_images
+        s.guidance_scale = s.guidance_scale if self.guidance_scale is None else self.guidance_scale
+        s.sampler, s.steps = self.sampler or s.sampler, self.steps or s.steps
+        s.seed = s.seed if self.seed is None else self.seed
+        s.control = list(s.control) + list(self.control or [])
+        if self.control_guidance is not None:
+            s.control_guidance_scale = self.control_guidance
+
+
 def evaluate_run(
     path,
-    num_images: int | None = None,
-    guidance_scale: float | None = None,
-    steps: int | None = None,
-    sampler: str | None = None,
-    seed: int | None = None,
-    classifier_path: str | Path | None = None,
+    settings: SampleSettings | None = None,
+    eval_cfg=None,
     reference: str | Path | None = None,
+    classifier_path: str | Path | None = None,
     fd: bool | None = None,
+    sample_dir: str | Path | None = None,
     device=None,
     log=print,
-    eval_cfg=None,
-    sample_dir: str | Path | None = None,
-    control: list[str] | None = None,
-    control_guidance: float | None = None,
 ) -> tuple[dict | None, torch.Tensor | None, torch.Tensor | None]:
     """Generate the class-balanced sample set of a run (one seed per sample index, over all torchrun
     processes, resumable, PNGs + ADM .npz) and compute its metrics on process 0.
     Returns (metrics, images [N, C, H, W] when N <= 5000, labels); other processes get (None, None, None).
-    Evaluation settings come from the run's config unless eval_cfg (an EvalConfig) is given."""
+    Evaluation settings come from the run's config unless eval_cfg (an EvalConfig) is given; settings override
+    its sampling settings."""
     from .. import distributed
     from .sampleset import finish_sample_set, read_sample_set, sample_labels, write_sample_set
 
@@ -131,10 +150,8 @@ def evaluate_run(
     d = distributed.init_distributed("auto" if device is None else str(device))
     cfg, model, objective, autoencoder, run_dir = load_generator(path, device=d.device)
     if eval_cfg is not None:
-        cfg.eval = eval_cfg
-    cfg.sample.control = list(cfg.sample.control) + list(control or [])
-    if control_guidance is not None:
-        cfg.sample.control_guidance_scale = control_guidance
+        cfg.eval = replace(eval_cfg)  # a copy: the settings below change it
+    (settings or SampleSettings()).apply(cfg)
     if cfg.eval.fid:  # fail before hours of sampling, not after
         from .features import inception_weights_path
 
@@ -144,10 +161,8 @@ def evaluate_run(
                 "eval.fid needs eval.reference: a reference .npz ('ldmkit reference'), ADM's reference batch, a "
                 "folder or shards"
             )
-    n = num_images or cfg.eval.num_images
-    guidance = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
-    sampler, steps = sampler or cfg.sample.sampler, steps or cfg.sample.steps
-    seed = cfg.sample.seed if seed is None else seed
+    n, guidance, sampler = cfg.eval.num_images, cfg.sample.guidance_scale, cfg.sample.sampler
+    steps, seed = cfg.sample.steps, cfg.sample.seed
     digits = digit_data(cfg)
     labels = sample_labels(n, cfg.model.num_classes if digits is None else 10)
     prompts = eval_prompts(cfg, labels)
