@@ -133,3 +133,7 @@ def test_export_then_convert_reproduces_a_trained_pixart(tmp_path):
         got = model.eval()(x, steps / 1000.0, Cond(context=caption))
     assert (got - expected).abs().max() <= 1e-5
     assert main(["export", str(tmp_path / "back.pt"), "--out", str(tmp_path / "hf2")]) == 0
+    # An ldmkit checkpoint converts to the diffusers layout too (through the backbone's spec), as export writes it.
+    assert main(["convert", str(tmp_path / "back.pt"), "--to", "diffusers", "--out", str(tmp_path / "hf3")]) == 0
+    again = diffusers.PixArtTransformer2DModel.from_pretrained(tmp_path / "hf3").eval()
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in again.state_dict().items())
