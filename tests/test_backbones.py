@@ -164,3 +164,20 @@ def test_presets_answer_to_the_papers_names():
         assert backbone_of_preset(preset) == backbone
         with torch.device("meta"):
             build_model(load_config(overrides=[f"model.name={backbone}", f"model.preset={preset}"]).model)
+
+
+@pytest.mark.parametrize(
+    "override, backbone, users",
+    [
+        ("model.micro_conditions=true", "dit", "pixart, unet"),
+        ("model.qk_norm=true", "pixart", "mmdit"),
+        ("model.mask_ratio=0.3", "dit", "mdt"),
+        ("model.timestep_freq_shift=1", "mmdit", "dit"),
+    ],
+)
+def test_a_model_key_the_backbone_does_not_use_is_refused(override, backbone, users):
+    preset = {"dit": "DiT-tiny/2", "pixart": "PixArt-alpha-tiny/2", "mmdit": "mmDiT-tiny/2"}[backbone]
+    cfg = load_config(overrides=[f"model.name={backbone}", f"model.preset={preset}", override])
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"'{key}': {backbone} does not use it \\(it applies to {users}\\)"):
+        build_model(cfg.model, cfg.conditioning)

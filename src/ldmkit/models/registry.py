@@ -117,6 +117,18 @@ def backbone_spec(model_cfg) -> BackboneSpec:
     return BACKBONES[model_cfg.name]
 
 
+def check_backbone_keys(model_cfg, spec: BackboneSpec) -> None:
+    """A model key that only other backbones read, set away from its default, would do nothing: refuse it."""
+    defaults = type(model_cfg)()
+    specific = {k for other in BACKBONES.values() for k in other.config_keys} - set(spec.config_keys)
+    for key in sorted(specific - {"max_tokens"}):  # max_tokens also bounds text.max_length for every backbone
+        if getattr(model_cfg, key) != getattr(defaults, key):
+            users = ", ".join(name for name, other in BACKBONES.items() if key in other.config_keys)
+            raise ConfigError(
+                f"config key 'model.{key}': {spec.name} does not use it (it applies to {users}); remove it"
+            )
+
+
 def build_model(model_cfg, conditioning_cfg=None) -> nn.Module:
     """The backbone of model_cfg; conditioning_cfg (the config's `conditioning` section, default: published)
     picks the path of the semantic condition (semantic_path) and adds control embeddings (control_spec)."""
@@ -161,6 +173,7 @@ def build_model(model_cfg, conditioning_cfg=None) -> nn.Module:
             f"config key 'model.micro_conditions': the published micro-conditioning; with "
             f"conditioning.mechanism {mechanism} list the control values in conditioning.control instead"
         )
+    check_backbone_keys(model_cfg, spec)
     kwargs = {key: getattr(model_cfg, key) for key in spec.config_keys}
     path = semantic_path(spec.name, model_cfg.conditioning, mechanism)
     if spec.attends_class:
