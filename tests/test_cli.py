@@ -5,10 +5,12 @@ import sys
 
 import pytest
 import torch
+import yaml
 from conftest import tiny_config
 from PIL import Image
 
 from ldmkit.cli import build_parser, main
+from ldmkit.config import load_config, to_dict
 from ldmkit.train.loop import training_loop
 
 
@@ -102,7 +104,10 @@ def test_sample_and_eval_a_run(tmp_path):
         main(["sample", str(run), "--classes", "1,2", "--num", "6", "--steps", "1", "--out", str(tmp_path / "six")])
         == 0
     )
-    assert len(list((tmp_path / "six").iterdir())) == 6
+    written = sorted(p.name for p in (tmp_path / "six").iterdir())
+    assert len(written) == 7
+    assert written[-1] == "grid.png"  # with --out the grid goes beside the images, not over the run's grids
+    assert not list((run / "samples").glob("sample-*.png"))
     assert main(["sample", str(run), "--classes", "12"]) == 2
     assert main(["sample", str(tmp_path / "nothing-here")]) == 2
 
@@ -156,3 +161,31 @@ def test_eval_a_folder_of_images(tmp_path, capsys):
     assert ab["fd_effnetlite0"] > 1.0
     assert abs(aa["fd_effnetlite0"]) < 1e-3
     assert main(["eval", str(tmp_path / "missing")]) == 2
+
+
+@pytest.mark.slow
+def test_version_and_one_grammar_for_run_commands(tmp_path, capsys):
+    """--version; sample, eval, probe and export take --config/--set (and a --device) on the run's config."""
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip().startswith("ldmkit ")
+    run = training_loop(tiny_config("train.total_images=16", "train.global_batch=16"), tmp_path / "run", quiet=True)
+    # --set changes the recorded config for this command only: a bad key is named, a good one is used
+    assert main(["sample", str(run), "--set", "sample.nope=1"]) == 2
+    assert "unknown config key 'sample.nope'" in capsys.readouterr().err
+    grid = tmp_path / "g.png"
+    assert main(["sample", str(run), "--set", "sample.per_class=1", "--steps", "1", "--grid", str(grid)]) == 0
+    assert Image.open(grid).size == (33 + 1, 10 * 33 + 1)  # 10 classes x 1 per class: one column
+    # --config replaces the recorded config (the same model): here it points sampling at 3 images per class
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({**to_dict(load_config(run / "config.yaml")), "sample": {"per_class": 3}}))
+    assert main(["sample", str(run), "--config", str(other), "--steps", "1", "--grid", str(grid)]) == 0
+    assert Image.open(grid).size == (3 * 33 + 1, 10 * 33 + 1)
+    # bf16 autocast for the denoiser (CPU autocast here; the same code path as on a GPU)
+    assert main(["sample", str(run), "--set", "sample.precision=bf16", "--steps", "1", "--grid", str(grid)]) == 0
+    if not torch.cuda.is_available():
+        assert main(["sample", str(run), "--device", "cuda"]) == 2
+        assert "--device: 'cuda', but no GPU is visible here" in capsys.readouterr().err
+    for command in (["eval", str(run)], ["probe", str(run), "--control", "flip", "--values", "0;1"]):
+        assert main([*command, "--set", "sample.nope=1"]) == 2
+    assert main(["export", str(run), "--out", str(tmp_path / "hf"), "--set", "sample.nope=1"]) == 2
+    assert not (tmp_path / "hf").exists()

@@ -46,7 +46,31 @@ EPILOG = (
 )
 
 
+def _add_run_config_options(p, device: bool = True) -> None:
+    """--config / --set on the config a run recorded (and --device), for the commands that load a run."""
+    p.add_argument(
+        "--config",
+        help="a config file to use instead of the one the run recorded (it must describe the same model)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the run's config, e.g. --set autoencoder.path=/models/sd-vae-ft-ema (repeatable)",
+    )
+    if device:
+        p.add_argument(
+            "--device",
+            choices=["auto", "cpu", "cuda"],
+            default="auto",
+            help="where to run: auto (the GPU when there is one; under torchrun, this process's GPU), cpu, cuda",
+        )
+
+
 def _add_sampling_options(p):
+    _add_run_config_options(p)
     p.add_argument(
         "--seed",
         type=non_negative_int,
@@ -198,6 +222,7 @@ def _add_probe_command(sub) -> None:
         required=True,
         help="values separated by ';', each as its comma-separated numbers, e.g. '0;1' or '32,32;64,64;128,96'",
     )
+    _add_run_config_options(p)
     p.add_argument("--num", type=positive_int, default=20, help="samples per value (default 20)")
     p.add_argument("--steps", type=positive_int, help="sampling steps (default: the run's)")
     p.add_argument("--seed", type=non_negative_int, help="base seed (default: the run's)")
@@ -262,7 +287,11 @@ def _add_sample_command(sub) -> None:
     p.add_argument(
         "--num", type=positive_int, help="total number of images, split evenly over the classes (overrides --per-class)"
     )
-    p.add_argument("--grid", help="write the grid PNG here (default: <run>/samples/sample-seed<seed>.png)")
+    p.add_argument(
+        "--grid",
+        help="write the grid PNG here (default: <out>/grid.png with --out, else "
+        "<run>/samples/sample-<sampler><steps>-cfg<guidance>-seed<seed>.png)",
+    )
     p.add_argument("--out", help="also write one PNG per image into this folder")
     _add_sampling_options(p)
 
@@ -376,6 +405,14 @@ def _add_convert_command(sub) -> None:
         "configs/imagenet256/dit_xl2.yaml, with the weights' architecture)",
     )
     p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of the embedded config, after the architecture read from the weights (repeatable)",
+    )
+    p.add_argument(
         "--trust-pickle",
         action="store_true",
         help="read a .pt/.bin file that needs full unpickling (which can run code; ldmkit refuses such files "
@@ -395,6 +432,7 @@ def _add_export_command(sub) -> None:
     p.add_argument("source", help="run folder or checkpoint file")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA weights")
+    _add_run_config_options(p, device=False)
 
 
 def _add_presets_command(sub) -> None:
@@ -407,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="ldmkit", description="Train, sample and evaluate latent diffusion models apples-to-apples.", epilog=EPILOG
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"ldmkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     for add in (
@@ -478,11 +519,15 @@ def cmd_recipe(args):
 
 
 def cmd_sample(args):
+    from .distributed import init_distributed
     from .eval.evaluate import load_generator
     from .eval.generate import generate, grid_labels, save_grid, save_images
 
     check_not_file(args.out, "--out")
-    cfg, model, objective, autoencoder, run_dir = load_generator(args.source, use_ema=not args.no_ema)
+    device = init_distributed(args.device, process_group=False, setting="--device").device
+    cfg, model, objective, autoencoder, run_dir = load_generator(
+        args.source, use_ema=not args.no_ema, device=device, config=args.config, overrides=args.overrides
+    )
     cfg.sample.control = list(cfg.sample.control) + list(args.control)
     if args.control_guidance is not None:
         cfg.sample.control_guidance_scale = args.control_guidance
@@ -507,15 +552,24 @@ def cmd_sample(args):
         autoencoder,
         labels,
         list(range(len(labels))),
-        "cpu",
+        device,
         guidance_scale=args.guidance,
         sampler=args.sampler,
         steps=args.steps,
         seed=args.seed,
         prompts=prompts,
+        progress=True,
     )
-    seed = cfg.sample.seed if args.seed is None else args.seed
-    grid = Path(args.grid) if args.grid else Path(run_dir or ".") / "samples" / f"sample-seed{seed}.png"
+    s = cfg.sample
+    seed, guidance = (
+        (s.seed if args.seed is None else args.seed),
+        (s.guidance_scale if args.guidance is None else args.guidance),
+    )
+    name = f"sample-{args.sampler or s.sampler}{args.steps or s.steps}-cfg{guidance:g}-seed{seed}.png"
+    if args.grid:
+        grid = Path(args.grid)
+    else:  # beside the images when --out is given; else in the run's samples/, named by the settings
+        grid = Path(args.out) / "grid.png" if args.out else Path(run_dir or ".") / "samples" / name
     print(save_grid(images, grid, per))
     if args.out:
         save_images(images, args.out, list(range(len(labels))), labels)
@@ -531,13 +585,25 @@ def cmd_encode(args):
 
 
 def cmd_probe(args):
+    from .distributed import init_distributed
     from .eval.probe import probe_control
 
     source = Path(args.source)
     values = [v.strip() for v in args.values.split(";") if v.strip()]
     if len(values) < 2:
         raise ValueError("--values needs at least two values separated by ';'")
-    out = probe_control(source, args.control, values, args.num, args.steps, args.seed)
+    device = init_distributed(args.device, process_group=False, setting="--device").device
+    out = probe_control(
+        source,
+        args.control,
+        values,
+        args.num,
+        args.steps,
+        args.seed,
+        device=device,
+        config=args.config,
+        overrides=args.overrides,
+    )
     path = (source if source.is_dir() else source.parent) / f"probe-{args.control}.json"
     path.write_text(json.dumps(out, indent=1))
     print(path)
@@ -578,9 +644,9 @@ def cmd_eval(args):
         eval_cfg = None
         if args.fid or args.inception_weights or args.metrics or args.clip_model or args.prompts:
             from .checkpoint import run_checkpoint
-            from .config import EvalConfig, build
+            from .config import run_config
 
-            eval_cfg = build(EvalConfig, run_checkpoint(source)[1]["config"].get("eval", {}))
+            eval_cfg = run_config(run_checkpoint(source)[1]["config"], args.config, args.overrides).eval
             eval_cfg.fid = bool(args.fid) or eval_cfg.fid
             eval_cfg.reference = args.fid or eval_cfg.reference
             eval_cfg.inception_weights = args.inception_weights or eval_cfg.inception_weights
@@ -603,8 +669,10 @@ def cmd_eval(args):
             scales = number_list(args.sweep_guidance, finite_float, "--sweep-guidance")
             sweep = []
             for scale in scales:
-                settings = SampleSettings(args.num, scale, args.steps, args.sampler, args.seed)
-                metrics, _, _ = evaluate_run(source, settings, eval_cfg, reference=args.ref)
+                settings = SampleSettings(
+                    args.num, scale, args.steps, args.sampler, args.seed, config=args.config, overrides=args.overrides
+                )
+                metrics, _, _ = evaluate_run(source, settings, eval_cfg, reference=args.ref, device=args.device)
                 sweep.append(metrics)
             if sweep[0] is None:  # not process 0 of a torchrun evaluation
                 return
@@ -614,9 +682,19 @@ def cmd_eval(args):
             print(out)
             return
         settings = SampleSettings(
-            args.num, args.guidance, args.steps, args.sampler, args.seed, args.control or [], args.control_guidance
+            args.num,
+            args.guidance,
+            args.steps,
+            args.sampler,
+            args.seed,
+            args.control or [],
+            args.control_guidance,
+            args.config,
+            args.overrides,
         )
-        metrics, _, _ = evaluate_run(source, settings, eval_cfg, reference=args.ref, sample_dir=args.samples)
+        metrics, _, _ = evaluate_run(
+            source, settings, eval_cfg, reference=args.ref, sample_dir=args.samples, device=args.device
+        )
         if metrics is None:  # not process 0 of a torchrun evaluation
             return
         default_json = (source if source.is_dir() else source.parent) / "metrics.json"
@@ -637,14 +715,14 @@ def cmd_demo(args):
 def cmd_convert(args):
     """Foreign weights (a backbone's official or diffusers layout) or an ldmkit checkpoint -> an ldmkit checkpoint
     with the backbone's recipe embedded (architecture read from the weights), or -> the diffusers layout."""
-    from .config import RunConfig, build, load_config, to_dict
+    from .config import RunConfig, apply_overrides, build, load_config, to_dict
     from .demo import REPO_CONFIGS
     from .models.registry import BACKBONES, build_model, detect_backbone
     from .transfer.checkpoints import read_weights
 
     sd, layout, embedded, folder_config = read_weights(args.source, trust_pickle=args.trust_pickle)
     if layout == "ldmkit":
-        cfg_dict = embedded
+        cfg_dict = to_dict(build(RunConfig, apply_overrides(embedded, args.overrides)))
         spec = BACKBONES[cfg_dict["model"]["name"]]
     else:
         spec = detect_backbone(sd)[0]
@@ -652,7 +730,7 @@ def cmd_convert(args):
         overrides = spec.import_overrides(
             sd, layout, folder_config, num_heads=args.num_heads, timestep_freq_shift=args.timestep_freq_shift
         )
-        cfg_dict = to_dict(load_config(args.config or (REPO_CONFIGS / spec.recipe), overrides))
+        cfg_dict = to_dict(load_config(args.config or (REPO_CONFIGS / spec.recipe), overrides + args.overrides))
     run_cfg = build(RunConfig, cfg_dict)
     model = build_model(run_cfg.model, run_cfg.conditioning)
     # Tensors the source layout does not carry (fixed positional tables, PixArt's null caption) keep the new
@@ -695,12 +773,12 @@ def export_diffusers(model, spec, out) -> None:
 
 def cmd_export(args):
     from .checkpoint import load_weights, run_checkpoint
-    from .config import RunConfig, build
+    from .config import run_config
     from .models.registry import backbone_spec, build_model, semantic_path
 
     check_not_file(args.out, "--out")
     ckpt, state, _ = run_checkpoint(args.source)
-    run_cfg = build(RunConfig, state["config"])
+    run_cfg = run_config(state["config"], args.config, args.overrides)
     model = build_model(run_cfg.model, run_cfg.conditioning)
     load_weights(model, state["model" if args.no_ema else "ema"], f"checkpoint {ckpt}")
     published = semantic_path(run_cfg.model.name, run_cfg.model.conditioning, "published")

@@ -85,13 +85,13 @@ class SampleConfig:
     steps: int = 250
     guidance_scale: float = 1.5  # classifier-free guidance; 1 = no guidance
     control_guidance_scale: float = 1.0  # separate guidance on control values (3 evaluations); 1 = plain CFG
-    control: list[str] = field(
-        default_factory=list
-    )  # control values to sample with, e.g. ["original_size=512,512", "flip=0"]
-    # (default: an uncropped, unflipped image of the training resolution)
+    # control values to sample with, e.g. ["original_size=512,512", "flip=0"] (default: an uncropped, unflipped
+    # image of the training resolution)
+    control: list[str] = field(default_factory=list)
     # DDPM step selection: adm (round(linspace), as DiT) | leading | trailing
     respacing: Literal["adm", "leading", "trailing"] = "adm"
     seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: the denoiser runs under bf16 autocast while sampling
     per_class: int = 10  # grid: images per class row
     classes: list[int] = field(default_factory=list)  # grid rows; empty = up to the first 10 classes
     class_prompts: list[str] = field(default_factory=list)  # text-conditional runs: the prompt of class row i
@@ -102,9 +102,9 @@ class AutoencoderConfig:
     name: Literal["identity", "kl"] = "identity"  # identity (pixel space) | kl (diffusers AutoencoderKL)
     path: str | None = None  # local folder or hub id (e.g. stabilityai/sd-vae-ft-ema)
     subfolder: str | None = None  # e.g. "vae" inside a pipeline folder
-    # sd (4 ch, 0.18215) | sdxl (4 ch, 0.13025) | sd3 (16 ch, 1.5305, shift 0.0609):
+    # sd (4 ch, 0.18215) | sdxl (4 ch, 0.13025) | sd3 (16 ch, 1.5305, shift 0.0609): sets the factors below and
+    # checks the VAE's latent channels
     layout: Literal["sd", "sdxl", "sd3"] | None = None
-    # sets the factors below and checks the VAE's latent channels
     scaling_factor: float | None = None  # latents = (z - shift) * scale; None: the layout's, else the VAE config's
     shift_factor: float | None = None  # None: the layout's, else the VAE config's (0 when absent)
     sample_posterior: bool = True  # train on a posterior sample rather than its mean
@@ -217,14 +217,12 @@ class EvalConfig:
 class ConditioningConfig:
     """The paper's conditioning (docs: PAPER.md section 2; our reading, every unknown an option)."""
 
-    # published (each backbone as its paper has it) | additive (class / pooled
+    # published (each backbone as its paper has it) | additive (class / pooled caption and control summed into the
+    # adaLN vector, as DiT/SDXL) | disentangled (semantic as attended tokens only, control phased in by w(t))
     mechanism: Literal["published", "additive", "disentangled"] = "published"
-    # caption and control summed into the adaLN vector, as DiT/SDXL) |
-    # disentangled (semantic as attended tokens only, control phased in by w(t))
     control: list[str] = field(default_factory=list)  # control keys to embed (crop metadata names); empty = none
-    low_level: list[str] = field(
-        default_factory=lambda: ["original_size", "target_size", "aspect_ratio"]
-    )  # the rest: high level
+    # the low-level group; the rest are high level
+    low_level: list[str] = field(default_factory=lambda: ["original_size", "target_size", "aspect_ratio"])
     # w(t) of low-level controls: cosine | linear | constant
     low_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     low_start: float = 0.0
@@ -430,6 +428,14 @@ def read_config_mapping(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict
         names = " -> ".join(p.name for p in chain + (base_path,))
         raise ConfigError(f"config file {path}: its bases form a cycle ({names})")
     return merge_mappings(read_config_mapping(base_path, chain), data)
+
+
+def run_config(recorded: dict, path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """The config a loaded run works with: the one it recorded, or the file at path instead; then overrides."""
+    data = read_config_mapping(path) if path is not None else recorded
+    cfg = build(RunConfig, apply_overrides(data, overrides or []))
+    validate(cfg)
+    return cfg
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -29,13 +29,18 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(device_pref: str = "auto", process_group: bool = True, timeout_s: float = 600) -> Dist:
+def init_distributed(
+    device_pref: str = "auto",
+    process_group: bool = True,
+    timeout_s: float = 600,
+    setting: str = "config key 'train.device'",
+) -> Dist:
     """This process's rank and device from torchrun's variables; with process_group, also join the group
     (training). `ldmkit encode` needs none: its processes share only the file system. A collective that waits
     longer than timeout_s for another process (frozen or dead) raises instead of hanging."""
     cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
     if device_pref == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config key 'train.device': 'cuda', but no GPU is visible here (use auto or cpu)")
+        raise ConfigError(f"{setting}: 'cuda', but no GPU is visible here (use auto or cpu)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if cuda and local >= torch.cuda.device_count():

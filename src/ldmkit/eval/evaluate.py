@@ -15,7 +15,7 @@ from PIL import Image
 
 from ..autoencoders import build_autoencoder
 from ..checkpoint import CheckpointError, load_weights, nonfinite_count, run_checkpoint
-from ..config import RunConfig, build, validate
+from ..config import run_config
 from ..data.datasets import IMAGE_SUFFIXES, DataError, build_dataset, pil_to_tensor
 from ..data.transforms import BadImage, load_image
 from ..diffusion.objectives import build_objective
@@ -25,8 +25,11 @@ from .generate import generate
 from .metrics import frechet_distance_of
 
 
-def load_generator(path: str | Path, use_ema: bool = True, device="cpu"):
-    """(cfg, model, objective, autoencoder, run_dir) from a run folder (newest checkpoint) or a checkpoint file."""
+def load_generator(
+    path: str | Path, use_ema: bool = True, device="cpu", config: str | Path | None = None, overrides=None
+):
+    """(cfg, model, objective, autoencoder, run_dir) from a run folder (newest checkpoint) or a checkpoint file;
+    config (a file) replaces the recorded config and overrides (KEY=VALUE) change it."""
     try:
         ckpt, state, run_dir = run_checkpoint(path)
     except CheckpointError as e:
@@ -35,8 +38,7 @@ def load_generator(path: str | Path, use_ema: bool = True, device="cpu"):
         raise CheckpointError(
             f"{path} is not an ldmkit checkpoint (no config); import foreign weights with 'ldmkit convert'"
         ) from None
-    cfg = build(RunConfig, state["config"])
-    validate(cfg)
+    cfg = run_config(state["config"], config, overrides)
     model = build_model(cfg.model, cfg.conditioning)
     weights = state["ema" if use_ema else "model"]
     bad = int(nonfinite_count(weights.values()))
@@ -106,7 +108,8 @@ def sample_set_folder(
 
 @dataclass
 class SampleSettings:
-    """Overrides of a run's sampling settings for one evaluation (None: the run's config)."""
+    """Changes to a run's config for one evaluation (None: the run's): the sampling options, and a config file
+    that replaces the recorded one and KEY=VALUE overrides (applied first)."""
 
     num_images: int | None = None
     guidance_scale: float | None = None
@@ -115,6 +118,8 @@ class SampleSettings:
     seed: int | None = None
     control: list[str] = field(default_factory=list)  # added to sample.control
     control_guidance: float | None = None
+    config: str | None = None
+    overrides: list[str] = field(default_factory=list)
 
     def apply(self, cfg) -> None:
         s = cfg.sample
@@ -148,10 +153,13 @@ def evaluate_run(
 
     path = Path(path)
     d = distributed.init_distributed("auto" if device is None else str(device))
-    cfg, model, objective, autoencoder, run_dir = load_generator(path, device=d.device)
+    settings = settings or SampleSettings()
+    cfg, model, objective, autoencoder, run_dir = load_generator(
+        path, True, d.device, settings.config, settings.overrides
+    )
     if eval_cfg is not None:
         cfg.eval = replace(eval_cfg)  # a copy: the settings below change it
-    (settings or SampleSettings()).apply(cfg)
+    settings.apply(cfg)
     if cfg.eval.fid:  # fail before hours of sampling, not after
         from .features import inception_weights_path
 

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from ..conditioning.build import build_text_encoder, check_sampling_control, prompts_for_labels, sampling_cond
 from ..config import ConfigError
@@ -34,9 +35,11 @@ def generate(
     seed: int | None = None,
     prompts: list[str] | None = None,
     text_encoder=None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Images [N, C, H, W] in [-1, 1] for class `labels[i]` (text-conditional models: for prompts[i], by
-    default sample.class_prompts[labels[i]]) drawn with the seed of sample `indices[i]`."""
+    default sample.class_prompts[labels[i]]) drawn with the seed of sample `indices[i]`. The denoiser runs under
+    bf16 autocast when sample.precision is bf16; progress shows a bar with images/s on stderr."""
     if cfg.model.conditioning != "class":
         prompts = prompts or prompts_for_labels(cfg, labels)
         text_encoder = text_encoder or build_text_encoder(cfg, device)
@@ -50,6 +53,9 @@ def generate(
     seed = cfg.sample.seed if seed is None else seed
     shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
     guided_channels = cfg.model.in_channels if cfg.model.learn_sigma else None
+    device = torch.device(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.sample.precision == "bf16")
+    bar = tqdm(total=len(indices), unit="img", desc="sampling", disable=not progress, leave=False)
     out = []
     for lo in range(0, len(indices), batch):
         idx = indices[lo : lo + batch]
@@ -58,8 +64,11 @@ def generate(
             cfg, labels[lo : lo + len(idx)], prompts[lo : lo + len(idx)] if prompts else None, text_encoder, device
         )
         fn = guided(model, cond, scale, guided_channels, control_scale=cfg.sample.control_guidance_scale)
-        z = samplers.sample(fn, cfg, objective, shape, gens, device, steps=steps, sampler=sampler)
-        out.append(autoencoder.decode(z).clamp(-1, 1).cpu())
+        with autocast:
+            z = samplers.sample(fn, cfg, objective, shape, gens, device, steps=steps, sampler=sampler)
+        out.append(autoencoder.decode(z.float()).clamp(-1, 1).cpu())
+        bar.update(len(idx))
+    bar.close()
     return torch.cat(out)
 
 

@@ -36,8 +36,13 @@ def probe_control(
     seed: int | None = None,
     guidance_scale: float | None = None,
     log=print,
+    device="cpu",
+    config=None,
+    overrides: list[str] | None = None,
 ) -> dict:
-    cfg, model, objective, autoencoder, run_dir = load_generator(run)
+    """Generate the same samples (seeds, classes) at each value of one control; report the semantic drift.
+    config / overrides change the run's recorded config as in load_generator."""
+    cfg, model, objective, autoencoder, run_dir = load_generator(run, device=device, config=config, overrides=overrides)
     if key not in cfg.conditioning.control:
         raise ValueError(
             f"this run does not embed control {key!r} (it embeds: {', '.join(cfg.conditioning.control) or 'none'})"
@@ -56,7 +61,7 @@ def probe_control(
                 autoencoder,
                 labels,
                 list(range(num)),
-                "cpu",
+                device,
                 batch=cfg.eval.batch,
                 steps=steps,
                 seed=seed,
