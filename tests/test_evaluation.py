@@ -347,3 +347,39 @@ def test_validation_loss_from_the_cache_and_from_shards(tmp_path, source):
     losses = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     assert [r["images"] for r in losses] == [64, 128]
     assert all(np.isfinite(r["val_loss_mean"]) for r in losses)
+
+
+@pytest.mark.slow
+def test_eval_of_image_folders_as_torch_fidelity_users_expect(inception, tmp_path, capsys):
+    """`ldmkit eval DIR_A --ref DIR_B|REF.npz --fid`: RGB by default, FID honoured, metrics beside the images."""
+    from ldmkit.data.datasets import mnist_digits
+    from ldmkit.eval.generate import save_images
+
+    images, labels = mnist_digits(32)
+    save_images(images[:24], tmp_path / "a", list(range(24)), labels[:24])
+    save_images(images[:24], tmp_path / "a_copy", list(range(24)))
+    save_images(images[100:124], tmp_path / "b", list(range(24)))
+    weights = ["--inception-weights", str(inception)]
+    assert main(["eval", str(tmp_path / "a"), "--ref", str(tmp_path / "a_copy"), "--fid", *weights]) == 0
+    same = json.loads((tmp_path / "a" / "metrics.json").read_text())  # written next to the images
+    assert same["channels"] == 3
+    assert same["resolution"] == 32
+    assert abs(same["fid"]) < 1e-6
+    assert abs(same["fd_effnetlite0"]) < 1e-3
+    assert main(["eval", str(tmp_path / "b"), "--ref", str(tmp_path / "a"), "--fid", *weights]) == 0
+    other = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert other["fd_effnetlite0"] > 1.0
+    assert other["fid_reference_count"] == 24  # (random Inception weights: FID itself is near 0 here)
+    # statistics of the reference folder in a .npz give the same FID
+    ref_cmd = ["reference", str(tmp_path / "a"), "--out", str(tmp_path / "a.npz"), "--resolution", "32"]
+    assert main([*ref_cmd, "--weights", str(inception)]) == 0
+    out = tmp_path / "npz.json"
+    assert main(["eval", str(tmp_path / "b"), "--fid", str(tmp_path / "a.npz"), *weights, "--json", str(out)]) == 0
+    from_npz = json.loads(out.read_text())
+    assert abs(from_npz["fid"] - other["fid"]) <= 1e-6 * max(1.0, other["fid"])
+    assert "fd_effnetlite0" not in from_npz  # statistics only: no images for FD-EffNetLite0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "b")]) == 2
+    assert "give --ref" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "b"), "--ref", str(tmp_path / "a.npz")]) == 2
+    assert "add --fid" in capsys.readouterr().err

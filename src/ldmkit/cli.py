@@ -318,8 +318,10 @@ def _add_eval_command(sub) -> None:
     p.add_argument(
         "--fid",
         metavar="REFERENCE",
+        nargs="?",
+        const=True,
         help="compute FID/KID/precision-recall/density-coverage against REFERENCE: a .npz from "
-        "'ldmkit reference', ADM's VIRTUAL_*.npz, an image folder or shards",
+        "'ldmkit reference', ADM's VIRTUAL_*.npz, an image folder or shards (image folders: --fid alone uses --ref)",
     )
     p.add_argument(
         "--inception-weights",
@@ -350,13 +352,21 @@ def _add_eval_command(sub) -> None:
         "'none' writes the sample set only)",
     )
     p.add_argument(
-        "--ref", help="folder of real reference images for FD-EffNetLite0 (default: the MNIST held-out split)"
+        "--ref",
+        help="runs: a folder of real images for FD-EffNetLite0 (default: the held-out digits for digit runs); "
+        "image folders: the reference, a folder of real images, a reference .npz (with --fid) or mnist",
     )
-    p.add_argument("--json", help="write the metrics here (default: <run>/metrics.json)")
     p.add_argument(
-        "--resolution", type=positive_int, default=32, help="image folders: resize images to this side (default 32)"
+        "--json",
+        help="write the metrics here (default: runs: the sample set's metrics.json, and the run's headline "
+        "<run>/metrics.json, which is replaced with a note; image folders: <folder>/metrics.json)",
     )
-    p.add_argument("--channels", type=int, default=1, choices=[1, 3], help="image folders: 1 (grayscale) or 3 (RGB)")
+    p.add_argument(
+        "--resolution", type=positive_int, help="image folders: resize every image to this side (default: keep)"
+    )
+    p.add_argument(
+        "--channels", type=int, default=3, choices=[1, 3], help="image folders: 3 (RGB, default) or 1 (grayscale)"
+    )
     _add_sampling_options(p)
 
 
@@ -648,7 +658,7 @@ def cmd_eval(args):
 
             eval_cfg = run_config(run_checkpoint(source)[1]["config"], args.config, args.overrides).eval
             eval_cfg.fid = bool(args.fid) or eval_cfg.fid
-            eval_cfg.reference = args.fid or eval_cfg.reference
+            eval_cfg.reference = args.fid if isinstance(args.fid, str) else eval_cfg.reference
             eval_cfg.inception_weights = args.inception_weights or eval_cfg.inception_weights
             eval_cfg.clip_model = args.clip_model or eval_cfg.clip_model
             eval_cfg.prompts_file = args.prompts or eval_cfg.prompts_file
@@ -697,9 +707,17 @@ def cmd_eval(args):
         )
         if metrics is None:  # not process 0 of a torchrun evaluation
             return
+        print(write_metrics(metrics, Path(metrics["sample_set"]) / "metrics.json"))  # beside its samples
         default_json = (source if source.is_dir() else source.parent) / "metrics.json"
+        if not args.json and default_json.is_file():
+            print(f"note: {default_json}, the run's headline metrics, now holds this evaluation's", file=sys.stderr)
     elif source.is_dir():
-        metrics = evaluate_folder(source, args.ref, args.channels, args.resolution)
+        if isinstance(args.fid, str) and args.ref and args.fid != args.ref:
+            raise ValueError("for an image folder give the reference once: --ref REFERENCE --fid")
+        reference = args.ref or (args.fid if isinstance(args.fid, str) else None)
+        metrics = evaluate_folder(
+            source, reference, args.channels, args.resolution, bool(args.fid), args.inception_weights
+        )
         default_json = source / "metrics.json"
     else:
         raise FileNotFoundError(f"not a run, checkpoint or image folder: {source}")

@@ -409,24 +409,60 @@ def inception_metrics(gen_features: np.ndarray, ref: dict) -> dict:
     return out
 
 
-def evaluate_folder(folder, reference=None, channels: int = 1, resolution: int = 32, data_cfg=None, log=print) -> dict:
-    """FD-EffNetLite0 of a folder of images against a reference folder (or the MNIST held-out digits)."""
+def evaluate_folder(
+    folder,
+    reference: str | None,
+    channels: int = 3,
+    resolution: int | None = None,
+    fid: bool = False,
+    inception_weights: str | None = None,
+    batch: int = 100,
+    log=print,
+) -> dict:
+    """Metrics of a folder of images against a reference, as torch-fidelity and pytorch-fid compare two sets:
+    FD-EffNetLite0 against a folder of real images (or 'mnist': the embedded held-out digits), and with fid,
+    FID/KID/precision-recall/density-coverage of Inception-v3 features against the reference (a folder, shards,
+    or statistics in a .npz). Images keep their size unless resolution is given (then all are resized to it)."""
+    if reference is None:
+        raise ValueError(
+            "an image folder is compared with a reference: give --ref (a folder of real images, a reference .npz "
+            "from 'ldmkit reference', or mnist for the embedded held-out digits)"
+        )
     images = read_image_folder(folder, channels, size=resolution)
-    if reference is not None:
-        ref, name = read_image_folder(reference, channels, size=resolution), str(reference)
-    else:
+    side = images.shape[-1]
+    metrics = {"num_images": len(images), "source": str(folder), "channels": channels, "resolution": side}
+    reference = str(reference)
+    statistics_only = reference.endswith(".npz")
+    if reference == "mnist":
         from ..config import DataConfig
 
-        data_cfg = data_cfg or DataConfig(resolution=resolution)
-        ref = build_dataset(data_cfg, "held_out").images
+        ref = build_dataset(DataConfig(resolution=side), "held_out").images
+        ref = ref.repeat(1, channels, 1, 1) if channels != ref.shape[1] else ref
         name = f"mnist held-out split ({len(ref)} real digits)"
-    metrics = {
-        "num_images": len(images),
-        "fd_effnetlite0": fd_effnet(images, ref),
-        "fd_reference": name,
-        "fd_reference_count": len(ref),
-    }
-    log(f"FD-EffNetLite0 {metrics['fd_effnetlite0']:.2f} for {len(images)} images against {name}")
+    elif not statistics_only:
+        ref, name = read_image_folder(reference, channels, size=side), reference
+    if not statistics_only:
+        metrics.update(fd_effnetlite0=fd_effnet(images, ref, batch), fd_reference=name, fd_reference_count=len(ref))
+        log(f"FD-EffNetLite0 {metrics['fd_effnetlite0']:.2f} for {len(images)} images against {name}")
+    elif not fid:
+        raise ValueError(f"--ref {reference} holds Inception statistics: add --fid (FD-EffNetLite0 needs real images)")
+    if fid:
+        from .features import InceptionV3Features
+        from .reference import compute_reference, load_reference
+
+        extractor = InceptionV3Features(inception_weights)
+        if statistics_only:
+            stats = load_reference(reference)
+        elif reference == "mnist":
+            from .metrics import feature_statistics
+
+            features = extract(extractor, ref, batch).double().numpy()
+            mu, sigma = feature_statistics(features)
+            stats = {"features": features, "mu": mu, "sigma": sigma, "count": len(features), "source": name}
+        else:
+            stats = compute_reference(reference, extractor, side, batch=batch)
+        metrics.update(inception_metrics(extract(extractor, images, batch).double().numpy(), stats))
+        log(f"FID {metrics['fid']:.3f} against {metrics['fid_reference']} ({metrics['fid_reference_count']} images)")
     return metrics
 
 

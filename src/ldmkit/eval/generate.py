@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..conditioning.build import build_text_encoder, check_sampling_control, prompts_for_labels, sampling_cond
-from ..config import ConfigError
+from ..config import ConfigError, check_sampler
 from ..diffusion import samplers
 from ..diffusion.guidance import guided
 
@@ -53,22 +53,25 @@ def generate(
     seed = cfg.sample.seed if seed is None else seed
     shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
     guided_channels = cfg.model.in_channels if cfg.model.learn_sigma else None
+    check_sampler(cfg.diffusion.objective, sampler or cfg.sample.sampler, "--sampler")  # before any work
     device = torch.device(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.sample.precision == "bf16")
     bar = tqdm(total=len(indices), unit="img", desc="sampling", disable=not progress, leave=False)
     out = []
-    for lo in range(0, len(indices), batch):
-        idx = indices[lo : lo + batch]
-        gens = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in idx]
-        cond = sampling_cond(
-            cfg, labels[lo : lo + len(idx)], prompts[lo : lo + len(idx)] if prompts else None, text_encoder, device
-        )
-        fn = guided(model, cond, scale, guided_channels, control_scale=cfg.sample.control_guidance_scale)
-        with autocast:
-            z = samplers.sample(fn, cfg, objective, shape, gens, device, steps=steps, sampler=sampler)
-        out.append(autoencoder.decode(z.float()).clamp(-1, 1).cpu())
-        bar.update(len(idx))
-    bar.close()
+    try:
+        for lo in range(0, len(indices), batch):
+            idx = indices[lo : lo + batch]
+            gens = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in idx]
+            cond = sampling_cond(
+                cfg, labels[lo : lo + len(idx)], prompts[lo : lo + len(idx)] if prompts else None, text_encoder, device
+            )
+            fn = guided(model, cond, scale, guided_channels, control_scale=cfg.sample.control_guidance_scale)
+            with autocast:
+                z = samplers.sample(fn, cfg, objective, shape, gens, device, steps=steps, sampler=sampler)
+            out.append(autoencoder.decode(z.float()).clamp(-1, 1).cpu())
+            bar.update(len(idx))
+    finally:
+        bar.close()
     return torch.cat(out)
 
 
