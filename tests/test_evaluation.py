@@ -383,3 +383,14 @@ def test_eval_of_image_folders_as_torch_fidelity_users_expect(inception, tmp_pat
     assert "give --ref" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "b"), "--ref", str(tmp_path / "a.npz")]) == 2
     assert "add --fid" in capsys.readouterr().err
+
+
+def test_report_legends_name_what_differs_between_runs(tmp_path):
+    from ldmkit.config import to_dict
+    from ldmkit.eval.compare import legend_labels
+
+    a = to_dict(load_config(overrides=TINY))
+    b = to_dict(load_config(overrides=TINY + ["train.lr=0.00042"]))
+    labels = legend_labels([tmp_path / "base", tmp_path / "lr-high"], [a, b])
+    assert labels == [f"base (train.lr={a['train']['lr']})", "lr-high (train.lr=0.00042)"]
+    assert legend_labels([tmp_path / "only"], [a]) == ["only"]

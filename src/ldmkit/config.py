@@ -157,6 +157,13 @@ class TextConfig:
 
 
 @dataclass
+class WandbConfig:
+    project: str | None = None  # log to Weights & Biases under this project (needs `pip install wandb`); None: off
+    entity: str | None = None  # the team or user (None: wandb's default)
+    mode: Literal["online", "offline", "disabled"] = "online"  # offline: write locally, `wandb sync` later
+
+
+@dataclass
 class TrainConfig:
     total_images: int = 100_000  # training length, counted in images
     global_batch: int = 256  # images per optimizer step, summed over all processes
@@ -186,6 +193,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest kept; older ones are deleted
     max_nan_skips: int = 10  # consecutive non-finite losses tolerated (step skipped) before stopping
     dist_timeout_s: float = 600.0  # torchrun: a collective waiting this long for a frozen or dead process ends the job
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # optional Weights & Biases logging
 
 
 @dataclass

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from ..checkpoint import run_checkpoint
-from ..config import RunConfig, build
+from ..config import RunConfig, build, diff_configs, load_config, to_dict
 from .report import read_log
 
 METRIC_KEYS = (
@@ -73,6 +73,30 @@ def run_summary(run_dir: Path) -> dict:
     return row
 
 
+def run_config_dict(run_dir: Path) -> dict:
+    """A run's resolved config: its config.yaml (cheap), else the one its newest checkpoint records."""
+    if (run_dir / "config.yaml").is_file():
+        return to_dict(load_config(run_dir / "config.yaml"))
+    return run_checkpoint(run_dir, require=("config",))[1]["config"]
+
+
+def legend_labels(run_dirs: list[Path], configs: list[dict]) -> list[str]:
+    """A legend label per run that names what differs: the run folder, then up to three config keys whose values
+    differ between the runs (e.g. 'lr-high (train.lr=0.001)')."""
+    differing = sorted({k for c in configs[1:] for k in diff_configs(configs[0], c)} - {"name"})
+
+    def value(cfg: dict, key: str):
+        for part in key.split("."):
+            cfg = cfg.get(part) if isinstance(cfg, dict) else None
+        return cfg
+
+    labels = []
+    for run_dir, cfg in zip(run_dirs, configs):
+        shown = ", ".join(f"{k}={value(cfg, k)}" for k in differing[:3]) + (", ..." if len(differing) > 3 else "")
+        labels.append(f"{Path(run_dir).name} ({shown})" if shown else Path(run_dir).name)
+    return labels
+
+
 def write_comparison(runs: list[str | Path], out_dir: str | Path) -> dict[str, Path]:
     import matplotlib
 
@@ -105,18 +129,21 @@ def write_comparison(runs: list[str | Path], out_dir: str | Path) -> dict[str, P
         series = [s for s in series if s[1]]
         if not series:
             return
-        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+        fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
         for label, xs, ys in series:
             ax.plot(xs, ys, marker="o" if len(xs) < 20 else None, label=label)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
+        ax.ticklabel_format(axis="both", style="plain", useOffset=False)  # values as they are, no "+3.04e2"
+        ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out_dir / name)
+        fig.savefig(out_dir / name, bbox_inches="tight")  # nothing clipped
         plt.close(fig)
         paths[name] = out_dir / name
 
-    names = [row["run"] for row in rows]
+    configs = [run_config_dict(Path(r)) for r in runs]
+    names = legend_labels([Path(r) for r in runs], configs)
     logs = [read_log(Path(r)) for r in runs]
     plot(
         "loss.png",

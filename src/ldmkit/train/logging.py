@@ -1,4 +1,5 @@
-"""Run logs: JSONL (one record per log interval), TensorBoard, a status line, and the loss-curve PNG."""
+"""Run logs: JSONL (one record per log interval), TensorBoard, optional Weights & Biases, a status line, and the
+loss-curve PNG."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
+from ..config import ConfigError
 from ..eval.report import read_log
 
 LOG_FILES = ("log.jsonl", "eval.jsonl")
@@ -33,14 +37,26 @@ def _record_images(line: str) -> float:
         return float("inf")
 
 
-class RunLogger:
-    """resume_at: the images of the checkpoint a run resumes from; later records (logs and TensorBoard events)
-    are dropped first."""
+# Record fields that are not curves: the x axis, wall-clock stamps and constants.
+NOT_SCALARS = ("images", "step", "time", "processes", "interval_s")
 
-    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True, resume_at: int | None = None):
+
+class RunLogger:
+    """log.jsonl / eval.jsonl, TensorBoard (scalars, the config as text, sample grids) and, when train.wandb.project
+    is set, Weights & Biases. resume_at: the images of the checkpoint a run resumes from; later records (logs and
+    TensorBoard events) are dropped first."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        resume_at: int | None = None,
+        config: dict | None = None,
+    ):
         self.enabled = enabled
         self.path = Path(run_dir) / "log.jsonl"
-        self.tb = None
+        self.tb = self.wandb = None
         if enabled and resume_at is not None:
             truncate_logs(run_dir, resume_at)
         if enabled and tensorboard:
@@ -51,28 +67,88 @@ class RunLogger:
                 self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
             except ImportError:  # tensorboard is a dependency, but a missing one should not stop training
                 self.tb = None
+            if self.tb is not None and config is not None:
+                text = yaml.safe_dump(config, sort_keys=False)
+                self.tb.add_text("config", "    " + text.replace("\n", "\n    "), resume_at or 0)  # as code
+        wandb_cfg = (config or {}).get("train", {}).get("wandb") or {}
+        if enabled and wandb_cfg.get("project"):
+            self.wandb = start_wandb(Path(run_dir), config, wandb_cfg)
 
     def log(self, record: dict, file: str = "log.jsonl") -> None:
         """Append record to file (log.jsonl: training status; eval.jsonl: validation loss and small-N metrics)
-        and its numbers (nested dicts flattened as key/sub) to TensorBoard."""
+        and its numbers (nested dicts flattened as key/sub) to TensorBoard and wandb."""
         if not self.enabled:
             return
         with open(self.path.parent / file, "a") as f:
             f.write(json.dumps(record) + "\n")
+        flat = {}
+        for key, value in record.items():
+            items = value.items() if isinstance(value, dict) else [(None, value)]
+            for sub, v in items:
+                flat[f"{key}/{sub}" if sub is not None else key] = v
+        scalars = {
+            k: v
+            for k, v in flat.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in NOT_SCALARS
+        }
         if self.tb is not None:
-            flat = {}
-            for key, value in record.items():
-                items = value.items() if isinstance(value, dict) else [(None, value)]
-                for sub, v in items:
-                    flat[f"{key}/{sub}" if sub is not None else key] = v
-            for key, value in flat.items():
-                if isinstance(value, (int, float)) and key != "images":
-                    self.tb.add_scalar(key, value, record["images"])
+            for key, value in scalars.items():
+                self.tb.add_scalar(key, value, record["images"])
             self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["images"])
+
+    def image(self, tag: str, path: Path, images: int) -> None:
+        """A saved PNG (a sample grid) into TensorBoard and wandb at `images` seen."""
+        if not self.enabled or (self.tb is None and self.wandb is None):
+            return
+        import numpy as np
+        from PIL import Image
+
+        pixels = np.asarray(Image.open(path).convert("RGB"))
+        if self.tb is not None:
+            self.tb.add_image(tag, pixels, images, dataformats="HWC")
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({tag: self.wandb.Image(pixels)}, step=images)
 
     def close(self):
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def check_wandb(cfg) -> None:
+    """train.wandb.project needs the wandb package: one line before training starts, not a crash later."""
+    if cfg.train.wandb.project:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "config key 'train.wandb.project': Weights & Biases logging needs the wandb package "
+                "(pip install wandb), or remove train.wandb"
+            ) from None
+
+
+def start_wandb(run_dir: Path, config: dict, wandb_cfg: dict):
+    """wandb.init for this run folder; a resumed run continues the same wandb run (its id is kept in the folder)."""
+    import wandb
+
+    id_file = run_dir / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    id_file.write_text(run_id + "\n")
+    wandb.init(
+        project=wandb_cfg["project"],
+        entity=wandb_cfg.get("entity"),
+        mode=wandb_cfg.get("mode", "online"),
+        dir=str(run_dir),
+        name=config.get("name"),
+        config=config,
+        id=run_id,
+        resume="allow",
+    )
+    return wandb
 
 
 def status_line(images: int, total: int, loss: float, images_per_s: float, memory_gb: float | None) -> str:

@@ -32,7 +32,7 @@ from ..eval.evaluate import quick_metrics
 from ..eval.generate import generate, grid_labels, save_grid
 from ..models.registry import build_model, spec_of
 from . import parallel
-from .logging import RunLogger, plot_loss_curve, print_status, status_line
+from .logging import RunLogger, check_wandb, plot_loss_curve, print_status, status_line
 from .optim import build_optimizer
 from .signals import StopSignals, TrainingDiverged, TrainingStopped
 from .state import EMA, TrainingState, learning_rate
@@ -57,6 +57,7 @@ NOT_TRAINING_KEYS = (
     "train.max_nan_skips",
     "train.val_every_images",
     "train.metric_every_images",
+    "train.wandb.",
 )
 
 
@@ -111,27 +112,36 @@ class StepStats:
 
     def __init__(self, device, images_seen: int):
         self.loss, self.mse, self.n = torch.zeros((), device=device), torch.zeros((), device=device), 0
+        self.grad_norm, self.updates = torch.zeros((), device=device), 0
         self.tick_time, self.tick_images = time.time(), images_seen
 
     def add(self, terms: dict) -> None:
         self.loss += terms["loss"].detach().sum()
         self.mse += terms["mse"].detach().sum()
 
+    def add_grad_norm(self, norm: torch.Tensor | None) -> None:
+        if norm is not None:  # None: a skipped step
+            self.grad_norm += norm.detach().float()
+            self.updates += 1
+
     def record(self, d: distributed.Dist, images_seen: int, step: int, lr: float) -> dict:
+        # the gradient norm is already the global one (DDP averaged the gradients): no reduction needed
+        grad_norm = (self.grad_norm / max(self.updates, 1)).item()
         totals = distributed.all_reduce_mean(torch.stack([self.loss, self.mse]) / max(self.n, 1), d)
         if d.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.time() - self.tick_time
         speed = (images_seen - self.tick_images) / max(elapsed, 1e-9)
         mem = torch.cuda.max_memory_allocated(d.device) / 2**30 if d.device.type == "cuda" else peak_rss_gb()
-        self.loss.zero_(), self.mse.zero_()
-        self.n, self.tick_time, self.tick_images = 0, time.time(), images_seen
+        self.loss.zero_(), self.mse.zero_(), self.grad_norm.zero_()
+        self.n, self.updates, self.tick_time, self.tick_images = 0, 0, time.time(), images_seen
         return {
             "images": images_seen,
             "step": step,
             "loss": totals[0].item(),
             "mse": totals[1].item(),
             "lr": lr,
+            "grad_norm": grad_norm,
             "images_per_s": speed,
             "time": time.time(),
             "memory_gb": mem,
@@ -165,6 +175,7 @@ def _train(
     device, tc = d.device, cfg.train
     say = print_status if d.is_main and not quiet else (lambda *_: None)
     micro, rounds = batch_split(tc, d.world_size)
+    check_wandb(cfg)
     autoencoder, text_encoder, model, init_report = build_components(cfg, run_dir, device, say)
     state = TrainingState(model, EMA(model, cfg), build_optimizer(model.parameters(), tc))
     objective = build_objective(cfg)
@@ -192,7 +203,7 @@ def _train(
     check_data_matches_model(cfg, source)
     num_classes = getattr(source, "num_classes", 0) or cfg.model.num_classes
     train_model = parallel.parallelize(model, d, compile=tc.compile)
-    logger = RunLogger(run_dir, enabled=d.is_main, resume_at=state.images_seen)
+    logger = RunLogger(run_dir, enabled=d.is_main, resume_at=state.images_seen, config=to_dict(cfg))
     say(
         f"{cfg.model.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}, "
         f"{d.world_size} process(es), global batch {tc.global_batch} = {micro} x {d.world_size} x {rounds}"
@@ -285,7 +296,7 @@ def _train(
             stats.n += micro * rounds
 
             # ---- NaN guard (every process agrees on skipping), then the update, lr schedule and EMA.
-            update(state, cfg, d, run_dir, last_good)
+            stats.add_grad_norm(update(state, cfg, d, run_dir, last_good))
             state.images_seen += G
             state.step += 1
 
@@ -369,9 +380,12 @@ def resume(state: TrainingState, cfg: RunConfig, run_dir: Path, d: distributed.D
     return path
 
 
-def update(state: TrainingState, cfg: RunConfig, d: distributed.Dist, run_dir: Path, last_good: Path | None) -> None:
+def update(
+    state: TrainingState, cfg: RunConfig, d: distributed.Dist, run_dir: Path, last_good: Path | None
+) -> torch.Tensor | None:
     """Skip the step when any process has non-finite gradients (TrainingDiverged after train.max_nan_skips in a
-    row); else clip, set the scheduled lr, step the optimizer and update the EMA."""
+    row); else clip, set the scheduled lr, step the optimizer and update the EMA. Returns the gradient norm before
+    clipping (None when the step was skipped)."""
     tc = cfg.train
     grads = [p.grad for p in state.model.parameters() if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm(grads)  # one fused reduction; NaN/inf if any gradient is
@@ -387,7 +401,7 @@ def update(state: TrainingState, cfg: RunConfig, d: distributed.Dist, run_dir: P
             raise TrainingDiverged(
                 state.images_seen, f"{state.nan_skips} consecutive steps with non-finite gradients", last_good, run_dir
             )
-        return
+        return None
     state.nan_skips = 0
     if tc.grad_clip is not None:
         torch.nn.utils.clip_grads_with_norm_(state.model.parameters(), tc.grad_clip, grad_norm)
@@ -395,6 +409,7 @@ def update(state: TrainingState, cfg: RunConfig, d: distributed.Dist, run_dir: P
         group["lr"] = learning_rate(tc, state.images_seen)
     state.optimizer.step()
     state.ema.update(state.model, state.images_seen)
+    return grad_norm
 
 
 def evaluation_hooks(
@@ -427,7 +442,7 @@ def evaluation_hooks(
             samples = generate(
                 ema, cfg, objective, autoencoder, labels, list(range(len(labels))), device, text_encoder=text_encoder
             )
-            save_grid(samples, run_dir / "samples" / f"grid-{images:010d}.png", per)
+            logger.image("samples", save_grid(samples, run_dir / "samples" / f"grid-{images:010d}.png", per), images)
 
         hooks.append(Every(tc.sample_every_images, state.images_seen, grid))
     return hooks
