@@ -117,7 +117,8 @@ def _add_train_command(sub) -> None:
     )
     p.add_argument(
         "config",
-        help="YAML config file, or a run folder to resume (its config.yaml, else its newest checkpoint's config)",
+        help="YAML config file or a shipped config's name (e.g. imagenet256/dit_xl2), or a run folder to resume "
+        "(its config.yaml, else its newest checkpoint's config)",
     )
     p.add_argument(
         "--set",
@@ -181,7 +182,7 @@ def _add_encode_command(sub) -> None:
         "Re-running continues an interrupted run. Several processes (each takes every N-th unit): "
         "torchrun --nproc_per_node N -m ldmkit.cli encode CONFIG. Train from it with data.from_cache: true.",
     )
-    p.add_argument("config", help="YAML config file (the one you train with)")
+    p.add_argument("config", help="YAML config file or a shipped config's name (the one you train with)")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -733,8 +734,7 @@ def cmd_demo(args):
 def cmd_convert(args):
     """Foreign weights (a backbone's official or diffusers layout) or an ldmkit checkpoint -> an ldmkit checkpoint
     with the backbone's recipe embedded (architecture read from the weights), or -> the diffusers layout."""
-    from .config import RunConfig, apply_overrides, build, load_config, to_dict
-    from .demo import REPO_CONFIGS
+    from .config import SHIPPED_CONFIGS, RunConfig, apply_overrides, build, load_config, to_dict
     from .models.registry import BACKBONES, build_model, detect_backbone
     from .transfer.checkpoints import read_weights
 
@@ -748,7 +748,7 @@ def cmd_convert(args):
         overrides = spec.import_overrides(
             sd, layout, folder_config, num_heads=args.num_heads, timestep_freq_shift=args.timestep_freq_shift
         )
-        cfg_dict = to_dict(load_config(args.config or (REPO_CONFIGS / spec.recipe), overrides + args.overrides))
+        cfg_dict = to_dict(load_config(args.config or (SHIPPED_CONFIGS / spec.recipe), overrides + args.overrides))
     run_cfg = build(RunConfig, cfg_dict)
     model = build_model(run_cfg.model, run_cfg.conditioning)
     # Tensors the source layout does not carry (fixed positional tables, PixArt's null caption) keep the new

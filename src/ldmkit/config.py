@@ -418,10 +418,32 @@ def merge_mappings(base: dict, child: dict) -> dict:
     return out
 
 
+# The configs shipped with ldmkit (package data; the repository's configs/ points here).
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def find_config(name: str | Path, relative_to: str | Path | None = None, what: str = "config file") -> Path:
+    """The config file a name means: the path as given; else relative to the file that names it (relative_to);
+    else one of the shipped configs (`imagenet256/dit_xl2`, with or without `configs/` and `.yaml`)."""
+    path = Path(name).expanduser()
+    candidates = [path]
+    if not path.is_absolute():
+        if relative_to is not None:
+            candidates.append(Path(relative_to).parent / path)
+        inside = Path(*path.parts[1:]) if path.parts[:1] == ("configs",) and len(path.parts) > 1 else path
+        candidates.append(SHIPPED_CONFIGS / inside)
+    for candidate in candidates:
+        for option in (candidate, candidate.with_name(candidate.name + ".yaml")):
+            if option.is_file():
+                return option
+    raise ConfigError(f"{what} not found: {name} (nor among the shipped configs: ldmkit/configs/)")
+
+
 def read_config_mapping(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     """A config file as a mapping, with `base: OTHER.yaml` (a path relative to this file) resolved: the base's
-    keys first, then this file's keys over them. Bases may have bases of their own."""
-    path = Path(path)
+    keys first, then this file's keys over them. Bases may have bases of their own. A top-level name is found by
+    find_config (the shipped configs too)."""
+    path = Path(path) if _chain else find_config(path)
     data = read_yaml_mapping(path)
     base = data.pop("base", None)
     if base is None:

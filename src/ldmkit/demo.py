@@ -9,15 +9,14 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, load_config
+from .config import SHIPPED_CONFIGS, ConfigError, load_config
 from .eval.evaluate import evaluate_run, write_metrics
 from .eval.generate import save_grid
 from .eval.report import write_report
 from .train.logging import print_status
 from .train.loop import training_loop
 
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-DEMO_CONFIG = REPO_CONFIGS / "demo" / "mnist_dit.yaml"
+DEMO_CONFIG = SHIPPED_CONFIGS / "demo" / "mnist_dit.yaml"
 
 # A shorter run with the same code path, for the test suite (seconds, not minutes).
 QUICK_OVERRIDES = [

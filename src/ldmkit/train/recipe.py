@@ -20,13 +20,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..config import ConfigError, load_config, read_yaml_mapping
+from ..config import ConfigError, find_config, load_config, read_yaml_mapping
 
 STAGE_KEYS = {"name", "config", "init", "set"}
 
 
 def read_recipe(path: str | Path) -> dict:
-    path = Path(path)
+    path = find_config(path, what="recipe")
     recipe = read_yaml_mapping(path, "recipe")
     if not isinstance(recipe.get("stages"), list) or not recipe["stages"]:
         raise ConfigError(f"recipe {path}: needs 'name' and a non-empty list 'stages'")
@@ -49,6 +49,7 @@ def read_recipe(path: str | Path) -> dict:
             raise ConfigError(f"{where}: 'set' is a list of KEY=VALUE overrides")
         names.append(stage["name"])
     recipe.setdefault("name", path.stem)
+    recipe["path"] = path
     return recipe
 
 
@@ -64,7 +65,8 @@ def stage_configs(recipe: dict, out: Path, extra_overrides: list[str] | None = N
                 else Path(stage["init"])
             )
             overrides.append(f"init.source={source}")
-        stages.append((stage["name"], load_config(stage["config"], overrides), out / stage["name"]))
+        config = find_config(stage["config"], relative_to=recipe["path"])  # as given, beside the recipe, or shipped
+        stages.append((stage["name"], load_config(config, overrides), out / stage["name"]))
     return stages
 
 
