@@ -132,9 +132,16 @@ def test_convert_official_layout_to_ldmkit_and_diffusers(tmp_path):
     assert (tmp_path / "hf" / "config.json").is_file()
     assert main(["convert", str(tmp_path / "hf"), "--out", str(tmp_path / "back.pt")]) == 0
     back = torch.load(tmp_path / "back.pt", weights_only=False)
-    assert back["config"]["model"]["timestep_freq_shift"] == 1.0  # diffusers' convention, so outputs match diffusers
+    # the export wrote the run's config beside it (ldmkit_config.yaml): loading it back restores the same model
+    assert back["config"] == state["config"]
     for k, v in official.state_dict().items():
         assert torch.equal(back["ema"][k], v), k
+    # a plain diffusers folder (no ldmkit config): diffusers' convention, so outputs match diffusers
+    (tmp_path / "hf" / "ldmkit_config.yaml").unlink()
+    assert main(["convert", str(tmp_path / "hf"), "--out", str(tmp_path / "plain.pt")]) == 0
+    plain = torch.load(tmp_path / "plain.pt", weights_only=False)
+    assert plain["config"]["model"]["timestep_freq_shift"] == 1.0
+    assert all(torch.equal(plain["ema"][k], v) for k, v in official.state_dict().items())
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert main(["convert", str(tmp_path / "junk.pt"), "--out", str(tmp_path / "x.pt")]) == 2
 

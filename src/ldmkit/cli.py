@@ -734,40 +734,20 @@ def cmd_demo(args):
 def cmd_convert(args):
     """Foreign weights (a backbone's official or diffusers layout) or an ldmkit checkpoint -> an ldmkit checkpoint
     with the backbone's recipe embedded (architecture read from the weights), or -> the diffusers layout."""
-    from .config import SHIPPED_CONFIGS, RunConfig, apply_overrides, build, load_config, to_dict
-    from .models.registry import BACKBONES, build_model, detect_backbone
-    from .transfer.checkpoints import read_weights
+    from .checkpoint import atomic_save
+    from .transfer.convert import export, load_any
 
-    sd, layout, embedded, folder_config = read_weights(args.source, trust_pickle=args.trust_pickle)
-    if layout == "ldmkit":
-        cfg_dict = to_dict(build(RunConfig, apply_overrides(embedded, args.overrides)))
-        spec = BACKBONES[cfg_dict["model"]["name"]]
-    else:
-        spec = detect_backbone(sd)[0]
-        sd = spec.import_weights(sd, layout)
-        overrides = spec.import_overrides(
-            sd, layout, folder_config, num_heads=args.num_heads, timestep_freq_shift=args.timestep_freq_shift
-        )
-        cfg_dict = to_dict(load_config(args.config or (SHIPPED_CONFIGS / spec.recipe), overrides + args.overrides))
-    run_cfg = build(RunConfig, cfg_dict)
-    model = build_model(run_cfg.model, run_cfg.conditioning)
-    # Tensors the source layout does not carry (fixed positional tables, PixArt's null caption) keep the new
-    # model's own values.
-    sd = {**{k: v for k, v in model.state_dict().items() if k in spec.kept_on_import}, **sd}
+    model, cfg_dict, layout, spec = load_any(
+        args.source,
+        args.config,
+        args.overrides,
+        args.trust_pickle,
+        num_heads=args.num_heads,
+        timestep_freq_shift=args.timestep_freq_shift,
+    )
     if args.to == "diffusers":
-        from .checkpoint import load_weights
-
-        load_weights(model, sd, f"weights {args.source}")
-        export_diffusers(model, spec, args.out)
-    else:
-        save_imported(model, sd, cfg_dict, args, layout)
-
-
-def save_imported(model, sd: dict, cfg_dict: dict, args, layout: str) -> None:
-    """Load sd into model and write an ldmkit checkpoint (weights as model and EMA, config embedded)."""
-    from .checkpoint import atomic_save, load_weights
-
-    load_weights(model, sd, f"weights {args.source}")
+        print(export(model, cfg_dict, spec, args.out))
+        return
     state = {
         "model": model.state_dict(),
         "ema": model.state_dict(),
@@ -782,30 +762,18 @@ def save_imported(model, sd: dict, cfg_dict: dict, args, layout: str) -> None:
     print(out)
 
 
-def export_diffusers(model, spec, out) -> None:
-    if spec.export_weights is None:
-        raise ValueError(spec.no_export)
-    spec.export_weights(model, Path(out))
-    print(out)
-
-
 def cmd_export(args):
     from .checkpoint import load_weights, run_checkpoint
-    from .config import run_config
-    from .models.registry import backbone_spec, build_model, semantic_path
+    from .config import run_config, to_dict
+    from .models.registry import backbone_spec, build_model
+    from .transfer.convert import export
 
     check_not_file(args.out, "--out")
     ckpt, state, _ = run_checkpoint(args.source)
     run_cfg = run_config(state["config"], args.config, args.overrides)
     model = build_model(run_cfg.model, run_cfg.conditioning)
     load_weights(model, state["model" if args.no_ema else "ema"], f"checkpoint {ckpt}")
-    published = semantic_path(run_cfg.model.name, run_cfg.model.conditioning, "published")
-    if getattr(model, "control_embedder", None) is not None or getattr(model, "semantic_path", published) != published:
-        raise ValueError(
-            f"this run uses conditioning.mechanism {run_cfg.conditioning.mechanism} (semantic path "
-            f"{model.semantic_path}, control embeddings); diffusers has the published conditioning only"
-        )
-    export_diffusers(model, backbone_spec(run_cfg.model), args.out)
+    print(export(model, to_dict(run_cfg), backbone_spec(run_cfg.model), args.out))
 
 
 def cmd_presets(args):

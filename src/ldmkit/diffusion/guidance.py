@@ -8,8 +8,16 @@ import torch
 from ..conditioning.cond import Cond
 
 
-def guided(model, cond: Cond, scale: float, guided_channels: int | None = None, control_scale: float = 1.0):
-    """Return fn(x, t) -> prediction with guidance `u + scale * (c - u)`.
+def guided(
+    model,
+    cond: Cond,
+    scale: float,
+    guided_channels: int | None = None,
+    control_scale: float = 1.0,
+    negative: Cond | None = None,
+):
+    """Return fn(x, t) -> prediction with guidance `u + scale * (c - u)`. u is the prediction with the null
+    condition, or with `negative` (a negative prompt or class: guidance steers away from it) when given.
 
     scale == 1 evaluates the conditional model only. guided_channels limits guidance to the first
     channels (the noise prediction of a learned-sigma output); the learned variance is taken from the
@@ -26,11 +34,16 @@ def guided(model, cond: Cond, scale: float, guided_channels: int | None = None, 
         getattr(cond, f) for f in ("class_labels", "pooled", "context") if getattr(cond, f) is not None
     ).device
     if control_scale != 1.0:
+        if negative is not None:
+            raise ValueError("negative conditions go with plain guidance: set the control guidance scale to 1")
         return _guided_with_control(model, cond, scale, control_scale, guided_channels, B, device)
     if scale == 1.0:
         return lambda x, t: model(x, t, cond)
-    uncond = cond.map(lambda v: v)
-    uncond.drop_semantic = torch.ones(B, dtype=torch.bool, device=device)
+    if negative is not None:
+        uncond = negative
+    else:
+        uncond = cond.map(lambda v: v)
+        uncond.drop_semantic = torch.ones(B, dtype=torch.bool, device=device)
     both = Cond.cat([cond, uncond])
 
     def fn(x, t):

@@ -36,10 +36,13 @@ def generate(
     prompts: list[str] | None = None,
     text_encoder=None,
     progress: bool = False,
+    negative_labels: torch.Tensor | None = None,
+    negative_prompts: list[str] | None = None,
 ) -> torch.Tensor:
     """Images [N, C, H, W] in [-1, 1] for class `labels[i]` (text-conditional models: for prompts[i], by
     default sample.class_prompts[labels[i]]) drawn with the seed of sample `indices[i]`. The denoiser runs under
-    bf16 autocast when sample.precision is bf16; progress shows a bar with images/s on stderr."""
+    bf16 autocast when sample.precision is bf16; progress shows a bar with images/s on stderr. Negative labels or
+    prompts (one per sample) take the place of the null condition in classifier-free guidance."""
     if cfg.model.conditioning != "class":
         prompts = prompts or prompts_for_labels(cfg, labels)
         text_encoder = text_encoder or build_text_encoder(cfg, device)
@@ -65,7 +68,17 @@ def generate(
             cond = sampling_cond(
                 cfg, labels[lo : lo + len(idx)], prompts[lo : lo + len(idx)] if prompts else None, text_encoder, device
             )
-            fn = guided(model, cond, scale, guided_channels, control_scale=cfg.sample.control_guidance_scale)
+            negative = None
+            if negative_labels is not None or negative_prompts is not None:
+                negative = sampling_cond(
+                    cfg,
+                    None if negative_labels is None else negative_labels[lo : lo + len(idx)],
+                    None if negative_prompts is None else negative_prompts[lo : lo + len(idx)],
+                    text_encoder,
+                    device,
+                )
+            control_scale = cfg.sample.control_guidance_scale
+            fn = guided(model, cond, scale, guided_channels, control_scale=control_scale, negative=negative)
             with autocast:
                 z = samplers.sample(fn, cfg, objective, shape, gens, device, steps=steps, sampler=sampler)
             out.append(autoencoder.decode(z.float()).clamp(-1, 1).cpu())
