@@ -28,7 +28,7 @@ import torch
 
 def write_synthetic_cache(folder: Path, count: int, channels: int, size: int, part_size: int = 10_000) -> None:
     from ldmkit.data.cache import CACHE_FORMAT
-    from ldmkit.train.encode import UnitWriter
+    from ldmkit.training.encode import UnitWriter
 
     folder.mkdir(parents=True, exist_ok=True)
     parts, rng = [], torch.Generator().manual_seed(0)
@@ -81,7 +81,7 @@ def bench_encode(root: Path, images: int, resolution: int, vae_kind: str, batch:
     from PIL import Image
 
     from ldmkit.config import load_config
-    from ldmkit.train.encode import encode_dataset
+    from ldmkit.training.encode import encode_dataset
 
     rng = np.random.default_rng(0)
     data = root / "images"

@@ -22,7 +22,7 @@ from ldmkit.conditioning.cond import Cond
 from ldmkit.config import load_config
 from ldmkit.diffusion.objectives import build_objective
 from ldmkit.models.registry import backbone_of_preset, build_model, count_parameters, flops_per_image
-from ldmkit.train.parallel import compile_blocks
+from ldmkit.training.parallel import compile_blocks
 
 # Dense bf16 peak (TFLOP/s) for MFU; fp32 uses TF32 tensor cores on these GPUs.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}

@@ -10,8 +10,8 @@ from conftest import TINY
 
 from ldmkit.config import ConfigError, load_config
 from ldmkit.models.registry import build_model
-from ldmkit.train.encode import encode_dataset
-from ldmkit.train.loop import training_loop
+from ldmkit.training.encode import encode_dataset
+from ldmkit.training.loop import training_loop
 
 CONFIGS = sorted(p for p in Path(__file__).resolve().parents[1].glob("configs/**/*.yaml") if p.parent.name != "recipes")
 SHORT = [
@@ -136,7 +136,7 @@ def test_shipped_configs_load_and_build(path):
 @pytest.mark.parametrize("preset", ["DiT-tiny/4", "PixArt-alpha-tiny/4", "mmDiT-tiny/4", "UNet-tiny", "mDT-v2-tiny/4"])
 def test_every_backbone_exposes_its_repeated_blocks_for_compilation(preset):
     from ldmkit.models.registry import backbone_of_preset
-    from ldmkit.train.parallel import compile_blocks, repeated_blocks
+    from ldmkit.training.parallel import compile_blocks, repeated_blocks
 
     model = build_model(
         load_config(overrides=[f"model.name={backbone_of_preset(preset)}", f"model.preset={preset}"]).model

@@ -11,7 +11,7 @@ from PIL import Image
 
 from ldmkit.cli import build_parser, main
 from ldmkit.config import load_config, to_dict
-from ldmkit.train.loop import training_loop
+from ldmkit.training.loop import training_loop
 
 
 def test_every_command_has_help(capsys):

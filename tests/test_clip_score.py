@@ -138,7 +138,7 @@ def test_eval_of_a_text_run_reports_clip_score_for_a_prompt_file(tiny_clip, tmp_
     from ldmkit.cli import main
     from ldmkit.config import load_config
     from ldmkit.data.shards import write_mnist_caption_shards
-    from ldmkit.train.loop import training_loop
+    from ldmkit.training.loop import training_loop
 
     write_mnist_caption_shards(tmp_path / "shards", load_config().data, "held_out", shard_size=100)
     cfg = load_config(

@@ -11,7 +11,7 @@ from ldmkit.cli import main
 from ldmkit.conditioning.cond import Cond
 from ldmkit.config import ConfigError, load_config
 from ldmkit.models.registry import build_model
-from ldmkit.train.loop import training_loop
+from ldmkit.training.loop import training_loop
 
 CONTROL = ["conditioning.control=[original_size, crop_top_left, flip]", "data.hflip=true"]
 

@@ -9,7 +9,7 @@ from PIL import Image
 from ldmkit.cli import main
 from ldmkit.config import ConfigError, load_config
 from ldmkit.data.datasets import DataError, ImageFolder, build_dataset, mnist_digits
-from ldmkit.train.loop import training_loop
+from ldmkit.training.loop import training_loop
 
 
 def test_image_folder_replaces_bad_files_and_records_metadata(tmp_path, caplog):

@@ -19,8 +19,8 @@ from ldmkit.data.cache import LatentCache, memmap_safetensors
 from ldmkit.data.datasets import DataError, pil_to_tensor
 from ldmkit.data.loader import BucketBatches
 from ldmkit.data.transforms import crop_with_metadata
-from ldmkit.train.encode import encode_dataset
-from ldmkit.train.loop import training_loop
+from ldmkit.training.encode import encode_dataset
+from ldmkit.training.loop import training_loop
 
 
 def quiet(*args, **kwargs):

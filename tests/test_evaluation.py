@@ -18,7 +18,7 @@ from ldmkit.config import load_config
 from ldmkit.eval.features import FeatureWeightsMissing, InceptionV3Features, random_inception_weights
 from ldmkit.eval.metrics import density_coverage, kernel_inception_distance, precision_recall
 from ldmkit.eval.reference import compute_reference, load_reference, save_reference
-from ldmkit.train.loop import training_loop
+from ldmkit.training.loop import training_loop
 
 
 @pytest.fixture(scope="module")
@@ -328,7 +328,7 @@ def test_report_compares_runs_with_a_guidance_sweep(tmp_path):
 @pytest.mark.slow
 def test_validation_loss_from_the_cache_and_from_shards(tmp_path, source):
     from ldmkit.data.shards import write_mnist_caption_shards
-    from ldmkit.train.encode import encode_dataset
+    from ldmkit.training.encode import encode_dataset
 
     extra = ["train.val_every_images=64", "eval.val_batch=8"]
     if source == "cache":

@@ -1,5 +1,6 @@
 """Classifier-free guidance: u + s (c - u) on the noise channels, the learned variance from the conditional half."""
 
+import pytest
 import torch
 
 from ldmkit.conditioning.cond import Cond
@@ -65,3 +66,25 @@ def test_control_guidance_formula_and_plain_cfg_at_control_scale_one():
     assert torch.allclose(out, torch.full_like(x, u + 3.0 * (c_sem - u) + 2.0 * (c_full - c_sem)))
     plain = guided(toy, cond, scale=3.0, control_scale=1.0)(x, t)
     assert torch.allclose(plain, torch.full_like(x, 6.0 + 3.0 * (8.0 - 6.0)))  # u' = control kept, no semantic: 6
+
+
+def test_a_negative_condition_takes_the_place_of_the_null_one():
+    from ldmkit.conditioning.cond import Cond
+    from ldmkit.diffusion.guidance import guided
+
+    def model(x, t, cond):  # the "prediction" is the class id, or -1 for the null class
+        ids = (
+            torch.where(cond.drop_semantic, -1, cond.class_labels)
+            if cond.drop_semantic is not None
+            else cond.class_labels
+        )
+        return ids.float().view(-1, 1, 1, 1).expand_as(x)
+
+    x, t = torch.zeros(2, 1, 2, 2), torch.zeros(2)
+    cond = Cond(class_labels=torch.tensor([3, 4]))
+    plain = guided(model, cond, 2.0)(x, t)  # u + 2 (c - u) with u = -1
+    assert plain[:, 0, 0, 0].tolist() == [7.0, 9.0]
+    negative = guided(model, cond, 2.0, negative=Cond(class_labels=torch.tensor([1, 1])))(x, t)  # u = 1
+    assert negative[:, 0, 0, 0].tolist() == [5.0, 7.0]
+    with pytest.raises(ValueError, match="plain guidance"):
+        guided(model, cond, 2.0, control_scale=2.0, negative=cond)

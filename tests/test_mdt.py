@@ -8,7 +8,7 @@ from conftest import TINY, randomised, state_of
 from ldmkit.conditioning.cond import Cond
 from ldmkit.config import load_config
 from ldmkit.models.mdt import MDT, draw_token_keep
-from ldmkit.train.loop import training_loop
+from ldmkit.training.loop import training_loop
 
 
 def tiny(**kw):

@@ -5,8 +5,8 @@ import torch
 from conftest import TINY, state_of
 
 from ldmkit.config import ConfigError, load_config
-from ldmkit.train.loop import training_loop
-from ldmkit.train.optim import Adan
+from ldmkit.training.loop import training_loop
+from ldmkit.training.optim import Adan
 
 
 def test_adan_follows_its_update_rule():

@@ -88,7 +88,7 @@ def environment() -> dict:
 def trained_hashes(name: str, root: Path) -> dict[str, str]:
     from ldmkit.checkpoint import latest_checkpoint, load_checkpoint
     from ldmkit.config import load_config
-    from ldmkit.train.loop import training_loop
+    from ldmkit.training.loop import training_loop
 
     run = training_loop(load_config(overrides=TINY + SHORT + CASES[name]), root / name, quiet=True)
     state = load_checkpoint(latest_checkpoint(run))

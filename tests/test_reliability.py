@@ -24,7 +24,7 @@ from ldmkit.checkpoint import (
     newest_intact_checkpoint,
 )
 from ldmkit.cli import main
-from ldmkit.train.loop import training_loop
+from ldmkit.training.loop import training_loop
 
 
 class Payload:
@@ -185,8 +185,8 @@ def test_divergence_saves_nothing_non_finite_and_names_the_last_good_checkpoint(
 @pytest.mark.slow
 def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
     """Weights an update made non-finite (gradients fine) stop the run at the next log or checkpoint."""
-    import ldmkit.train.loop as loop
-    from ldmkit.train.signals import TrainingDiverged
+    import ldmkit.training.loop as loop
+    from ldmkit.training.signals import TrainingDiverged
 
     build = loop.build_optimizer
 
@@ -319,7 +319,7 @@ def test_a_stop_signal_checkpoints_the_step_and_the_resumed_run_is_exact(tmp_pat
 @pytest.mark.slow
 def test_a_second_ctrl_c_interrupts_at_once():
     from ldmkit.distributed import Dist
-    from ldmkit.train.signals import StopSignals
+    from ldmkit.training.signals import StopSignals
 
     signals = StopSignals(Dist())
     try:
@@ -362,7 +362,7 @@ def _ddp_worker(rank, port, run_dir, timeout_s, action):
     )
     torch.set_num_threads(1)
     if rank == 1:
-        import ldmkit.train.loop as loop
+        import ldmkit.training.loop as loop
 
         original, done = loop.step_seed, []
 
@@ -525,7 +525,7 @@ def test_an_unexpected_error_is_one_line_with_a_hint(monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_total_images_off_the_batch_is_rounded_with_a_note(tmp_path, capsys):
-    from ldmkit.train.logging import status_line
+    from ldmkit.training.logging import status_line
 
     training_loop(tiny_config("train.total_images=70"), tmp_path / "run")
     assert (

@@ -14,7 +14,7 @@ from conftest import TINY, state_of, tiny_config
 from ldmkit.checkpoint import CheckpointError
 from ldmkit.config import ConfigError
 from ldmkit.data.loader import batch_indices
-from ldmkit.train.loop import training_loop
+from ldmkit.training.loop import training_loop
 
 
 def assert_same_weights(a, b, atol=0.0):
@@ -79,7 +79,7 @@ def test_bf16_autocast_trains(tmp_path):
 def test_compiled_blocks_match_eager():
     from ldmkit.conditioning.cond import Cond
     from ldmkit.models.dit import DiT
-    from ldmkit.train.parallel import compile_blocks
+    from ldmkit.training.parallel import compile_blocks
 
     torch.manual_seed(0)
     eager = DiT(
@@ -211,7 +211,7 @@ def test_torchrun_launch_equals_one_process(tmp_path):
 
 
 def test_ema_half_life_and_warmup():
-    from ldmkit.train.state import ema_beta
+    from ldmkit.training.state import ema_beta
 
     cfg = tiny_config("train.ema_halflife_images=1000", "train.ema_rampup=0.5", "train.global_batch=10")
     # after one half-life of images the old EMA keeps half its weight
@@ -278,7 +278,7 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_nan_guard_stops_a_diverging_run(tmp_path):
-    from ldmkit.train.signals import TrainingDiverged
+    from ldmkit.training.signals import TrainingDiverged
 
     with pytest.raises(TrainingDiverged, match="non-finite gradients"):
         training_loop(

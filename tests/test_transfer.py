@@ -16,7 +16,7 @@ from ldmkit.diffusion.objectives import build_objective
 from ldmkit.diffusion.schedules import ddpm_betas, shift_log_snr
 from ldmkit.models.layers import get_2d_sincos_pos_embed, grid_positions
 from ldmkit.models.registry import build_model
-from ldmkit.train.loop import training_loop
+from ldmkit.training.loop import training_loop
 from ldmkit.transfer.init import InitError, plan_and_apply
 from ldmkit.transfer.resample import RESAMPLE_MODES, resample_learned, resample_relative_bias, sincos_table
 
@@ -268,7 +268,7 @@ RECIPES = sorted(__import__("pathlib").Path(__file__).resolve().parents[1].glob(
 def test_every_shipped_recipe_transition_is_covered_by_the_init_rules(path, tmp_path):
     """Each stage of the shipped recipes, at the tiny size of its backbone, starts from the previous stage's weights."""
     from ldmkit.config import to_dict
-    from ldmkit.train.recipe import read_recipe, stage_configs
+    from ldmkit.training.recipe import read_recipe, stage_configs
 
     stages = stage_configs(read_recipe(path), tmp_path, ["model.preset=mmDiT-tiny/2"])
     previous = None
@@ -286,7 +286,7 @@ def test_a_recipe_resumes_at_the_right_stage(tmp_path):
     import yaml
 
     from ldmkit.checkpoint import latest_checkpoint
-    from ldmkit.train.recipe import run_recipe
+    from ldmkit.training.recipe import run_recipe
 
     base = {
         "name": "digits",

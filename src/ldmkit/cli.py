@@ -482,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args):
     from .config import RunConfig, apply_overrides, build, dump_config, load_config, to_dict, validate
-    from .train.loop import checkpoint_config, training_loop
+    from .training.loop import checkpoint_config, training_loop
 
     overrides = args.overrides + ([f"init.source={args.init}"] if args.init else [])
     source = Path(args.config)
@@ -523,7 +523,7 @@ def check_not_file(path: Path | str | None, what: str) -> None:
 
 
 def cmd_recipe(args):
-    from .train.recipe import run_recipe
+    from .training.recipe import run_recipe
 
     for run_dir in run_recipe(args.recipe, args.out, args.overrides):
         print(run_dir)
@@ -589,7 +589,7 @@ def cmd_sample(args):
 
 def cmd_encode(args):
     from .config import load_config
-    from .train.encode import encode_dataset
+    from .training.encode import encode_dataset
 
     cfg = load_config(args.config, args.overrides)
     encode_dataset(cfg, batch_size=args.batch)
@@ -818,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 1
-    from .train.signals import EXIT_STOPPED, TrainingStopped
+    from .training.signals import EXIT_STOPPED, TrainingStopped
 
     try:
         COMMANDS[args.command](args)

@@ -13,8 +13,8 @@ from .config import SHIPPED_CONFIGS, ConfigError, load_config
 from .eval.evaluate import evaluate_run, write_metrics
 from .eval.generate import save_grid
 from .eval.report import write_report
-from .train.logging import print_status
-from .train.loop import training_loop
+from .training.logging import print_status
+from .training.loop import training_loop
 
 DEMO_CONFIG = SHIPPED_CONFIGS / "demo" / "mnist_dit.yaml"
 
@@ -40,7 +40,7 @@ def prepare_digit_shards(cfg) -> None:
     """The text demo's inputs, when missing: the captioned digits as shards (in the folder data.path names),
     then the latent cache (`ldmkit encode`; it continues where an interrupted run stopped)."""
     from .data.shards import expand_urls, write_mnist_caption_shards
-    from .train.encode import encode_dataset
+    from .training.encode import encode_dataset
 
     urls = expand_urls(cfg.data.path, cfg.data.allow_shell)
     if not all(Path(u).is_file() for u in urls):

@@ -9,7 +9,7 @@ from ..config import RunConfig
 
 
 def read_log(run_dir: Path, file: str = "log.jsonl") -> list[dict]:
-    """The records of a run's log.jsonl (or eval.jsonl); train/logging.py writes them."""
+    """The records of a run's log.jsonl (or eval.jsonl); training/logging.py writes them."""
     path = Path(run_dir) / file
     if not path.is_file():
         return []
