@@ -112,7 +112,9 @@ def test_sample_and_eval_a_run(tmp_path):
     assert main(["sample", str(tmp_path / "nothing-here")]) == 2
 
 
-def test_convert_official_layout_to_ldmkit_and_diffusers(tmp_path):
+def test_convert_official_layout_to_ldmkit_and_diffusers(tmp_path, capsys):
+    import json
+
     from ldmkit.models.dit import DiT
 
     official = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=2, num_classes=10)
@@ -130,6 +132,11 @@ def test_convert_official_layout_to_ldmkit_and_diffusers(tmp_path):
         assert torch.equal(state["ema"][k], v)
     assert main(["convert", str(tmp_path / "model.pt"), "--to", "diffusers", "--out", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "config.json").is_file()
+    # official DiT embeds timesteps with freq shift 0, diffusers with 1: the export measures and says what it costs
+    note = json.loads((tmp_path / "hf" / "ldmkit.json").read_text())
+    assert note["timestep_freq_shift"] == 0.0
+    assert note["diffusers_output_gap"] > 1e-4
+    assert f"differ by up to {note['diffusers_output_gap']:.3g}" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "hf"), "--out", str(tmp_path / "back.pt")]) == 0
     back = torch.load(tmp_path / "back.pt", weights_only=False)
     # the export wrote the run's config beside it (ldmkit_config.yaml): loading it back restores the same model
