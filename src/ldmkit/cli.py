@@ -46,19 +46,19 @@ EPILOG = (
 )
 
 
+def _add_set_option(p, help: str) -> None:
+    """--set KEY=VALUE (repeatable), collected in args.overrides."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def _add_run_config_options(p, device: bool = True) -> None:
     """--config / --set on the config a run recorded (and --device), for the commands that load a run."""
     p.add_argument(
         "--config",
         help="a config file to use instead of the one the run recorded (it must describe the same model)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key of the run's config, e.g. --set autoencoder.path=/models/sd-vae-ft-ema (repeatable)",
+    _add_set_option(
+        p, "override a key of the run's config, e.g. --set autoencoder.path=/models/sd-vae-ft-ema (repeatable)"
     )
     if device:
         p.add_argument(
@@ -120,14 +120,7 @@ def _add_train_command(sub) -> None:
         help="YAML config file or a shipped config's name (e.g. imagenet256/dit_xl2), or a run folder to resume "
         "(its config.yaml, else its newest checkpoint's config)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set train.lr=3e-4 (repeatable)",
-    )
+    _add_set_option(p, "override a config key, e.g. --set train.lr=3e-4 (repeatable)")
     p.add_argument(
         "--out", help="run directory (default: runs/<config name>; the folder itself when CONFIG is a run folder)"
     )
@@ -162,14 +155,7 @@ def _add_recipe_command(sub) -> None:
     )
     p.add_argument("recipe", help="recipe YAML file")
     p.add_argument("--out", help="folder of the stage runs (default: runs/<recipe name>)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key in every stage, e.g. --set data.path=/data/imagenet/train (repeatable)",
-    )
+    _add_set_option(p, "override a config key in every stage, e.g. --set data.path=/data/imagenet/train (repeatable)")
 
 
 def _add_encode_command(sub) -> None:
@@ -183,14 +169,7 @@ def _add_encode_command(sub) -> None:
         "torchrun --nproc_per_node N -m ldmkit.cli encode CONFIG. Train from it with data.from_cache: true.",
     )
     p.add_argument("config", help="YAML config file or a shipped config's name (the one you train with)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key (repeatable)",
-    )
+    _add_set_option(p, "override a config key (repeatable)")
     p.add_argument("--batch", type=positive_int, default=64, help="images per encoder call (default 64)")
 
 
@@ -383,9 +362,7 @@ def _add_demo_command(sub) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--quick", action="store_true", help="a tiny, seconds-long run of the same path (used by the tests)")
     p.add_argument("--config", help="demo config (default configs/demo/mnist_dit.yaml)")
-    p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
-    )
+    _add_set_option(p, "override a config key")
 
 
 def _add_convert_command(sub) -> None:
@@ -415,13 +392,8 @@ def _add_convert_command(sub) -> None:
         help="ldmkit config to embed for sampling (default: the backbone's recipe, e.g. "
         "configs/imagenet256/dit_xl2.yaml, with the weights' architecture)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key of the embedded config, after the architecture read from the weights (repeatable)",
+    _add_set_option(
+        p, "override a key of the embedded config, after the architecture read from the weights (repeatable)"
     )
     p.add_argument(
         "--trust-pickle",
