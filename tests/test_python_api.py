@@ -53,3 +53,19 @@ def test_pipeline_calls(tmp_path, monkeypatch):
         pipe(class_labels=[1], output_type="np")
     assert pipe.to("cpu") is pipe
     assert os.path.basename(str(pipe.source)) == "run"
+
+
+def test_load_falls_back_to_foreign_weights(tmp_path):
+    """ldmkit.load on an official DiT .pt (no ldmkit config inside): the backbone and architecture are read from the
+    weights and the DiT recipe is used, here with a pixel-space autoencoder so that it runs offline."""
+    import ldmkit
+    from ldmkit.models.dit import DiT
+
+    official = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=2, num_classes=10)
+    torch.save(official.state_dict(), tmp_path / "DiT-test.pt")
+    offline = ["autoencoder.name=identity", "autoencoder.layout=null", "data.channels=1"]
+    pipe = ldmkit.load(tmp_path / "DiT-test.pt", device="cpu", overrides=offline)
+    assert pipe.cfg.model.hidden_size == 64
+    assert pipe.cfg.model.timestep_freq_shift == 0.0  # the official convention
+    assert all(torch.equal(v, official.state_dict()[k]) for k, v in pipe.model.state_dict().items())
+    assert pipe(class_labels=[1], num_inference_steps=2, output_type="pt").shape == (1, 4, 8, 8)

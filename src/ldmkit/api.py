@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from .config import RunConfig, build, load_config, run_config, to_dict
-from .distributed import init_distributed
+from .distributed import pick_device
 from .eval.evaluate import SampleSettings, evaluate_run, load_generator
 from .eval.generate import generate
 from .training.loop import training_loop
@@ -29,7 +29,7 @@ class Pipeline:
     @classmethod
     def from_run(cls, path, device: str = "auto", use_ema: bool = True, config=None, overrides=None) -> "Pipeline":
         """A run folder (its newest intact checkpoint) or an ldmkit checkpoint file."""
-        where = init_distributed(device, process_group=False, setting="device").device
+        where = pick_device(device, "device")
         cfg, model, objective, autoencoder, _ = load_generator(path, use_ema, where, config, overrides)
         return cls(model, cfg, objective, autoencoder, where, str(path))
 
@@ -40,7 +40,7 @@ class Pipeline:
         from .autoencoders import build_autoencoder
         from .diffusion.objectives import build_objective
 
-        where = init_distributed(device, process_group=False, setting="device").device
+        where = pick_device(device, "device")
         model, cfg_dict, _, _ = load_any(path, config, overrides)
         cfg = build(RunConfig, cfg_dict)
         autoencoder = build_autoencoder(cfg.autoencoder, cfg.data.channels).to(where)

@@ -502,12 +502,12 @@ def cmd_recipe(args):
 
 
 def cmd_sample(args):
-    from .distributed import init_distributed
+    from .distributed import pick_device
     from .eval.evaluate import load_generator
     from .eval.generate import generate, grid_labels, save_grid, save_images
 
     check_not_file(args.out, "--out")
-    device = init_distributed(args.device, process_group=False, setting="--device").device
+    device = pick_device(args.device)
     cfg, model, objective, autoencoder, run_dir = load_generator(
         args.source, use_ema=not args.no_ema, device=device, config=args.config, overrides=args.overrides
     )
@@ -568,14 +568,14 @@ def cmd_encode(args):
 
 
 def cmd_probe(args):
-    from .distributed import init_distributed
+    from .distributed import pick_device
     from .eval.probe import probe_control
 
     source = Path(args.source)
     values = [v.strip() for v in args.values.split(";") if v.strip()]
     if len(values) < 2:
         raise ValueError("--values needs at least two values separated by ';'")
-    device = init_distributed(args.device, process_group=False, setting="--device").device
+    device = pick_device(args.device)
     out = probe_control(
         source,
         args.control,

@@ -60,6 +60,11 @@ def init_distributed(
     return Dist(rank, world, local, device, cpu_group)
 
 
+def pick_device(device_pref: str = "auto", setting: str = "--device") -> torch.device:
+    """The device to sample or evaluate on (auto: this process's GPU when there is one), with no process group."""
+    return init_distributed(device_pref, process_group=False, setting=setting).device
+
+
 class LostProcess(ValueError):
     """A collective failed or timed out: another process froze or died (one line, exit code 2)."""
 

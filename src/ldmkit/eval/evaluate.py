@@ -448,17 +448,14 @@ def evaluate_folder(
         raise ValueError(f"--ref {reference} holds Inception statistics: add --fid (FD-EffNetLite0 needs real images)")
     if fid:
         from .features import InceptionV3Features
-        from .reference import compute_reference, load_reference
+        from .reference import compute_reference, load_reference, reference_from_features
 
         extractor = InceptionV3Features(inception_weights)
         if statistics_only:
             stats = load_reference(reference)
         elif reference == "mnist":
-            from .metrics import feature_statistics
-
             features = extract(extractor, ref, batch).double().numpy()
-            mu, sigma = feature_statistics(features)
-            stats = {"features": features, "mu": mu, "sigma": sigma, "count": len(features), "source": name}
+            stats = reference_from_features(features, extractor.name, name, side)
         else:
             stats = compute_reference(reference, extractor, side, batch=batch)
         metrics.update(inception_metrics(extract(extractor, images, batch).double().numpy(), stats))

@@ -69,14 +69,20 @@ def compute_reference(
     source: str, extractor, resolution: int, limit: int = 50_000, batch: int = 100, allow_shell: bool = False
 ) -> dict:
     features = features_of(iterate_source_images(source, resolution, limit, batch, allow_shell), extractor)
+    return reference_from_features(features, extractor.name, str(source), resolution)
+
+
+def reference_from_features(features: np.ndarray, extractor: str, source: str, resolution: int) -> dict:
+    """Reference statistics (float64 mean and covariance, the features kept for KID / P-R / D-C) of real images'
+    features, in the layout save_reference writes and inception_metrics reads."""
     mu, sigma = feature_statistics(features)
     return {
         "features": features.astype(np.float32),
         "mu": mu,
         "sigma": sigma,
-        "extractor": extractor.name,
+        "extractor": extractor,
         "count": len(features),
-        "source": str(source),
+        "source": source,
         "resolution": resolution,
     }
 

@@ -150,10 +150,11 @@ def diffusers_dit(sd_ldmkit: dict, arch: dict):
     return model.eval()
 
 
-def write_diffusers(sd_ldmkit: dict, arch: dict, out_dir: str | Path, note: dict | None = None) -> Path:
-    """Write a diffusers DiTTransformer2DModel folder (config.json + safetensors) and check it loads."""
+def write_diffusers(sd_ldmkit: dict, arch: dict, out_dir: str | Path, note: dict | None = None, model=None) -> Path:
+    """Write a diffusers DiTTransformer2DModel folder (config.json + safetensors) and check it loads. model: the
+    diffusers model of these weights when the caller has built it already."""
     out_dir = Path(out_dir)
-    diffusers_dit(sd_ldmkit, arch).save_pretrained(out_dir)
+    (model or diffusers_dit(sd_ldmkit, arch)).save_pretrained(out_dir)
     info = {"converted_by": "ldmkit", "arch": arch, **(note or {})}
     (out_dir / "ldmkit.json").write_text(json.dumps(info, indent=1))
     return out_dir
@@ -193,10 +194,10 @@ def export_dit(model: DiT, out_dir: Path) -> Path:
             "diffusers' DiTTransformer2DModel is DiT as published (class in adaLN); this DiT has no diffusers form"
         )
     sd, arch = model.state_dict(), dit_arch_from_state_dict(model.state_dict(), model.num_heads)
-    note = None
+    reference, note = diffusers_dit(sd, arch), None
     shift = model.t_embedder.freq_shift
     if shift != 1:  # diffusers' timestep features use freq shift 1: measure what that changes
-        gap, scale = diffusers_output_gap(model, diffusers_dit(sd, arch))
+        gap, scale = diffusers_output_gap(model, reference)
         note = {"timestep_freq_shift": shift, "diffusers_output_gap": gap, "mean_abs_output": scale}
         print(
             f"warning: diffusers' DiT embeds timesteps with freq shift 1, this model with {shift:g}: in diffusers its "
@@ -205,7 +206,7 @@ def export_dit(model: DiT, out_dir: Path) -> Path:
             "diffusers model",
             file=sys.stderr,
         )
-    return write_diffusers(sd, arch, out_dir, note)
+    return write_diffusers(sd, arch, out_dir, note, reference)
 
 
 def detect_dit(sd: dict) -> str | None:
