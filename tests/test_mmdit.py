@@ -6,8 +6,10 @@ import torch
 from conftest import randomised
 
 from ldmkit.conditioning.cond import Cond
+from ldmkit.diffusion.samplers import flow_sigmas, sample_flow
 from ldmkit.models.mmdit import MMDiT
 from ldmkit.models.mmdit_spec import mmdit_diffusers_config, mmdit_from_diffusers, mmdit_to_diffusers
+from ldmkit.models.registry import BACKBONES
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -100,7 +102,26 @@ def test_export_then_convert_reproduces_an_mmdit(tmp_path):
         ckpt,
     )
     assert main(["export", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
-    ref = diffusers.SD3Transformer2DModel.from_pretrained(tmp_path / "hf").eval()
+    text_parts = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+    pipe = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "hf", vae=None, **dict.fromkeys(text_parts))
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline"
+    ref = pipe.transformer.eval()
+    ours, theirs = BACKBONES["mmdit"].diffusers_probe(model, ref)
+    assert (ours - theirs).abs().max() <= 1e-5
+    # The pipeline's flow chain, given ldmkit's noise levels, is ldmkit's Euler sampler.
+    context, pooled = torch.randn(1, 9, 384), torch.randn(1, 384)
+    with torch.no_grad():
+        latents = pipe(
+            prompt_embeds=context,
+            pooled_prompt_embeds=pooled,
+            sigmas=[1 - k / 3 for k in range(3)],
+            guidance_scale=1,
+            generator=torch.Generator().manual_seed(5),
+            output_type="latent",
+        ).images
+        noise = torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(5))
+        expected = sample_flow(lambda x, t: model(x, t, Cond(context=context, pooled=pooled)), noise, flow_sigmas(3))
+    assert (latents - expected).abs().max() <= 1e-5 and expected.std() > 1e-3
     assert main(["convert", str(tmp_path / "hf"), "--out", str(tmp_path / "back.pt")]) == 0
     back = load_checkpoint(tmp_path / "back.pt")
     assert all(torch.equal(back["ema"][k], v) for k, v in model.state_dict().items())

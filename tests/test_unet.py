@@ -7,6 +7,7 @@ from conftest import randomised
 
 from ldmkit.conditioning.cond import Cond
 from ldmkit.models.unet import UNet
+from ldmkit.models.registry import BACKBONES
 from ldmkit.models.unet_spec import unet_diffusers_config, unet_from_diffusers, unet_to_diffusers
 
 diffusers = pytest.importorskip("diffusers")
@@ -120,7 +121,12 @@ def test_export_then_convert_reproduces_an_sdxl_like_unet(tmp_path):
         tmp_path / "m.pt",
     )
     assert main(["export", str(tmp_path / "m.pt"), "--out", str(tmp_path / "hf")]) == 0
-    ref = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "hf").eval()
+    text_parts = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    pipe = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "hf", vae=None, **dict.fromkeys(text_parts))
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline" and type(pipe.scheduler).__name__ == "DDPMScheduler"
+    ref = pipe.unet.eval()
+    ours, theirs = BACKBONES["unet"].diffusers_probe(model, ref)
+    assert (ours - theirs).abs().max() <= 1e-5
     assert main(["convert", str(tmp_path / "hf"), "--out", str(tmp_path / "back.pt")]) == 0
     back = load_checkpoint(tmp_path / "back.pt")
     assert back["config"]["model"]["preset"] == "UNet-S"

@@ -14,7 +14,8 @@ from .distributed import pick_device
 from .eval.evaluate import SampleSettings, evaluate_run, load_generator
 from .eval.generate import generate
 from .training.loop import training_loop
-from .transfer.convert import export, load_any
+from .transfer.convert import load_any
+from .transfer.pipeline import export_pipeline
 
 
 class Pipeline:
@@ -54,10 +55,10 @@ class Pipeline:
         return self
 
     def save_pretrained(self, folder) -> Path:
-        """The model in the diffusers layout (with the run's config beside it: from_pretrained restores it)."""
+        """A diffusers pipeline folder (as `ldmkit export`), with the run's config: from_pretrained restores it."""
         from .models.registry import spec_of
 
-        return export(self.model, to_dict(self.cfg), spec_of(self.model), folder)
+        return export_pipeline(self.model, to_dict(self.cfg), spec_of(self.model), folder, source=self.source)
 
     @torch.no_grad()
     def __call__(

@@ -406,11 +406,14 @@ def _add_convert_command(sub) -> None:
 def _add_export_command(sub) -> None:
     p = sub.add_parser(
         "export",
-        help="write a run's model in the diffusers layout (DiT, PixArt-alpha, mmDiT, UNet)",
-        description="Write the EMA weights of a run folder (newest checkpoint) or checkpoint file as a diffusers "
-        "model folder: DiTTransformer2DModel (class-conditional DiT), PixArtTransformer2DModel "
-        "(text-conditional PixArt-alpha), SD3Transformer2DModel (text-conditional mmDiT) or "
-        "UNet2DConditionModel (text-conditional UNet), loadable with from_pretrained.",
+        help="write a run as a diffusers pipeline folder (DiT, PixArt-alpha, mmDiT, UNet)",
+        description="Write the EMA weights of a run folder (newest checkpoint) or checkpoint file as a complete "
+        "diffusers pipeline folder: DiTPipeline (class-conditional DiT), PixArtAlphaPipeline (text-conditional "
+        "PixArt-alpha), StableDiffusion3Pipeline (text-conditional mmDiT) or StableDiffusionPipeline / "
+        "StableDiffusionXLPipeline (text-conditional UNet), with the scheduler of the run's objective and "
+        "sampler, its VAE, model_index.json, a model card (README.md) and the run's config. Text encoders are "
+        "left empty: the card shows how to pass ldmkit's caption embeddings. Loads with "
+        "DiffusionPipeline.from_pretrained and with ldmkit.load.",
     )
     p.add_argument("source", help="run folder or checkpoint file")
     p.add_argument("--out", required=True, help="output folder")
@@ -738,14 +741,21 @@ def cmd_export(args):
     from .checkpoint import load_weights, run_checkpoint
     from .config import run_config, to_dict
     from .models.registry import backbone_spec, build_model
-    from .transfer.convert import export
+    from .transfer.pipeline import export_pipeline
 
     check_not_file(args.out, "--out")
-    ckpt, state, _ = run_checkpoint(args.source)
+    ckpt, state, run_dir = run_checkpoint(args.source)
     run_cfg = run_config(state["config"], args.config, args.overrides)
     model = build_model(run_cfg.model, run_cfg.conditioning)
-    load_weights(model, state["model" if args.no_ema else "ema"], f"checkpoint {ckpt}")
-    print(export(model, to_dict(run_cfg), backbone_spec(run_cfg.model), args.out))
+    weights = "model" if args.no_ema else "ema"
+    load_weights(model, state[weights], f"checkpoint {ckpt}")
+    metrics_file = run_dir / "metrics.json" if run_dir else None
+    metrics = json.loads(metrics_file.read_text()) if metrics_file and metrics_file.is_file() else None
+    spec = backbone_spec(run_cfg.model)
+    out = export_pipeline(
+        model, to_dict(run_cfg), spec, args.out, state.get("images_seen"), metrics, f"{ckpt} ({weights} weights)"
+    )
+    print(out)
 
 
 def cmd_presets(args):

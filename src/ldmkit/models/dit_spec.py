@@ -14,7 +14,6 @@ divides by half (`model.timestep_freq_shift` 1 vs 0), and its feed-forward Layer
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from .spec import (
     block_count,
     cross_attention_flops,
     overrides_of,
+    probe_inputs,
     transformer_block_flops,
 )
 
@@ -161,14 +161,13 @@ def write_diffusers(sd_ldmkit: dict, arch: dict, out_dir: str | Path, note: dict
 
 
 @torch.no_grad()
-def diffusers_output_gap(model: DiT, reference) -> tuple[float, float]:
-    """(max |ldmkit - diffusers|, mean |ldmkit|) of the two models' outputs on a fixed probe input."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, model.in_channels, model.input_size, model.input_size, generator=g)
-    steps, labels = torch.tensor([100, 800]), torch.tensor([0, 1]) % max(model.y_embedder.num_classes, 1)
-    ours = model.eval()(x, steps / 1000.0, Cond(class_labels=labels))
-    theirs = reference(x, timestep=steps, class_labels=labels).sample
-    return float((ours - theirs).abs().max()), float(ours.abs().mean())
+def dit_probe(model: DiT, reference) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ldmkit's output, diffusers') on the same random latents, noise levels and class labels."""
+    x, t, g = probe_inputs(model)
+    labels = torch.randint(0, max(model.y_embedder.num_classes, 1), (len(x),), generator=g)
+    steps = (t * 1000).round()
+    ours = model.eval()(x, steps / 1000, Cond(class_labels=labels))
+    return ours, reference(x, timestep=steps, class_labels=labels).sample
 
 
 def dit_overrides(
@@ -188,25 +187,20 @@ def dit_overrides(
     return overrides
 
 
-def export_dit(model: DiT, out_dir: Path) -> Path:
+def dit_to_diffusers(model: DiT) -> tuple[object, list[str]]:
     if model.conditioning != "class":
         raise ConversionError(
             "diffusers' DiTTransformer2DModel is DiT as published (class in adaLN); this DiT has no diffusers form"
         )
-    sd, arch = model.state_dict(), dit_arch_from_state_dict(model.state_dict(), model.num_heads)
-    reference, note = diffusers_dit(sd, arch), None
+    sd = model.state_dict()
+    notes = []
     shift = model.t_embedder.freq_shift
-    if shift != 1:  # diffusers' timestep features use freq shift 1: measure what that changes
-        gap, scale = diffusers_output_gap(model, reference)
-        note = {"timestep_freq_shift": shift, "diffusers_output_gap": gap, "mean_abs_output": scale}
-        print(
-            f"warning: diffusers' DiT embeds timesteps with freq shift 1, this model with {shift:g}: in diffusers its "
-            f"outputs differ by up to {gap:.3g} (mean |output| {scale:.3g}) on a probe input. ldmkit loads this "
-            "folder back exactly (ldmkit_config.yaml); train with model.timestep_freq_shift=1 for a faithful "
-            "diffusers model",
-            file=sys.stderr,
+    if shift != 1:
+        notes.append(
+            f"diffusers' DiT embeds timesteps with freq shift 1, this model with {shift:g}; train with "
+            "model.timestep_freq_shift=1 for a faithful diffusers model"
         )
-    return write_diffusers(sd, arch, out_dir, note, reference)
+    return diffusers_dit(sd, dit_arch_from_state_dict(sd, model.num_heads)), notes
 
 
 def detect_dit(sd: dict) -> str | None:
@@ -258,5 +252,7 @@ SPEC = BackboneSpec(
     import_weights=lambda sd, layout: diffusers_to_ldmkit(sd) if layout == "diffusers" else sd,
     import_overrides=dit_overrides,
     kept_on_import=("pos_embed",),
-    export_weights=export_dit,
+    to_diffusers=dit_to_diffusers,
+    diffusers_probe=dit_probe,
+    diffusers_pipeline=lambda model: "DiTPipeline",
 )

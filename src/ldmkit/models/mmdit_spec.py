@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from ..conditioning.cond import Cond
 from .mmdit import MMDIT_PRESETS, MMDiT
-from .spec import BackboneSpec, ConversionError, block_count, copy_renamed
+from .spec import BackboneSpec, ConversionError, block_count, copy_renamed, probe_inputs
 
 _RENAMES = {
     "x_embedder.proj": "pos_embed.proj",
@@ -153,9 +154,7 @@ def mmdit_overrides(config: dict) -> list[str]:
     ]
 
 
-def write_mmdit_diffusers(model, out_dir):
-    from pathlib import Path
-
+def mmdit_to_diffusers_model(model) -> tuple[object, list[str]]:
     from diffusers import SD3Transformer2DModel
 
     if model.conditioning != "text":
@@ -168,8 +167,18 @@ def write_mmdit_diffusers(model, out_dir):
         raise ConversionError(
             f"export does not fit SD3Transformer2DModel: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    ref.save_pretrained(out_dir)
-    return Path(out_dir)
+    return ref.eval(), []
+
+
+@torch.no_grad()
+def mmdit_probe(model, reference) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ldmkit's output, diffusers') on the same latents, noise levels, caption tokens and pooled captions."""
+    x, t, g = probe_inputs(model)
+    context = torch.randn(len(x), 8, reference.config.joint_attention_dim, generator=g)
+    pooled = torch.randn(len(x), reference.config.pooled_projection_dim, generator=g)
+    ours = model.eval()(x, t, Cond(context=context, pooled=pooled))
+    theirs = reference(x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t * 1000).sample
+    return ours, theirs
 
 
 def mmdit_flops(model: MMDiT, L: int) -> float:
@@ -220,5 +229,7 @@ SPEC = BackboneSpec(
     import_weights=lambda sd, layout: mmdit_from_diffusers(sd),
     import_overrides=lambda sd, layout, folder_config, **_: mmdit_overrides(folder_config),
     kept_on_import=("pos_embed",),
-    export_weights=write_mmdit_diffusers,
+    to_diffusers=mmdit_to_diffusers_model,
+    diffusers_probe=mmdit_probe,
+    diffusers_pipeline=lambda model: "StableDiffusion3Pipeline",
 )

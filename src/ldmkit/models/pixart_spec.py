@@ -7,10 +7,9 @@ prompt instead) and the fixed `pos_embed` table (recomputed from the config); im
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
+from ..conditioning.cond import Cond
 from .pixart import PIXART_PRESETS, PixArt
 from .spec import (
     BackboneSpec,
@@ -18,6 +17,7 @@ from .spec import (
     block_count,
     copy_renamed,
     cross_attention_flops,
+    probe_inputs,
     transformer_block_flops,
 )
 
@@ -122,8 +122,8 @@ def pixart_overrides(config: dict) -> list[str]:
     ]
 
 
-def write_pixart_diffusers(model, out_dir) -> Path:
-    """Write a text-conditional ldmkit PixArt as a diffusers PixArtTransformer2DModel folder."""
+def pixart_to_diffusers_model(model) -> tuple[object, list[str]]:
+    """A text-conditional ldmkit PixArt as a diffusers PixArtTransformer2DModel."""
     from diffusers import PixArtTransformer2DModel
 
     if model.conditioning != "text":
@@ -137,8 +137,32 @@ def write_pixart_diffusers(model, out_dir) -> Path:
         raise ConversionError(
             f"export does not fit PixArtTransformer2DModel: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    ref.save_pretrained(out_dir)
-    return Path(out_dir)
+    notes = [
+        "diffusers' PixArt has no learned null caption (y_embedder.y_embedding): its pipeline guides with the "
+        "encoded empty prompt; ldmkit keeps the null caption in transformer/ldmkit_extra.safetensors"
+    ]
+    return ref.eval(), notes
+
+
+@torch.no_grad()
+def pixart_probe(model, reference) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ldmkit's output, diffusers') on the same latents, noise levels, captions with padding masks and, with
+    micro-conditions, sizes."""
+    x, t, g = probe_inputs(model)
+    B, L = len(x), 8
+    caption = torch.randn(B, L, reference.config.caption_channels, generator=g)
+    mask = torch.arange(L)[None] < torch.tensor([L, L // 2])[:, None]
+    control = {"original_size": torch.tensor([[512.0, 768.0], [256.0, 256.0]]), "target_size": x.new_full((B, 2), 32)}
+    added = {"resolution": None, "aspect_ratio": None}
+    if model.micro_conditions:
+        target = control["target_size"]
+        added = {"resolution": control["original_size"], "aspect_ratio": target[:, :1] / target[:, 1:]}
+    steps = (t * 1000).round()
+    ours = model.eval()(x, steps / 1000, Cond(context=caption, context_mask=mask, control=control))
+    theirs = reference(
+        x, encoder_hidden_states=caption, encoder_attention_mask=mask, timestep=steps, added_cond_kwargs=added
+    ).sample
+    return ours, theirs
 
 
 def pixart_kwargs(model_cfg, kwargs: dict) -> dict:
@@ -191,5 +215,7 @@ SPEC = BackboneSpec(
     import_weights=lambda sd, layout: pixart_from_diffusers(sd),
     import_overrides=lambda sd, layout, folder_config, **_: pixart_overrides(folder_config),
     kept_on_import=("pos_embed", "y_embedder.y_embedding"),
-    export_weights=write_pixart_diffusers,
+    to_diffusers=pixart_to_diffusers_model,
+    diffusers_probe=pixart_probe,
+    diffusers_pipeline=lambda model: "PixArtAlphaPipeline",
 )

@@ -8,7 +8,6 @@ condition may enter, its weight mappings to and from other layouts, and any extr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -46,8 +45,14 @@ class BackboneSpec:
     import_overrides: Callable[..., list[str]] | None = None
     # Tensors that a foreign layout does not carry and that the new model keeps from its own init.
     kept_on_import: tuple[str, ...] = ()
-    export_weights: Callable[[nn.Module, Path], Path] | None = None  # -> the diffusers folder written
-    no_export: str = "no diffusers form"  # why, when export_weights is None
+    # Its diffusers form: to_diffusers(model) -> (the diffusers model holding its weights, notes on what differs
+    # in diffusers); diffusers_probe(model, that diffusers model) -> (ldmkit's output, diffusers') on the same
+    # random inputs; the diffusers pipeline class that runs it and the pipeline's folder for it.
+    to_diffusers: Callable[[nn.Module], tuple[nn.Module, list[str]]] | None = None
+    no_export: str = "no diffusers form"  # why, when to_diffusers is None
+    diffusers_probe: Callable[[nn.Module, nn.Module], tuple[torch.Tensor, torch.Tensor]] | None = None
+    diffusers_pipeline: Callable[[nn.Module], str] = lambda model: ""
+    diffusers_folder: str = "transformer"
     # Extra training pass (MDT-v2's masked pass): model -> ExtraPass or None.
     extra_pass: Callable[[nn.Module], "ExtraPass | None"] = lambda model: None
 
@@ -61,6 +66,14 @@ class ExtraPass:
 
     def kwargs(self, drawn: torch.Tensor, part: slice) -> dict:
         raise NotImplementedError
+
+
+def probe_inputs(model: nn.Module, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+    """Fixed random latents [batch, C, S, S] for the model's input size, noise levels t in [0, 1] and the generator
+    that draws the rest of a probe's inputs (the diffusers probes compare two models on them)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, model.in_channels, model.input_size, model.input_size, generator=g)
+    return x, torch.linspace(0.1, 0.8, batch), g
 
 
 def copy_renamed(sd: dict, renames: dict[str, str], out: dict, reverse: bool = False) -> dict:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .spec import BackboneSpec, ConversionError
-from .unet import UNET_PRESETS, ResnetBlock, SpatialTransformer, UNet
+from ..conditioning.cond import Cond
+from .spec import BackboneSpec, ConversionError, probe_inputs
+from .unet import MICRO_CONDITIONS, UNET_PRESETS, ResnetBlock, SpatialTransformer, UNet
 
 UNET_ONLY = ("class_embedder.",)
 
@@ -111,9 +112,7 @@ def _per_level(value, levels: int) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value] * levels
 
 
-def write_unet_diffusers(model, out_dir):
-    from pathlib import Path
-
+def unet_to_diffusers_model(model) -> tuple[object, list[str]]:
     from diffusers import UNet2DConditionModel
 
     if model.conditioning != "text":
@@ -123,8 +122,35 @@ def write_unet_diffusers(model, out_dir):
         )
     ref = UNet2DConditionModel(**unet_diffusers_config(model))
     ref.load_state_dict(unet_to_diffusers(model.state_dict()), strict=True)
-    ref.save_pretrained(out_dir)
-    return Path(out_dir)
+    return ref.eval(), []
+
+
+@torch.no_grad()
+def unet_probe(model, reference) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ldmkit's output, diffusers') on the same latents, noise levels, caption tokens with padding masks and, with
+    SDXL micro-conditions, the pooled caption and sizes."""
+    x, t, g = probe_inputs(model)
+    B, L = len(x), 8
+    context = torch.randn(B, L, reference.config.cross_attention_dim, generator=g)
+    mask = torch.arange(L)[None] < torch.tensor([L, L // 2])[:, None]
+    cond, added = Cond(context=context, context_mask=mask), None
+    if model.micro_conditions:
+        pooled_dim = reference.config.projection_class_embeddings_input_dim - 6 * model.micro_embed_dim
+        cond.pooled = torch.randn(B, pooled_dim, generator=g)
+        sizes = torch.tensor([[512.0, 768.0], [256.0, 256.0]])
+        cond.control = {"original_size": sizes, "crop_top_left": sizes * 0.1, "target_size": sizes.flip(1)}
+        time_ids = torch.cat([cond.control[k] for k in MICRO_CONDITIONS], dim=1)
+        added = {"text_embeds": cond.pooled, "time_ids": time_ids}
+    steps = (t * 1000).round()
+    ours = model.eval()(x, steps / 1000, cond)
+    theirs = reference(
+        x, steps, encoder_hidden_states=context, encoder_attention_mask=mask, added_cond_kwargs=added
+    ).sample
+    return ours, theirs
+
+
+def unet_pipeline(model) -> str:
+    return "StableDiffusionXLPipeline" if model.micro_conditions else "StableDiffusionPipeline"
 
 
 def unet_kwargs(model_cfg, kwargs: dict) -> dict:
@@ -210,5 +236,8 @@ SPEC = BackboneSpec(
     detect=lambda sd: "diffusers" if is_diffusers_unet(sd) else None,
     import_weights=lambda sd, layout: unet_from_diffusers(sd),
     import_overrides=lambda sd, layout, folder_config, **_: unet_overrides(folder_config),
-    export_weights=write_unet_diffusers,
+    to_diffusers=unet_to_diffusers_model,
+    diffusers_probe=unet_probe,
+    diffusers_pipeline=unet_pipeline,
+    diffusers_folder="unet",
 )

@@ -10,6 +10,8 @@ from ..checkpoint import load_checkpoint, load_file
 from ..models.registry import detect_backbone
 from ..models.spec import ConversionError
 
+LDMKIT_EXTRA = "ldmkit_extra.safetensors"  # beside an ldmkit export's diffusers weights: not the model's weights
+
 
 def unwrap_official(obj) -> dict:
     """An official checkpoint is a bare state dict; a DiT train.py checkpoint nests it (EMA preferred)."""
@@ -30,7 +32,7 @@ def read_weights(path: str | Path, trust_pickle: bool = False) -> tuple[dict, st
     if path.is_dir():
         if (path / "config.json").is_file():
             folder_config = json.loads((path / "config.json").read_text())
-        files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+        files = [f for f in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) if f.name != LDMKIT_EXTRA]
         for sub in (path / "transformer", path / "unet"):  # a pipeline folder: its denoiser
             if not files and sub.is_dir():
                 return read_weights(sub, trust_pickle)
