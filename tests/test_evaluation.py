@@ -73,6 +73,15 @@ def test_sample_set_is_identical_on_one_and_two_processes(run, tmp_path):
     assert np.array_equal(one["arr_0"], two["arr_0"])
     assert one["arr_1"].tolist() == [i % 10 for i in range(12)]
     assert json.loads((tmp_path / "two" / "manifest.json").read_text())["processes"] == 2
+    # `sample` splits its images over the processes the same way: the same files, and one grid from process 0
+    sample = ["-m", "ldmkit.cli", "sample", str(run), "--classes", "1,4,7", "--per-class", "2", "--steps", "2"]
+    assert main(sample[2:] + ["--out", str(tmp_path / "sample-one")]) == 0
+    done = subprocess.run(cmd[:7] + sample + ["--out", str(tmp_path / "sample-two")], env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    files = sorted(p.name for p in (tmp_path / "sample-one").iterdir())
+    assert len(files) == 7 and files == sorted(p.name for p in (tmp_path / "sample-two").iterdir())
+    for name in files:
+        assert (tmp_path / "sample-one" / name).read_bytes() == (tmp_path / "sample-two" / name).read_bytes()
 
 
 def test_interrupted_sample_set_resumes_without_duplicates(run, tmp_path):

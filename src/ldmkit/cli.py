@@ -253,7 +253,8 @@ def _add_sample_command(sub) -> None:
         "sample",
         help="draw images from a run or checkpoint",
         description="Draw images from a run folder (newest checkpoint) or a checkpoint file, as a grid "
-        "(one row per class, or per prompt for text-conditional runs) and/or a folder of PNGs.",
+        "(one row per class, or per prompt for text-conditional runs) and/or a folder of PNGs. Under torchrun the "
+        "images are split over the processes (the same images as one process: each has its own seed).",
     )
     p.add_argument("source", help="run folder or checkpoint file")
     p.add_argument("--classes", help="comma-separated class ids, one grid row each (default: the first 10 classes)")
@@ -505,14 +506,14 @@ def cmd_recipe(args):
 
 
 def cmd_sample(args):
-    from .distributed import pick_device
+    from .distributed import gather_to_main, init_distributed
     from .eval.evaluate import load_generator
     from .eval.generate import generate, grid_labels, save_grid, save_images
 
     check_not_file(args.out, "--out")
-    device = pick_device(args.device)
+    d = init_distributed(args.device, setting="--device")  # under torchrun: the images are split over processes
     cfg, model, objective, autoencoder, run_dir = load_generator(
-        args.source, use_ema=not args.no_ema, device=device, config=args.config, overrides=args.overrides
+        args.source, use_ema=not args.no_ema, device=d.device, config=args.config, overrides=args.overrides
     )
     cfg.sample.control = list(cfg.sample.control) + list(args.control)
     if args.control_guidance is not None:
@@ -531,21 +532,25 @@ def cmd_sample(args):
         labels, per = grid_labels(cfg, max(cfg.model.num_classes, len(args.prompt)), classes, args.num // rows)
     if args.prompt:
         prompts = [args.prompt[int(i)] for i in labels]
+    mine = list(range(d.rank, len(labels), d.world_size))  # each sample's seed follows its index: any split is equal
     images = generate(
         model,
         cfg,
         objective,
         autoencoder,
-        labels,
-        list(range(len(labels))),
-        device,
+        labels[mine],
+        mine,
+        d.device,
         guidance_scale=args.guidance,
         sampler=args.sampler,
         steps=args.steps,
         seed=args.seed,
-        prompts=prompts,
-        progress=True,
+        prompts=[prompts[i] for i in mine] if prompts else None,
+        progress=d.is_main,
     )
+    images = gather_to_main(images.cpu(), mine, d)
+    if not d.is_main:
+        return
     s = cfg.sample
     seed, guidance = (
         (s.seed if args.seed is None else args.seed),

@@ -95,3 +95,17 @@ def all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
 def barrier(d: Dist) -> None:
     if d.world_size > 1:
         dist.barrier()
+
+
+def gather_to_main(rows: torch.Tensor, indices: list[int], d: Dist) -> torch.Tensor | None:
+    """Each process's rows (row k is item indices[k]) -> all items in index order on process 0; None elsewhere."""
+    if d.world_size == 1:
+        return rows
+    parts = [None] * d.world_size if d.is_main else None
+    dist.gather_object((rows, indices), parts, dst=0, group=d.cpu_group)
+    if not d.is_main:
+        return None
+    out = torch.empty(sum(len(i) for _, i in parts), *rows.shape[1:], dtype=rows.dtype)
+    for part, where in parts:
+        out[where] = part
+    return out
