@@ -6,8 +6,8 @@ import torch
 from conftest import randomised
 
 from ldmkit.conditioning.cond import Cond
-from ldmkit.models.unet import UNet
 from ldmkit.models.registry import BACKBONES
+from ldmkit.models.unet import UNet
 from ldmkit.models.unet_spec import unet_diffusers_config, unet_from_diffusers, unet_to_diffusers
 
 diffusers = pytest.importorskip("diffusers")
