@@ -2,6 +2,9 @@
 independent dropout, sampling with control values and control guidance."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -240,6 +243,14 @@ def test_probe_reports_drift_and_flip_effect(tmp_path):
     assert out["feature_drift"] >= 0
     assert -1 <= out["flip_effect"] <= 1
     assert len(out["class_agreement"]) == 2
+    # under torchrun the samples are split over the processes: the same figures
+    (run / "probe-flip.json").rename(tmp_path / "one.json")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]
+    probe = ["-m", "ldmkit.cli", "probe", str(run), "--control", "flip", "--values", "0;1", "--num-images", "10"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(torchrun + probe + ["--steps", "2"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((run / "probe-flip.json").read_text()) == out
     assert (
         main(["probe", str(run), "--control", "crop_size", "--values", "32,32;16,16", "--num", "4"]) == 2
     )  # not embedded: one-line error

@@ -203,7 +203,14 @@ def _add_probe_command(sub) -> None:
         help="values separated by ';', each as its comma-separated numbers, e.g. '0;1' or '32,32;64,64;128,96'",
     )
     _add_run_config_options(p)
-    p.add_argument("--num", type=positive_int, default=20, help="samples per value (default 20)")
+    p.add_argument(
+        "--num-images",
+        "--num",
+        dest="num",
+        type=positive_int,
+        default=20,
+        help="samples per value (default 20; under torchrun spell it --num-images)",
+    )
     p.add_argument("--steps", type=positive_int, help="sampling steps (default: the run's)")
     p.add_argument("--seed", type=non_negative_int, help="base seed (default: the run's)")
 
@@ -266,7 +273,12 @@ def _add_sample_command(sub) -> None:
     )
     p.add_argument("--per-class", type=positive_int, help="images per class (default: the run's sample.per_class)")
     p.add_argument(
-        "--num", type=positive_int, help="total number of images, split evenly over the classes (overrides --per-class)"
+        "--num-images",
+        "--num",
+        dest="num",
+        type=positive_int,
+        help="total number of images, split evenly over the classes (overrides --per-class; under torchrun spell it "
+        "--num-images)",
     )
     p.add_argument(
         "--grid",
@@ -576,14 +588,14 @@ def cmd_encode(args):
 
 
 def cmd_probe(args):
-    from .distributed import pick_device
+    from .distributed import init_distributed
     from .eval.probe import probe_control
 
     source = Path(args.source)
     values = [v.strip() for v in args.values.split(";") if v.strip()]
     if len(values) < 2:
         raise ValueError("--values needs at least two values separated by ';'")
-    device = pick_device(args.device)
+    d = init_distributed(args.device, setting="--device")  # under torchrun: the samples are split over processes
     out = probe_control(
         source,
         args.control,
@@ -591,10 +603,13 @@ def cmd_probe(args):
         args.num,
         args.steps,
         args.seed,
-        device=device,
+        device=d.device,
         config=args.config,
         overrides=args.overrides,
+        processes=d,
     )
+    if out is None:
+        return
     path = (source if source.is_dir() else source.parent) / f"probe-{args.control}.json"
     path.write_text(json.dumps(out, indent=1))
     print(path)

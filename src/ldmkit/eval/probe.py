@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..distributed import Dist, gather_to_main
 from .evaluate import digit_data, load_generator
 from .features import EffNetLite0Features, extract
 from .generate import generate
@@ -39,9 +40,12 @@ def probe_control(
     device="cpu",
     config=None,
     overrides: list[str] | None = None,
-) -> dict:
+    processes: Dist | None = None,
+) -> dict | None:
     """Generate the same samples (seeds, classes) at each value of one control; report the semantic drift.
-    config / overrides change the run's recorded config as in load_generator."""
+    config / overrides change the run's recorded config as in load_generator. processes (under torchrun): the
+    samples are split over them and process 0 measures; the others return None."""
+    d = processes or Dist(device=torch.device(device))
     cfg, model, objective, autoencoder, run_dir = load_generator(run, device=device, config=config, overrides=overrides)
     if key not in cfg.conditioning.control:
         raise ValueError(
@@ -50,24 +54,26 @@ def probe_control(
     digits = digit_data(cfg)
     labels = sample_labels(num, cfg.model.num_classes if digits is None else 10)
     base_control = list(cfg.sample.control)
+    mine = list(range(d.rank, num, d.world_size))
     images = []
     for value in values:
         cfg.sample.control = base_control + [f"{key}={value}"]
-        images.append(
-            generate(
-                model,
-                cfg,
-                objective,
-                autoencoder,
-                labels,
-                list(range(num)),
-                device,
-                batch=cfg.eval.batch,
-                steps=steps,
-                seed=seed,
-                guidance_scale=guidance_scale,
-            )
+        drawn = generate(
+            model,
+            cfg,
+            objective,
+            autoencoder,
+            labels[mine],
+            mine,
+            device,
+            batch=cfg.eval.batch,
+            steps=steps,
+            seed=seed,
+            guidance_scale=guidance_scale,
         )
+        images.append(gather_to_main(drawn.cpu(), mine, d))
+    if not d.is_main:
+        return None
     net = EffNetLite0Features()
     features = [extract(net, x, cfg.eval.batch).float() for x in images]
     out = {"control": key, "values": values, "num_images": num, "feature_drift": _relative_distance(features)}
