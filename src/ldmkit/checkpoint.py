@@ -8,6 +8,12 @@ Training checkpoints are written atomically (temporary file, fsync, rename) with
 sidecar file `ckpt-N.pt.sha256`, written before the checkpoint appears under its final name. On resume, a
 checkpoint whose bytes do not match its checksum, that cannot be read, or that lacks a part of the training
 state is reported in one line and the previous intact one is used.
+
+Sharded runs (FSDP/HSDP) write `ckpt-N.dcp/`, a torch.distributed.checkpoint (DCP) folder: every process writes
+its own shards of the model, EMA and optimizer state into `ckpt-N.dcp.tmp/`, process 0 adds `ldmkit.pt` (the rest
+of the state, with its checksum) and renames the folder once all have finished, so a folder under its final name
+is complete. DCP itself unpickles its `.metadata` and any non-tensor entries without restriction; ldmkit reads
+both through a restricted unpickler and weights_only, so a sharded checkpoint runs no code either.
 """
 
 from __future__ import annotations
@@ -17,13 +23,17 @@ import hashlib
 import os
 import pickle
 import re
+import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-CKPT_PATTERN = re.compile(r"ckpt-(\d+)\.pt$")
+CKPT_PATTERN = re.compile(r"ckpt-(\d+)\.(pt|dcp)$")
+SHARDED_META = "ldmkit.pt"  # inside a ckpt-N.dcp folder: everything but the sharded tensors
+SHARDED_PARTS = ("model", "ema", "optimizer")  # what the DCP files of a sharded checkpoint hold
 CHECKSUM_SUFFIX = ".sha256"
 # What a training checkpoint must hold to resume from it.
 TRAINING_KEYS = ("model", "ema", "optimizer", "images_seen", "step", "rng", "config")
@@ -176,8 +186,12 @@ def verify_checksum(path: str | Path) -> None:
         raise CheckpointError(f"checkpoint {path} is corrupt or incomplete (its bytes do not match {side.name})")
 
 
-def checkpoint_path(run_dir: Path, images_seen: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"ckpt-{images_seen:010d}.pt"
+def checkpoint_path(run_dir: Path, images_seen: int, sharded: bool = False) -> Path:
+    return Path(run_dir) / "checkpoints" / f"ckpt-{images_seen:010d}.{'dcp' if sharded else 'pt'}"
+
+
+def is_sharded(path: str | Path) -> bool:
+    return Path(path).is_dir() and Path(path).suffix == ".dcp"
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -193,13 +207,18 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | Path, require: tuple[str, ...] = ()) -> dict:
-    """A checkpoint's state, checked against its checksum; keys in require must be present."""
+def load_checkpoint(path: str | Path, require: tuple[str, ...] = (), tensors: bool = True) -> dict:
+    """A checkpoint's state, checked against its checksum; keys in require must be present. A sharded checkpoint
+    (ckpt-N.dcp) is read whole into this process; with tensors=False only its non-sharded part is read, and
+    state["sharded"] names the folder that holds the rest (resume loads it sharded: load_sharded)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    verify_checksum(path)
-    state = load_file(path)
+    if is_sharded(path):
+        state = _load_sharded_checkpoint(path, tensors)
+    else:
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint not found: {path}")
+        verify_checksum(path)
+        state = load_file(path)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} is not an ldmkit checkpoint (it holds a {type(state).__name__})")
     missing = [k for k in require if k not in state]
@@ -211,14 +230,14 @@ def load_checkpoint(path: str | Path, require: tuple[str, ...] = ()) -> dict:
 
 
 def newest_intact_checkpoint(
-    run_dir: Path, require: tuple[str, ...] = TRAINING_KEYS, report=lambda line: None
+    run_dir: Path, require: tuple[str, ...] = TRAINING_KEYS, report=lambda line: None, tensors: bool = True
 ) -> tuple[Path | None, dict | None]:
     """(path, state) of the newest checkpoint that verifies and loads, reporting each newer one skipped in one
     line; (None, None) when the run has none. A run whose checkpoints are all unusable raises the newest error."""
     errors = []
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            state = load_checkpoint(path, require)
+            state = load_checkpoint(path, require, tensors)
         except CheckpointError as e:
             errors.append((path, e))
             continue
@@ -231,19 +250,190 @@ def newest_intact_checkpoint(
 
 
 def remove_partial_writes(run_dir: Path) -> list[Path]:
-    """Delete the temporary files of checkpoint writes a crash interrupted (never a finished checkpoint)."""
+    """Delete the temporary files and folders of checkpoint writes a crash interrupted (never a finished one)."""
     folder = Path(run_dir) / "checkpoints"
     partial = sorted(folder.glob("*.tmp")) if folder.is_dir() else []
     for path in partial:
-        path.unlink(missing_ok=True)
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     return partial
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints (keep >= 1: the newest is never deleted)."""
     for old in list_checkpoints(run_dir)[: -max(keep, 1)]:
-        old.unlink(missing_ok=True)
-        checksum_path(old).unlink(missing_ok=True)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+            checksum_path(old).unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------ sharded (DCP) checkpoints
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP's metadata objects and nothing else: its own dataclasses, torch dtypes, layouts, memory formats
+    and sizes, and plain containers."""
+
+    def find_class(self, module: str, name: str):
+        if module.startswith("torch.distributed.checkpoint."):
+            found = super().find_class(module, name)
+            if isinstance(found, type) and found.__module__.startswith("torch.distributed.checkpoint."):
+                return found  # its metadata dataclasses and enums, not anything those modules import
+        elif (module, name) in _SAFE_METADATA_GLOBALS:
+            return super().find_class(module, name)
+        elif module == "torch" and isinstance(getattr(torch, name, None), TORCH_CONSTANTS):
+            return getattr(torch, name)
+        raise CheckpointError(f"refusing to unpickle {module}.{name} from a sharded checkpoint's metadata")
+
+
+TORCH_CONSTANTS = (torch.dtype, torch.layout, torch.memory_format)
+_SAFE_METADATA_GLOBALS = {
+    ("torch", "Size"),
+    ("collections", "OrderedDict"),
+    ("copyreg", "_reconstructor"),
+    ("copyreg", "__newobj__"),
+    ("builtins", "object"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("torch.serialization", "_get_layout"),  # a layout by name
+    ("pathlib", "PosixPath"),  # where it was saved (StorageMeta.checkpoint_id)
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+}
+
+
+def _dcp_reader(path: Path):
+    """A DCP FileSystemReader whose metadata goes through the restricted unpickler."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self):
+            with open(Path(self.path) / ".metadata", "rb") as f:
+                try:
+                    metadata = _MetadataUnpickler(f).load()
+                except CheckpointError:
+                    raise
+                except Exception as e:
+                    raise CheckpointError(f"{path}/.metadata cannot be read ({_first_line(e)})") from None
+            if getattr(metadata, "storage_meta", None) is not None:
+                metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(path))
+
+
+def _safe_load_planner():
+    """DCP's load planner, with non-tensor entries read by torch.load(weights_only=True)."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class SafeLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                obj = torch.load(value, weights_only=True)
+            target = self.mappings[read_item.dest_index.fqn] if self.flatten_state_dict else None
+            if target is not None:
+                from torch.distributed.checkpoint._nested_dict import set_element
+
+                set_element(self.original_state_dict, target, obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return SafeLoadPlanner()
+
+
+def _load_sharded_checkpoint(path: Path, tensors: bool) -> dict:
+    meta_file = path / SHARDED_META
+    if not meta_file.is_file() or not (path / ".metadata").is_file():
+        raise CheckpointError(f"sharded checkpoint {path} is incomplete (no {SHARDED_META} or .metadata)")
+    verify_checksum(meta_file)
+    state = load_file(meta_file)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{meta_file} is not an ldmkit checkpoint part")
+    reader = _dcp_reader(path)
+    stored = {key.split(".")[0] for key in reader.read_metadata().state_dict_metadata}
+    missing = [part for part in SHARDED_PARTS if part not in stored]
+    if missing:
+        raise CheckpointError(f"sharded checkpoint {path} lacks '{missing[0]}'")
+    if not tensors:
+        return {**state, **dict.fromkeys(SHARDED_PARTS, None), "sharded": path}
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    # A flat template of every stored entry, filled in place (entries are stored under dotted names).
+    flat = {
+        name: torch.empty(item.size, dtype=item.properties.dtype) if isinstance(item, TensorStorageMetadata) else None
+        for name, item in reader.read_metadata().state_dict_metadata.items()
+    }
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "torch.distributed is not initialized: loading in one process"
+            dcp.load(flat, storage_reader=reader, planner=_safe_load_planner(), no_dist=True)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        detail = f"{type(e).__name__}: {_first_line(e)}"
+        raise CheckpointError(f"sharded checkpoint {path} cannot be read ({detail})") from None
+    parts = {
+        "model": {},
+        "ema": {},
+        "optimizer": {"state": {}, "param_groups": state.pop("optimizer_param_groups", [])},
+    }
+    for name, value in flat.items():
+        part, rest = name.split(".", 1)
+        if part == "optimizer":  # optimizer.state.<parameter name>.<moment>
+            parameter, moment = rest.removeprefix("state.").rsplit(".", 1)
+            parts["optimizer"]["state"].setdefault(parameter, {})[moment] = value
+        else:
+            parts[part][rest] = value
+    return {**state, **parts}
+
+
+def save_sharded(tensors: dict, meta: dict, path: Path, d, async_save: bool = False):
+    """Write a sharded checkpoint collectively: every process its shards of `tensors` into path.tmp, then (see
+    finish_sharded) process 0 writes `meta` and renames the folder. With async_save the shards are staged in CPU
+    memory and written by a background thread; returns the pending write for finish_sharded."""
+    import torch.distributed.checkpoint as dcp
+
+    tmp = path.with_name(path.name + ".tmp")
+    group = d.cpu_group if d.world_size > 1 else None
+    if async_save:
+        future = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=group)
+    else:
+        dcp.save(tensors, checkpoint_id=str(tmp), process_group=group)
+        future = None
+    return PendingCheckpoint(future, tmp, path, meta)
+
+
+class PendingCheckpoint:
+    """A sharded checkpoint whose shards are (being) written; finish() waits for them, then process 0 writes the
+    rest of the state and renames the folder to its final name (every process must call it)."""
+
+    def __init__(self, future, tmp: Path, path: Path, meta: dict):
+        self.future, self.tmp, self.path, self.meta = future, tmp, path, meta
+
+    def finish(self, d) -> Path:
+        import torch.distributed as dist
+
+        if self.future is not None:
+            self.future.result()
+        if d.world_size > 1:
+            dist.barrier(group=d.cpu_group)
+        if d.is_main:
+            atomic_save(self.meta, self.tmp / SHARDED_META)
+            os.replace(self.tmp, self.path)
+            _fsync_dir(self.path.parent)
+        if d.world_size > 1:
+            dist.barrier(group=d.cpu_group)
+        return self.path
+
+
+def load_sharded(target: dict, path: Path, d) -> None:
+    """Fill `target` (state dicts whose tensors may be sharded differently than when saved: DCP reshards) from
+    the sharded checkpoint at path, collectively."""
+    import torch.distributed.checkpoint as dcp
+
+    group = d.cpu_group if d.world_size > 1 else None
+    dcp.load(target, storage_reader=_dcp_reader(path), planner=_safe_load_planner(), process_group=group)
 
 
 def nonfinite_count(tensors) -> torch.Tensor:
@@ -254,6 +444,13 @@ def nonfinite_count(tensors) -> torch.Tensor:
 
 def load_weights(model: nn.Module, state_dict: dict, source: str) -> None:
     """Strict load with a one-line error naming the first tensor that does not fit."""
+    check_fits(model, state_dict, source)
+    model.load_state_dict(state_dict)
+
+
+def check_fits(model: nn.Module, state_dict: dict, source: str) -> None:
+    """A one-line CheckpointError naming the first tensor of state_dict that does not fit the model (a sharded
+    model's tensors have their global shapes)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -267,7 +464,6 @@ def load_weights(model: nn.Module, state_dict: dict, source: str) -> None:
         else:
             detail = f"tensor '{unexpected[0]}' is not in this model ({len(unexpected)} unexpected)"
         raise CheckpointError(f"{source} does not fit this model (another architecture?): {detail}")
-    model.load_state_dict(state_dict)
 
 
 def run_checkpoint(source: str | Path, require: tuple[str, ...] = ("config",)) -> tuple[Path, dict, Path | None]:

@@ -193,6 +193,15 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest kept; older ones are deleted
     max_nan_skips: int = 10  # consecutive non-finite losses tolerated (step skipped) before stopping
     dist_timeout_s: float = 600.0  # torchrun: a collective waiting this long for a frozen or dead process ends the job
+    # ddp (a whole copy per process) | fsdp (FSDP2: weights, gradients, optimizer state and EMA sharded over all
+    # processes) | hsdp (sharded within groups of shard_size processes, replicated across groups)
+    parallel: Literal["ddp", "fsdp", "hsdp"] = "ddp"
+    shard_size: int | None = None  # hsdp: processes per shard group; None = the processes of one node
+    # recompute the activations of none | blocks (every repeated block) | selective (every ac_every-th block)
+    activation_checkpointing: Literal["none", "blocks", "selective"] = "none"
+    ac_every: int = 2
+    # fsdp/hsdp: write the sharded checkpoint in the background while training goes on
+    async_checkpoint: bool = False
     wandb: WandbConfig = field(default_factory=WandbConfig)  # optional Weights & Biases logging
 
 
@@ -543,6 +552,8 @@ RANGES = {
     "train.keep_checkpoints": POSITIVE,
     "train.max_nan_skips": NON_NEGATIVE,
     "train.dist_timeout_s": POSITIVE,
+    "train.shard_size": POSITIVE,
+    "train.ac_every": POSITIVE,
     "eval.num_images": POSITIVE,
     "eval.batch": POSITIVE,
     "eval.classifier_epochs": POSITIVE,
@@ -638,6 +649,12 @@ def validate(cfg: RunConfig) -> None:
         )
     if cfg.diffusion.objective == "flow" and cfg.model.learn_sigma:
         raise ConfigError("config key 'model.learn_sigma': the flow objective has no learned variance; set it to false")
+    if cfg.train.shard_size is not None and cfg.train.parallel != "hsdp":
+        raise ConfigError(f"config key 'train.shard_size': applies to train.parallel hsdp, not {cfg.train.parallel}")
+    if cfg.train.async_checkpoint and cfg.train.parallel == "ddp":
+        raise ConfigError(
+            "config key 'train.async_checkpoint': applies to the sharded checkpoints of train.parallel fsdp or hsdp"
+        )
     want = 3 if cfg.train.optimizer == "adan" else 2
     if len(cfg.train.betas) != want:
         raise ConfigError(f"config key 'train.betas': {cfg.train.optimizer} takes {want} values, got {cfg.train.betas}")

@@ -92,6 +92,13 @@ def all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
     return x
 
 
+def all_reduce_max(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world_size > 1:
+        x = x.clone()
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
 def barrier(d: Dist) -> None:
     if d.world_size > 1:
         dist.barrier()

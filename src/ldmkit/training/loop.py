@@ -9,7 +9,6 @@ and produces the same weights as an uninterrupted run.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 
@@ -18,10 +17,10 @@ import torch
 from .. import distributed
 from ..autoencoders import build_autoencoder
 from ..checkpoint import (
-    checkpoint_path,
     latest_checkpoint,
     newest_intact_checkpoint,
     nonfinite_count,
+    prune_checkpoints,
     remove_partial_writes,
 )
 from ..conditioning.build import build_text_encoder, cond_from_batch
@@ -58,6 +57,13 @@ NOT_TRAINING_KEYS = (
     "train.val_every_images",
     "train.metric_every_images",
     "train.wandb.",
+    # how the same step is computed (the results agree to float rounding; docs/distributed.md)
+    "train.parallel",
+    "train.shard_size",
+    "train.activation_checkpointing",
+    "train.ac_every",
+    "train.async_checkpoint",
+    "train.compile",
 )
 
 
@@ -177,7 +183,12 @@ def _train(
     micro, rounds = batch_split(tc, d.world_size)
     check_wandb(cfg)
     autoencoder, text_encoder, model, init_report = build_components(cfg, run_dir, device, say)
-    state = TrainingState(model, EMA(model, cfg), build_optimizer(model.parameters(), tc))
+    # Activation checkpointing, compilation, then DDP or FSDP/HSDP (of the EMA too), from outside the model; the
+    # optimizer is built on the parameters as sharded.
+    ema = EMA(model, cfg)
+    train_model = parallel.parallelize(model, ema, d, tc)
+    state = TrainingState(model, ema, build_optimizer(model.parameters(), tc))
+    sharded = tc.parallel in parallel.SHARDED_MODES
     objective = build_objective(cfg)
     extra_pass = spec_of(model).extra_pass(model)  # a backbone's second loss per step (MDT-v2's masked pass)
     # The run folder is written only once the config has built (a bad key or preset leaves nothing behind).
@@ -202,19 +213,21 @@ def _train(
     batches, source = training_batches(cfg, d, micro, rounds, state.images_seen, end)
     check_data_matches_model(cfg, source)
     num_classes = getattr(source, "num_classes", 0) or cfg.model.num_classes
-    train_model = parallel.parallelize(model, d, compile=tc.compile)
     logger = RunLogger(run_dir, enabled=d.is_main, resume_at=state.images_seen, config=to_dict(cfg))
     say(
         f"{cfg.model.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}, "
-        f"{d.world_size} process(es), global batch {tc.global_batch} = {micro} x {d.world_size} x {rounds}"
+        f"{d.world_size} process(es) ({tc.parallel}), global batch {tc.global_batch} = {micro} x {d.world_size} "
+        f"x {rounds}"
     )
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
     stats = StepStats(device, state.images_seen)
     signals = StopSignals(d)  # SIGTERM / SIGINT / SIGUSR1: finish the step, checkpoint, exit
 
     def check_weights_finite() -> None:
-        """A deferred check (at log and checkpoint time, not every step: no host sync per step)."""
-        bad = int(nonfinite_count(list(model.parameters()) + list(state.ema.model.parameters())).item())
+        """A deferred check (at log and checkpoint time, not every step: no host sync per step), over every
+        process's shards when sharded."""
+        bad = nonfinite_count(parallel.local(list(model.parameters()) + list(state.ema.model.parameters())))
+        bad = int(distributed.all_reduce_max(bad.to(device), d).item())
         if bad:
             raise TrainingDiverged(state.images_seen, f"{bad:,} non-finite weights", last_good, run_dir)
 
@@ -224,21 +237,34 @@ def _train(
         logger.log(record)
         say(status_line(images, total, record["loss"], record["images_per_s"], record["memory_gb"]))
 
+    pending = None  # a sharded checkpoint still being written (train.async_checkpoint)
+
+    def finish_pending() -> None:
+        nonlocal last_good, pending
+        if pending is not None:
+            last_good, pending = pending.finish(d), None
+            if d.is_main:
+                prune_checkpoints(run_dir, tc.keep_checkpoints)
+
     def save_checkpoint(images: int) -> None:
-        nonlocal last_good
+        nonlocal last_good, pending
         check_weights_finite()  # non-finite weights are never written
-        if d.is_main:
-            state.save(run_dir, cfg, d.world_size)
-        last_good = checkpoint_path(run_dir, images)
+        finish_pending()  # the previous asynchronous write counts once it is complete
+        written = state.save(run_dir, cfg, d, sharded, tc.async_checkpoint)
+        if isinstance(written, Path):
+            last_good = written
+            if d.is_main:
+                prune_checkpoints(run_dir, tc.keep_checkpoints)
+        else:
+            pending = written
+            if not tc.async_checkpoint:
+                finish_pending()
         distributed.barrier(d)
 
     # Hooks, in the order they run after a step. Validation, small-N metrics and grids use the EMA weights on
     # process 0 and write eval.jsonl / samples/.
     hooks = [Every(tc.log_every_images, state.images_seen, log_status, forced=True)]
-    if d.is_main:
-        hooks += evaluation_hooks(
-            cfg, state, objective, autoencoder, text_encoder, num_classes, device, run_dir, logger
-        )
+    hooks += evaluation_hooks(cfg, state, objective, autoencoder, text_encoder, num_classes, d, run_dir, logger)
     hooks.append(Every(tc.checkpoint_every_images, state.images_seen, save_checkpoint, forced=True))
 
     try:
@@ -286,8 +312,7 @@ def _train(
                     padding_seeds=[step_seed(tc.seed, state.step) + lo + i for i in range(micro)],
                 )
                 extra = (extra_pass.kwargs(extra_drawn, part),) if extra_pass is not None else ()
-                sync = r == rounds - 1 or d.world_size == 1
-                with train_model.no_sync() if not sync else contextlib.nullcontext():
+                with parallel.gradient_sync(train_model, sync=r == rounds - 1):
                     with autocast:
                         terms = training_loss(objective, train_model, x0, cond, times[part], noise[part], extra)
                     # Sum over this slice, scaled so that DDP's mean over processes is the global-batch mean.
@@ -305,7 +330,9 @@ def _train(
             for hook in hooks:
                 hook(state.images_seen, finishing=state.images_seen >= end or stopping)
             if stopping:
+                finish_pending()
                 raise TrainingStopped(signals.name, state.images_seen, last_good)
+        finish_pending()
     finally:
         signals.restore()
         logger.close()
@@ -366,10 +393,10 @@ def resume(state: TrainingState, cfg: RunConfig, run_dir: Path, d: distributed.D
     if d.is_main:
         for partial in remove_partial_writes(run_dir):
             report(f"removed {partial.name}, a checkpoint write that was interrupted")
-    path, saved = newest_intact_checkpoint(run_dir, report=report)
+    path, saved = newest_intact_checkpoint(run_dir, report=report, tensors=False)  # shards: loaded below
     if path is None:
         return None
-    state.load_state_dict(saved, path)
+    state.load_state_dict(saved, path, d)
     saved_world = saved.get("world_size", d.world_size)
     if cfg.data.name == "shards" and not cfg.data.from_cache and saved_world != d.world_size:
         raise ConfigError(
@@ -388,7 +415,8 @@ def update(
     clipping (None when the step was skipped)."""
     tc = cfg.train
     grads = [p.grad for p in state.model.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.get_total_norm(grads)  # one fused reduction; NaN/inf if any gradient is
+    # one fused reduction (over all processes' shards when sharded); NaN/inf if any gradient is
+    grad_norm = parallel.full_value(torch.nn.utils.get_total_norm(grads))
     finite = distributed.all_reduce_mean(torch.isfinite(grad_norm).float(), d)
     if finite.item() < 1.0:
         state.nan_skips += 1
@@ -412,40 +440,46 @@ def update(
     return grad_norm
 
 
-def evaluation_hooks(
-    cfg, state, objective, autoencoder, text_encoder, num_classes, device, run_dir, logger
-) -> list[Every]:
+def evaluation_hooks(cfg, state, objective, autoencoder, text_encoder, num_classes, d, run_dir, logger) -> list[Every]:
     """Signals for comparing runs while they train, from the EMA weights: the fixed-batch validation loss and
-    small-N metrics (eval.jsonl), and sample grids (samples/grid-<images>.png)."""
-    tc, ema = cfg.train, state.ema.model
-    hooks = []
-    if tc.val_every_images:
-        validator = Validator(cfg, objective, autoencoder, text_encoder, device)
-        hooks.append(
-            Every(
-                tc.val_every_images,
-                state.images_seen,
-                lambda images: logger.log({"images": images, **validator.loss(ema)}, file="eval.jsonl"),
-            )
+    small-N metrics (eval.jsonl), and sample grids (samples/grid-<images>.png). Process 0 computes them; every
+    process runs the hooks, since a sharded EMA is gathered for them."""
+    tc, device = cfg.train, d.device
+    validator = (
+        Validator(cfg, objective, autoencoder, text_encoder, device) if tc.val_every_images and d.is_main else None
+    )
+
+    def on_ema(work):
+        def hook(images: int) -> None:
+            with state.ema.evaluation_model(d, device) as ema:
+                if ema is not None:
+                    work(ema, images)
+
+        return hook
+
+    def validation(ema, images: int) -> None:
+        logger.log({"images": images, **validator.loss(ema)}, file="eval.jsonl")
+
+    def metrics(ema, images: int) -> None:
+        found = quick_metrics(ema, cfg, objective, autoencoder, device, run_dir, cfg.eval.train_metric_images)
+        logger.log({"images": images, **found}, file="eval.jsonl")
+
+    def grid(ema, images: int) -> None:
+        labels, per = grid_labels(cfg, num_classes)
+        samples = generate(
+            ema, cfg, objective, autoencoder, labels, list(range(len(labels))), device, text_encoder=text_encoder
         )
-    if tc.metric_every_images:
+        logger.image("samples", save_grid(samples, run_dir / "samples" / f"grid-{images:010d}.png", per), images)
 
-        def metrics(images: int) -> None:
-            found = quick_metrics(ema, cfg, objective, autoencoder, device, run_dir, cfg.eval.train_metric_images)
-            logger.log({"images": images, **found}, file="eval.jsonl")
-
-        hooks.append(Every(tc.metric_every_images, state.images_seen, metrics))
-    if tc.sample_every_images:
-
-        def grid(images: int) -> None:
-            labels, per = grid_labels(cfg, num_classes)
-            samples = generate(
-                ema, cfg, objective, autoencoder, labels, list(range(len(labels))), device, text_encoder=text_encoder
-            )
-            logger.image("samples", save_grid(samples, run_dir / "samples" / f"grid-{images:010d}.png", per), images)
-
-        hooks.append(Every(tc.sample_every_images, state.images_seen, grid))
-    return hooks
+    return [
+        Every(interval, state.images_seen, on_ema(work))
+        for interval, work in (
+            (tc.val_every_images, validation),
+            (tc.metric_every_images, metrics),
+            (tc.sample_every_images, grid),
+        )
+        if interval
+    ]
 
 
 def batch_latent_shape(batch: dict, autoencoder) -> tuple[int, int, int]:

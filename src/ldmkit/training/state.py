@@ -3,15 +3,24 @@ and loads itself. The loop in loop.py only calls them."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
-from ..checkpoint import atomic_save, checkpoint_path, load_weights, prune_checkpoints
+from ..checkpoint import atomic_save, check_fits, checkpoint_path, load_sharded, save_sharded
 from ..config import to_dict
+from ..distributed import Dist
 
 
 def ema_beta(cfg, images_seen: int) -> float:
@@ -35,23 +44,45 @@ def learning_rate(train_cfg, images_seen: int) -> float:
 
 
 class EMA:
-    """An exponential moving average of a model's parameters, kept as a frozen copy of the model."""
+    """An exponential moving average of a model's parameters, kept as a frozen copy of the model (sharded like
+    the model under FSDP, with an unsharded CPU copy, `plain`, for evaluation on process 0)."""
 
     def __init__(self, model: nn.Module, cfg):
         self.cfg = cfg
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.plain: nn.Module | None = None
 
     @torch.no_grad()
     def update(self, model: nn.Module, images_seen: int) -> None:
-        # One fused lerp over all parameters (torch's own EMA averaging function).
+        # One fused lerp over all parameters (torch's own EMA averaging function); sharded, each process lerps
+        # its own shards.
         average = torch.optim.swa_utils.get_ema_multi_avg_fn(ema_beta(self.cfg, images_seen))
         average(list(self.model.parameters()), list(model.parameters()), None)
+
+    @contextlib.contextmanager
+    def evaluation_model(self, d, device):
+        """The EMA as a plain module on process 0 (None on the others). A sharded EMA is gathered into `plain`
+        on the device for the duration: every process must enter."""
+        if self.plain is None:
+            yield self.model if d.is_main else None
+            return
+        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not d.is_main:
+            yield None
+            return
+        self.plain.load_state_dict(full)
+        try:
+            yield self.plain.to(device)
+        finally:
+            self.plain.cpu()
 
 
 @dataclass
 class TrainingState:
     """Everything a resumed run needs besides the config: weights, EMA, optimizer moments, the position in
-    images and steps, and the count of consecutive skipped steps."""
+    images and steps, and the count of consecutive skipped steps. The optimizer state is keyed by parameter
+    name (torch.distributed.checkpoint's state_dict form), so any layout (one process, DDP, FSDP at any process
+    count) loads any checkpoint."""
 
     model: nn.Module
     ema: EMA
@@ -60,11 +91,8 @@ class TrainingState:
     step: int = 0
     nan_skips: int = 0
 
-    def state_dict(self, cfg, world_size: int) -> dict:
+    def meta(self, cfg, world_size: int) -> dict:
         return {
-            "model": self.model.state_dict(),
-            "ema": self.ema.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "images_seen": self.images_seen,
             "step": self.step,
             "nan_skips": self.nan_skips,
@@ -78,16 +106,60 @@ class TrainingState:
             "config": to_dict(cfg),
         }
 
-    def load_state_dict(self, state: dict, source: Path) -> None:
-        load_weights(self.model, state["model"], f"checkpoint {source}")
-        load_weights(self.ema.model, state["ema"], f"checkpoint {source}")
-        self.optimizer.load_state_dict(state["optimizer"])
+    def state_dict(self, cfg, world_size: int) -> dict:
+        """The whole state with full tensors on the CPU (a collective when sharded; process 0 gets it)."""
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd, optimizer_sd = get_state_dict(self.model, self.optimizer, options=full)
+        ema_sd = get_model_state_dict(self.ema.model, options=full)
+        return {"model": model_sd, "ema": ema_sd, "optimizer": optimizer_sd, **self.meta(cfg, world_size)}
+
+    def load_state_dict(self, state: dict, source: Path, d=None) -> None:
+        if state.get("sharded") is not None:  # a DCP folder: read collectively, resharded to this layout
+            model_sd, optimizer_sd = get_state_dict(self.model, self.optimizer)
+            target = {"model": model_sd, "ema": get_model_state_dict(self.ema.model)}
+            target["optimizer"] = {"state": optimizer_sd["state"]}
+            load_sharded(target, state["sharded"], d or Dist())
+            optimizer_sd = {"state": target["optimizer"]["state"], "param_groups": state["optimizer_param_groups"]}
+            set_state_dict(self.model, self.optimizer, model_state_dict=target["model"], optim_state_dict=optimizer_sd)
+            set_model_state_dict(self.ema.model, target["ema"])
+        else:
+            check_fits(self.model, state["model"], f"checkpoint {source}")
+            check_fits(self.ema.model, state["ema"], f"checkpoint {source}")
+            full = StateDictOptions(full_state_dict=True)
+            optimizer_sd = by_name(state["optimizer"], self.model)
+            set_state_dict(
+                self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=optimizer_sd, options=full
+            )
+            set_model_state_dict(self.ema.model, state["ema"], options=full)
         self.images_seen, self.step, self.nan_skips = state["images_seen"], state["step"], state.get("nan_skips", 0)
         torch.set_rng_state(state["rng"]["torch"])
 
-    def save(self, run_dir: Path, cfg, world_size: int) -> Path:
-        """Write ckpt-<images>.pt atomically (with its checksum) and prune old ones; returns the path."""
+    def save(self, run_dir: Path, cfg, d, sharded: bool = False, async_save: bool = False):
+        """Write this state as a checkpoint, every process taking part. One file (ckpt-<images>.pt, written by
+        process 0 atomically with its checksum) returns its path; a sharded one (ckpt-<images>.dcp, each process
+        its shards) returns a PendingCheckpoint to finish()."""
+        if sharded:
+            model_sd, optimizer_sd = get_state_dict(self.model, self.optimizer)
+            tensors = {"model": model_sd, "ema": get_model_state_dict(self.ema.model)}
+            tensors["optimizer"] = {"state": optimizer_sd["state"]}
+            meta = {**self.meta(cfg, d.world_size), "optimizer_param_groups": optimizer_sd["param_groups"]}
+            return save_sharded(tensors, meta, checkpoint_path(run_dir, self.images_seen, True), d, async_save)
+        state = self.state_dict(cfg, d.world_size)
         path = checkpoint_path(run_dir, self.images_seen)
-        atomic_save(self.state_dict(cfg, world_size), path)
-        prune_checkpoints(run_dir, cfg.train.keep_checkpoints)
+        if d.is_main:
+            atomic_save(state, path)
         return path
+
+
+def by_name(optimizer_sd: dict, model: nn.Module) -> dict:
+    """An optimizer state keyed by parameter index (torch's own form, older ldmkit checkpoints) -> keyed by
+    parameter name; one keyed by name already is returned as it is."""
+    if not any(isinstance(k, int) for k in optimizer_sd["state"]):
+        groups = optimizer_sd["param_groups"]
+        if not groups or all(isinstance(p, str) for g in groups for p in g["params"]):
+            return optimizer_sd
+    names = [name for name, _ in model.named_parameters()]
+    return {
+        "state": {names[i]: v for i, v in optimizer_sd["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in optimizer_sd["param_groups"]],
+    }
