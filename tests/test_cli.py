@@ -31,6 +31,7 @@ def test_every_command_has_help(capsys):
         "convert",
         "export",
         "presets",
+        "consolidate",
     }
     for name in commands:
         assert main([name, "--help"]) == 0

@@ -19,6 +19,7 @@ from ldmkit.checkpoint import (
     UnsafeFileError,
     atomic_save,
     checksum_path,
+    latest_checkpoint,
     list_checkpoints,
     load_file,
     newest_intact_checkpoint,
@@ -355,7 +356,7 @@ def test_log_records_past_the_resumed_checkpoint_are_dropped(tmp_path):
     assert steps == list(range(16, 129, 16)), steps  # the events of 80 and 96 from the first attempt are purged
 
 
-def _ddp_worker(rank, port, run_dir, timeout_s, action):
+def _ddp_worker(rank, port, run_dir, timeout_s, action, parallel="ddp"):
     """One process of a two-process gloo run; process 1 does `action` to itself before its 5th step."""
     os.environ.update(
         RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
@@ -374,6 +375,7 @@ def _ddp_worker(rank, port, run_dir, timeout_s, action):
 
         loop.step_seed = step_seed_then_act
     overrides = TINY + ["train.total_images=100000", "train.log_every_images=16", f"train.dist_timeout_s={timeout_s}"]
+    overrides.append(f"train.parallel={parallel}")
     sys.exit(
         main(
             ["train", str(run_dir / "c.yaml"), "--out", str(run_dir / "run")]
@@ -382,22 +384,24 @@ def _ddp_worker(rank, port, run_dir, timeout_s, action):
     )
 
 
-def _two_processes(tmp_path, port_base, timeout_s, action):
+def _two_processes(tmp_path, port_base, timeout_s, action, parallel="ddp"):
     import multiprocessing
 
     (tmp_path / "c.yaml").write_text("name: two\n")
     ctx = multiprocessing.get_context("fork")
     port = port_base + os.getpid() % 1000
-    procs = [ctx.Process(target=_ddp_worker, args=(rank, port, tmp_path, timeout_s, action)) for rank in (0, 1)]
+    args = (port, tmp_path, timeout_s, action, parallel)
+    procs = [ctx.Process(target=_ddp_worker, args=(rank, *args)) for rank in (0, 1)]
     for p in procs:
         p.start()
     return procs
 
 
 @pytest.mark.slow
-def test_a_frozen_process_ends_a_two_process_run_within_the_timeout(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_frozen_process_ends_a_two_process_run_within_the_timeout(tmp_path, parallel):
     # Process 1 freezes after a few steps, as a hung GPU or a stopped node would.
-    procs = _two_processes(tmp_path, 31500, 10, signal.SIGSTOP)
+    procs = _two_processes(tmp_path, 31500 if parallel == "ddp" else 39500, 10, signal.SIGSTOP, parallel)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not _is_stopped(procs[1].pid):
@@ -417,13 +421,16 @@ def test_a_frozen_process_ends_a_two_process_run_within_the_timeout(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path):
-    procs = _two_processes(tmp_path, 32500, 60, signal.SIGTERM)
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path, parallel):
+    procs = _two_processes(tmp_path, 32500 if parallel == "ddp" else 40500, 60, signal.SIGTERM, parallel)
     for p in procs:
         p.join(timeout=120)
     assert [p.exitcode for p in procs] == [75, 75]
     images = state_of(tmp_path / "run")["images_seen"]
-    assert images == 5 * 16  # the step during which the signal came, checkpointed by process 0
+    assert images == 5 * 16  # the step during which the signal came, checkpointed (sharded: by every process)
+    suffix = ".dcp" if parallel == "fsdp" else ".pt"
+    assert latest_checkpoint(tmp_path / "run").name == f"ckpt-{images:010d}{suffix}"
 
 
 def _is_stopped(pid: int) -> bool:

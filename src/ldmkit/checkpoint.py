@@ -470,7 +470,7 @@ def run_checkpoint(source: str | Path, require: tuple[str, ...] = ("config",)) -
     """(checkpoint path, state, run folder or None) of a run folder (its newest intact checkpoint; newer broken
     ones are reported on stderr) or of a checkpoint file. One-line CheckpointErrors otherwise."""
     source = Path(source)
-    if source.is_dir():
+    if source.is_dir() and not is_sharded(source):
         if not (source / "checkpoints").is_dir():
             raise CheckpointError(f"{source} is not an ldmkit run folder (no checkpoints/)")
         path, state = newest_intact_checkpoint(source, require, report=lambda line: print(line, file=sys.stderr))

@@ -1,5 +1,5 @@
 """ldmkit command line: train, recipe, encode, sample, eval, reference, report, probe, demo, convert, export,
-presets."""
+consolidate, presets."""
 
 from __future__ import annotations
 
@@ -416,6 +416,18 @@ def _add_convert_command(sub) -> None:
     )
 
 
+def _add_consolidate_command(sub) -> None:
+    p = sub.add_parser(
+        "consolidate",
+        help="write a sharded (FSDP/HSDP) checkpoint as one file",
+        description="Read a run's newest checkpoint (or a ckpt-N.dcp folder), written in shards by an fsdp or hsdp "
+        "run, and write the whole training state as one checkpoint file, which one-process runs, sampling and "
+        "other tools read as well. (They also read the sharded folder directly.)",
+    )
+    p.add_argument("source", help="run folder or ckpt-N.dcp folder")
+    p.add_argument("--out", help="output file (default: RUN/ckpt-<images>.pt)")
+
+
 def _add_export_command(sub) -> None:
     p = sub.add_parser(
         "export",
@@ -462,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_demo_command,
         _add_convert_command,
         _add_export_command,
+        _add_consolidate_command,
         _add_presets_command,
     ):
         add(sub)
@@ -778,6 +791,21 @@ def cmd_export(args):
     print(out)
 
 
+def cmd_consolidate(args):
+    from .checkpoint import TRAINING_KEYS, atomic_save, is_sharded, run_checkpoint
+
+    ckpt, state, run_dir = run_checkpoint(args.source, require=TRAINING_KEYS)
+    if not is_sharded(ckpt):
+        raise ValueError(f"{ckpt} is a single-file checkpoint already; nothing to consolidate")
+    out = Path(args.out) if args.out else (run_dir or ckpt.parent) / f"{ckpt.stem}.pt"
+    check_not_file(out.parent, "--out")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(state, out)
+    print(out)
+
+
 def cmd_presets(args):
     import torch
 
@@ -807,6 +835,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "convert": cmd_convert,
     "export": cmd_export,
+    "consolidate": cmd_consolidate,
     "presets": cmd_presets,
 }
 
@@ -824,6 +853,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         COMMANDS[args.command](args)
+        from .distributed import shut_down
+
+        shut_down()
     except TrainingStopped as e:  # a stop signal: a checkpoint was written
         print(f"ldmkit {args.command}: {e}", file=sys.stderr)
         return EXIT_STOPPED

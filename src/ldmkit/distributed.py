@@ -69,13 +69,18 @@ class LostProcess(ValueError):
     """A collective failed or timed out: another process froze or died (one line, exit code 2)."""
 
 
+LOST_PEER_MESSAGES = ("timed out", "connection reset", "connection closed", "broken pipe")
+
+
 @contextlib.contextmanager
 def lost_process_errors(d: "Dist | None", timeout_s: float):
     """Turn a failed or timed-out collective of a multi-process run into one line that says what happened."""
     try:
         yield
     except (RuntimeError, dist.DistError) as e:
-        if d is None or d.world_size == 1 or not (isinstance(e, dist.DistError) or "timed out" in str(e).lower()):
+        message = str(e).lower()
+        lost = isinstance(e, dist.DistError) or any(m in message for m in LOST_PEER_MESSAGES)
+        if d is None or d.world_size == 1 or not lost:
             raise
         detail = " ".join(str(e).split())[:200]
         raise LostProcess(
@@ -116,3 +121,12 @@ def gather_to_main(rows: torch.Tensor, indices: list[int], d: Dist) -> torch.Ten
     for part, where in parts:
         out[where] = part
     return out
+
+
+def shut_down() -> None:
+    """End this process's part in a process group cleanly (once its command succeeded): wait for the others, so
+    that none exits while another still talks to it, then leave the group."""
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()

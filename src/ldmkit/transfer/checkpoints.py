@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..checkpoint import load_checkpoint, load_file
+from ..checkpoint import is_sharded, load_checkpoint, load_file
 from ..models.registry import detect_backbone
 from ..models.spec import ConversionError
 
@@ -29,6 +29,9 @@ def read_weights(path: str | Path, trust_pickle: bool = False) -> tuple[dict, st
     Layouts: 'ldmkit' (an ldmkit checkpoint), 'official' (a backbone's reference code), 'diffusers'."""
     path = Path(path)
     folder_config = {}
+    if is_sharded(path):  # an fsdp/hsdp run's ckpt-N.dcp folder
+        state = load_checkpoint(path)
+        return state["ema"], "ldmkit", state["config"], folder_config
     if path.is_dir():
         if (path / "config.json").is_file():
             folder_config = json.loads((path / "config.json").read_text())
