@@ -54,10 +54,20 @@ def init_distributed(
     if process_group and world > 1:
         timeout = datetime.timedelta(seconds=timeout_s)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, **restart_store(timeout))
         if dist.get_backend() != "gloo":
             cpu_group = dist.new_group(backend="gloo", timeout=timeout)
     return Dist(rank, world, local, device, cpu_group)
+
+
+def restart_store(timeout: datetime.timedelta) -> dict:
+    """Under torchrun --max-restarts, a store whose keys belong to this attempt: a restarted process group would
+    otherwise read the previous attempt's addresses from torchrun's store and connect to processes that are gone."""
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart == "0":
+        return {}
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    return {"store": dist.PrefixStore(f"ldmkit/attempt_{restart}", store), "rank": rank, "world_size": world}
 
 
 def pick_device(device_pref: str = "auto", setting: str = "--device") -> torch.device:
