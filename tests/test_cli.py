@@ -32,6 +32,7 @@ def test_every_command_has_help(capsys):
         "export",
         "presets",
         "consolidate",
+        "plan",
     }
     for name in commands:
         assert main([name, "--help"]) == 0

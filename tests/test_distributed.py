@@ -176,3 +176,30 @@ def test_activation_checkpointing_changes_no_result_and_keeps_fewer_activations(
         assert apply_activation_checkpointing(model, mode, every) == {"none": 0, "selective": 2, "blocks": 4}[mode]
         kept[mode] = saved_activation_bytes(model, x, t, cond)
     assert kept["blocks"] < kept["selective"] < kept["none"]
+
+
+def test_plan_divides_the_state_by_mode_and_counts_activations_as_a_real_forward_keeps_them(capsys):
+    from ldmkit.models.registry import build_model
+    from ldmkit.training.plan import meta_inputs, plan_memory
+
+    sizes = ["model.preset=DiT-tiny/2", "train.global_batch=32", "train.parallel=hsdp", "train.shard_size=2"]
+    cfg = load_config(overrides=TINY + sizes)
+    plans = {(p.mode, p.activation_checkpointing): p for p in plan_memory(cfg, 4)}
+    ddp, fsdp, hsdp = plans["ddp", "none"], plans["fsdp", "none"], plans["hsdp", "none"]
+    parameters = ddp.parameters
+    assert (ddp.weights, ddp.gradients, ddp.optimizer, ddp.ema) == (
+        4 * parameters,
+        4 * parameters,
+        8 * parameters,
+        4 * parameters,
+    )
+    assert ddp.buffers == 4 * parameters  # DDP's gradient buckets
+    assert fsdp.weights == ddp.weights / 4 and hsdp.weights == ddp.weights / 2  # hsdp: shards of 2, replicated
+    assert plans["ddp", "blocks"].activations < plans["ddp", "selective"].activations < ddp.activations
+    # the meta-device count equals what autograd keeps in a real forward of the same micro-batch (8 = 32 / 4)
+    torch.manual_seed(0)
+    x, t, cond = meta_inputs(cfg, 8, "cpu")
+    assert saved_activation_bytes(build_model(cfg.model), x, t, cond) == ddp.activations
+    assert main(["plan", "demo/mnist_dit", "--gpus", "2", "--gpu-memory", "0.001"]) == 0
+    out = capsys.readouterr().out
+    assert "fsdp  blocks" in out and "does not fit" in out and "7.4M parameters" in out

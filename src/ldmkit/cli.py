@@ -1,5 +1,5 @@
 """ldmkit command line: train, recipe, encode, sample, eval, reference, report, probe, demo, convert, export,
-consolidate, presets."""
+consolidate, plan, presets."""
 
 from __future__ import annotations
 
@@ -34,6 +34,10 @@ def positive_int(text: str) -> int:
 
 def non_negative_int(text: str) -> int:
     return _number(int, text, lambda v: 0 <= v < 2**63, "a whole number >= 0")
+
+
+def positive_float(text: str) -> float:
+    return _number(float, text, lambda v: math.isfinite(v) and v > 0, "a positive number")
 
 
 def finite_float(text: str) -> float:
@@ -446,6 +450,22 @@ def _add_export_command(sub) -> None:
     _add_run_config_options(p, device=False)
 
 
+def _add_plan_command(sub) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="memory per GPU of a config under ddp, fsdp and hsdp, with and without activation checkpointing",
+        description="Estimate the memory each GPU needs to train CONFIG: weights, gradients, optimizer state, EMA, "
+        "DDP's gradient buckets or FSDP's gathered blocks, and the activations of one micro-batch (counted on the "
+        "meta device: nothing is allocated), for ddp, fsdp and hsdp, with activation checkpointing none, selective "
+        "or blocks; and whether each fits. docs/distributed.md compares the estimate with measured peaks.",
+    )
+    p.add_argument("config", help="config file (or a shipped config such as imagenet256/dit_xl2)")
+    p.add_argument("--gpus", type=positive_int, default=1, help="processes (GPUs) in all (default 1)")
+    p.add_argument("--gpu-memory", type=positive_float, default=80.0, help="GB per GPU (default 80)")
+    p.add_argument("--micro-batch", type=positive_int, help="per GPU (default: train.micro_batch or global / gpus)")
+    _add_set_option(p, "override a config key (repeatable)")
+
+
 def _add_presets_command(sub) -> None:
     sub.add_parser(
         "presets", help="list the backbone size presets", description="List backbone presets with parameter counts."
@@ -475,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_convert_command,
         _add_export_command,
         _add_consolidate_command,
+        _add_plan_command,
         _add_presets_command,
     ):
         add(sub)
@@ -806,6 +827,14 @@ def cmd_consolidate(args):
     print(out)
 
 
+def cmd_plan(args):
+    from .config import load_config
+    from .training.plan import plan_table
+
+    cfg = load_config(args.config, args.overrides)
+    print(plan_table(cfg, args.gpus, args.gpu_memory, args.micro_batch))
+
+
 def cmd_presets(args):
     import torch
 
@@ -836,6 +865,7 @@ COMMANDS = {
     "convert": cmd_convert,
     "export": cmd_export,
     "consolidate": cmd_consolidate,
+    "plan": cmd_plan,
     "presets": cmd_presets,
 }
 
