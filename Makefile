@@ -23,7 +23,7 @@ demo-text: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/ldmkit demo --config configs/demo/mnist_text_dit.yaml --out runs/demo-text/run
 
 test: lint
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15 tests
 
 # Style: ruff (line length 120, pyflakes, isort, and ruff format's layout; settings in pyproject.toml).
 # Part of `make test`. `make format` rewrites the files to pass.

@@ -4,6 +4,7 @@ weights. (Stop signals and frozen processes under fsdp: tests/test_reliability.p
 
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 
@@ -63,7 +64,8 @@ def reference(tmp_path_factory):
 
 @pytest.mark.slow
 def test_fsdp_and_hsdp_train_the_model_one_process_trains(reference, tmp_path):
-    assert train_on(2, tmp_path / "fsdp", RUN + ["train.parallel=fsdp"], 33100) == [0, 0]
+    # (the fsdp run writes its checkpoints in the background: the same weights, complete folders)
+    assert train_on(2, tmp_path / "fsdp", RUN + ["train.parallel=fsdp", "train.async_checkpoint=true"], 33100) == [0, 0]
     assert train_on(4, tmp_path / "hsdp", RUN + ["train.parallel=hsdp", "train.shard_size=2"], 34100) == [0] * 4
     for name in ("fsdp", "hsdp"):
         checkpoints = sorted(p.name for p in (tmp_path / name / "checkpoints").iterdir())
@@ -82,7 +84,13 @@ def test_a_sharded_checkpoint_resumes_on_fewer_processes(reference, tmp_path):
     half = RUN + ["train.parallel=fsdp", "train.total_images=64"]
     assert train_on(4, tmp_path / "four", half, 35100) == [0] * 4
     (tmp_path / "four").rename(tmp_path / "two")
+    # a newer checkpoint a crash left incomplete (no ldmkit.pt), and an interrupted write: both are passed over
+    checkpoints = tmp_path / "two" / "checkpoints"
+    shutil.copytree(checkpoints / "ckpt-0000000064.dcp", checkpoints / "ckpt-0000000080.dcp")
+    (checkpoints / "ckpt-0000000080.dcp" / "ldmkit.pt").unlink()
+    shutil.copytree(checkpoints / "ckpt-0000000064.dcp", checkpoints / "ckpt-0000000096.dcp.tmp")
     assert train_on(2, tmp_path / "two", RUN + ["train.parallel=fsdp"], 36100) == [0, 0]
+    assert not (checkpoints / "ckpt-0000000096.dcp.tmp").exists()
     again = RUN + ["train.parallel=fsdp", "train.total_images=64"]
     assert train_on(4, tmp_path / "four", again, 37100) == [0] * 4
     resume = ["train", str(tmp_path / "four"), "--set", "train.total_images=128", "--set", "train.parallel=ddp"]
@@ -100,6 +108,10 @@ def test_a_sharded_checkpoint_resumes_on_fewer_processes(reference, tmp_path):
     single = load_checkpoint(tmp_path / "two.pt")
     assert all(torch.equal(single["ema"][k], v) for k, v in state_of(tmp_path / "two")["ema"].items())
     assert main(["sample", str(tmp_path / "two"), "--classes", "1", "--per-class", "1", "--steps", "2"]) == 0
+    newest = checkpoints / "ckpt-0000000128.dcp"
+    assert main(["convert", str(newest), "--out", str(tmp_path / "converted.pt")]) == 0
+    converted = load_checkpoint(tmp_path / "converted.pt")
+    assert all(torch.equal(converted["ema"][k], v) for k, v in single["ema"].items())
 
 
 @pytest.mark.slow
@@ -182,7 +194,8 @@ def test_plan_divides_the_state_by_mode_and_counts_activations_as_a_real_forward
     from ldmkit.models.registry import build_model
     from ldmkit.training.plan import meta_inputs, plan_memory
 
-    sizes = ["model.preset=DiT-tiny/2", "train.global_batch=32", "train.parallel=hsdp", "train.shard_size=2"]
+    sizes = ["model.preset=DiT-tiny/2", "model.depth=4", "train.global_batch=32", "train.parallel=hsdp"]
+    sizes.append("train.shard_size=2")
     cfg = load_config(overrides=TINY + sizes)
     plans = {(p.mode, p.activation_checkpointing): p for p in plan_memory(cfg, 4)}
     ddp, fsdp, hsdp = plans["ddp", "none"], plans["fsdp", "none"], plans["hsdp", "none"]

@@ -6,7 +6,8 @@ State per parameter, fp32 master weights: weights 4 bytes, gradients 4, optimize
 several processes; `fsdp` divides it by the number of processes, `hsdp` by train.shard_size, and adds the largest
 block's parameters gathered for its forward (twice: the next block is prefetched). Activations are the bytes
 autograd keeps for backward in one forward pass of a micro-batch (both passes for MDT-v2), counted with
-saved-tensor hooks on the meta device, with attention counted as a fused kernel keeps it. bf16 counts every kept
+saved-tensor hooks on the meta device, with attention counted as a fused kernel keeps it; with activation
+checkpointing, plus one block's recomputed activations. bf16 counts every kept
 tensor in bf16; autocast keeps a few in fp32 (norm and softmax statistics), so it keeps somewhat more. Not
 counted: the autoencoder and text encoder (absent when training from the cache), the CUDA context (about 0.5 GB)
 and allocator fragmentation.
@@ -119,8 +120,10 @@ def plan_memory(cfg: RunConfig, gpus: int, micro_batch: int | None = None) -> li
     activations = {}
     for ac in ("none", "selective", "blocks"):
         model = copy.deepcopy(base)
-        parallel.apply_activation_checkpointing(model, ac, tc.ac_every)
+        wrapped = parallel.apply_activation_checkpointing(model, ac, tc.ac_every)
         activations[ac] = activation_bytes(cfg, model.to(dtype), micro, dtype)
+        if wrapped:  # in backward, one checkpointed block at a time holds its recomputed activations again
+            activations[ac] += (activations["none"] - activations[ac]) // wrapped
     plans = []
     shard_size = tc.shard_size or min(gpus, 8)
     for mode, shards in (("ddp", 1), ("fsdp", gpus), ("hsdp", shard_size)):
