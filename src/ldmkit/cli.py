@@ -552,9 +552,9 @@ def cmd_recipe(args):
 
 
 def cmd_sample(args):
-    from .distributed import gather_to_main, init_distributed
+    from .distributed import init_distributed
     from .eval.evaluate import load_generator
-    from .eval.generate import generate, grid_labels, save_grid, save_images
+    from .eval.generate import generate_split, grid_labels, save_grid, save_images
 
     check_not_file(args.out, "--out")
     d = init_distributed(args.device, setting="--device")  # under torchrun: the images are split over processes
@@ -578,23 +578,20 @@ def cmd_sample(args):
         labels, per = grid_labels(cfg, max(cfg.model.num_classes, len(args.prompt)), classes, args.num // rows)
     if args.prompt:
         prompts = [args.prompt[int(i)] for i in labels]
-    mine = list(range(d.rank, len(labels), d.world_size))  # each sample's seed follows its index: any split is equal
-    images = generate(
+    images = generate_split(  # under torchrun each process draws its share; process 0 gets them all
+        d,
         model,
         cfg,
         objective,
         autoencoder,
-        labels[mine],
-        mine,
-        d.device,
+        labels,
+        prompts,
         guidance_scale=args.guidance,
         sampler=args.sampler,
         steps=args.steps,
         seed=args.seed,
-        prompts=[prompts[i] for i in mine] if prompts else None,
         progress=d.is_main,
     )
-    images = gather_to_main(images.cpu(), mine, d)
     if not d.is_main:
         return
     s = cfg.sample

@@ -101,6 +101,18 @@ def grid_labels(
     return torch.tensor([c for c in classes for _ in range(per)]), per
 
 
+def generate_split(d, model, cfg, objective, autoencoder, labels: torch.Tensor, prompts=None, **kwargs):
+    """generate() for all of `labels`, split over the processes of d (ldmkit.distributed.Dist): each process draws
+    samples rank, rank + N, ... (every sample has its own seed, so the split changes no image), and process 0
+    gets all of them in order; the others get None."""
+    from ..distributed import gather_to_main
+
+    mine = list(range(d.rank, len(labels), d.world_size))
+    prompts = [prompts[i] for i in mine] if prompts else None
+    images = generate(model, cfg, objective, autoencoder, labels[mine], mine, d.device, prompts=prompts, **kwargs)
+    return gather_to_main(images.cpu(), mine, d)
+
+
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> Path:
     """Images in [-1, 1] -> one PNG, nrow images per row."""
     from torchvision.utils import save_image

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed import Dist, gather_to_main
+from ..distributed import Dist
 from .evaluate import digit_data, load_generator
 from .features import EffNetLite0Features, extract
-from .generate import generate
+from .generate import generate_split
 from .sampleset import sample_labels
 
 
@@ -54,24 +54,11 @@ def probe_control(
     digits = digit_data(cfg)
     labels = sample_labels(num, cfg.model.num_classes if digits is None else 10)
     base_control = list(cfg.sample.control)
-    mine = list(range(d.rank, num, d.world_size))
     images = []
     for value in values:
         cfg.sample.control = base_control + [f"{key}={value}"]
-        drawn = generate(
-            model,
-            cfg,
-            objective,
-            autoencoder,
-            labels[mine],
-            mine,
-            device,
-            batch=cfg.eval.batch,
-            steps=steps,
-            seed=seed,
-            guidance_scale=guidance_scale,
-        )
-        images.append(gather_to_main(drawn.cpu(), mine, d))
+        kwargs = dict(batch=cfg.eval.batch, steps=steps, seed=seed, guidance_scale=guidance_scale)
+        images.append(generate_split(d, model, cfg, objective, autoencoder, labels, **kwargs))
     if not d.is_main:
         return None
     net = EffNetLite0Features()
