@@ -126,3 +126,23 @@ def test_export_schedulers_follow_the_objective_and_sampler(tmp_path, capsys):
     assert main(["export", str(tmp_path / "mdt"), "--out", str(tmp_path / "hf-mdt")]) == 2
     assert "diffusers has no MDT model" in capsys.readouterr().err
     assert not (tmp_path / "hf-mdt").exists()
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_a_dpm_solver_run_exports_diffusers_dpm_solver(objective):
+    """DPM-Solver++ runs get DPMSolverMultistepScheduler, whose chain is ldmkit's."""
+    from conftest import tiny_config
+
+    from ldmkit.transfer.pipeline import diffusers_scheduler, sampler_gap
+
+    extra = ["sample.sampler=dpmpp", "sample.solver_order=3", "sample.steps=12", "sample.respacing=linspace"]
+    if objective == "flow":
+        extra += ["diffusion.objective=flow", "model.learn_sigma=false", "diffusion.time_shift=3"]
+    cfg = tiny_config(*extra)
+    scheduler, notes = diffusers_scheduler(cfg, passes_variance=False)
+    assert type(scheduler).__name__ == "DPMSolverMultistepScheduler" and scheduler.config.solver_order == 3
+    gap = sampler_gap(cfg, scheduler, passes_variance=False)
+    if objective == "ddpm":
+        assert gap <= 1e-5 and not notes
+    else:  # the same noise levels, but diffusers hands the model whole timesteps (int(1000 sigma)): a small gap
+        assert scheduler.config.flow_shift == 3 and 0 < gap < 1e-2 and "whole timesteps" in notes[0]

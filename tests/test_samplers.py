@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
 
 from ldmkit.diffusion import samplers
@@ -107,3 +108,53 @@ def test_per_sample_noise_is_batch_independent():
     a = samplers.randn_per_sample(gens, (1, 4, 4), "cpu")
     b = samplers.randn_per_sample([torch.Generator().manual_seed(6)], (1, 4, 4), "cpu")
     assert torch.equal(a[1], b[0])
+
+
+def toy_output(x, t):
+    """A smooth stand-in for a denoiser: output depends on the input and on t in [0, 1]."""
+    return x * (0.3 + 0.5 * t.reshape(-1, 1, 1, 1)) + 0.1 * torch.sin(3 * x)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("spacing,steps", [("linspace", 10), ("leading", 20), ("trailing", 7)])
+def test_dpm_solver_pp_matches_diffusers_on_a_ddpm_model(order, spacing, steps):
+    from diffusers import DPMSolverMultistepScheduler
+
+    cfg = tiny_config(
+        "sample.sampler=dpmpp", f"sample.solver_order={order}", f"sample.respacing={spacing}", "model.learn_sigma=false"
+    )
+    betas = ddpm_betas("linear", 1000)
+    scheduler = DPMSolverMultistepScheduler(
+        trained_betas=betas.tolist(), solver_order=order, timestep_spacing=spacing, algorithm_type="dpmsolver++"
+    )
+    scheduler.set_timesteps(steps)
+    assert scheduler.timesteps.tolist() == samplers.dpm_timesteps(1000, steps, spacing)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = x.clone()
+    for t in scheduler.timesteps:
+        y = scheduler.step(toy_output(y, t.float().reshape(1) / 1000), t, y).prev_sample
+    ours = samplers.sample_dpmpp(toy_output, DDPMObjective(DDPMSchedule(betas), False), x, steps, cfg, order)
+    # 1e-5 of the samples' scale (they reach about 12 here): diffusers keeps its coefficients in float32
+    assert (ours - y).abs().max() <= 1e-5 * max(1.0, float(y.abs().max()))
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_dpm_solver_pp_matches_diffusers_on_a_flow_model(order):
+    """The shifted flow grid equals diffusers' (use_flow_sigmas) and the whole chain its DPMSolverMultistepScheduler."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    scheduler = DPMSolverMultistepScheduler(
+        solver_order=order, use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction"
+    )
+    scheduler.set_timesteps(12)
+    sigmas = samplers.dpm_flow_sigmas(12, 3.0)
+    assert np.allclose(scheduler.sigmas.numpy(), np.array(sigmas, dtype=np.float32), rtol=0, atol=0)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = x.clone()
+    for i, t in enumerate(scheduler.timesteps):  # the model sees the level itself, as ldmkit's flow models do
+        y = scheduler.step(toy_output(y, torch.tensor([sigmas[i]])), t, y).prev_sample
+    cfg = tiny_config(
+        "diffusion.objective=flow", "model.learn_sigma=false", "sample.sampler=dpmpp", "diffusion.time_shift=3"
+    )
+    ours = samplers.sample_dpmpp(toy_output, None, x, 12, cfg, order)
+    assert (ours - y).abs().max() <= 1e-5 * max(1.0, float(y.abs().max()))

@@ -86,7 +86,9 @@ def _add_sampling_options(p):
         help="classifier-free guidance scale, 1 = none (default: the run's sample.guidance_scale)",
     )
     p.add_argument(
-        "--sampler", choices=["ddpm", "ddim", "euler", "heun"], help="sampler (default: the run's sample.sampler)"
+        "--sampler",
+        choices=["ddpm", "ddim", "euler", "heun", "dpmpp"],
+        help="sampler (default: the run's sample.sampler; dpmpp: DPM-Solver++ of order sample.solver_order)",
     )
     p.add_argument("--steps", type=positive_int, help="sampling steps (default: the run's sample.steps)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")

@@ -81,15 +81,18 @@ class DiffusionConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: Literal["ddpm", "ddim", "euler", "heun"] = "ddpm"  # ddpm | ddim (DDPM objective); euler | heun (flow)
+    # ddpm | ddim (DDPM objective); euler | heun (flow); dpmpp (DPM-Solver++, both)
+    sampler: Literal["ddpm", "ddim", "euler", "heun", "dpmpp"] = "ddpm"
+    solver_order: int = 2  # dpmpp: 1-3 (2 = DPM-Solver++(2M), as PixArt-alpha and SD3.5's dpmpp_2m)
     steps: int = 250
     guidance_scale: float = 1.5  # classifier-free guidance; 1 = no guidance
     control_guidance_scale: float = 1.0  # separate guidance on control values (3 evaluations); 1 = plain CFG
     # control values to sample with, e.g. ["original_size=512,512", "flip=0"] (default: an uncropped, unflipped
     # image of the training resolution)
     control: list[str] = field(default_factory=list)
-    # DDPM step selection: adm (round(linspace), as DiT) | leading | trailing
-    respacing: Literal["adm", "leading", "trailing"] = "adm"
+    # DDPM step selection: adm (round(linspace), as DiT) | linspace (diffusers' name: the same for ddpm and ddim;
+    # for dpmpp, diffusers' DPM-Solver spacing, which adm also means there) | leading | trailing
+    respacing: Literal["adm", "linspace", "leading", "trailing"] = "adm"
     seed: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: the denoiser runs under bf16 autocast while sampling
     per_class: int = 10  # grid: images per class row
@@ -517,6 +520,7 @@ RANGES = {
     "diffusion.shift_base_resolution": POSITIVE,
     "diffusion.min_snr_gamma": POSITIVE,
     "sample.steps": POSITIVE,
+    "sample.solver_order": (1, 3, False, False),
     "sample.seed": NON_NEGATIVE,
     "sample.per_class": POSITIVE,
     "sample.classes": NON_NEGATIVE,
@@ -606,7 +610,8 @@ def check_ranges(cfg, prefix: str = "") -> None:
             check_value(prefix + f.name, value)
 
 
-SAMPLERS = {"ddpm": ("ddpm", "ddim"), "flow": ("euler", "heun")}  # the samplers that fit each objective
+# the samplers that fit each objective
+SAMPLERS = {"ddpm": ("ddpm", "ddim", "dpmpp"), "flow": ("euler", "heun", "dpmpp")}
 
 
 def check_sampler(objective: str, sampler: str, what: str = "sampler") -> None:

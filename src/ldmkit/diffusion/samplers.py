@@ -2,12 +2,16 @@
 index), so a sample does not depend on which batch or process drew it.
 
 DDPM objective: `ddpm` (ancestral, learned or fixed variance, respaced) and `ddim` (eta). Flow objective:
-`euler` and `heun` over a shifted sigma grid from 1 to 0. The single-step functions are tested against
-diffusers' DDPMScheduler, DDIMScheduler, FlowMatchEulerDiscreteScheduler and FlowMatchHeunDiscreteScheduler.
+`euler` and `heun` over a shifted sigma grid from 1 to 0. Both: `dpmpp`, multistep DPM-Solver++ of order
+sample.solver_order. The step functions are tested against diffusers' DDPMScheduler, DDIMScheduler,
+FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler and DPMSolverMultistepScheduler.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from ..config import ConfigError, check_sampler
@@ -96,6 +100,94 @@ def sample_flow(model_fn, x, sigmas: torch.Tensor, method: str = "euler"):
     return x
 
 
+# ----------------------------------------------------------------------------------- DPM-Solver++ (multistep)
+def dpm_timesteps(num_timesteps: int, steps: int, spacing: str = "adm") -> list[int]:
+    """The training steps DPM-Solver++ visits, descending, as diffusers' DPMSolverMultistepScheduler picks them:
+    linspace (also for adm) drops the t = 0 end of steps + 1 evenly spaced points; leading and trailing as its
+    timestep_spacing says."""
+    T = num_timesteps
+    if not 0 < steps <= T:
+        raise ValueError(f"sampling steps must be in 1..{T}, got {steps}")
+    if spacing in ("adm", "linspace"):
+        chosen = np.linspace(0, T - 1, steps + 1).round()[::-1][:-1]
+    elif spacing == "leading":
+        chosen = (np.arange(0, steps + 1) * (T // (steps + 1))).round()[::-1][:-1]
+    elif spacing == "trailing":
+        chosen = np.arange(T, 0, -T / steps).round() - 1
+    else:
+        raise ValueError(f"unknown respacing {spacing!r}")
+    return [int(t) for t in chosen]
+
+
+def dpm_flow_sigmas(steps: int, shift: float = 1.0, num_timesteps: int = 1000) -> list[float]:
+    """The noise levels DPM-Solver++ visits on a flow model, as diffusers' DPMSolverMultistepScheduler
+    (use_flow_sigmas) builds them: steps evenly spaced levels from 1 - 1/num_timesteps down, shifted, then 0. (It
+    cannot start at 1, where the signal scale 1 - sigma is 0 and its log-SNR step is infinite.)"""
+    unshifted = 1.0 - np.linspace(1.0, 1.0 / num_timesteps, steps + 1)
+    shifted = shift * unshifted / (1 + (shift - 1) * unshifted)
+    return [float(v) for v in np.flip(shifted)[:-1]] + [0.0]
+
+
+def dpm_solver_pp(denoise, x, alphas: list[float], sigmas: list[float], order: int = 2):
+    """Multistep DPM-Solver++ (Lu et al., 2022) on a grid of signal scales alphas[i] and noise levels sigmas[i]
+    (x = alpha x0 + sigma noise), from sigmas[0] to sigmas[-1] = 0. denoise(x, i) is the model's x0 estimate at grid
+    point i. Orders 1-3 with diffusers' defaults: lower orders while the history fills, a first-order last step
+    (to sigma 0), and a second-order step before it when there are fewer than 15 steps (lower_order_final)."""
+    n = len(sigmas) - 1
+    lam = [math.log(a) - math.log(s) if s > 0 else math.inf for a, s in zip(alphas, sigmas)]
+    history: list[torch.Tensor] = []  # x0 estimates, newest last
+    for i in range(n):
+        history = (history + [denoise(x, i).float()])[-3:]
+        o = min(order, len(history))
+        if i == n - 1:
+            o = 1
+        elif i == n - 2 and n < 15:
+            o = min(o, 2)
+        a_t, s_t, s_s = alphas[i + 1], sigmas[i + 1], sigmas[i]
+        h = lam[i + 1] - lam[i]
+        phi = math.expm1(-h)  # e^-h - 1 (-1 at the last step, where h is infinite)
+        m0 = history[-1]
+        x = (s_t / s_s) * x - a_t * phi * m0
+        if o >= 2:
+            r0 = (lam[i] - lam[i - 1]) / h
+            d1_0 = (m0 - history[-2]) / r0
+            if o == 2:  # midpoint
+                x = x - 0.5 * a_t * phi * d1_0
+            else:
+                r1 = (lam[i - 1] - lam[i - 2]) / h
+                d1_1 = (history[-2] - history[-3]) / r1
+                d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                x = x + a_t * (phi / h + 1.0) * d1 - a_t * ((phi + h) / h**2 - 0.5) * d2
+    return x
+
+
+def sample_dpmpp(model_fn, objective, x, steps: int, cfg, order: int = 2):
+    """DPM-Solver++ for either objective: DDPM models (epsilon, learned variance ignored) over DPM's choice of
+    training steps; flow models (v = noise - x0) over dpm_flow_sigmas."""
+    C = x.shape[1]
+    if cfg.diffusion.objective == "flow":
+        sigmas = dpm_flow_sigmas(steps, flow_shift(cfg))
+        alphas = [1.0 - s for s in sigmas]
+
+        def denoise(x, i):
+            t = torch.full((x.shape[0],), sigmas[i], device=x.device)
+            return x - sigmas[i] * model_fn(x, t).float()
+    else:
+        base = objective.schedule
+        visited = dpm_timesteps(base.num_steps, steps, cfg.sample.respacing)
+        alphas_cumprod = [float(base.alphas_cumprod[t]) for t in visited]
+        alphas = [math.sqrt(a) for a in alphas_cumprod] + [1.0]
+        sigmas = [math.sqrt(1 - a) for a in alphas_cumprod] + [0.0]
+
+        def denoise(x, i):
+            t = torch.full((x.shape[0],), visited[i] / base.num_train_timesteps, device=x.device)
+            eps = model_fn(x, t)[:, :C].float()
+            return (x - sigmas[i] * eps) / alphas[i]
+
+    return dpm_solver_pp(denoise, x, alphas, sigmas, order)
+
+
 def sample(model_fn, cfg, objective, shape, generators, device, steps: int | None = None, sampler: str | None = None):
     """Draw len(generators) samples of `shape` (C, H, W) with the configured sampler."""
     sampler = sampler or cfg.sample.sampler
@@ -104,6 +196,8 @@ def sample(model_fn, cfg, objective, shape, generators, device, steps: int | Non
     if steps <= 0:
         raise ConfigError(f"sampling steps must be positive, got {steps}")
     x = randn_per_sample(generators, shape, device)
+    if sampler == "dpmpp":
+        return sample_dpmpp(model_fn, objective, x, steps, cfg, cfg.sample.solver_order)
     if sampler in ("ddpm", "ddim"):
         return sample_ddpm(model_fn, objective, x, generators, steps, cfg.sample.respacing, sampler)
     return sample_flow(model_fn, x, flow_sigmas(steps, flow_shift(cfg)).to(device), sampler)
@@ -114,6 +208,10 @@ __all__ = [
     "sample",
     "sample_ddpm",
     "sample_flow",
+    "sample_dpmpp",
+    "dpm_solver_pp",
+    "dpm_timesteps",
+    "dpm_flow_sigmas",
     "flow_sigmas",
     "ddpm_step",
     "ddim_step",

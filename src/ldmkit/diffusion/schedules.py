@@ -100,7 +100,7 @@ def space_timesteps(num_timesteps: int, steps: int, mode: str = "adm") -> list[i
     """
     if not 0 < steps <= num_timesteps:
         raise ValueError(f"sampling steps must be in 1..{num_timesteps}, got {steps}")
-    if mode == "adm":
+    if mode in ("adm", "linspace"):
         if steps == 1:
             return [num_timesteps - 1]
         stride = (num_timesteps - 1) / (steps - 1)

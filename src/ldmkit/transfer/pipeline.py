@@ -21,7 +21,7 @@ import yaml
 from ..autoencoders import build_autoencoder
 from ..config import RunConfig, build
 from ..diffusion.objectives import build_objective
-from ..diffusion.samplers import flow_sigmas, sample_ddpm, sample_flow
+from ..diffusion.samplers import flow_sigmas, sample_ddpm, sample_dpmpp, sample_flow
 from ..diffusion.schedules import flow_shift
 from ..models.registry import count_parameters
 from ..models.spec import BackboneSpec, ConversionError
@@ -66,7 +66,7 @@ PIPELINES = {
         "negative_prompt_embeds=null.tokens, negative_pooled_prompt_embeds=null.pooled",
     ),
 }
-RESPACING_TO_DIFFUSERS = {"adm": "linspace", "leading": "leading", "trailing": "trailing"}
+RESPACING_TO_DIFFUSERS = {"adm": "linspace", "linspace": "linspace", "leading": "leading", "trailing": "trailing"}
 
 
 def diffusers_scheduler(cfg: RunConfig, passes_variance: bool):
@@ -75,14 +75,21 @@ def diffusers_scheduler(cfg: RunConfig, passes_variance: bool):
 
     s = cfg.sample
     if cfg.diffusion.objective == "flow":
+        if s.sampler == "dpmpp":
+            flow = dict(use_flow_sigmas=True, flow_shift=flow_shift(cfg), prediction_type="flow_prediction")
+            note = (
+                "diffusers' DPM-Solver visits ldmkit's noise levels but hands the model whole timesteps "
+                "(int(1000 sigma)) where ldmkit gives sigma itself"
+            )
+            return diffusers.DPMSolverMultistepScheduler(solver_order=s.solver_order, **flow), [note]
         heun = s.sampler == "heun"
         cls = diffusers.FlowMatchHeunDiscreteScheduler if heun else diffusers.FlowMatchEulerDiscreteScheduler
         return cls(num_train_timesteps=1000, shift=flow_shift(cfg)), []
     learned = cfg.model.learn_sigma
-    if learned and passes_variance and s.sampler == "ddim":
+    if learned and passes_variance and s.sampler in ("ddim", "dpmpp"):
         raise ConversionError(
-            "this pipeline hands the learned variance to its scheduler, which DDIM cannot take; export with "
-            "--set sample.sampler=ddpm"
+            f"this pipeline hands the learned variance to its scheduler, which {s.sampler} cannot take in diffusers; "
+            "export with --set sample.sampler=ddpm"
         )
     common = dict(
         num_train_timesteps=cfg.diffusion.num_timesteps,
@@ -94,6 +101,11 @@ def diffusers_scheduler(cfg: RunConfig, passes_variance: bool):
     )
     if s.sampler == "ddim":
         return diffusers.DDIMScheduler(**common, set_alpha_to_one=True), []
+    if s.sampler == "dpmpp":
+        dpm = {k: v for k, v in common.items() if k != "clip_sample"}  # DPM-Solver++ never clips
+        return diffusers.DPMSolverMultistepScheduler(
+            **dpm, solver_order=s.solver_order, algorithm_type="dpmsolver++"
+        ), []
     notes = []
     variance = "fixed_large"
     if learned:
@@ -122,7 +134,9 @@ def sampler_gap(cfg: RunConfig, scheduler, passes_variance: bool, sigmas: list[f
         return torch.cat([out, torch.zeros_like(out)], 1) if learned else out
 
     x = torch.randn(1, C, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64).float()
-    if cfg.diffusion.objective == "flow":
+    if sampler == "dpmpp":
+        ours = sample_dpmpp(toy, build_objective(cfg), x, steps, cfg, cfg.sample.solver_order)
+    elif cfg.diffusion.objective == "flow":
         ours = sample_flow(toy, x, flow_sigmas(steps, flow_shift(cfg)), sampler)
     else:
         objective = build_objective(cfg)
