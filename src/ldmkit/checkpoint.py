@@ -397,11 +397,27 @@ def save_sharded(tensors: dict, meta: dict, path: Path, d, async_save: bool = Fa
     tmp = path.with_name(path.name + ".tmp")
     group = d.cpu_group if d.world_size > 1 else None
     if async_save:
-        future = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=group)
+        # The background write runs its own collectives: on a group of its own, or they would interleave with
+        # training's collectives on the same group.
+        future = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=_async_group(d))
     else:
         dcp.save(tensors, checkpoint_id=str(tmp), process_group=group)
         future = None
     return PendingCheckpoint(future, tmp, path, meta)
+
+
+_ASYNC_GROUP = {}
+
+
+def _async_group(d):
+    """A gloo group for asynchronous checkpoint writes, created once (by every process together)."""
+    if d.world_size == 1:
+        return None
+    if "group" not in _ASYNC_GROUP:
+        import torch.distributed as dist
+
+        _ASYNC_GROUP["group"] = dist.new_group(backend="gloo")
+    return _ASYNC_GROUP["group"]
 
 
 class PendingCheckpoint:
