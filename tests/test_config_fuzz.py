@@ -154,7 +154,7 @@ def train_one_step(changes) -> tuple[int, str, Path]:
 
 
 @settings(
-    max_examples=int(os.environ.get("LDMKIT_FUZZ_EXAMPLES", "60")),
+    max_examples=int(os.environ.get("LDMKIT_FUZZ_EXAMPLES", "40")),
     deadline=None,
     derandomize=True,
     database=None,

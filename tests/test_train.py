@@ -131,7 +131,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
 
     def command(out):
         cmd = [sys.executable, "-m", "ldmkit.cli", "train", str(config), "--out", str(tmp_path / out)]
-        for o in TINY + ["train.total_images=1600", "train.checkpoint_every_images=160", "train.keep_checkpoints=20"]:
+        for o in TINY + ["train.total_images=800", "train.checkpoint_every_images=80", "train.keep_checkpoints=20"]:
             cmd += ["--set", o]
         return cmd
 
@@ -143,10 +143,10 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     partial = state_of(tmp_path / "killed")["images_seen"]
-    assert 0 < partial < 1600, "the kill should land mid-run"
+    assert 0 < partial < 800, "the kill should land mid-run"
     assert subprocess.run(command("killed"), env=env, capture_output=True).returncode == 0
     assert subprocess.run(command("straight"), env=env, capture_output=True).returncode == 0
-    assert state_of(tmp_path / "killed")["images_seen"] == 1600
+    assert state_of(tmp_path / "killed")["images_seen"] == 800
     assert_same_weights(state_of(tmp_path / "straight"), state_of(tmp_path / "killed"))
 
 
