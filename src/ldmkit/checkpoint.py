@@ -350,7 +350,8 @@ def _load_sharded_checkpoint(path: Path, tensors: bool) -> dict:
     if not isinstance(state, dict):
         raise CheckpointError(f"{meta_file} is not an ldmkit checkpoint part")
     reader = _dcp_reader(path)
-    stored = {key.split(".")[0] for key in reader.read_metadata().state_dict_metadata}
+    entries = reader.read_metadata().state_dict_metadata  # read (and checked) once
+    stored = {key.split(".")[0] for key in entries}
     missing = [part for part in SHARDED_PARTS if part not in stored]
     if missing:
         raise CheckpointError(f"sharded checkpoint {path} lacks '{missing[0]}'")
@@ -362,7 +363,7 @@ def _load_sharded_checkpoint(path: Path, tensors: bool) -> dict:
     # A flat template of every stored entry, filled in place (entries are stored under dotted names).
     flat = {
         name: torch.empty(item.size, dtype=item.properties.dtype) if isinstance(item, TensorStorageMetadata) else None
-        for name, item in reader.read_metadata().state_dict_metadata.items()
+        for name, item in entries.items()
     }
     try:
         with warnings.catch_warnings():
@@ -389,9 +390,9 @@ def _load_sharded_checkpoint(path: Path, tensors: bool) -> dict:
 
 
 def save_sharded(tensors: dict, meta: dict, path: Path, d, async_save: bool = False):
-    """Write a sharded checkpoint collectively: every process its shards of `tensors` into path.tmp, then (see
-    finish_sharded) process 0 writes `meta` and renames the folder. With async_save the shards are staged in CPU
-    memory and written by a background thread; returns the pending write for finish_sharded."""
+    """Write a sharded checkpoint collectively: every process its shards of `tensors` into path.tmp; then
+    PendingCheckpoint.finish has process 0 write `meta` and rename the folder. With async_save the shards are staged
+    in CPU memory and written by a background thread. Returns the PendingCheckpoint."""
     import torch.distributed.checkpoint as dcp
 
     tmp = path.with_name(path.name + ".tmp")

@@ -114,7 +114,8 @@ def parallelize(model: nn.Module, ema, d: Dist, tc) -> nn.Module:
     return model
 
 
-def is_sharded(model: nn.Module) -> bool:
+def is_fsdp(model: nn.Module) -> bool:
+    """Whether fully_shard wraps the model (not to be confused with checkpoint.is_sharded, a DCP folder)."""
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
@@ -125,7 +126,7 @@ def gradient_sync(train_model: nn.Module, sync: bool):
     (the last micro-batch of a step); earlier ones accumulate locally."""
     if isinstance(train_model, nn.parallel.DistributedDataParallel) and not sync:
         return train_model.no_sync()
-    if is_sharded(train_model):
+    if is_fsdp(train_model):
         train_model.set_requires_gradient_sync(sync)
     return contextlib.nullcontext()
 

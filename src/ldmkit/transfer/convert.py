@@ -94,12 +94,18 @@ def check_exportable(model: nn.Module, cfg_dict: dict, spec: BackboneSpec) -> No
 
 
 def export_model(model: nn.Module, spec: BackboneSpec, out: Path) -> tuple[nn.Module, dict]:
-    """Write the model's diffusers form in out (config.json + safetensors), with what diffusers does not store
-    (LDMKIT_EXTRA: PixArt's null caption, positional tables) and ldmkit.json: the measured gap between the two
-    models on a probe input and notes on its cause. Returns (the diffusers model, that record)."""
+    """Write the model's diffusers form in out (config.json + safetensors) and what describe_export adds.
+    Returns (the diffusers model, its record)."""
     reference, notes = spec.to_diffusers(model)
     out.mkdir(parents=True, exist_ok=True)
     reference.save_pretrained(out)
+    return reference, describe_export(model, spec, reference, notes, out)
+
+
+def describe_export(model: nn.Module, spec: BackboneSpec, reference: nn.Module, notes: list[str], out: Path) -> dict:
+    """Beside a written diffusers model: what diffusers does not store (LDMKIT_EXTRA: PixArt's null caption,
+    positional tables) and ldmkit.json, the measured gap between the two models on a probe input and notes on its
+    cause (a warning when it exceeds PARITY_TOLERANCE). Returns that record."""
     kept = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k in spec.kept_on_import}
     if kept:
         save_safetensors(kept, str(out / LDMKIT_EXTRA))
@@ -114,7 +120,7 @@ def export_model(model: nn.Module, spec: BackboneSpec, out: Path) -> tuple[nn.Mo
             f"{scale:.3g}) on a probe input: {cause}. ldmkit loads the folder back exactly",
             file=sys.stderr,
         )
-    return reference, info
+    return info
 
 
 def export(model: nn.Module, cfg_dict: dict, spec: BackboneSpec, out: str | Path) -> Path:

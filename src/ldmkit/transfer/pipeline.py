@@ -25,7 +25,7 @@ from ..diffusion.samplers import flow_sigmas, sample_ddpm, sample_dpmpp, sample_
 from ..diffusion.schedules import flow_shift
 from ..models.registry import count_parameters
 from ..models.spec import BackboneSpec, ConversionError
-from .convert import LDMKIT_CONFIG, check_exportable, export_model
+from .convert import LDMKIT_CONFIG, check_exportable, describe_export
 
 
 @dataclass(frozen=True)
@@ -184,10 +184,11 @@ def export_pipeline(
     out = Path(out)
     scheduler, scheduler_notes = diffusers_scheduler(cfg, parts.passes_variance)
     vae, vae_notes = pipeline_vae(cfg, parts.applies_shift)
-    reference, model_info = export_model(model, spec, out / spec.diffusers_folder)
+    reference, model_notes = spec.to_diffusers(model)
     components = {spec.diffusers_folder: reference, "scheduler": scheduler, "vae": vae}
     components.update({name: None for name in parts.text}, **dict(parts.extra))
-    getattr(diffusers, pipeline_class)(**components).save_pretrained(out)
+    getattr(diffusers, pipeline_class)(**components).save_pretrained(out)  # every part, the denoiser once
+    model_info = describe_export(model, spec, reference, model_notes, out / spec.diffusers_folder)
     gaps = {"default": sampler_gap(cfg, scheduler, parts.passes_variance)}
     if cfg.diffusion.objective == "flow" and "sigmas" in inspect.signature(scheduler.set_timesteps).parameters:
         gaps["sigmas"] = sampler_gap(cfg, scheduler, parts.passes_variance, ldmkit_flow_sigmas(cfg.sample.steps))
