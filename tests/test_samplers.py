@@ -158,3 +158,68 @@ def test_dpm_solver_pp_matches_diffusers_on_a_flow_model(order):
     )
     ours = samplers.sample_dpmpp(toy_output, None, x, 12, cfg, order)
     assert (ours - y).abs().max() <= 1e-5 * max(1.0, float(y.abs().max()))
+
+
+def reference_sd3_sigmas(steps: int, shift: float) -> torch.Tensor:
+    """SD3's sampling sigmas written out as its reference code computes them (ModelSamplingDiscreteFlow and
+    SD3Inferencer.get_sigmas), one level at a time."""
+
+    def sigma(timestep):
+        timestep = timestep / 1000.0
+        return timestep if shift == 1.0 else shift * timestep / (1 + (shift - 1) * timestep)
+
+    table = sigma(torch.arange(1, 1000 + 1, 1))
+    start, end = table[-1] * 1000, table[0] * 1000
+    return torch.FloatTensor([sigma(ts) for ts in torch.linspace(start, end, steps)] + [0.0])
+
+
+@pytest.mark.parametrize("steps,shift", [(28, 3.0), (50, 1.0), (40, 3.0), (4, 3.0)])
+def test_sd3_sigma_schedule_equals_the_reference_and_diffusers(steps, shift):
+    ours = samplers.sd3_sigmas(steps, shift)
+    assert torch.equal(ours, reference_sd3_sigmas(steps, shift))
+    ref = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    ref.set_timesteps(steps)
+    assert (ours - ref.sigmas).abs().max() <= 1e-6  # diffusers builds the same grid in float64, then float32
+    if (steps, shift) == (28, 3.0):  # the uniform grid differs by up to 0.09 near the data
+        gap = (ours - samplers.flow_sigmas(28, 3.0)).abs().max()
+        assert 0.08 < gap < 0.1
+
+
+def test_sd3_schedule_samples_as_diffusers_flow_match_euler_and_k_diffusion_dpmpp_2m():
+    cfg = tiny_config(
+        "diffusion.objective=flow",
+        "model.learn_sigma=false",
+        "diffusion.time_shift=3",
+        "sample.sigma_schedule=sd3",
+        "sample.sampler=euler",
+    )
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    ref = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    ref.set_timesteps(10)
+    y = x.clone()
+    for k, t in enumerate(ref.timesteps):
+        y = ref.step(toy_output(y, ref.sigmas[k].reshape(1)), t, y).prev_sample
+    ours = samplers.sample(toy_output, cfg, None, (4, 8, 8), [torch.Generator().manual_seed(4)] * 2, "cpu", 10, "euler")
+    assert (ours - y).abs().max() <= 1e-5
+    # k-diffusion's sample_dpmpp_2m (SD3.5's reference sampler) with the reference's CONST denoiser x - sigma v
+    sigmas = reference_sd3_sigmas(10, 3.0).double()
+    z, old = x.double(), None
+    for i in range(10):
+        denoised = z - sigmas[i] * toy_output(z.float(), sigmas[i].float().reshape(1)).double()
+        t, t_next = -sigmas[i].log(), -sigmas[i + 1].log()
+        h = t_next - t
+        if old is None or sigmas[i + 1] == 0:
+            z = (sigmas[i + 1] / sigmas[i]) * z - (-h).expm1() * denoised
+        else:
+            r = (t - (-sigmas[i - 1].log())) / h
+            z = (sigmas[i + 1] / sigmas[i]) * z - (-h).expm1() * ((1 + 1 / (2 * r)) * denoised - old / (2 * r))
+        old = denoised
+    ours = samplers.sample_dpmpp(toy_output, None, x.clone(), 10, cfg, 2)
+    assert (ours.double() - z).abs().max() <= 1e-5
+
+
+def test_sd3_sigma_schedule_is_refused_for_ddpm_models():
+    from ldmkit.config import ConfigError
+
+    with pytest.raises(ConfigError, match="sample.sigma_schedule"):
+        tiny_config("sample.sigma_schedule=sd3")

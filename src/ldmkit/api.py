@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .config import RunConfig, build, load_config, run_config, to_dict
+from .config import RunConfig, build, load_config, run_config, set_sampling, to_dict
 from .distributed import pick_device
 from .eval.evaluate import SampleSettings, evaluate_run, load_generator
 from .eval.generate import generate
@@ -74,12 +74,15 @@ class Pipeline:
         control: list[str] | None = None,
         control_guidance_scale: float | None = None,
         output_type: str = "pil",
+        **sample_settings,
     ):
         """Images for the given classes (class-conditional runs) or prompts (text runs), one per entry; sample i
         uses a seed derived from (seed, i), as `ldmkit sample` does. Negative classes or prompts replace the null
         condition in guidance. control: values such as ["original_size=512,512", "flip=0"] for runs that embed
-        them. output_type "pil" (a list of images) or "pt" (a tensor [N, C, H, W] in [-1, 1])."""
-        cfg = copy.deepcopy(self.cfg)
+        them. output_type "pil" (a list of images) or "pt" (a tensor [N, C, H, W] in [-1, 1]). Any other keyword
+        is a sample.* setting for this call, e.g. guidance_schedule="power_cosine", guidance_interval=[0.28, 5.42],
+        guided_channels=3, skip_layers=[7, 8, 9] with skip_layer_scale=2.5, sigma_schedule="sd3"."""
+        cfg = set_sampling(copy.deepcopy(self.cfg), **sample_settings)
         cfg.sample.control = list(cfg.sample.control) + list(control or [])
         if control_guidance_scale is not None:
             cfg.sample.control_guidance_scale = control_guidance_scale

@@ -107,6 +107,23 @@ def _add_sampling_options(p):
         type=finite_float,
         help="guidance scale on the control values (1 = plain CFG; default: the run's)",
     )
+    p.add_argument(
+        "--negative-prompt",
+        help="text runs: guide away from this prompt instead of the empty one (default: sample.negative_prompt)",
+    )
+    p.add_argument(
+        "--negative-class",
+        type=non_negative_int,
+        help="class runs: guide away from this class instead of the null class (default: sample.negative_class)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        help="run the denoiser in fp32 or under bf16 autocast (default: the run's sample.precision)",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the denoiser (pays off for large sample sets on a GPU)"
+    )
 
 
 def _add_train_command(sub) -> None:
@@ -554,6 +571,9 @@ def cmd_recipe(args):
 
 
 def cmd_sample(args):
+    import torch
+
+    from .config import set_sampling
     from .distributed import init_distributed
     from .eval.evaluate import load_generator
     from .eval.generate import generate_split, grid_labels, save_grid, save_images
@@ -564,8 +584,15 @@ def cmd_sample(args):
         args.source, use_ema=not args.no_ema, device=d.device, config=args.config, overrides=args.overrides
     )
     cfg.sample.control = list(cfg.sample.control) + list(args.control)
-    if args.control_guidance is not None:
-        cfg.sample.control_guidance_scale = args.control_guidance
+    set_sampling(
+        cfg,
+        control_guidance_scale=args.control_guidance,
+        negative_prompt=args.negative_prompt,
+        negative_class=args.negative_class,
+        precision=args.precision,
+    )
+    if args.compile:
+        model = torch.compile(model)
     classes = number_list(args.classes, int, "--classes") if args.classes else None
     prompts = None
     if args.prompt:
@@ -674,8 +701,29 @@ def cmd_mnist_shards(args):
     print(f"{len(paths)} shard(s): {paths[0]} ... {paths[-1]}")
 
 
+def sample_settings(args, guidance: float | None):
+    """The eval command's sampling options as SampleSettings, at this guidance scale."""
+    from .eval.evaluate import SampleSettings
+
+    return SampleSettings(
+        args.num,
+        guidance,
+        args.steps,
+        args.sampler,
+        args.seed,
+        args.control or [],
+        args.control_guidance,
+        args.config,
+        args.overrides,
+        negative_prompt=args.negative_prompt,
+        negative_class=args.negative_class,
+        precision=args.precision,
+        compile=args.compile,
+    )
+
+
 def cmd_eval(args):
-    from .eval.evaluate import SampleSettings, evaluate_folder, evaluate_run, write_metrics
+    from .eval.evaluate import evaluate_folder, evaluate_run, write_metrics
 
     source = Path(args.source)
     is_run = source.is_file() or (source / "checkpoints").is_dir()
@@ -708,9 +756,7 @@ def cmd_eval(args):
             scales = number_list(args.sweep_guidance, finite_float, "--sweep-guidance")
             sweep = []
             for scale in scales:
-                settings = SampleSettings(
-                    args.num, scale, args.steps, args.sampler, args.seed, config=args.config, overrides=args.overrides
-                )
+                settings = sample_settings(args, scale)
                 metrics, _, _ = evaluate_run(source, settings, eval_cfg, reference=args.ref, device=args.device)
                 sweep.append(metrics)
             if sweep[0] is None:  # not process 0 of a torchrun evaluation
@@ -720,17 +766,7 @@ def cmd_eval(args):
             out.write_text(json.dumps(sweep, indent=1))
             print(out)
             return
-        settings = SampleSettings(
-            args.num,
-            args.guidance,
-            args.steps,
-            args.sampler,
-            args.seed,
-            args.control or [],
-            args.control_guidance,
-            args.config,
-            args.overrides,
-        )
+        settings = sample_settings(args, args.guidance)
         metrics, _, _ = evaluate_run(
             source, settings, eval_cfg, reference=args.ref, sample_dir=args.samples, device=args.device
         )

@@ -93,6 +93,29 @@ class SampleConfig:
     # DDPM step selection: adm (round(linspace), as DiT) | linspace (diffusers' name: the same for ddpm and ddim;
     # for dpmpp, diffusers' DPM-Solver spacing, which adm also means there) | leading | trailing
     respacing: Literal["adm", "linspace", "leading", "trailing"] = "adm"
+    eta: float = 0.0  # ddim: 0 = deterministic; 1 = as much fresh noise as DDPM (LDM's ImageNet setting)
+    # flow noise levels: uniform (evenly spaced in t, then shifted) | sd3 (SD3's 1000-entry shifted table, sampled
+    # as its reference get_sigmas and diffusers' FlowMatchEulerDiscreteScheduler do; dpmpp then steps as k-diffusion's
+    # sample_dpmpp_2m, which SD3.5's reference code runs)
+    sigma_schedule: Literal["uniform", "sd3"] = "uniform"
+    # Guidance over time: constant | power_cosine (MDT-v2: 1 + (w - 1) (1 - cos(pi (1 - t)^exponent)) / 2) | linear
+    # (1 + (w - 1) (1 - t)); t is the noise level in [0, 1], so both rise from 1 at pure noise to w at the data.
+    guidance_schedule: Literal["constant", "power_cosine", "linear"] = "constant"
+    guidance_exponent: float = 4.0  # power_cosine: MDT-v2's scale_pow
+    # [low, high]: guide only where low < level <= high (Kynkaenniemi et al. 2024), elsewhere the conditional
+    # prediction alone; empty = at every step
+    guidance_interval: list[float] = field(default_factory=list)
+    guidance_interval_space: Literal["sigma", "t"] = "sigma"  # sigma: EDM's noise-to-signal ratio; t: model time
+    guided_channels: int | None = None  # guide only the first k latent channels (DiT and MDT-v2: 3); null = all
+    # Skip-layer guidance (SD3.5): add skip_layer_scale * (conditional - conditional with these blocks skipped),
+    # between the fractions skip_layer_interval of the model evaluations (SD3.5-medium: [7, 8, 9], 2.5, [0.01, 0.3])
+    skip_layers: list[int] = field(default_factory=list)
+    skip_layer_scale: float = 0.0
+    skip_layer_interval: list[float] = field(default_factory=lambda: [0.01, 0.2])
+    # The condition guidance steers away from, in place of the null condition: a class (a chosen unconditional
+    # class) or a prompt; null = the dropped condition
+    negative_class: int | None = None
+    negative_prompt: str | None = None
     seed: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: the denoiser runs under bf16 autocast while sampling
     per_class: int = 10  # grid: images per class row
@@ -521,6 +544,14 @@ RANGES = {
     "diffusion.min_snr_gamma": POSITIVE,
     "sample.steps": POSITIVE,
     "sample.solver_order": (1, 3, False, False),
+    "sample.eta": (0, 1, False, False),
+    "sample.guidance_exponent": POSITIVE,
+    "sample.guidance_interval": NON_NEGATIVE,
+    "sample.guided_channels": POSITIVE,
+    "sample.skip_layers": NON_NEGATIVE,
+    "sample.skip_layer_scale": NON_NEGATIVE,
+    "sample.skip_layer_interval": PROBABILITY,
+    "sample.negative_class": NON_NEGATIVE,
     "sample.seed": NON_NEGATIVE,
     "sample.per_class": POSITIVE,
     "sample.classes": NON_NEGATIVE,
@@ -622,6 +653,42 @@ def check_sampler(objective: str, sampler: str, what: str = "sampler") -> None:
         )
 
 
+def check_sampling(cfg: RunConfig) -> None:
+    """The sample.* settings that depend on each other or on the model (checked again after CLI overrides)."""
+    s = cfg.sample
+    for key in ("guidance_interval", "skip_layer_interval"):
+        values = getattr(s, key)
+        if key == "guidance_interval" and not values:
+            continue
+        if len(values) != 2 or values[0] >= values[1]:
+            raise ConfigError(f"config key 'sample.{key}': [low, high] with low < high, got {values}")
+    if s.sigma_schedule != "uniform" and cfg.diffusion.objective != "flow":
+        raise ConfigError(f"config key 'sample.sigma_schedule': {s.sigma_schedule} applies to flow models")
+    if s.guided_channels is not None and s.guided_channels > cfg.model.in_channels:
+        raise ConfigError(
+            f"config key 'sample.guided_channels': {s.guided_channels} exceeds the model's {cfg.model.in_channels}"
+        )
+    if s.negative_class is not None and cfg.model.conditioning != "class":
+        raise ConfigError("config key 'sample.negative_class': a class-conditional setting; use sample.negative_prompt")
+    if s.negative_class is not None and s.negative_class >= cfg.model.num_classes:
+        raise ConfigError(
+            f"config key 'sample.negative_class': {s.negative_class} is not below {cfg.model.num_classes}"
+        )
+    if s.negative_prompt is not None and cfg.model.conditioning == "class":
+        raise ConfigError("config key 'sample.negative_prompt': a text-conditional setting; use sample.negative_class")
+
+
+def set_sampling(cfg: RunConfig, **settings) -> RunConfig:
+    """cfg with sample.<key> = value for each setting given (None: unchanged), typed and checked as a config
+    file's keys are; an unknown key is a one-line ConfigError."""
+    given = {k: v for k, v in settings.items() if v is not None}
+    if given:
+        cfg.sample = build(SampleConfig, {**dataclasses.asdict(cfg.sample), **given}, "sample.")
+        check_ranges(cfg)
+        check_sampling(cfg)
+    return cfg
+
+
 def validate(cfg: RunConfig) -> None:
     """Cross-field checks, each a one-line ConfigError naming the key."""
     check_ranges(cfg)
@@ -648,6 +715,7 @@ def validate(cfg: RunConfig) -> None:
         if len(values) == 2 and values[0] > values[1]:
             raise ConfigError(f"config key 'data.{key}': [low, high] with low <= high, got {values}")
     check_sampler(cfg.diffusion.objective, cfg.sample.sampler, "config key 'sample.sampler'")
+    check_sampling(cfg)
     if cfg.diffusion.shift_base_resolution is not None and cfg.diffusion.shift_base_resolution <= 0:
         raise ConfigError(
             "config key 'diffusion.shift_base_resolution': a resolution in pixels (> 0), or null for no shift"

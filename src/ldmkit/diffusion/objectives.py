@@ -60,6 +60,12 @@ class DDPMObjective:
     def sample_time(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
         return torch.randint(0, self.schedule.num_steps, (n,), generator=generator, device=device)
 
+    def noise_to_signal(self, t: float) -> float:
+        """EDM's sigma, sqrt((1 - alpha_bar) / alpha_bar), at model time t (training step / num_train_timesteps)."""
+        s = self.schedule
+        alpha_bar = float(s.alphas_cumprod[min(round(t * s.num_train_timesteps), s.num_steps - 1)])
+        return ((1 - alpha_bar) / alpha_bar) ** 0.5
+
     def q_sample(self, x0, index, noise):
         s = self.schedule
         return (
@@ -139,6 +145,10 @@ class FlowObjective:
         else:
             t = torch.rand(n, generator=generator, device=device)
         return shift_time(t, self.time_shift)
+
+    def noise_to_signal(self, t: float) -> float:
+        """EDM's sigma at flow time t: t / (1 - t) (infinite at pure noise)."""
+        return t / (1 - t) if t < 1 else float("inf")
 
     def loss(self, model, x0: torch.Tensor, cond, t: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
         t_ = t.reshape(-1, *([1] * (x0.ndim - 1)))

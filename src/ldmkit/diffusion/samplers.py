@@ -2,9 +2,10 @@
 index), so a sample does not depend on which batch or process drew it.
 
 DDPM objective: `ddpm` (ancestral, learned or fixed variance, respaced) and `ddim` (eta). Flow objective:
-`euler` and `heun` over a shifted sigma grid from 1 to 0. Both: `dpmpp`, multistep DPM-Solver++ of order
-sample.solver_order. The step functions are tested against diffusers' DDPMScheduler, DDIMScheduler,
-FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler and DPMSolverMultistepScheduler.
+`euler` and `heun` over noise levels from 1 to 0 (evenly spaced then shifted, or SD3's discrete table). Both:
+`dpmpp`, multistep DPM-Solver++ of order sample.solver_order. The step functions are tested against diffusers'
+DDPMScheduler, DDIMScheduler, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler and
+DPMSolverMultistepScheduler.
 """
 
 from __future__ import annotations
@@ -78,6 +79,28 @@ def sample_ddpm(
 def flow_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
     """steps+1 noise levels from 1 to 0, evenly spaced then shifted (SD3)."""
     return shift_time(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift).float()
+
+
+def sd3_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
+    """SD3's sampling noise levels (steps + 1, the last 0), in float32 as its reference computes them: the model's
+    table holds sigma(i) = shift(i / 1000) for i = 1..1000; get_sigmas spaces `steps` timesteps evenly from
+    1000 sigma_max to 1000 sigma_min and maps each through sigma() again (so the smallest level is shifted twice).
+    diffusers' FlowMatchEulerDiscreteScheduler builds the same grid by default."""
+
+    def sigma(timestep: torch.Tensor) -> torch.Tensor:
+        t = timestep / 1000.0
+        return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
+
+    table = sigma(torch.arange(1, 1001))  # float32, as ModelSamplingDiscreteFlow's buffer
+    timesteps = torch.linspace(float(table[-1] * 1000), float(table[0] * 1000), steps)
+    return torch.cat([sigma(timesteps), torch.zeros(1)])
+
+
+def noise_levels(cfg, steps: int) -> torch.Tensor:
+    """The flow sampler's steps + 1 noise levels for sample.sigma_schedule."""
+    if cfg.sample.sigma_schedule == "sd3":
+        return sd3_sigmas(steps, flow_shift(cfg))
+    return flow_sigmas(steps, flow_shift(cfg))
 
 
 def euler_step(v, x, sigma: float, sigma_next: float) -> torch.Tensor:
@@ -164,11 +187,17 @@ def dpm_solver_pp(denoise, x, alphas: list[float], sigmas: list[float], order: i
 
 def sample_dpmpp(model_fn, objective, x, steps: int, cfg, order: int = 2):
     """DPM-Solver++ for either objective: DDPM models (epsilon, learned variance ignored) over DPM's choice of
-    training steps; flow models (v = noise - x0) over dpm_flow_sigmas."""
+    training steps; flow models (v = noise - x0) over dpm_flow_sigmas (diffusers' DPMSolverMultistepScheduler), or
+    with sample.sigma_schedule sd3 over sd3_sigmas with unit signal scale (k-diffusion's sample_dpmpp_2m at order 2,
+    the sampler of SD3.5's reference code)."""
     C = x.shape[1]
     if cfg.diffusion.objective == "flow":
-        sigmas = dpm_flow_sigmas(steps, flow_shift(cfg))
-        alphas = [1.0 - s for s in sigmas]
+        if cfg.sample.sigma_schedule == "sd3":  # k-diffusion's form, as SD3.5's reference: x = x0 + sigma noise
+            sigmas = [float(v) for v in sd3_sigmas(steps, flow_shift(cfg))]
+            alphas = [1.0] * len(sigmas)
+        else:  # diffusers' form: x = (1 - sigma) x0 + sigma noise
+            sigmas = dpm_flow_sigmas(steps, flow_shift(cfg))
+            alphas = [1.0 - s for s in sigmas]
 
         def denoise(x, i):
             t = torch.full((x.shape[0],), sigmas[i], device=x.device)
@@ -199,8 +228,8 @@ def sample(model_fn, cfg, objective, shape, generators, device, steps: int | Non
     if sampler == "dpmpp":
         return sample_dpmpp(model_fn, objective, x, steps, cfg, cfg.sample.solver_order)
     if sampler in ("ddpm", "ddim"):
-        return sample_ddpm(model_fn, objective, x, generators, steps, cfg.sample.respacing, sampler)
-    return sample_flow(model_fn, x, flow_sigmas(steps, flow_shift(cfg)).to(device), sampler)
+        return sample_ddpm(model_fn, objective, x, generators, steps, cfg.sample.respacing, sampler, cfg.sample.eta)
+    return sample_flow(model_fn, x, noise_levels(cfg, steps).to(device), sampler)
 
 
 __all__ = [
@@ -213,6 +242,8 @@ __all__ = [
     "dpm_timesteps",
     "dpm_flow_sigmas",
     "flow_sigmas",
+    "sd3_sigmas",
+    "noise_levels",
     "ddpm_step",
     "ddim_step",
     "euler_step",

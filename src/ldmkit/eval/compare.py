@@ -70,6 +70,8 @@ def run_summary(run_dir: Path) -> dict:
         metrics = json.loads(metrics_file.read_text())
         row.update({k: metrics[k] for k in METRIC_KEYS if k in metrics})
         row.update({k: metrics[k] for k in ("num_images", "guidance_scale", "sampler", "steps") if k in metrics})
+        if "sampling" in metrics:  # guidance schedule, interval, channels, skip layers, negatives, solver settings
+            row["sampling"] = "; ".join(f"{k}={v}" for k, v in metrics["sampling"].items()) or "-"
     return row
 
 
@@ -120,8 +122,9 @@ def write_comparison(runs: list[str | Path], out_dir: str | Path) -> dict[str, P
     table += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
     notes = [
         "",
-        "Metrics are the runs' metrics.json (`ldmkit eval`); compare them only at equal num_images, sampler, steps and "
-        "guidance. Device hours = training wall time x processes, from log.jsonl.",
+        "Metrics are the runs' metrics.json (`ldmkit eval`); compare them only at equal num_images, sampler, steps, "
+        "guidance scale and the other sampling settings (the sampling column). Device hours = training wall time x "
+        "processes, from log.jsonl.",
     ]
     paths["markdown"].write_text("# Run comparison\n\n" + "\n".join(table) + "\n" + "\n".join(notes) + "\n")
 

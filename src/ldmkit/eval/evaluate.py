@@ -15,13 +15,13 @@ from PIL import Image
 
 from ..autoencoders import build_autoencoder
 from ..checkpoint import CheckpointError, load_weights, nonfinite_count, run_checkpoint
-from ..config import run_config
+from ..config import run_config, set_sampling
 from ..data.datasets import IMAGE_SUFFIXES, DataError, build_dataset, pil_to_tensor
 from ..data.transforms import BadImage, load_image
 from ..diffusion.objectives import build_objective
 from ..models.registry import build_model
 from .features import extract
-from .generate import generate
+from .generate import generate, sampling_extras
 from .metrics import frechet_distance_of
 
 
@@ -97,12 +97,15 @@ def sample_set_folder(
 ) -> Path:
     """Where a run's evaluation sample set goes: one folder per setting, so settings never mix."""
     base = Path(run_dir) / "eval" if run_dir is not None else checkpoint_path.parent / f"{checkpoint_path.stem}-eval"
+    import hashlib
+
     name = f"samples-n{n}-{sampler}{steps}-cfg{guidance:g}-seed{seed}"
     if cfg.conditioning.control:  # control values and their guidance are settings too
-        import hashlib
-
         values = hashlib.sha1(json.dumps(sorted(cfg.sample.control)).encode()).hexdigest()[:8]
         name += f"-ctrlcfg{cfg.sample.control_guidance_scale:g}-{values}"
+    extras = {k: v for k, v in sampling_extras(cfg).items() if k != "control_scale"}
+    if extras:  # guidance schedule, interval, negatives, ...: each setting its own folder
+        name += "-" + hashlib.sha1(json.dumps(extras, sort_keys=True).encode()).hexdigest()[:8]
     return base / name
 
 
@@ -120,16 +123,25 @@ class SampleSettings:
     control_guidance: float | None = None
     config: str | None = None
     overrides: list[str] = field(default_factory=list)
+    negative_prompt: str | None = None
+    negative_class: int | None = None
+    precision: str | None = None  # fp32 | bf16
+    compile: bool = False  # torch.compile the denoiser
 
     def apply(self, cfg) -> None:
-        s = cfg.sample
         cfg.eval.num_images = self.num_images or cfg.eval.num_images
-        s.guidance_scale = s.guidance_scale if self.guidance_scale is None else self.guidance_scale
-        s.sampler, s.steps = self.sampler or s.sampler, self.steps or s.steps
-        s.seed = s.seed if self.seed is None else self.seed
-        s.control = list(s.control) + list(self.control or [])
-        if self.control_guidance is not None:
-            s.control_guidance_scale = self.control_guidance
+        set_sampling(
+            cfg,
+            guidance_scale=self.guidance_scale,
+            sampler=self.sampler,
+            steps=self.steps,
+            seed=self.seed,
+            control=list(cfg.sample.control) + list(self.control or []),
+            control_guidance_scale=self.control_guidance,
+            negative_prompt=self.negative_prompt,
+            negative_class=self.negative_class,
+            precision=self.precision,
+        )
 
 
 def evaluate_run(
@@ -160,6 +172,8 @@ def evaluate_run(
     if eval_cfg is not None:
         cfg.eval = replace(eval_cfg)  # a copy: the settings below change it
     settings.apply(cfg)
+    if settings.compile:
+        model = torch.compile(model)
     if cfg.eval.fid:  # fail before hours of sampling, not after
         from .features import inception_weights_path
 
@@ -210,6 +224,7 @@ def evaluate_run(
     }
     if cfg.conditioning.control:
         info.update(control=list(cfg.sample.control), control_guidance_scale=cfg.sample.control_guidance_scale)
+    info["sampling"] = sampling_extras(cfg)  # every other setting that shapes the images
     finish_sample_set(folder, n, labels, info, npz=cfg.eval.npz)
     metrics = dict(info, num_images=n, sample_set=str(folder), generation_seconds=round(time.time() - t0, 1))
     log(f"sample set of {n} images in {folder} ({metrics['generation_seconds']} s)")

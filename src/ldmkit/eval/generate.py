@@ -9,9 +9,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..conditioning.build import build_text_encoder, check_sampling_control, prompts_for_labels, sampling_cond
-from ..config import ConfigError, check_sampler
+from ..config import ConfigError, check_sampler, check_sampling
 from ..diffusion import samplers
-from ..diffusion.guidance import guided
+from ..diffusion.guidance import Guidance, guided
 
 
 def sample_seed(base_seed: int, index: int) -> int:
@@ -41,12 +41,14 @@ def generate(
 ) -> torch.Tensor:
     """Images [N, C, H, W] in [-1, 1] for class `labels[i]` (text-conditional models: for prompts[i], by
     default sample.class_prompts[labels[i]]) drawn with the seed of sample `indices[i]`. The denoiser runs under
-    bf16 autocast when sample.precision is bf16; progress shows a bar with images/s on stderr. Negative labels or
-    prompts (one per sample) take the place of the null condition in classifier-free guidance."""
+    bf16 autocast when sample.precision is bf16; progress shows a bar with images/s on stderr. Guidance follows
+    sample.* (diffusion.guidance.Guidance); negative labels or prompts (one per sample; default
+    sample.negative_class / negative_prompt) take the place of the null condition."""
     if cfg.model.conditioning != "class":
         prompts = prompts or prompts_for_labels(cfg, labels)
         text_encoder = text_encoder or build_text_encoder(cfg, device)
     check_sampling_control(cfg)
+    check_sampling(cfg)
     model.eval()
     scale = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
     if not math.isfinite(scale) or not math.isfinite(cfg.sample.control_guidance_scale):
@@ -55,7 +57,14 @@ def generate(
         )
     seed = cfg.sample.seed if seed is None else seed
     shape = (cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
-    guided_channels = cfg.model.in_channels if cfg.model.learn_sigma else None
+    # learned-sigma outputs: guide the noise prediction, keep the conditional variance
+    guidance = Guidance.from_config(
+        cfg.sample, objective, scale, steps, channels=cfg.model.in_channels if cfg.model.learn_sigma else None
+    )
+    if negative_labels is None and cfg.sample.negative_class is not None:
+        negative_labels = torch.full_like(labels, cfg.sample.negative_class)
+    if negative_prompts is None and cfg.sample.negative_prompt is not None:
+        negative_prompts = [cfg.sample.negative_prompt] * len(labels)
     check_sampler(cfg.diffusion.objective, sampler or cfg.sample.sampler, "--sampler")  # before any work
     device = torch.device(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.sample.precision == "bf16")
@@ -77,8 +86,7 @@ def generate(
                     text_encoder,
                     device,
                 )
-            control_scale = cfg.sample.control_guidance_scale
-            fn = guided(model, cond, scale, guided_channels, control_scale=control_scale, negative=negative)
+            fn = guided(model, cond, guidance, negative)
             with autocast:
                 z = samplers.sample(fn, cfg, objective, shape, gens, device, steps=steps, sampler=sampler)
             out.append(autoencoder.decode(z.float()).clamp(-1, 1).cpu())
@@ -86,6 +94,24 @@ def generate(
     finally:
         bar.close()
     return torch.cat(out)
+
+
+def sampling_extras(cfg) -> dict:
+    """The sample.* settings beyond sampler, steps, scale and seed that shape the images, where they differ from
+    the defaults: guidance schedule, interval, channels, skip layers, control scale, negatives, the solver's
+    order and noise levels. Metrics files and reports record them; sample-set folders are named by them."""
+    s = cfg.sample
+    out = {k: v for k, v in Guidance.from_config(s).describe().items() if k != "scale"}
+    if s.sampler == "dpmpp":
+        out["solver_order"] = s.solver_order
+    if s.sampler == "ddim" and s.eta:
+        out["eta"] = s.eta
+    if s.sigma_schedule != "uniform" and cfg.diffusion.objective == "flow":
+        out["sigma_schedule"] = s.sigma_schedule
+    for key in ("negative_class", "negative_prompt"):
+        if getattr(s, key) is not None:
+            out[key] = getattr(s, key)
+    return out
 
 
 def grid_labels(

@@ -46,6 +46,8 @@ def write_report(
         if key in metrics:
             v = metrics[key]
             lines.append(f"| {label} | {v:.4g} |" if isinstance(v, float) else f"| {label} | {v} |")
+    for key, v in metrics.get("sampling", {}).items():  # every other guidance and sampler setting used
+        lines.append(f"| sampling: {key} | {v} |")
     if "fd_effnetlite0" in metrics:
         lines += [
             "",

@@ -26,6 +26,7 @@ from .spec import (
     block_count,
     cross_attention_flops,
     overrides_of,
+    passes_tokens,
     probe_inputs,
     transformer_block_flops,
 )
@@ -244,6 +245,7 @@ SPEC = BackboneSpec(
     ),
     published_class_path="adaln",
     blocks=lambda model: list(model.blocks),
+    skip_block=passes_tokens,
     flops=dit_flops,
     recipe="imagenet256/dit_xl2.yaml",
     class_tables=("y_embedder.embedding_table.weight",),

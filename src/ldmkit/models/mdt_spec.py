@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .mdt import MDT, MDT_PRESETS, draw_token_keep
-from .spec import BackboneSpec, ExtraPass, overrides_of, transformer_block_flops
+from .spec import BackboneSpec, ExtraPass, overrides_of, passes_tokens, transformer_block_flops
 
 
 def mdt_arch_from_state_dict(sd: dict) -> dict:
@@ -71,6 +71,7 @@ SPEC = BackboneSpec(
     published_class_path="adaln",
     attends_class=False,
     blocks=lambda model: [*model.en_inblocks, *model.en_outblocks, *model.de_blocks, *model.sideblocks],
+    skip_block=passes_tokens,
     flops=mdt_flops,
     recipe="imagenet256/mdt_xl2.yaml",
     fixed_pos_table="its learned tables are resampled by init.pos_embed",

@@ -221,6 +221,7 @@ SPEC = BackboneSpec(
     published_class_path="attention",
     pooled_text_with_tokens=True,
     blocks=lambda model: list(model.joint_blocks),
+    skip_block=lambda context, x, c: (context, x),  # a joint block maps (context, x) to both
     flops=mmdit_flops,
     recipe="cc12m256/mmdit_xl2.yaml",
     class_tables=("class_embedder.embedding_table.weight",),

@@ -17,6 +17,7 @@ from .spec import (
     block_count,
     copy_renamed,
     cross_attention_flops,
+    passes_tokens,
     probe_inputs,
     transformer_block_flops,
 )
@@ -206,6 +207,7 @@ SPEC = BackboneSpec(
     ),
     published_class_path="attention",
     blocks=lambda model: list(model.blocks),
+    skip_block=passes_tokens,
     flops=pixart_flops,
     recipe="cc12m256/pixart_xl2.yaml",
     build_kwargs=pixart_kwargs,

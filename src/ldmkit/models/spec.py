@@ -53,8 +53,16 @@ class BackboneSpec:
     diffusers_probe: Callable[[nn.Module, nn.Module], tuple[torch.Tensor, torch.Tensor]] | None = None
     diffusers_pipeline: Callable[[nn.Module], str] = lambda model: ""
     diffusers_folder: str = "transformer"
+    # What a skipped block returns, from its call's arguments (skip-layer guidance runs the model without some
+    # blocks); None: its blocks cannot be skipped.
+    skip_block: Callable[..., object] | None = None
     # Extra training pass (MDT-v2's masked pass): model -> ExtraPass or None.
     extra_pass: Callable[[nn.Module], "ExtraPass | None"] = lambda model: None
+
+
+def passes_tokens(x, *args, **kwargs):
+    """skip_block of a block that maps tokens x (its first argument) to tokens."""
+    return x
 
 
 class ExtraPass:
