@@ -403,3 +403,34 @@ def test_report_legends_name_what_differs_between_runs(tmp_path):
     labels = legend_labels([tmp_path / "base", tmp_path / "lr-high"], [a, b])
     assert labels == [f"base (train.lr={a['train']['lr']})", "lr-high (train.lr=0.00042)"]
     assert legend_labels([tmp_path / "only"], [a]) == ["only"]
+
+
+def test_guidance_settings_reach_eval_sweeps_sample_and_the_report(run, tmp_path, monkeypatch):
+    """Every sampling setting beyond sampler/steps/scale/seed names its own sample set and is recorded in the
+    metrics, the sweep and the comparison report; the CLI's negative class and bf16 reach the sampler."""
+    from ldmkit.eval.compare import write_comparison
+
+    common = ["--num", "4", "--steps", "2", "--metrics", "none"]
+    settings = ["--negative-class", "3", "--set", "sample.guidance_schedule=power_cosine"]
+    assert main(["eval", str(run), *common, *settings, "--precision", "bf16"]) == 0
+    folders = sorted((run / "eval").glob("samples-n4-*"))
+    assert len(folders) == 1 and len(folders[0].name.split("-")) == 6  # ...-seed0-<hash of the settings>
+    manifest = json.loads((folders[0] / "manifest.json").read_text())
+    assert manifest["sampling"] == {"schedule": "power_cosine^4", "negative_class": 3}
+    assert main(["eval", str(run), *common, "--sweep-guidance", "1.5,3", *settings]) == 0
+    sweep = json.loads((run / "eval" / "sweep.json").read_text())
+    assert [p["guidance_scale"] for p in sweep] == [1.5, 3.0]
+    assert all(p["sampling"]["negative_class"] == 3 for p in sweep)
+    (run / "metrics.json").write_text(json.dumps(sweep[1]))
+    write_comparison([run], tmp_path / "report")
+    assert "schedule=power_cosine^4; negative_class=3" in (tmp_path / "report" / "comparison.md").read_text()
+    import ldmkit.eval.generate as generate
+
+    seen, real = [], generate.guided
+    monkeypatch.setattr(generate, "guided", lambda *a: seen.append(a) or real(*a))
+    sample = ["sample", str(run), "--classes", "1", "--per-class", "2", "--steps", "2", "--guidance", "3"]
+    assert main([*sample, "--negative-class", "3", "--set", "sample.guided_channels=1"]) == 0
+    model, cond, guidance, negative = seen[-1]
+    assert negative.class_labels.tolist() == [3, 3]
+    assert (guidance.scale, guidance.channels) == (3.0, 1)
+    assert main([*sample, "--negative-prompt", "a cat"]) == 2  # a class run takes a negative class, not a prompt

@@ -49,6 +49,12 @@ def test_pipeline_calls(tmp_path, monkeypatch):
         pipe(prompt="a digit")
     with pytest.raises(ValueError, match="negative_class_labels: 1 or 2 ids"):
         pipe(class_labels=[1, 2], negative_class_labels=[5, 6, 7])
+    pipe(class_labels=[1], num_inference_steps=2, guidance_schedule="linear", guidance_interval=[0.1, 0.9])
+    assert seen["negative_labels"] is None
+    with pytest.raises(ValueError, match="unknown config key 'sample.guidance_shedule'"):
+        pipe(class_labels=[1], guidance_shedule="linear")
+    with pytest.raises(ValueError, match="sample.guidance_interval"):
+        pipe(class_labels=[1], guidance_interval=[0.9, 0.1])
     with pytest.raises(ValueError, match="output_type"):
         pipe(class_labels=[1], output_type="np")
     assert pipe.to("cpu") is pipe
