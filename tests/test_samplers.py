@@ -223,3 +223,19 @@ def test_sd3_sigma_schedule_is_refused_for_ddpm_models():
 
     with pytest.raises(ConfigError, match="sample.sigma_schedule"):
         tiny_config("sample.sigma_schedule=sd3")
+
+
+def test_an_export_with_the_sd3_schedule_needs_no_sigmas_in_diffusers():
+    """diffusers' FlowMatchEulerDiscreteScheduler builds SD3's table by default: the exported scheduler follows
+    ldmkit's Euler chain without ldmkit_sigmas; the k-diffusion DPM-Solver++ form is exported as Euler, with a note."""
+    from ldmkit.transfer.pipeline import diffusers_scheduler, sampler_gap
+
+    flow = ["diffusion.objective=flow", "model.learn_sigma=false", "diffusion.time_shift=3", "sample.steps=12"]
+    cfg = tiny_config(*flow, "sample.sampler=euler", "sample.sigma_schedule=sd3")
+    scheduler, notes = diffusers_scheduler(cfg, False)
+    assert notes == []
+    assert sampler_gap(cfg, scheduler, False) <= 1e-5
+    cfg = tiny_config(*flow, "sample.sampler=dpmpp", "sample.sigma_schedule=sd3")
+    scheduler, notes = diffusers_scheduler(cfg, False)
+    assert type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert "k-diffusion" in notes[0]

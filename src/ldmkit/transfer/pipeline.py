@@ -21,7 +21,7 @@ import yaml
 from ..autoencoders import build_autoencoder
 from ..config import RunConfig, build
 from ..diffusion.objectives import build_objective
-from ..diffusion.samplers import flow_sigmas, sample_ddpm, sample_dpmpp, sample_flow
+from ..diffusion.samplers import noise_levels, sample_ddpm, sample_dpmpp, sample_flow
 from ..diffusion.schedules import flow_shift
 from ..models.registry import count_parameters
 from ..models.spec import BackboneSpec, ConversionError
@@ -75,6 +75,13 @@ def diffusers_scheduler(cfg: RunConfig, passes_variance: bool):
 
     s = cfg.sample
     if cfg.diffusion.objective == "flow":
+        if s.sampler == "dpmpp" and s.sigma_schedule == "sd3":
+            note = (
+                "ldmkit samples with k-diffusion's DPM-Solver++(2M) on SD3's sigma table (SD3.5's reference sampler), "
+                "which diffusers has no scheduler for: the pipeline runs FlowMatchEulerDiscreteScheduler on the same "
+                "noise levels"
+            )
+            return diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=flow_shift(cfg)), [note]
         if s.sampler == "dpmpp":
             flow = dict(use_flow_sigmas=True, flow_shift=flow_shift(cfg), prediction_type="flow_prediction")
             note = (
@@ -137,7 +144,7 @@ def sampler_gap(cfg: RunConfig, scheduler, passes_variance: bool, sigmas: list[f
     if sampler == "dpmpp":
         ours = sample_dpmpp(toy, build_objective(cfg), x, steps, cfg, cfg.sample.solver_order)
     elif cfg.diffusion.objective == "flow":
-        ours = sample_flow(toy, x, flow_sigmas(steps, flow_shift(cfg)), sampler)
+        ours = sample_flow(toy, x, noise_levels(cfg, steps), sampler)
     else:
         objective = build_objective(cfg)
         ours = sample_ddpm(toy, objective, x, [torch.Generator()], steps, cfg.sample.respacing, "ddim")
@@ -190,7 +197,8 @@ def export_pipeline(
     getattr(diffusers, pipeline_class)(**components).save_pretrained(out)  # every part, the denoiser once
     model_info = describe_export(model, spec, reference, model_notes, out / spec.diffusers_folder)
     gaps = {"default": sampler_gap(cfg, scheduler, parts.passes_variance)}
-    if cfg.diffusion.objective == "flow" and "sigmas" in inspect.signature(scheduler.set_timesteps).parameters:
+    flow_uniform = cfg.diffusion.objective == "flow" and cfg.sample.sigma_schedule == "uniform"
+    if flow_uniform and "sigmas" in inspect.signature(scheduler.set_timesteps).parameters:
         gaps["sigmas"] = sampler_gap(cfg, scheduler, parts.passes_variance, ldmkit_flow_sigmas(cfg.sample.steps))
     if cfg.autoencoder.name == "kl":  # the pipeline's own VAE, for ldmkit too (relative to this folder)
         cfg_dict = {**cfg_dict, "autoencoder": {**cfg_dict["autoencoder"], "path": "vae", "subfolder": None}}
