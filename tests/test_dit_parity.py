@@ -93,20 +93,28 @@ def test_convert_round_trip_is_exact(tmp_path):
 
 
 def test_arch_inference_of_official_layout():
+    """The head count is not in a DiT's weights: it is read from the published size of that width and depth (DiT-S
+    here), and a width/depth pair no published size has is an error asking for it, never a guess."""
     sd = DiT(
-        input_size=32, patch_size=4, in_channels=4, hidden_size=384, depth=2, num_heads=6, num_classes=1000
+        input_size=32, patch_size=4, in_channels=4, hidden_size=384, depth=12, num_heads=6, num_classes=1000
     ).state_dict()
     arch = ck.dit_arch_from_state_dict(sd)
     assert arch == dict(
         hidden_size=384,
         in_channels=4,
         patch_size=4,
-        depth=2,
+        depth=12,
         num_heads=6,
         num_classes=1000,
         learn_sigma=True,
         input_size=32,
     )
+    shallow = {k: v for k, v in sd.items() if not k.startswith("blocks.") or int(k.split(".")[1]) < 2}
+    with pytest.raises(ck.ConversionError, match="width 384 with 2 blocks is no published DiT size.*--num-heads"):
+        ck.dit_arch_from_state_dict(shallow)
+    assert ck.dit_arch_from_state_dict(shallow, num_heads=12)["num_heads"] == 12
+    with pytest.raises(ck.ConversionError, match="5 heads do not divide the width 384"):
+        ck.dit_arch_from_state_dict(shallow, num_heads=5)
     with pytest.raises(ck.ConversionError, match="x_embedder"):
         ck.dit_arch_from_state_dict({"foo": torch.zeros(1)})
 

@@ -417,7 +417,12 @@ def _add_convert_command(sub) -> None:
     p.add_argument("source", help="weights file or folder")
     p.add_argument("--to", choices=["ldmkit", "diffusers"], default="ldmkit", help="output layout (default ldmkit)")
     p.add_argument("--out", required=True, help="output file (ldmkit) or folder (diffusers)")
-    p.add_argument("--num-heads", type=positive_int, help="attention heads (default: DiT's for the width)")
+    p.add_argument(
+        "--num-heads",
+        type=positive_int,
+        help="attention heads, when the weights do not say (default: DiT's published size of that width and "
+        "depth; SD3: 64-wide heads, or the width of its QK norm)",
+    )
     p.add_argument(
         "--timestep-freq-shift",
         type=finite_float,

@@ -49,6 +49,8 @@ class ModelConfig:
     max_tokens: int = 120  # text: longest caption (PixArt-alpha: 120 T5 tokens); size of the null caption
     micro_conditions: bool = False  # PixArt-alpha MS: embed resolution and aspect ratio (from cond.control)
     qk_norm: bool = False  # mmDiT: RMS-normalise queries and keys (SD3.5)
+    # mmDiT: blocks whose image stream also attends to itself alone (MMDiT-X; SD3.5-medium: 0..12)
+    dual_attention_layers: list[int] = field(default_factory=list)
     # MDT: masked share of tokens in the second (masked) training pass is U[mask_ratio, mask_ratio + 0.2] (MDT-v2:
     # 0.3); None = no masked pass
     mask_ratio: float | None = None
@@ -534,6 +536,7 @@ RANGES = {
     "model.max_tokens": POSITIVE,
     "model.mask_ratio": (0, 0.8, False, False),
     "model.pos_embed_max_size": POSITIVE,
+    "model.dual_attention_layers": NON_NEGATIVE,
     "model.pos_embed_base_size": POSITIVE,
     "diffusion.num_timesteps": (2, None, False, False),
     "diffusion.beta_start": NOISE_LEVEL,

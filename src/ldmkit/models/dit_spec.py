@@ -33,19 +33,24 @@ from .spec import (
 
 
 def dit_arch_from_state_dict(sd: dict, num_heads: int | None = None, input_size: int | None = None) -> dict:
-    """Architecture of an ldmkit/official DiT state dict (heads from the size table unless given; the
-    input size from pos_embed, else as given)."""
+    """Architecture of an ldmkit/official DiT state dict (heads as given, else those of the published size with this
+    width and depth; the input size from pos_embed, else as given)."""
     try:
         w = sd["x_embedder.proj.weight"]
     except KeyError:
         raise ConversionError("not a DiT state dict: 'x_embedder.proj.weight' is missing") from None
     hidden, in_channels, patch = w.shape[0], w.shape[1], w.shape[2]
     depth = block_count(sd, "blocks.")
-    if num_heads is None:
-        sizes = [s for s in DIT_SIZES.values() if s["hidden_size"] == hidden]
+    if num_heads is None:  # not in the weights: only a published size (its width and depth) says it
+        sizes = [s for s in DIT_SIZES.values() if (s["hidden_size"], s["depth"]) == (hidden, depth)]
         if not sizes:
-            raise ConversionError(f"width {hidden} matches no DiT size; give the number of heads")
+            raise ConversionError(
+                f"width {hidden} with {depth} blocks is no published DiT size, so its head count is unknown; give "
+                "--num-heads"
+            )
         num_heads = sizes[0]["num_heads"]
+    if hidden % num_heads:
+        raise ConversionError(f"{num_heads} heads do not divide the width {hidden}")
     out = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
     tokens = sd["pos_embed"].shape[1] if "pos_embed" in sd else None
     return dict(

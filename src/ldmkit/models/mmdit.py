@@ -3,7 +3,9 @@
 Two token streams, image and context, each with its own adaLN-Zero block weights (x_block, context_block),
 meeting in one joint attention over the concatenated tokens. The adaLN vector is the timestep embedding
 plus the embedding of the pooled text vector. The last context block is "pre-only": it feeds the attention
-and is not updated. Optional RMS normalisation of queries and keys (SD3.5). Positions: a fixed sin-cos
+and is not updated. Optional RMS normalisation of queries and keys (SD3.5), and MMDiT-X's dual attention (SD3.5-medium:
+in the listed blocks the image stream also attends to itself alone, with a second set of modulations). Positions: a
+fixed sin-cos
 table for a pos_embed_max_size grid, of which the centre crop of the input's grid is used.
 Class-conditional use (ImageNet): the class is the context stream (one label-embedding token, null class
 for guidance), with no pooled vector. Module names follow the official SD3 checkpoints.
@@ -35,6 +37,23 @@ from .layers import (
 )
 
 
+class VectorEmbedder(nn.Module):
+    """The pooled text vector -> the width (SD3's y_embedder: an MLP named mlp, as in the official weights)."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.mlp(y)
+
+
+def rename_legacy_keys(module, state_dict, prefix, *args) -> None:
+    """Checkpoints written before the pooled embedder took its official name (y_embedder.0 -> y_embedder.mlp.0)."""
+    for old in [k for k in state_dict if k.startswith(prefix + "y_embedder.") and k[len(prefix) + 11 :][:1].isdigit()]:
+        state_dict[prefix + "y_embedder.mlp." + old[len(prefix) + 11 :]] = state_dict.pop(old)
+
+
 class StreamAttention(nn.Module):
     """One stream's half of the joint attention: its qkv projection (with optional per-head RMS norm of q
     and k) and its output projection (absent for a pre-only stream)."""
@@ -58,40 +77,70 @@ class StreamAttention(nn.Module):
 
 class DismantledBlock(nn.Module):
     """adaLN-Zero transformer block whose attention is computed jointly with the other stream: pre_attention
-    gives (q, k, v) and the residual state, post_attention applies the gated attention output and the MLP."""
+    gives (q, k, v) and the residual state, post_attention applies the gated attention output and the MLP. A dual
+    block (MMDiT-X) also attends over its own stream alone (attn2), modulated by three more adaLN chunks."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False, pre_only: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qk_norm: bool = False,
+        pre_only: bool = False,
+        dual: bool = False,
+    ):
         super().__init__()
-        self.pre_only = pre_only
+        self.pre_only, self.dual = pre_only, dual
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = StreamAttention(dim, num_heads, qk_norm, pre_only)
+        if dual:
+            self.attn2 = StreamAttention(dim, num_heads, qk_norm)
         if not pre_only:
             self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
             self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, (2 if pre_only else 6) * dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, (2 if pre_only else 9 if dual else 6) * dim))
 
     def pre_attention(self, x: torch.Tensor, c: torch.Tensor):
         if self.pre_only:
             shift_msa, scale_msa = self.adaLN_modulation(c).chunk(2, dim=1)
             return self.attn.pre_attention(modulate(self.norm1(x), shift_msa, scale_msa)), None
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        qkv = self.attn.pre_attention(modulate(self.norm1(x), shift_msa, scale_msa))
-        return qkv, (x, gate_msa, shift_mlp, scale_mlp, gate_mlp)
+        mods = self.adaLN_modulation(c).chunk(9 if self.dual else 6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
+        x_norm = self.norm1(x)
+        qkv = self.attn.pre_attention(modulate(x_norm, shift_msa, scale_msa))
+        if not self.dual:
+            return qkv, (x, gate_msa, shift_mlp, scale_mlp, gate_mlp, None, None)
+        shift_msa2, scale_msa2, gate_msa2 = mods[6:]
+        # the stream's own attention, done here: it needs nothing from the other stream
+        q2, k2, v2 = self.attn2.pre_attention(modulate(x_norm, shift_msa2, scale_msa2))
+        B, H, N, Dh = q2.shape
+        attn2 = F.scaled_dot_product_attention(q2, k2, v2).transpose(1, 2).reshape(B, N, H * Dh)
+        return qkv, (x, gate_msa, shift_mlp, scale_mlp, gate_mlp, attn2, gate_msa2)
 
     def post_attention(
-        self, attn: torch.Tensor, x: torch.Tensor, gate_msa, shift_mlp, scale_mlp, gate_mlp
+        self, attn: torch.Tensor, x: torch.Tensor, gate_msa, shift_mlp, scale_mlp, gate_mlp, attn2, gate_msa2
     ) -> torch.Tensor:
         x = x + gate_msa.unsqueeze(1) * self.attn.proj(attn)
+        if attn2 is not None:
+            x = x + gate_msa2.unsqueeze(1) * self.attn2.proj(attn2)
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
 class JointBlock(nn.Module):
     """An image-stream block and a context-stream block sharing one attention over [image; context]."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False, pre_only: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qk_norm: bool = False,
+        pre_only: bool = False,
+        dual: bool = False,
+    ):
         super().__init__()
         self.context_block = DismantledBlock(dim, num_heads, mlp_ratio, qk_norm, pre_only=pre_only)
-        self.x_block = DismantledBlock(dim, num_heads, mlp_ratio, qk_norm)
+        self.x_block = DismantledBlock(dim, num_heads, mlp_ratio, qk_norm, dual=dual)
 
     def forward(self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor):
         # context [B, L, D], x [B, T, D], c [B, D]
@@ -137,6 +186,7 @@ class MMDiT(nn.Module):
         control: dict | None = None,
         pos_embed_base_size: int | None = None,
         pos_embed_resample: str = "extrapolate",
+        dual_attention_layers: tuple[int, ...] = (),
     ):
         super().__init__()
         if input_size % patch_size:
@@ -161,17 +211,25 @@ class MMDiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         if conditioning == "text":
             if semantic_path == "adaln":
-                self.y_embedder = nn.Sequential(
-                    nn.Linear(pooled_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
-                )
+                self.y_embedder = VectorEmbedder(pooled_dim, hidden_size)
             self.context_embedder = nn.Linear(context_dim, hidden_size)
         else:
             self.class_embedder = LabelEmbedder(num_classes, hidden_size)  # the context token (and adaLN vector)
         self.control_embedder = ControlEmbedder(hidden_size, **control) if control else None
         self.register_buffer("pos_embed", torch.zeros(1, self.pos_embed_max_size**2, hidden_size))
+        bad = [i for i in dual_attention_layers if not 0 <= i < depth - 1]
+        if bad:
+            raise ValueError(f"mmDiT dual_attention_layers: block {bad[0]} is not one of blocks 0..{depth - 2}")
+        self.dual_attention_layers = tuple(sorted(dual_attention_layers))
         self.joint_blocks = nn.ModuleList(
-            [JointBlock(hidden_size, num_heads, mlp_ratio, qk_norm, pre_only=i == depth - 1) for i in range(depth)]
+            [
+                JointBlock(
+                    hidden_size, num_heads, mlp_ratio, qk_norm, pre_only=i == depth - 1, dual=i in dual_attention_layers
+                )
+                for i in range(depth)
+            ]
         )
+        self.register_load_state_dict_pre_hook(rename_legacy_keys)
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 

@@ -1,8 +1,10 @@
-"""mmDiT's spec (see models/spec.py), and its weights between ldmkit (the official SD3 module names) and
+"""mmDiT's spec (see models/spec.py), and its weights between ldmkit, the official SD3 / SD3.5 checkpoints and
 diffusers' `SD3Transformer2DModel`.
 
-diffusers stores the two-way modulations of the pre-only context block and of the final layer as
-(scale, shift); the official layout, and ldmkit, as (shift, scale): those halves are swapped.
+ldmkit's module names are the official ones, so an official file (sd3_medium.safetensors, sd3.5_large.safetensors,
+sd3.5_medium.safetensors with its MMDiT-X blocks; with or without the `model.diffusion_model.` prefix of the
+all-in-one files) loads as it is. diffusers stores the two-way modulations of the pre-only context block and of
+the final layer as (scale, shift); the official layout, and ldmkit, as (shift, scale): those halves are swapped.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ _RENAMES = {
     "x_embedder.proj": "pos_embed.proj",
     "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
     "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
-    "y_embedder.0": "time_text_embed.text_embedder.linear_1",
-    "y_embedder.2": "time_text_embed.text_embedder.linear_2",
+    "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+    "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
     "context_embedder": "context_embedder",
     "final_layer.linear": "proj_out",
 }
@@ -44,6 +46,9 @@ _STREAMS = {  # ldmkit stream -> diffusers names: (adaLN, q, k, v, out, norm q, 
         "ff_context",
     ),
 }
+
+
+_DUAL = {"proj": "to_out.0", "ln_q": "norm_q", "ln_k": "norm_k"}  # MMDiT-X's attn2, beside its qkv
 
 
 def _swap_halves(w: torch.Tensor) -> torch.Tensor:
@@ -75,6 +80,13 @@ def mmdit_to_diffusers(sd: dict) -> dict:
                     sd[f"{src}attn.ln_q.weight"],
                     sd[f"{src}attn.ln_k.weight"],
                 )
+        if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in sd:  # MMDiT-X: the image stream's own attention
+            src, dst = f"joint_blocks.{i}.x_block.attn2.", f"transformer_blocks.{i}.attn2."
+            copy_renamed(sd, {f"{src}{a}": f"{dst}{b}" for a, b in _DUAL.items()}, out)
+            for part in ("weight", "bias"):
+                out[f"{dst}to_q.{part}"], out[f"{dst}to_k.{part}"], out[f"{dst}to_v.{part}"] = sd[
+                    f"{src}qkv.{part}"
+                ].chunk(3)
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -103,6 +115,11 @@ def mmdit_from_diffusers(sd: dict) -> dict:
                     sd[f"{src}{nq}.weight"],
                     sd[f"{src}{nk}.weight"],
                 )
+        if f"transformer_blocks.{i}.attn2.to_q.weight" in sd:  # MMDiT-X
+            src, dst = f"transformer_blocks.{i}.attn2.", f"joint_blocks.{i}.x_block.attn2."
+            copy_renamed(sd, {f"{dst}{a}": f"{src}{b}" for a, b in _DUAL.items()}, out, reverse=True)
+            for part in ("weight", "bias"):
+                out[f"{dst}qkv.{part}"] = torch.cat([sd[f"{src}to_{n}.{part}"] for n in "qkv"])
     return out
 
 
@@ -122,9 +139,10 @@ def mmdit_diffusers_config(model) -> dict:
         num_attention_heads=model.num_heads,
         joint_attention_dim=model.context_embedder.in_features,
         caption_projection_dim=model.hidden_size,
-        pooled_projection_dim=model.y_embedder[0].in_features,
+        pooled_projection_dim=model.y_embedder.mlp[0].in_features,
         pos_embed_max_size=model.pos_embed_max_size,
         qk_norm="rms_norm" if isinstance(model.joint_blocks[0].x_block.attn.ln_q, torch.nn.RMSNorm) else None,
+        dual_attention_layers=model.dual_attention_layers,
     )
 
 
@@ -132,8 +150,6 @@ def mmdit_overrides(config: dict) -> list[str]:
     """ldmkit config overrides describing the SD3Transformer2DModel of a diffusers config.json."""
     if not config:
         raise ConversionError("a diffusers SD3 folder needs its config.json (heads, sample size) to be converted")
-    if config.get("dual_attention_layers"):
-        raise ConversionError("SD3.5's dual-attention (MMDiT-X) blocks are not part of ldmkit's mmDiT")
     heads, head_dim = config.get("num_attention_heads", 18), config.get("attention_head_dim", 64)
     in_channels = config.get("in_channels", 16)
     out_channels = config.get("out_channels") or in_channels
@@ -150,8 +166,73 @@ def mmdit_overrides(config: dict) -> list[str]:
         f"model.pooled_dim={config.get('pooled_projection_dim', 2048)}",
         f"model.qk_norm={str(config.get('qk_norm') == 'rms_norm').lower()}",
         f"model.pos_embed_max_size={config.get('pos_embed_max_size') or size // config.get('patch_size', 2)}",
+        f"model.dual_attention_layers={list(config.get('dual_attention_layers') or [])}",
         f"data.resolution={size * 8}",
+    ] + sd3_sampling(in_channels, bool(config.get("dual_attention_layers")), config.get("qk_norm") == "rms_norm")
+
+
+def sd3_sampling(in_channels: int, dual: bool, qk_norm: bool) -> list[str]:
+    """The published sampling of SD3-family weights (Stability-AI/sd3.5 sd3_infer.py: shift 3 as its released
+    models, dpmpp_2m on SD3's sigma table; SD3.5-medium 50 steps at scale 5, SD3.5-large 40 at 4.5, SD3-medium 50 at
+    5), and SD3's 16-channel VAE (gated on the hub: accept its license, or point autoencoder.path at a copy)."""
+    steps, scale = (40, 4.5) if qk_norm and not dual else (50, 5.0)
+    out = [
+        "diffusion.time_shift=3.0",
+        "sample.sampler=dpmpp",
+        "sample.solver_order=2",
+        "sample.sigma_schedule=sd3",
+        f"sample.steps={steps}",
+        f"sample.guidance_scale={scale}",
     ]
+    if in_channels == 16:
+        vae = "stabilityai/stable-diffusion-3-medium-diffusers"
+        out += ["autoencoder.layout=sd3", f"autoencoder.path={vae}", "autoencoder.subfolder=vae"]
+    return out
+
+
+def official_overrides(sd: dict, num_heads: int | None = None) -> list[str]:
+    """ldmkit config overrides describing official SD3 / SD3.5 weights. The official code derives the heads from
+    the width (64 per head, as many heads as blocks); with QK norm the head width is in the weights."""
+    w = sd["x_embedder.proj.weight"]
+    hidden, in_channels, patch = w.shape[0], w.shape[1], w.shape[2]
+    depth = block_count(sd, "joint_blocks.")
+    qk_norm = "joint_blocks.0.x_block.attn.ln_q.weight" in sd
+    if num_heads is None:
+        if qk_norm:
+            num_heads = hidden // sd["joint_blocks.0.x_block.attn.ln_q.weight"].shape[0]
+        elif hidden == 64 * depth:
+            num_heads = depth
+        else:
+            raise ConversionError(
+                f"the head count of this mmDiT (width {hidden}, {depth} blocks) is not in its weights; give --num-heads"
+            )
+    if hidden % num_heads:
+        raise ConversionError(f"--num-heads {num_heads} does not divide the width {hidden}")
+    out_channels = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
+    dual = sorted(i for i in range(depth) if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in sd)
+    grid = int(round(sd["pos_embed"].shape[1] ** 0.5))
+    size = min(128, grid * patch)  # SD3's sample size (1024 px), within the positional table
+    return [
+        f"model.input_size={size}",
+        f"model.in_channels={in_channels}",
+        f"model.learn_sigma={str(out_channels == 2 * in_channels).lower()}",
+        f"model.depth={depth}",
+        f"model.hidden_size={hidden}",
+        f"model.num_heads={num_heads}",
+        f"model.patch_size={patch}",
+        f"model.context_dim={sd['context_embedder.weight'].shape[1]}",
+        f"model.pooled_dim={sd['y_embedder.mlp.0.weight'].shape[1]}",
+        f"model.qk_norm={str(qk_norm).lower()}",
+        f"model.pos_embed_max_size={grid}",
+        f"model.dual_attention_layers={dual}",
+        f"data.resolution={size * 8}",
+    ] + sd3_sampling(in_channels, bool(dual), qk_norm)
+
+
+def detect_mmdit(sd: dict) -> str | None:
+    if "joint_blocks.0.x_block.attn.qkv.weight" in sd and "x_embedder.proj.weight" in sd:
+        return "official"
+    return "diffusers" if is_diffusers_mmdit(sd) else None
 
 
 def mmdit_to_diffusers_model(model) -> tuple[object, list[str]]:
@@ -190,17 +271,19 @@ def mmdit_flops(model: MMDiT, L: int) -> float:
     else:
         embed = 2 * L * model.context_embedder.in_features * D
         if model.semantic_path == "adaln":  # the pooled text MLP
-            embed += 2 * (model.y_embedder[0].in_features * D + D * D)
+            embed += 2 * (model.y_embedder.mlp[0].in_features * D + D * D)
     depth = len(model.joint_blocks)
     N = T + L
     stream = lambda n: 2 * n * (3 * D * D + D * D + 2 * D * mlp_hidden) + 2 * D * 6 * D  # qkv, proj, MLP, adaLN
     per_block = stream(T) + stream(L) + 2 * 2 * N * N * D  # both streams, joint attention
+    # MMDiT-X blocks: the image stream's own attention (qkv, projection, scores and values) and 3 more modulations
+    dual = len(model.dual_attention_layers) * (2 * T * 4 * D * D + 2 * 2 * T * T * D + 2 * D * 3 * D)
     # the last context block is pre-only: qkv and a 2-way modulation only
     pre_only_saving = 2 * L * (D * D + 2 * D * mlp_hidden) + 2 * D * 4 * D
     patch = 2 * T * model.in_channels * p * p * D
     final = 2 * T * D * p * p * model.out_channels + 2 * D * 2 * D
     time = 2 * (256 * D + D * D)
-    return float(depth * per_block - pre_only_saving + patch + final + time + embed)
+    return float(depth * per_block + dual - pre_only_saving + patch + final + time + embed)
 
 
 SPEC = BackboneSpec(
@@ -217,6 +300,7 @@ SPEC = BackboneSpec(
         "mlp_ratio",
         "pos_embed_base_size",
         "pos_embed_resample",
+        "dual_attention_layers",
     ),
     published_class_path="attention",
     pooled_text_with_tokens=True,
@@ -225,10 +309,12 @@ SPEC = BackboneSpec(
     flops=mmdit_flops,
     recipe="cc12m256/mmdit_xl2.yaml",
     class_tables=("class_embedder.embedding_table.weight",),
-    text_embedders=("context_embedder.", "y_embedder.0.", "y_embedder.2."),
-    detect=lambda sd: "diffusers" if is_diffusers_mmdit(sd) else None,
-    import_weights=lambda sd, layout: mmdit_from_diffusers(sd),
-    import_overrides=lambda sd, layout, folder_config, **_: mmdit_overrides(folder_config),
+    text_embedders=("context_embedder.", "y_embedder.mlp.0.", "y_embedder.mlp.2."),
+    detect=detect_mmdit,
+    import_weights=lambda sd, layout: mmdit_from_diffusers(sd) if layout == "diffusers" else sd,
+    import_overrides=lambda sd, layout, folder_config, num_heads=None, **_: (
+        official_overrides(sd, num_heads) if layout == "official" else mmdit_overrides(folder_config)
+    ),
     kept_on_import=("pos_embed",),
     to_diffusers=mmdit_to_diffusers_model,
     diffusers_probe=mmdit_probe,

@@ -13,12 +13,18 @@ from ..models.spec import ConversionError
 LDMKIT_EXTRA = "ldmkit_extra.safetensors"  # beside an ldmkit export's diffusers weights: not the model's weights
 
 
+OFFICIAL_PREFIX = "model.diffusion_model."  # SD3's all-in-one files: the MMDiT beside the VAE and text encoders
+
+
 def unwrap_official(obj) -> dict:
-    """An official checkpoint is a bare state dict; a DiT train.py checkpoint nests it (EMA preferred)."""
+    """An official checkpoint is a bare state dict; a DiT train.py checkpoint nests it (EMA preferred); SD3's files
+    may prefix the denoiser's tensors with model.diffusion_model. (the rest, VAE and text encoders, is left out)."""
     if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
         return obj["ema"]
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         return obj["model"]
+    if isinstance(obj, dict) and any(isinstance(k, str) and k.startswith(OFFICIAL_PREFIX) for k in obj):
+        return {k[len(OFFICIAL_PREFIX) :]: v for k, v in obj.items() if k.startswith(OFFICIAL_PREFIX)}
     return obj
 
 
@@ -53,7 +59,8 @@ def read_weights(path: str | Path, trust_pickle: bool = False) -> tuple[dict, st
     found = detect_backbone(sd)
     if found is None:
         raise ConversionError(
-            f"{path}: unrecognised weight layout (not an ldmkit checkpoint, an official DiT or MDT, or a "
-            "diffusers DiT / PixArt / SD3 transformer or UNet)"
+            f"{path}: unrecognised weight layout; ldmkit reads ldmkit checkpoints, official DiT, MDT-v2 and SD3 / SD3.5 "
+            "weights (with or without the model.diffusion_model. prefix), and diffusers DiT, PixArt-alpha, SD3 "
+            "transformers and UNets"
         )
     return sd, found[1], None, folder_config
