@@ -429,7 +429,10 @@ def test_guidance_settings_reach_eval_sweeps_sample_and_the_report(run, tmp_path
     seen, real = [], generate.guided
     monkeypatch.setattr(generate, "guided", lambda *a: seen.append(a) or real(*a))
     sample = ["sample", str(run), "--classes", "1", "--per-class", "2", "--steps", "2", "--guidance", "3"]
-    assert main([*sample, "--negative-class", "3", "--set", "sample.guided_channels=1"]) == 0
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda m: compiled.append(m) or m)  # the wiring, not the compiler
+    assert main([*sample, "--negative-class", "3", "--set", "sample.guided_channels=1", "--compile"]) == 0
+    assert len(compiled) == 1
     model, cond, guidance, negative = seen[-1]
     assert negative.class_labels.tolist() == [3, 3]
     assert (guidance.scale, guidance.channels) == (3.0, 1)
