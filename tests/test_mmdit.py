@@ -199,3 +199,13 @@ def test_checkpoints_with_the_old_pooled_embedder_names_still_load():
     fresh = tiny()
     fresh.load_state_dict(old)
     assert torch.equal(fresh.y_embedder.mlp[0].weight, sd["y_embedder.mlp.0.weight"])
+
+
+def test_weights_that_fit_two_backbones_are_refused_not_guessed():
+    from ldmkit.models.registry import detect_backbone
+    from ldmkit.models.spec import ConversionError
+
+    z = torch.zeros(1)
+    both = {"blocks.0.attn.qkv.weight": z, "x_embedder.proj.weight": z, "joint_blocks.0.x_block.attn.qkv.weight": z}
+    with pytest.raises(ConversionError, match="ambiguous weights: they fit dit \\(official\\), mmdit \\(official\\)"):
+        detect_backbone(both)

@@ -8,7 +8,7 @@ import torch.nn as nn
 from ..config import CONTROL_SIZES, ConfigError
 from . import dit_spec, mdt_spec, mmdit_spec, pixart_spec, unet_spec
 from .control import ControlSchedule
-from .spec import BackboneSpec
+from .spec import BackboneSpec, ConversionError
 
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
@@ -38,12 +38,13 @@ def spec_of(model: nn.Module) -> BackboneSpec:
 
 
 def detect_backbone(sd: dict) -> tuple[BackboneSpec, str] | None:
-    """(spec, layout) of a foreign state dict, by each backbone's detector; None when no backbone claims it."""
-    for spec in BACKBONES.values():
-        layout = spec.detect(sd)
-        if layout is not None:
-            return spec, layout
-    return None
+    """(spec, layout) of a foreign state dict, by each backbone's detector; None when no backbone claims it, and a
+    one-line ConversionError when several do (never a guess)."""
+    found = [(spec, layout) for spec in BACKBONES.values() if (layout := spec.detect(sd)) is not None]
+    if len(found) > 1:
+        names = ", ".join(f"{spec.name} ({layout})" for spec, layout in found)
+        raise ConversionError(f"ambiguous weights: they fit {names}; convert them with the layout's own tools first")
+    return found[0] if found else None
 
 
 def backbone_of_preset(preset: str) -> str:

@@ -59,8 +59,8 @@ def read_weights(path: str | Path, trust_pickle: bool = False) -> tuple[dict, st
     found = detect_backbone(sd)
     if found is None:
         raise ConversionError(
-            f"{path}: unrecognised weight layout; ldmkit reads ldmkit checkpoints, official DiT, MDT-v2 and SD3 / SD3.5 "
-            "weights (with or without the model.diffusion_model. prefix), and diffusers DiT, PixArt-alpha, SD3 "
+            f"{path}: unrecognised weight layout; ldmkit reads ldmkit checkpoints, official DiT, MDT-v2 and SD3 / "
+            "SD3.5 weights (with or without the model.diffusion_model. prefix), and diffusers DiT, PixArt-alpha, SD3 "
             "transformers and UNets"
         )
     return sd, found[1], None, folder_config
