@@ -578,7 +578,6 @@ def cmd_recipe(args):
 def cmd_sample(args):
     import torch
 
-    from .config import set_sampling
     from .distributed import init_distributed
     from .eval.evaluate import load_generator
     from .eval.generate import generate_split, grid_labels, save_grid, save_images
@@ -588,14 +587,7 @@ def cmd_sample(args):
     cfg, model, objective, autoencoder, run_dir = load_generator(
         args.source, use_ema=not args.no_ema, device=d.device, config=args.config, overrides=args.overrides
     )
-    cfg.sample.control = list(cfg.sample.control) + list(args.control)
-    set_sampling(
-        cfg,
-        control_guidance_scale=args.control_guidance,
-        negative_prompt=args.negative_prompt,
-        negative_class=args.negative_class,
-        precision=args.precision,
-    )
+    sample_settings(args, args.guidance).apply(cfg)  # the sampling options, checked as config keys
     if args.compile:
         model = torch.compile(model)
     classes = number_list(args.classes, int, "--classes") if args.classes else None
