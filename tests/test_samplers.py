@@ -68,6 +68,10 @@ def test_ddim_step_matches_diffusers(position):
     expected = ref.step(eps, use[position], x, eta=0.0).prev_sample
     got = samplers.ddim_step(chain, eps, x, position)
     assert (got - expected).abs().max() < 1e-4
+    if position > 0:  # sample.eta 1: the same fresh noise gives the same step
+        noise = torch.randn(2, 4, 8, 8, generator=g)
+        expected = ref.step(eps, use[position], x, eta=1.0, variance_noise=noise).prev_sample
+        assert (samplers.ddim_step(chain, eps, x, position, eta=1.0, noise=noise) - expected).abs().max() < 1e-4
 
 
 def test_euler_flow_step_and_shift_match_diffusers():
