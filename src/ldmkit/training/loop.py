@@ -32,9 +32,9 @@ from ..eval.generate import generate, grid_labels, save_grid
 from ..models.registry import build_model, spec_of
 from . import parallel
 from .logging import RunLogger, check_wandb, plot_loss_curve, print_status, status_line
-from .optim import build_optimizer
+from .optim import build_optimizer, device_skip
 from .signals import StopSignals, TrainingDiverged, TrainingStopped
-from .state import EMA, TrainingState, learning_rate
+from .state import EMA, SkipCounter, TrainingState, learning_rate
 from .validation import Validator
 
 
@@ -64,6 +64,7 @@ NOT_TRAINING_KEYS = (
     "train.ac_every",
     "train.async_checkpoint",
     "train.compile",
+    "train.optimizer_impl",
 )
 
 
@@ -118,7 +119,7 @@ class StepStats:
 
     def __init__(self, device, images_seen: int):
         self.loss, self.mse, self.n = torch.zeros((), device=device), torch.zeros((), device=device), 0
-        self.grad_norm, self.updates = torch.zeros((), device=device), 0
+        self.grad_norm, self.updates = torch.zeros((), device=device), torch.zeros((), device=device)
         self.tick_time, self.tick_images = time.time(), images_seen
 
     def add(self, terms: dict) -> None:
@@ -126,21 +127,22 @@ class StepStats:
         self.mse += terms["mse"].detach().sum()
 
     def add_grad_norm(self, norm: torch.Tensor | None) -> None:
-        if norm is not None:  # None: a skipped step
-            self.grad_norm += norm.detach().float()
-            self.updates += 1
+        if norm is not None:  # None: a step skipped on the host; a non-finite norm: one skipped on the device
+            finite = torch.isfinite(norm.detach())
+            self.grad_norm += torch.where(finite, norm.detach().float(), 0.0)
+            self.updates += finite
 
     def record(self, d: distributed.Dist, images_seen: int, step: int, lr: float) -> dict:
         # the gradient norm is already the global one (DDP averaged the gradients): no reduction needed
-        grad_norm = (self.grad_norm / max(self.updates, 1)).item()
+        grad_norm = (self.grad_norm / self.updates.clamp(min=1)).item()
         totals = distributed.all_reduce_mean(torch.stack([self.loss, self.mse]) / max(self.n, 1), d)
         if d.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.time() - self.tick_time
         speed = (images_seen - self.tick_images) / max(elapsed, 1e-9)
         mem = torch.cuda.max_memory_allocated(d.device) / 2**30 if d.device.type == "cuda" else peak_rss_gb()
-        self.loss.zero_(), self.mse.zero_(), self.grad_norm.zero_()
-        self.n, self.updates, self.tick_time, self.tick_images = 0, 0, time.time(), images_seen
+        self.loss.zero_(), self.mse.zero_(), self.grad_norm.zero_(), self.updates.zero_()
+        self.n, self.tick_time, self.tick_images = 0, time.time(), images_seen
         return {
             "images": images_seen,
             "step": step,
@@ -187,7 +189,7 @@ def _train(
     # optimizer is built on the parameters as sharded.
     ema = EMA(model, cfg)
     train_model = parallel.parallelize(model, ema, d, tc)
-    state = TrainingState(model, ema, build_optimizer(model.parameters(), tc))
+    state = TrainingState(model, ema, build_optimizer(model.parameters(), tc, device.type))
     sharded = tc.parallel in parallel.SHARDED_MODES
     objective = build_objective(cfg)
     extra_pass = spec_of(model).extra_pass(model)  # a backbone's second loss per step (MDT-v2's masked pass)
@@ -200,6 +202,8 @@ def _train(
             write_report(init_report, cfg.init.source, run_dir)
     distributed.barrier(d)
     last_good = resume(state, cfg, run_dir, d, say)
+    if device_skip(state.optimizer):  # skipped steps are counted on the device
+        state.skips = SkipCounter(device, state.nan_skips)
 
     # Data from the stream position the run has reached; the source fixes the classes the model must hold.
     # Training ends on a whole step: a length that is not a multiple of the global batch is rounded up, with a note.
@@ -231,7 +235,24 @@ def _train(
         if bad:
             raise TrainingDiverged(state.images_seen, f"{bad:,} non-finite weights", last_good, run_dir)
 
+    def check_skips() -> None:
+        """The device-side count of skipped steps (optimizers that skip on the device), read at status lines and
+        checkpoints: the run diverged if the skips in a row ever exceeded train.max_nan_skips."""
+        if state.skips is None:
+            return
+        state.nan_skips, skipped, exceeded_at = state.skips.read()
+        if skipped and d.is_main:
+            print_status(
+                f"non-finite gradients: {skipped} step(s) skipped since the last status line ({state.nan_skips} in a "
+                "row now)"
+            )
+        if exceeded_at >= 0:
+            raise TrainingDiverged(
+                exceeded_at, f"{tc.max_nan_skips + 1} consecutive steps with non-finite gradients", last_good, run_dir
+            )
+
     def log_status(images: int) -> None:
+        check_skips()
         check_weights_finite()
         record = stats.record(d, images, state.step, state.optimizer.param_groups[0]["lr"])
         logger.log(record)
@@ -248,6 +269,7 @@ def _train(
 
     def save_checkpoint(images: int) -> None:
         nonlocal last_good, pending
+        check_skips()
         check_weights_finite()  # non-finite weights are never written
         finish_pending()  # the previous asynchronous write counts once it is complete
         written = state.save(run_dir, cfg, d, sharded, tc.async_checkpoint)
@@ -418,6 +440,8 @@ def update(
     # one fused reduction (over all processes' shards when sharded); NaN/inf if any gradient is
     grad_norm = parallel.full_value(torch.nn.utils.get_total_norm(grads))
     finite = distributed.all_reduce_mean(torch.isfinite(grad_norm).float(), d)
+    if device_skip(state.optimizer):
+        return update_on_device(state, tc, grad_norm, finite)
     if finite.item() < 1.0:
         state.nan_skips += 1
         state.optimizer.zero_grad(set_to_none=True)
@@ -437,6 +461,22 @@ def update(
         group["lr"] = learning_rate(tc, state.images_seen)
     state.optimizer.step()
     state.ema.update(state.model, state.images_seen)
+    return grad_norm
+
+
+def update_on_device(state: TrainingState, tc, grad_norm: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """update() without a host sync: the optimizer skips a non-finite step itself (optimizer.found_inf), the EMA
+    update is weighted by the same flag, and state.skips counts consecutive and total skipped steps on the device
+    (read at each status line and checkpoint: check_skips). Returns the gradient norm (non-finite: skipped)."""
+    ok = (finite >= 1.0).float()
+    if tc.grad_clip is not None:
+        torch.nn.utils.clip_grads_with_norm_(state.model.parameters(), tc.grad_clip, grad_norm)
+    for group in state.optimizer.param_groups:
+        group["lr"] = learning_rate(tc, state.images_seen)
+    state.optimizer.found_inf = 1 - ok
+    state.optimizer.step()
+    state.ema.update(state.model, state.images_seen, keep=ok)
+    state.skips.add(1 - ok, state.images_seen, tc.max_nan_skips)
     return grad_norm
 
 

@@ -53,11 +53,16 @@ class EMA:
         self.plain: nn.Module | None = None
 
     @torch.no_grad()
-    def update(self, model: nn.Module, images_seen: int) -> None:
+    def update(self, model: nn.Module, images_seen: int, keep: torch.Tensor | None = None) -> None:
         # One fused lerp over all parameters (torch's own EMA averaging function); sharded, each process lerps
-        # its own shards.
-        average = torch.optim.swa_utils.get_ema_multi_avg_fn(ema_beta(self.cfg, images_seen))
-        average(list(self.model.parameters()), list(model.parameters()), None)
+        # its own shards. keep (a 0/1 tensor): a step skipped on the device leaves the average as it was.
+        if keep is None:
+            average = torch.optim.swa_utils.get_ema_multi_avg_fn(ema_beta(self.cfg, images_seen))
+            average(list(self.model.parameters()), list(model.parameters()), None)
+            return
+        ema, current = list(self.model.parameters()), list(model.parameters())
+        weight = (1 - ema_beta(self.cfg, images_seen)) * keep
+        torch._foreach_lerp_(ema, current, [weight] * len(ema))
 
     @contextlib.contextmanager
     def evaluation_model(self, d, device):
@@ -77,6 +82,29 @@ class EMA:
             self.plain.cpu()
 
 
+class SkipCounter:
+    """Steps skipped for non-finite gradients, counted on the device (no host sync per step): the current run of
+    consecutive skips, the skips since the last read, and the images seen when a run first exceeded the limit
+    (-1: never). read() brings them to the host, at status lines and checkpoints."""
+
+    def __init__(self, device, consecutive: int = 0):
+        self.run = torch.full((), float(consecutive), device=device)
+        self.total = torch.zeros((), device=device)
+        self.exceeded_at = torch.full((), -1.0, device=device)
+
+    def add(self, skipped: torch.Tensor, images_seen: int, limit: int) -> None:
+        self.run = (self.run + skipped) * skipped
+        self.total = self.total + skipped
+        first = (self.run > limit) & (self.exceeded_at < 0)
+        self.exceeded_at = torch.where(first, torch.full_like(self.exceeded_at, float(images_seen)), self.exceeded_at)
+
+    def read(self) -> tuple[int, int, int]:
+        """(consecutive skips now, skips since the last read, images when the limit was first exceeded or -1)."""
+        run, total, exceeded_at = (int(v) for v in torch.stack([self.run, self.total, self.exceeded_at]).tolist())
+        self.total.zero_()
+        return run, total, exceeded_at
+
+
 @dataclass
 class TrainingState:
     """Everything a resumed run needs besides the config: weights, EMA, optimizer moments, the position in
@@ -90,6 +118,7 @@ class TrainingState:
     images_seen: int = 0
     step: int = 0
     nan_skips: int = 0
+    skips: SkipCounter | None = None  # the device-side count, when the optimizer skips steps on the device
 
     def meta(self, cfg, world_size: int) -> dict:
         return {
