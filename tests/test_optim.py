@@ -28,8 +28,10 @@ def test_adan_follows_its_update_rule():
 
 
 @pytest.mark.slow
-def test_adan_trains_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("impl", ["for_loop", "foreach"])
+def test_adan_trains_and_resumes_exactly(tmp_path, impl):
     overrides = TINY + ["train.optimizer=adan", "train.betas=[0.98, 0.92, 0.99]", "train.lr=0.002"]
+    overrides += [f"train.optimizer_impl={impl}"]
     straight = training_loop(load_config(overrides=overrides), tmp_path / "a", quiet=True)
     training_loop(load_config(overrides=overrides), tmp_path / "b", quiet=True, stop_after_images=64)
     training_loop(load_config(overrides=overrides), tmp_path / "b", quiet=True)
