@@ -1,5 +1,6 @@
 """The training loop: exact resume (also after a real SIGKILL), DDP equivalence, refusals that lose nothing."""
 
+import json
 import os
 import signal
 import subprocess
@@ -339,3 +340,32 @@ def test_weights_and_biases_logging(tmp_path, monkeypatch, capsys):
     with pytest.raises(ConfigError, match="needs the wandb package"):
         training_loop(cfg, tmp_path / "other", quiet=True)
     assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.slow
+def test_fp8_training_converts_the_block_linears_and_follows_bf16(tmp_path, monkeypatch):
+    """train.precision fp8 (torchao float8 training, run here on the CPU's float8 matmuls): the blocks' Linear layers
+    become Float8Linear, the rest stays, the losses follow a bf16 run of the same seed, and the checkpoint is plain
+    fp32 weights that sample without torchao."""
+    pytest.importorskip("torchao")
+    import ldmkit.training.parallel as parallel
+    from ldmkit.eval.evaluate import load_generator
+
+    converted = []
+    real = parallel.apply_float8
+    monkeypatch.setattr(parallel, "apply_float8", lambda model: converted.append(real(model)) or converted[-1])
+    losses = {}
+    for precision in ("bf16", "fp8"):
+        cfg = tiny_config(f"train.precision={precision}", "train.total_images=96", "train.log_every_images=16")
+        run = training_loop(cfg, tmp_path / precision, quiet=True)
+        losses[precision] = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert converted == [2 * 4]  # 2 blocks x (qkv, proj, fc1, fc2); the adaLN, embedders and final layer stay
+    assert len(losses["fp8"]) == len(losses["bf16"]) == 6
+    for a, b in zip(losses["fp8"], losses["bf16"]):
+        assert abs(a - b) <= 0.05 * abs(b)
+    assert losses["fp8"] != losses["bf16"]  # float8 matmuls, not bf16 ones
+    cfg, model, *_ = load_generator(tmp_path / "fp8")
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    with pytest.raises(ConfigError, match="fp8 needs torchao"):
+        monkeypatch.setitem(sys.modules, "torchao.float8", None)
+        real(torch.nn.Linear(16, 16))

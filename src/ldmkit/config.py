@@ -212,7 +212,9 @@ class TrainConfig:
     ema_halflife_images: float | None = None  # if set, overrides ema_decay (EDM2-style, batch independent)
     ema_rampup: float | None = None  # EDM2: halflife <= images_seen * rampup
     class_dropout: float = 0.1  # guidance dropout of the class label
-    precision: Literal["fp32", "bf16"] = "fp32"  # fp32 | bf16 (autocast)
+    # fp32 | bf16 (autocast) | fp8 (torchao float8 training on the blocks' Linear layers, bf16 autocast elsewhere;
+    # needs the fp8 extra and, on a GPU, compute capability 8.9 or newer)
+    precision: Literal["fp32", "bf16", "fp8"] = "fp32"
     tf32: bool = True  # allow TF32 matmuls on GPUs
     compile: bool = False  # torch.compile each block
     seed: int = 0

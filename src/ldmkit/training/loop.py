@@ -223,7 +223,7 @@ def _train(
         f"{d.world_size} process(es) ({tc.parallel}), global batch {tc.global_batch} = {micro} x {d.world_size} "
         f"x {rounds}"
     )
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision in ("bf16", "fp8"))
     stats = StepStats(device, state.images_seen)
     signals = StopSignals(d)  # SIGTERM / SIGINT / SIGUSR1: finish the step, checkpoint, exit
 

@@ -96,16 +96,46 @@ def shard(model: nn.Module, mesh, bf16: bool) -> None:
     fully_shard(model, **kwargs)
 
 
+# Linear layers of a block that map the per-image condition vector (one row per image, not per token): too small
+# for float8 to pay, and the modulation is precision-sensitive; they stay bf16.
+CONDITION_LINEARS = ("adaLN_modulation", "time_emb_proj")
+
+
+def apply_float8(model: nn.Module) -> int:
+    """train.precision fp8: torchao's float8 training (dynamic tensorwise scales, e4m3 activations and weights, e5m2
+    gradients) on the token-wise Linear layers of the repeated blocks whose sides are multiples of 16 (what float8
+    matmuls take); the adaLN modulations, embedders, the final layer and the rest run under bf16 autocast. The weights stay fp32 (float8 is
+    computed per matmul), so checkpoints and the EMA are unchanged. Returns how many layers it converted."""
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except ImportError:
+        raise ConfigError("config key 'train.precision': fp8 needs torchao (pip install 'ldmkit[fp8]')") from None
+    inside = {id(m) for block in repeated_blocks(model) for m in block.modules()}
+    chosen = {
+        id(m)
+        for name, m in model.named_modules()
+        if id(m) in inside
+        and type(m) is nn.Linear
+        and m.in_features % 16 == 0
+        and m.out_features % 16 == 0
+        and not any(part in name for part in CONDITION_LINEARS)
+    }
+    convert_to_float8_training(model, module_filter_fn=lambda module, fqn: id(module) in chosen)
+    return len(chosen)
+
+
 def parallelize(model: nn.Module, ema, d: Dist, tc) -> nn.Module:
-    """Activation checkpointing, compilation, then DDP or sharding (of the EMA too) as train.parallel says.
-    Returns the module to call in training."""
+    """Float8 layers, activation checkpointing, compilation, then DDP or sharding (of the EMA too) as train.parallel
+    says (torchtitan's order). Returns the module to call in training."""
+    if tc.precision == "fp8":
+        apply_float8(model)
     apply_activation_checkpointing(model, tc.activation_checkpointing, tc.ac_every)
     if tc.compile:
         compile_blocks(model)
     if tc.parallel in SHARDED_MODES:
         mesh = device_mesh(d, tc)
         ema.plain = copy.deepcopy(ema.model).cpu()  # an unsharded copy for evaluation on process 0
-        shard(model, mesh, tc.precision == "bf16")
+        shard(model, mesh, tc.precision in ("bf16", "fp8"))
         shard(ema.model, mesh, bf16=False)
         return model
     if d.world_size > 1:

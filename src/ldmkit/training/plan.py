@@ -116,7 +116,7 @@ def plan_memory(cfg: RunConfig, gpus: int, micro_batch: int | None = None) -> li
         base = build_model(cfg.model, cfg.conditioning)
     parameters = sum(p.numel() for p in base.parameters())
     largest_block = max((sum(p.numel() for p in b.parameters()) for b in parallel.repeated_blocks(base)), default=0)
-    dtype = torch.bfloat16 if tc.precision == "bf16" else torch.float32
+    dtype = torch.bfloat16 if tc.precision in ("bf16", "fp8") else torch.float32  # fp8: bf16 activations, a bound
     activations = {}
     for ac in ("none", "selective", "blocks"):
         model = copy.deepcopy(base)
