@@ -67,8 +67,10 @@ def measure(preset: str, sampler: str, steps: int, args) -> dict:
         denoiser = torch.compile(denoiser)
     model = Counted(denoiser)
     labels = torch.arange(args.images) % 1000
-    run = lambda n, batch: generate(  # noqa: E731
-        model, cfg, build_objective(cfg), IdentityAutoencoder(4), labels[:n], list(range(n)), device, batch=batch
+    run = (
+        lambda n, batch: generate(  # noqa: E731
+            model, cfg, build_objective(cfg), IdentityAutoencoder(4), labels[:n], list(range(n)), device, batch=batch
+        )
     )
     run(min(args.batch, args.images), args.batch)  # warm-up (and compilation)
     model.calls = model.rows = 0
