@@ -104,8 +104,9 @@ CONDITION_LINEARS = ("adaLN_modulation", "time_emb_proj")
 def apply_float8(model: nn.Module) -> int:
     """train.precision fp8: torchao's float8 training (dynamic tensorwise scales, e4m3 activations and weights, e5m2
     gradients) on the token-wise Linear layers of the repeated blocks whose sides are multiples of 16 (what float8
-    matmuls take); the adaLN modulations, embedders, the final layer and the rest run under bf16 autocast. The weights stay fp32 (float8 is
-    computed per matmul), so checkpoints and the EMA are unchanged. Returns how many layers it converted."""
+    matmuls take); the adaLN modulations, embedders, the final layer and the rest run under bf16 autocast. The
+    weights stay fp32 (float8 is computed per matmul), so checkpoints and the EMA are unchanged. Returns how many
+    layers it converted."""
     try:
         from torchao.float8 import convert_to_float8_training
     except ImportError:
