@@ -1,10 +1,13 @@
-"""Helpers shared by the experiment scripts: run the ldmkit CLI, summarise per-seed results, write markdown."""
+"""Helpers shared by the experiment scripts: run the ldmkit CLI, summarise per-seed results with 95% bootstrap
+intervals, compare two arms paired by seed, write markdown. Every experiment reports the same way."""
 
 from __future__ import annotations
 
 import statistics
 import subprocess
 import sys
+
+from ldmkit.eval.stats import format_interval, interval, paired
 
 
 def ldmkit(*args: str) -> None:
@@ -20,33 +23,42 @@ def sets(overrides: list[str]) -> list[str]:
 
 
 def summarise(results: list[dict], key: str = "arm") -> dict:
-    """{arm: {"seeds": [...], metric: {mean, std, values}}} over the rows of each arm."""
+    """{arm: {"seeds": [...], metric: {mean, low, high, std, values}}} over the rows of each arm: the mean over seeds
+    with its 95% bootstrap interval (ldmkit.eval.stats.interval; a metric given as a list of per-sample values is
+    resampled within each seed too)."""
     summary: dict = {}
     for arm in dict.fromkeys(r[key] for r in results):
         rows = [r for r in results if r[key] == arm]
         summary[arm] = {"seeds": [r.get("seed", 0) for r in rows]}
         for m in (k for k in rows[0] if k not in (key, "seed")):
-            values = [r[m] for r in rows if isinstance(r.get(m), (int, float))]
+            values = [r[m] for r in rows if isinstance(r.get(m), (int, float, list))]
             if values:
+                means = [statistics.fmean(v) if isinstance(v, list) else v for v in values]
                 summary[arm][m] = {
-                    "mean": statistics.fmean(values),
-                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                    "values": values,
+                    **interval(values),
+                    "std": statistics.stdev(means) if len(means) > 1 else 0.0,
+                    "values": means,
                 }
     return summary
+
+
+def compare(results: list[dict], metric: str, a: str, b: str, key: str = "arm") -> dict:
+    """Arm a minus arm b on `metric`, paired by seed (the same seeds and data order in both arms):
+    ldmkit.eval.stats.paired, with its verdict."""
+    per_arm = {arm: {r.get("seed", 0): r[metric] for r in results if r[key] == arm} for arm in (a, b)}
+    return paired(per_arm[a], per_arm[b])
 
 
 def markdown(summary: dict) -> str:
     lines = []
     for arm, metrics in summary.items():
         lines.append(
-            f"### {arm} (seeds {', '.join(map(str, metrics['seeds']))})\n\n| metric | mean | std | per seed "
-            "|\n|---|---|---|---|"
+            f"### {arm} ({len(metrics['seeds'])} seeds: {', '.join(map(str, metrics['seeds']))})\n\n"
+            "| metric | mean [95% interval] | std over seeds | per seed |\n|---|---|---|---|"
         )
         for name, s in metrics.items():
             if name != "seeds":
-                lines.append(
-                    f"| {name} | {s['mean']:.3f} | {s['std']:.3f} | {' / '.join(f'{v:.3f}' for v in s['values'])} |"
-                )
+                per_seed = " / ".join(f"{v:.3f}" for v in s["values"])
+                lines.append(f"| {name} | {format_interval(s)} | {s['std']:.3f} | {per_seed} |")
         lines.append("")
     return "\n".join(lines)

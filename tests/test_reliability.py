@@ -191,8 +191,8 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
 
     build = loop.build_optimizer
 
-    def poisoning_optimizer(params, tc):
-        optimizer = build(params, tc)
+    def poisoning_optimizer(params, tc, *args):
+        optimizer = build(params, tc, *args)
         step = optimizer.step
 
         def poisoned_step(*args, **kwargs):

@@ -99,6 +99,59 @@ def legend_labels(run_dirs: list[Path], configs: list[dict]) -> list[str]:
     return labels
 
 
+def arm_table(configs: list[dict], rows: list[dict]) -> list[str]:
+    """Markdown lines for runs that repeat one training config with different train.seed values (arms): each arm's
+    metrics as mean [95% interval] over its seeds (ldmkit.eval.stats), and with two arms their difference paired by
+    seed with its verdict. [] when no config was run with two seeds."""
+    from .stats import format_interval, interval, paired
+
+    def arm_key(cfg: dict) -> str:
+        rest = {k: v for k, v in cfg.items() if k != "name"}
+        rest["train"] = {k: v for k, v in cfg.get("train", {}).items() if k != "seed"}
+        return json.dumps(rest, sort_keys=True, default=str)
+
+    arms: dict[str, list[int]] = {}
+    for i, cfg in enumerate(configs):
+        arms.setdefault(arm_key(cfg), []).append(i)
+    if all(len(members) < 2 for members in arms.values()):
+        return []
+    firsts = [configs[members[0]] for members in arms.values()]
+    differing = sorted(
+        {k for c in firsts[1:] for k in diff_configs(firsts[0], c)} - {"name", "train.seed"},
+    )
+
+    def label(cfg: dict) -> str:
+        shown = []
+        for key in differing[:3]:
+            value = cfg
+            for part in key.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            shown.append(f"{key}={value}")
+        return ", ".join(shown) or "all runs"
+
+    metrics = [m for m in METRIC_KEYS if any(m in row for row in rows)]
+    lines = ["", "## Arms: mean [95% interval] over training seeds", ""]
+    lines += ["| arm | seeds | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 2)]
+    per_arm = []
+    for members in arms.values():
+        seeds = {configs[i]["train"].get("seed", 0): rows[i] for i in members}
+        per_arm.append(seeds)
+        cells = []
+        for m in metrics:
+            values = [row[m] for row in seeds.values() if isinstance(row.get(m), (int, float))]
+            cells.append(format_interval(interval(values)) if values else "")
+        lines.append(f"| {label(configs[members[0]])} | {len(members)} | " + " | ".join(cells) + " |")
+    if len(per_arm) == 2:
+        a, b = (label(c) for c in firsts)
+        lines += ["", f"Paired by seed, ({a}) - ({b}):", ""]
+        for m in metrics:
+            pairs = [{s: r[m] for s, r in arm.items() if isinstance(r.get(m), (int, float))} for arm in per_arm]
+            if set(pairs[0]) & set(pairs[1]):
+                d = paired(*pairs)
+                lines.append(f"- {m}: {format_interval(d)} over {d['seeds']} seeds, {d['verdict']}")
+    return lines
+
+
 def write_comparison(runs: list[str | Path], out_dir: str | Path) -> dict[str, Path]:
     import matplotlib
 
@@ -126,6 +179,7 @@ def write_comparison(runs: list[str | Path], out_dir: str | Path) -> dict[str, P
         "guidance scale and the other sampling settings (the sampling column). Device hours = training wall time x "
         "processes, from log.jsonl.",
     ]
+    notes += arm_table([run_config_dict(Path(r)) for r in runs], rows)
     paths["markdown"].write_text("# Run comparison\n\n" + "\n".join(table) + "\n" + "\n".join(notes) + "\n")
 
     def plot(name: str, ylabel: str, series: list[tuple[str, list, list]], xlabel: str = "images seen"):

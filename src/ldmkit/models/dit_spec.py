@@ -25,6 +25,7 @@ from .spec import (
     ConversionError,
     block_count,
     cross_attention_flops,
+    guided_channels_for,
     overrides_of,
     passes_tokens,
     probe_inputs,
@@ -188,6 +189,7 @@ def dit_overrides(
     # diffusers' DiT embeds timesteps with freq shift 1, the official code with 0
     shift = timestep_freq_shift if timestep_freq_shift is not None else (1.0 if layout == "diffusers" else 0.0)
     overrides = overrides_of({**arch, "timestep_freq_shift": shift}) + [f"data.resolution={arch['input_size'] * 8}"]
+    overrides += guided_channels_for(arch["in_channels"])
     if not arch["learn_sigma"]:
         overrides.append("sample.sampler=ddim")
     return overrides

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .mdt import MDT, MDT_PRESETS, draw_token_keep
-from .spec import BackboneSpec, ExtraPass, overrides_of, passes_tokens, transformer_block_flops
+from .spec import BackboneSpec, ExtraPass, guided_channels_for, overrides_of, passes_tokens, transformer_block_flops
 
 
 def mdt_arch_from_state_dict(sd: dict) -> dict:
@@ -30,7 +30,7 @@ def mdt_arch_from_state_dict(sd: dict) -> dict:
 
 def mdt_overrides(sd: dict, layout: str, folder_config: dict, **_) -> list[str]:
     arch = mdt_arch_from_state_dict(sd)
-    return overrides_of(arch) + [f"data.resolution={arch['input_size'] * 8}"]
+    return overrides_of(arch) + [f"data.resolution={arch['input_size'] * 8}"] + guided_channels_for(arch["in_channels"])
 
 
 class MaskedPass(ExtraPass):

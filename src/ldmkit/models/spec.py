@@ -101,6 +101,12 @@ def block_count(sd: dict, prefix: str) -> int:
     return max(ids) + 1 if ids else 0
 
 
+def guided_channels_for(in_channels: int) -> list[str]:
+    """DiT's and MDT-v2's recipes guide 3 of their 4 latent channels (their sampling code's quirk); weights with
+    another latent layout are guided on all channels."""
+    return [] if in_channels == 4 else ["sample.guided_channels=null"]
+
+
 def overrides_of(arch: dict) -> list[str]:
     """`model.key=value` overrides (YAML spelling of booleans) of an architecture dict."""
     return [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in arch.items()]
