@@ -133,13 +133,13 @@ def test_the_steady_state_step_reads_nothing_back_to_the_host(tmp_path, monkeypa
         sets += ["train.optimizer=adan", "train.betas=[0.98, 0.92, 0.99]"]
     reads = HostReads(monkeypatch)
     counts = []
-    for images in (64, 160):  # 4 and 10 steps of 16
+    for images in (32, 80):  # 2 and 5 steps of 16
         reads.count = 0
         training_loop(
             load_config(overrides=sets + [f"train.total_images={images}"]), tmp_path / str(images), quiet=True
         )
         counts.append(reads.count)
     if impl == "for_loop":  # the NaN guard's read, and torch's tensor-by-tensor AdamW reads each step count
-        assert counts[1] - counts[0] >= 6
+        assert counts[1] - counts[0] >= 3
     else:
         assert counts[0] == counts[1], counts

@@ -356,11 +356,11 @@ def test_fp8_training_converts_the_block_linears_and_follows_bf16(tmp_path, monk
     monkeypatch.setattr(parallel, "apply_float8", lambda model: converted.append(real(model)) or converted[-1])
     losses = {}
     for precision in ("bf16", "fp8"):
-        cfg = tiny_config(f"train.precision={precision}", "train.total_images=96", "train.log_every_images=16")
+        cfg = tiny_config(f"train.precision={precision}", "train.total_images=64", "train.log_every_images=16")
         run = training_loop(cfg, tmp_path / precision, quiet=True)
         losses[precision] = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert converted == [2 * 4]  # 2 blocks x (qkv, proj, fc1, fc2); the adaLN, embedders and final layer stay
-    assert len(losses["fp8"]) == len(losses["bf16"]) == 6
+    assert len(losses["fp8"]) == len(losses["bf16"]) == 4
     for a, b in zip(losses["fp8"], losses["bf16"]):
         assert abs(a - b) <= 0.05 * abs(b)
     assert losses["fp8"] != losses["bf16"]  # float8 matmuls, not bf16 ones
