@@ -136,24 +136,10 @@ def optimizer_impl(train_cfg, device_type: str) -> str:
 
 def build_optimizer(params, train_cfg, device_type: str = "cpu") -> torch.optim.Optimizer:
     impl = optimizer_impl(train_cfg, device_type)
+    common = dict(lr=train_cfg.lr, betas=tuple(train_cfg.betas), eps=train_cfg.eps, weight_decay=train_cfg.weight_decay)
     if train_cfg.optimizer == "adan":
-        return Adan(
-            params,
-            lr=train_cfg.lr,
-            betas=tuple(train_cfg.betas),
-            eps=train_cfg.eps,
-            weight_decay=train_cfg.weight_decay,
-            foreach=impl == "foreach",
-        )
-    return torch.optim.AdamW(
-        params,
-        lr=train_cfg.lr,
-        betas=tuple(train_cfg.betas),
-        weight_decay=train_cfg.weight_decay,
-        eps=train_cfg.eps,
-        fused=impl == "fused",
-        foreach=impl == "foreach",
-    )
+        return Adan(params, foreach=impl == "foreach", **common)
+    return torch.optim.AdamW(params, fused=impl == "fused", foreach=impl == "foreach", **common)
 
 
 def device_skip(optimizer: torch.optim.Optimizer) -> bool:
