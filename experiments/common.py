@@ -3,11 +3,40 @@ intervals, compare two arms paired by seed, write markdown. Every experiment rep
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 from ldmkit.eval.stats import format_interval, interval, paired
+
+
+class Budget:
+    """--budget CPU-HOURS: stop starting new runs once this invocation has used that much CPU time (wall time x
+    cores). Every run is skipped once its outputs exist, so re-running the script continues where it stopped."""
+
+    def __init__(self, hours: float | None, cores: int | None = None):
+        self.hours, self.cores, self.start = hours, cores or os.cpu_count() or 1, time.time()
+
+    def spent(self) -> float:
+        return (time.time() - self.start) / 3600 * self.cores
+
+    def allows(self) -> bool:
+        if self.hours is not None and self.spent() >= self.hours:
+            print(f"budget of {self.hours:g} CPU-hours spent ({self.spent():.2f}): re-run to continue", flush=True)
+            return False
+        return True
+
+
+def sample_correct(run_dir) -> list[float]:
+    """Per sample of a run's last evaluation, 1 when the digit classifier labels it as conditioned, else 0 (the
+    sample set's predictions.json): the values the two-level intervals resample."""
+    metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+    predictions = json.loads((Path(metrics["sample_set"]) / "predictions.json").read_text())
+    return [float(a == b) for a, b in zip(predictions["labels"], predictions["predicted"])]
 
 
 def ldmkit(*args: str) -> None:

@@ -1,12 +1,19 @@
-"""The conditioning experiment of issue 6 (results: docs/results/conditioning.md).
+"""The conditioning experiment (results: docs/results/conditioning.md).
 
-Arms, each trained for the same number of images with several training seeds, then evaluated (digit-classifier
-agreement, FD-EffNetLite0 on `eval.num_images` samples) and, for the control arms, probed (`ldmkit probe`):
-  digits:   configs/experiments/conditioning_digits.yaml with conditioning.mechanism additive | disentangled
-  captions: configs/experiments/conditioning_captions.yaml with conditioning.padding zero | noisy_replicate
-Every step is skipped when its output exists, so re-running continues. Usage:
-  python experiments/conditioning.py [--seeds 0,1] [--caption-seeds 0,1] [--out runs/exp-conditioning]
-Writes <out>/summary.json and <out>/summary.md (mean, standard deviation and per-seed values).
+Arms, each trained for the same number of images with the same training seeds (same images, order and noise in
+every arm of a seed), evaluated, probed and compared paired by seed with 95% bootstrap intervals:
+  digits:   configs/experiments/conditioning_digits.yaml with conditioning.mechanism additive | disentangled;
+            evaluated on --eval-images samples (digit-classifier agreement, FD-EffNetLite0), probed on each
+            control (--probe-images per value: semantic drift and adherence), and the disentangled arm's control
+            guidance swept (--control-scales) for adherence against quality;
+  captions: configs/experiments/conditioning_captions.yaml with conditioning.padding zero | noisy_replicate.
+Every step is skipped when its output exists, so re-running continues; --budget stops starting new steps once
+that many CPU-hours are spent. A digit run is about 20 CPU-minutes of training at the config's 30,000 images plus
+evaluation and probes on the 2-core machine. Usage:
+  python experiments/conditioning.py [--seeds 0,1,2,3,4] [--caption-seeds ...] [--budget 6]
+      [--out runs/exp-conditioning]
+Writes <out>/summary.json, <out>/summary.md (mean [95% interval], per seed, paired differences) and
+<out>/control_guidance.png.
 """
 
 from __future__ import annotations
@@ -16,59 +23,112 @@ import json
 import sys
 from pathlib import Path
 
-from common import ldmkit, markdown, sets, summarise
+from common import Budget, compare, ldmkit, markdown, sample_correct, sets, summarise
 
 DIGITS = "configs/experiments/conditioning_digits.yaml"
 CAPTIONS = "configs/experiments/conditioning_captions.yaml"
-# The probe's sweeps: one control at a time, the others at the sampling defaults of the config.
+# One control at a time, the others at the sampling defaults; the first value is the uncropped full-size digit.
 SWEEPS = {"original_size": "12,12;20,20;28,28", "crop_size": "28,28;22,22;17,17", "flip": "0;1"}
+PROBED = ("label_change_rate", "feature_drift", "flip_effect", "size_sharpness_correlation")
 
 
-def run_arm(config: str, overrides: list[str], value: str, seed: int, out: Path, probe: bool, args) -> dict:
-    run = out / f"{value}-seed{seed}"
+def probe_row(run: Path, args, budget: Budget, scale: float | None = None) -> dict | None:
+    """Probe metrics of a run (at a control guidance scale); None when the budget stops it first."""
+    row = {}
+    for control, values in SWEEPS.items():
+        name = f"probe-{control}" + (f"-cg{scale:g}" if scale is not None else "") + ".json"
+        path = run / name
+        if not path.is_file():
+            if not budget.allows():
+                return None
+            extra = ["--set", f"sample.control_guidance_scale={scale}"] if scale is not None else []
+            probe = ["probe", str(run), "--control", control, "--values", values, "--num", str(args.probe_images)]
+            ldmkit(*probe, "--json", str(path), *extra)
+        probed = json.loads(path.read_text())
+        row.update({f"{control}.{k}": probed[k] for k in PROBED if k in probed})
+        if "crop_iou" in probed:  # the cropped values: following the crop against ignoring it
+            gain = [a - b for a, b in zip(probed["crop_iou"][1:], probed["crop_iou_if_ignored"][1:])]
+            row[f"{control}.crop_iou_gain"] = sum(gain) / len(gain)
+    return row
+
+
+def run_arm(
+    config: str, overrides: list[str], arm: str, seed: int, out: Path, probe: bool, args, budget
+) -> dict | None:
+    run = out / f"{arm}-seed{seed}"
     if not (run / "metrics.json").is_file():
-        ldmkit(
-            "train",
-            config,
-            *sets(overrides + [f"train.seed={seed}"] + ([f"train.total_images={args.images}"] if args.images else [])),
-            "--out",
-            str(run),
-        )
-        ldmkit("eval", str(run), *(["--num-images", str(args.eval_images)] if args.eval_images else []))
-    result = {
-        "arm": value,
-        "seed": seed,
-        **{
-            k: v
-            for k, v in json.loads((run / "metrics.json").read_text()).items()
-            if k in ("class_agreement", "fd_effnetlite0")
-        },
-    }
+        if not budget.allows():
+            return None
+        images = [f"train.total_images={args.images}"] if args.images else []
+        # a finished run returns at once; an interrupted one resumes from its newest checkpoint
+        ldmkit("train", config, *sets(overrides + [f"train.seed={seed}"] + images), "--out", str(run))
+        ldmkit("eval", str(run), "--num-images", str(args.eval_images))
+    metrics = json.loads((run / "metrics.json").read_text())
+    result = {"arm": arm, "seed": seed, "class_agreement": sample_correct(run)}
+    result["fd_effnetlite0"] = metrics.get("fd_effnetlite0")
     if probe:
-        for control, values in SWEEPS.items():
-            path = run / f"probe-{control}.json"
-            if not path.is_file():
-                ldmkit("probe", str(run), "--control", control, "--values", values, "--num", str(args.probe_images))
-            probed = json.loads(path.read_text())
-            for name in ("label_change_rate", "feature_drift", "flip_effect"):
-                if name in probed:
-                    result[f"{control}.{name}"] = probed[name]
+        probed = probe_row(run, args, budget)
+        if probed is None:
+            return None
+        result.update(probed)
     return result
+
+
+def control_guidance_sweep(run: Path, args, budget: Budget) -> list[dict]:
+    """Adherence (probes) against quality (agreement and FD on --eval-images samples) at each control scale."""
+    points = []
+    for scale in args.control_scales:
+        metrics_path = run / f"metrics-cg{scale:g}.json"
+        if not metrics_path.is_file():
+            if not budget.allows():
+                break
+            ldmkit(
+                "eval", str(run), "--num-images", str(args.eval_images), "--control-guidance", str(scale),
+                "--json", str(metrics_path),
+            )  # fmt: skip
+        probed = probe_row(run, args, budget, scale)
+        if probed is None:
+            break
+        metrics = json.loads(metrics_path.read_text())
+        points.append({"scale": scale, "class_agreement": metrics["class_agreement"], **probed})
+    return points
+
+
+def plot_sweep(points_by_seed: dict[int, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ["original_size.size_sharpness_correlation", "crop_size.crop_iou_gain", "flip.flip_effect"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.6), dpi=120)
+    for ax, key in zip(axes, keys):
+        for seed, points in points_by_seed.items():
+            ax.plot([p[key] for p in points], [p["class_agreement"] for p in points], marker="o", label=f"seed {seed}")
+            for p in points:
+                ax.annotate(f"{p['scale']:g}", (p[key], p["class_agreement"]), fontsize=7)
+        ax.set_xlabel(key.replace(".", ": "))
+        ax.set_ylabel("class agreement")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("disentangled arm: control guidance scale (labels) - adherence against quality")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="0,1", help="training seeds of the digit arms")
-    parser.add_argument("--caption-seeds", default="0,1", help="training seeds of the caption arms")
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="training seeds of the digit arms")
+    parser.add_argument("--caption-seeds", default="", help="training seeds of the caption arms")
     parser.add_argument("--out", default="runs/exp-conditioning")
-    parser.add_argument(
-        "--images", type=int, default=None, help="training images per run (default: the configs' 16,000)"
-    )
-    parser.add_argument(
-        "--eval-images", type=int, default=None, help="samples per evaluation (default: the configs' 300)"
-    )
-    parser.add_argument("--probe-images", type=int, default=40, help="samples per control value in the probe")
+    parser.add_argument("--images", type=int, default=None, help="training images per run (default: the configs')")
+    parser.add_argument("--eval-images", type=int, default=1000, help="samples per evaluation (default 1000)")
+    parser.add_argument("--probe-images", type=int, default=100, help="samples per control value (default 100)")
+    parser.add_argument("--control-scales", default="1,1.5,2,3", help="control guidance scales of the sweep")
+    parser.add_argument("--budget", type=float, default=None, help="CPU-hours to spend in this invocation")
     args = parser.parse_args()
+    args.control_scales = [float(s) for s in args.control_scales.split(",") if s]
+    budget = Budget(args.budget)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -77,25 +137,44 @@ def main() -> int:
     if caption_seeds and not (out / "cache" / "manifest.json").is_file():
         ldmkit("mnist-shards", str(out / "shards"))
         ldmkit("encode", CAPTIONS, *sets(caption_data))
-    results = []
-    # Seed by seed, both arms of both experiments, so an interrupted run has comparable arms.
+    results, sweeps = [], {}
+    # Seed by seed, every arm, so that an interrupted experiment has comparable arms.
     for seed in sorted(set(seeds) | set(caption_seeds)):
+        arms = []
         if seed in seeds:
-            for mechanism in ("additive", "disentangled"):
-                results.append(
-                    run_arm(DIGITS, [f"conditioning.mechanism={mechanism}"], mechanism, seed, out, True, args)
-                )
+            arms += [(DIGITS, [f"conditioning.mechanism={m}"], m, True) for m in ("additive", "disentangled")]
         if seed in caption_seeds:
-            for padding in ("zero", "noisy_replicate"):
-                results.append(
-                    run_arm(
-                        CAPTIONS, [f"conditioning.padding={padding}", *caption_data], padding, seed, out, False, args
-                    )
-                )
-        summary = summarise(results)
-        (out / "summary.json").write_text(json.dumps({"results": results, "summary": summary}, indent=1))
-        (out / "summary.md").write_text(markdown(summary))
-    print(markdown(summarise(results)))
+            arms += [
+                (CAPTIONS, [f"conditioning.padding={p}", *caption_data], p, False) for p in ("zero", "noisy_replicate")
+            ]
+        for config, overrides, arm, probe in arms:
+            row = run_arm(config, overrides, arm, seed, out, probe, args, budget)
+            if row is not None:
+                results.append(row)
+        if seed in seeds and (out / f"disentangled-seed{seed}" / "metrics.json").is_file():
+            sweeps[seed] = control_guidance_sweep(out / f"disentangled-seed{seed}", args, budget)
+    summary = summarise(results)
+    comparisons = {}
+    metrics = sorted({k for r in results for k in r if k not in ("arm", "seed")})
+    for a, b in (("disentangled", "additive"), ("noisy_replicate", "zero")):
+        if {a, b} <= {r["arm"] for r in results}:
+            comparisons[f"{a} - {b}"] = {
+                m: compare(results, m, a, b) for m in metrics if all(m in r for r in results if r["arm"] in (a, b))
+            }
+    (out / "summary.json").write_text(
+        json.dumps({"results": results, "summary": summary, "paired": comparisons, "sweeps": sweeps}, indent=1)
+    )
+    lines = [markdown(summary)]
+    for name, per_metric in comparisons.items():
+        lines += [f"### paired by seed: {name}", "", "| metric | difference [95% interval] | seeds | verdict |"]
+        lines += ["|---|---|---|---|"]
+        for m, d in per_metric.items():
+            lines.append(f"| {m} | {d['mean']:.3f} [{d['low']:.3f}, {d['high']:.3f}] | {d['seeds']} | {d['verdict']} |")
+        lines.append("")
+    (out / "summary.md").write_text("\n".join(lines))
+    if any(sweeps.values()):
+        plot_sweep({s: p for s, p in sweeps.items() if p}, out / "control_guidance.png")
+    print("\n".join(lines))
     return 0
 
 

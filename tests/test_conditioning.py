@@ -254,6 +254,13 @@ def test_probe_reports_drift_and_flip_effect(tmp_path):
     assert (
         main(["probe", str(run), "--control", "crop_size", "--values", "32,32;16,16", "--num", "4"]) == 2
     )  # not embedded: one-line error
+    # adherence: sharpness against the requested original size, the ink box against the requested crop
+    for control, values in (("original_size", "16,16;32,32"), ("crop_top_left", "0,0;8,8")):
+        assert main(["probe", str(run), "--control", control, "--values", values, "--num", "4", "--steps", "2"]) == 0
+    size = json.loads((run / "probe-original_size.json").read_text())
+    assert len(size["sharpness"]) == 2 and -1 <= size["size_sharpness_correlation"] <= 1
+    crop = json.loads((run / "probe-crop_top_left.json").read_text())
+    assert len(crop["crop_iou"]) == len(crop["crop_iou_if_ignored"]) == 2
 
 
 # ---- the mechanisms on every backbone -------------------------------------------------------------------------

@@ -236,6 +236,7 @@ def _add_probe_command(sub) -> None:
     )
     p.add_argument("--steps", type=positive_int, help="sampling steps (default: the run's)")
     p.add_argument("--seed", type=non_negative_int, help="base seed (default: the run's)")
+    p.add_argument("--json", help="write the result here (default: <run>/probe-<control>.json)")
 
 
 def _add_reference_command(sub) -> None:
@@ -667,7 +668,9 @@ def cmd_probe(args):
     )
     if out is None:
         return
-    path = (source if source.is_dir() else source.parent) / f"probe-{args.control}.json"
+    path = (
+        Path(args.json) if args.json else (source if source.is_dir() else source.parent) / f"probe-{args.control}.json"
+    )
     path.write_text(json.dumps(out, indent=1))
     print(path)
 

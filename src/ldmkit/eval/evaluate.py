@@ -299,6 +299,10 @@ def evaluate_run(
         metrics["class_agreement_per_class"] = {
             int(c): float((pred[labels == c] == c).float().mean()) for c in labels.unique()
         }
+        # per sample, beside the sample set: what error bars over samples resample (ldmkit.eval.stats)
+        (folder / "predictions.json").write_text(
+            json.dumps({"labels": labels[: len(pred)].tolist(), "predicted": pred.tolist()})
+        )
         log(
             f"digit classifier: held-out accuracy {metrics['classifier_heldout_accuracy']:.4f}; generated digits "
             f"labelled as conditioned: {metrics['class_agreement']:.4f}"

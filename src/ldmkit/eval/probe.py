@@ -6,7 +6,10 @@ With fixed seeds and fixed semantic conditions, one control is swept over values
   the mean distance between different samples (0: the control changes nothing; 1: as different as unrelated
   images);
 - control effect, for `flip`: how much closer a flip=1 image is to the mirror of its flip=0 image than to the
-  flip=0 image itself (positive: the flag mirrors the image).
+  flip=0 image itself (positive: the flag mirrors the image);
+- control adherence (eval/adherence.py), for `original_size`: sharpness per value and its rank correlation with
+  the requested size; for `crop_size` / `crop_top_left` (first value uncropped): the IoU of each sample's ink box
+  with where the requested crop puts it, and with where it would stay if the crop were ignored.
 """
 
 from __future__ import annotations
@@ -25,6 +28,28 @@ def _relative_distance(features: list[torch.Tensor]) -> float:
     spread = torch.cdist(base, base).sum() / max(len(base) * (len(base) - 1), 1)  # mean distance between samples
     moved = torch.stack([(f - base).norm(dim=1).mean() for f in features[1:]]).mean()
     return float(moved / spread.clamp(min=1e-12))
+
+
+def adherence(cfg, key: str, base_control: list[str], values: list[str], images: list[torch.Tensor]) -> dict:
+    """What eval/adherence.py measures for this control's sweep: sharpness against the requested original_size,
+    the ink box against the requested crop (the first value must be the whole original); {} for other controls."""
+    from ..conditioning.build import sampling_control
+    from .adherence import crop_adherence, size_adherence
+
+    if key not in ("original_size", "crop_size", "crop_top_left"):
+        return {}
+    settings = []
+    for value in values:
+        cfg.sample.control = base_control + [f"{key}={value}"]
+        c = sampling_control(cfg, 1, "cpu")
+        settings.append({k: tuple(float(x) for x in v[0]) for k, v in c.items()})
+    if key == "original_size":
+        return size_adherence([s["original_size"] for s in settings], images)
+    first = settings[0]
+    if first["crop_top_left"] != (0.0, 0.0) or first["crop_size"] != first["original_size"]:
+        return {}  # the reference must be uncropped
+    crops = [(s["crop_top_left"], s["crop_size"]) for s in settings]
+    return crop_adherence(crops, first["original_size"], images)
 
 
 @torch.no_grad()
@@ -76,6 +101,7 @@ def probe_control(
         preds = [predict(classifier, x) for x in images]
         out["label_change_rate"] = float(torch.stack([(p != preds[0]).float().mean() for p in preds[1:]]).mean())
         out["class_agreement"] = [float((p == labels).float().mean()) for p in preds]
+    out.update(adherence(cfg, key, base_control, values, images))
     if key == "flip" and len(values) >= 2:
         plain, flipped = images[0], images[1]
         to_mirror = (flipped - plain.flip(-1)).flatten(1).norm(dim=1)
