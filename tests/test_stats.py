@@ -54,6 +54,7 @@ def test_one_value_per_seed_and_degenerate_inputs():
     assert format_interval({"mean": 1.0, "low": 0.5, "high": 1.5}, 1) == "1.0 [0.5, 1.5]"
     with pytest.raises(ValueError, match="at least one value"):
         interval([[1.0], []])
+    assert paired({0: [1.0, 1.0, 0.0]}, {0: [0.0, 0.0, 0.0]})["verdict"] == "too few seeds"
     with pytest.raises(ValueError, match="seeds that both arms ran"):
         paired({0: 1.0}, {1: 1.0})
 

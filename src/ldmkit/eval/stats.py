@@ -56,7 +56,7 @@ def paired(a: dict, b: dict, level: float = LEVEL, resamples: int = RESAMPLES, s
     """The difference a - b between two arms over the seeds both ran ({seed: value or per-sample values}); per
     seed the difference of the means, then `interval` over seeds (with per-sample values, each arm's samples are
     resampled within the seed). Adds "verdict": "a > b" or "a < b" when the interval excludes 0, else
-    "inconclusive"."""
+    "inconclusive"; "too few seeds" with one seed."""
     common = sorted(set(a) & set(b))
     if not common:
         raise ValueError("a paired comparison needs seeds that both arms ran")
@@ -85,7 +85,10 @@ def paired(a: dict, b: dict, level: float = LEVEL, resamples: int = RESAMPLES, s
         which = rng.integers(0, resamples, (resamples, len(common)))
         boot = diffs[chosen, which].mean(axis=1)
         low, high = (float(q) for q in np.quantile(boot, [(1 - level) / 2, (1 + level) / 2]))
-    verdict = "a > b" if low > 0 else "a < b" if high < 0 else "inconclusive"
+    if len(common) < 2:
+        verdict = "too few seeds"  # one training run per arm says nothing about training variation
+    else:
+        verdict = "a > b" if low > 0 else "a < b" if high < 0 else "inconclusive"
     return {"mean": mean, "low": low, "high": high, "seeds": len(common), "verdict": verdict}
 
 
