@@ -107,6 +107,7 @@ def plot_sweep(points_by_seed: dict[int, list[dict]], path: Path) -> None:
             ax.plot([p[key] for p in points], [p["class_agreement"] for p in points], marker="o", label=f"seed {seed}")
             for p in points:
                 ax.annotate(f"{p['scale']:g}", (p[key], p["class_agreement"]), fontsize=7)
+        ax.ticklabel_format(axis="both", style="plain", useOffset=False)
         ax.set_xlabel(key.replace(".", ": "))
         ax.set_ylabel("class agreement")
     axes[0].legend(fontsize=7)
