@@ -54,6 +54,24 @@ def test_digit_classifier_learns_real_digits():
     train, test = perm[:1500], perm[4000:]
     model = train_classifier(images[train], labels[train], epochs=2)
     assert accuracy(model, images[test], labels[test]) > 0.85
+    # digit pairs (eval.digit_layout pairs): each half classified, label 10 x left + right
+    from ldmkit.config import load_config
+    from ldmkit.data.shards import pair_image
+    from ldmkit.eval.evaluate import digit_classes, eval_prompts, predict_digits
+
+    cfg = load_config(overrides=["eval.digit_layout=pairs", "data.resolution=32"])
+    small, _ = mnist_digits(16)  # each half of a 32-pixel pair is a 16-pixel digit: the classifier of pairs
+    model = train_classifier(small[train], labels[train], epochs=2)
+    left, right = test[:200], test[200:400]
+    pairs = torch.stack([pair_image(images[a], images[b]) for a, b in zip(left, right)])
+    truth = 10 * labels[left] + labels[right]
+    agreement = (predict_digits(cfg, model, pairs) == truth).float().mean()
+    assert agreement > 0.7  # both digits right (each about 0.9)
+    assert (predict_digits(cfg, model, pairs.flip(-1)) == truth).float().mean() < 0.2  # mirrored: the sides swap
+    assert digit_classes(cfg) == 100
+    text = load_config(overrides=["eval.digit_layout=pairs", "model.conditioning=text", "text.encoder=minilm",
+                                  "data.name=shards", "data.path=x.tar", "eval.digits=true"])  # fmt: skip
+    assert eval_prompts(text, torch.tensor([38, 38]))[1] == "a three to the left of an eight"
 
 
 def test_frechet_distance_matches_scipy_sqrtm_and_survives_singular_covariances():

@@ -6,6 +6,8 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from ldmkit.config import load_config
 from ldmkit.data.datasets import build_dataset
@@ -186,3 +188,31 @@ def test_shard_urls_from_patterns_lists_globs_and_pipes(shards, tmp_path):
     ]
     with pytest.raises(ValueError, match="no shards match"):
         expand_urls(f"{folder}/nothing-*.tar")
+
+
+def test_digit_pair_shards_caption_which_digit_is_where(tmp_path):
+    """layout pairs: two real digits side by side, label 10 x left + right, and captions of very different lengths
+    that name both digits with their sides (some the right one first)."""
+    from ldmkit.config import DataConfig
+    from ldmkit.data.shards import DIGIT_WORDS, PAIR_TEMPLATES, pair_caption, pair_halves
+
+    paths = write_mnist_caption_shards(
+        tmp_path, DataConfig(resolution=32, held_out=500), "held_out", 250, layout="pairs"
+    )
+    records = [r for p in paths for r in tar_records(str(p))]
+    assert len(records) == 500
+    meta = [json.loads(r["json"]) for r in records]
+    assert all(m["label"] == 10 * m["digits"][0] + m["digits"][1] for m in meta)
+    digits = build_dataset(DataConfig(name="mnist", resolution=32, channels=1, held_out=500), "held_out")
+    assert [m["digits"][0] for m in meta] == [int(label) for label in digits.labels]  # the left one is sample i
+    for r, m in zip(records[:50], meta):
+        caption = r["txt"].decode()
+        left, right = (DIGIT_WORDS[d] for d in m["digits"])
+        assert left in caption and right in caption
+        assert caption in {pair_caption(*m["digits"], style) for style in range(len(PAIR_TEMPLATES))}
+    words = [len(pair_caption(3, 8, style).split()) for style in range(len(PAIR_TEMPLATES))]
+    assert min(words) <= 5 and max(words) >= 35  # short and long captions: where padding matters
+    image = torch.from_numpy(np.array(Image.open(io.BytesIO(records[0]["png"])))).float()[None, None] / 127.5 - 1
+    left, _ = pair_halves(image)  # the first digit, at half the side
+    small = torch.nn.functional.interpolate(digits.images[:1], size=(16, 16), mode="bilinear", antialias=True)
+    assert torch.corrcoef(torch.stack([left.flatten(), small.flatten()]))[0, 1] > 0.95

@@ -277,6 +277,13 @@ def _add_mnist_shards_command(sub) -> None:
     )
     p.add_argument("--shard-size", type=positive_int, default=500, help="samples per shard (default 500)")
     p.add_argument("--resolution", type=positive_int, default=32, help="image side in pixels (default 32)")
+    p.add_argument(
+        "--layout",
+        choices=["single", "pairs"],
+        default="single",
+        help="single: one digit, 'a handwritten digit seven'; pairs: two digits side by side, captions of 6 to 45 "
+        "tokens saying which is on which side ('a three to the left of an eight'), label 10 x left + right",
+    )
 
 
 def _add_sample_command(sub) -> None:
@@ -697,7 +704,7 @@ def cmd_mnist_shards(args):
 
     cfg = load_config(overrides=[f"data.resolution={args.resolution}"])
     check_not_file(args.out, "the output folder")
-    paths = write_mnist_caption_shards(args.out, cfg.data, args.split, shard_size=args.shard_size)
+    paths = write_mnist_caption_shards(args.out, cfg.data, args.split, shard_size=args.shard_size, layout=args.layout)
     print(f"{len(paths)} shard(s): {paths[0]} ... {paths[-1]}")
 
 

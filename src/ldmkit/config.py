@@ -249,6 +249,9 @@ class EvalConfig:
     # the data are the embedded digits in another form (captioned shards, a cache of them): evaluate with the digit
     # classifier and the held-out digits
     digits: bool = False
+    # single: one digit per image; pairs: two digits side by side ('ldmkit mnist-shards --layout pairs'), labels
+    # 10 x left + right, each half classified, captions from the pair templates
+    digit_layout: Literal["single", "pairs"] = "single"
     fid: bool = False  # FID, KID, precision/recall, density/coverage on Inception-v3 features
     inception_weights: str | None = None  # the pt_inception-2015-12-05 weights file (else $LDMKIT_INCEPTION_WEIGHTS)
     reference: str | None = None  # real-image reference: a .npz from 'ldmkit reference' or ADM's, a folder, shards

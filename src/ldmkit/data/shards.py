@@ -32,10 +32,64 @@ def digit_caption(label: int) -> str:
     return f"a handwritten digit {DIGIT_WORDS[label]}"
 
 
+def _a(word: str) -> str:
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+# Captions of a two-digit image, short to long (about 6 to 45 tokens); each says which digit is on which side,
+# some naming the right one first, so the model must read the caption to place them.
+PAIR_TEMPLATES = (
+    "{A}, then {B}",
+    "{A} to the left of {B}",
+    "{B} to the right of {A}",
+    "two handwritten digits: {A} on the left and {B} on the right",
+    "on the right {B}, on the left {A}, both handwritten in white on black",
+    "a black picture with two handwritten digits side by side, {A} written on the left half and {B} on the right half",
+    "a small black square showing two white handwritten numbers next to each other, where the number on the left "
+    "side is {A} and the number on the right side is {B}, with nothing else anywhere in the picture",
+)
+
+
+def pair_caption(left: int, right: int, style: int) -> str:
+    """The caption of a two-digit image in template `style` (mod the number of templates)."""
+    template = PAIR_TEMPLATES[style % len(PAIR_TEMPLATES)]
+    return template.format(A=_a(DIGIT_WORDS[left]), B=_a(DIGIT_WORDS[right]))
+
+
+def pair_image(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Two digit images [C, S, S] (background -1) side by side on one [C, S, S] canvas: each shrunk to S/2 and
+    centred vertically in its half."""
+    import torch.nn.functional as F
+
+    side = left.shape[-1]
+    half = side // 2
+    small = F.interpolate(torch.stack([left, right]).float(), size=(half, half), mode="bilinear", antialias=True)
+    canvas = -torch.ones_like(left, dtype=torch.float32)
+    top = (side - half) // 2
+    canvas[:, top : top + half, :half], canvas[:, top : top + half, half : 2 * half] = small[0], small[1]
+    return canvas
+
+
+def pair_halves(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The left and right digit [N, C, S/2, S/2] of two-digit images [N, C, S, S] (where pair_image put them)."""
+    side = images.shape[-1]
+    half = side // 2
+    top = (side - half) // 2
+    rows = images[..., top : top + half, :]
+    return rows[..., :half], rows[..., half : 2 * half]
+
+
 def write_mnist_caption_shards(
-    out_dir: str | Path, data_cfg, split: str = "train", shard_size: int = 1000, prefix: str = "mnist"
+    out_dir: str | Path,
+    data_cfg,
+    split: str = "train",
+    shard_size: int = 1000,
+    prefix: str = "mnist",
+    layout: str = "single",
 ) -> list[Path]:
-    """Write the MNIST digits of `split` with captions as shards of `shard_size` samples; returns their paths."""
+    """Write the MNIST digits of `split` with captions as shards of `shard_size` samples; returns their paths.
+    layout "pairs": each digit beside another one (a fixed random partner), captioned by a PAIR_TEMPLATES template
+    drawn per sample; its label is 10 x left + right."""
     import webdataset as wds
 
     from ..config import DataConfig
@@ -46,20 +100,31 @@ def write_mnist_caption_shards(
     ds = build_dataset(
         DataConfig(name="mnist", resolution=data_cfg.resolution, channels=1, held_out=data_cfg.held_out), split
     )
+    if layout not in ("single", "pairs"):
+        raise ValueError(f"unknown caption layout {layout!r} (single or pairs)")
+    rng = np.random.default_rng(0)
+    partner, styles = rng.permutation(len(ds)), rng.integers(0, len(PAIR_TEMPLATES), len(ds))
     with wds.ShardWriter(str(out_dir / f"{prefix}-%05d.tar"), maxcount=shard_size, verbose=0) as sink:
         for i in range(len(ds)):
             sample = ds[i]
-            image, label = sample["image"], sample["label"]
+            image, label = sample["image"], int(sample["label"])
+            caption, meta = digit_caption(label), {"label": label}
+            if layout == "pairs":
+                other = ds[int(partner[i])]
+                right = int(other["label"])
+                image = pair_image(image, other["image"])
+                caption, meta = pair_caption(label, right, int(styles[i])), {"label": 10 * label + right}
+                meta["digits"] = [label, right]
             pixels = ((image[0].numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
             buffer = io.BytesIO()
             Image.fromarray(pixels).save(buffer, format="PNG")
-            label = int(label)
+            meta.update(width=pixels.shape[1], height=pixels.shape[0])
             sink.write(
                 {
                     "__key__": f"{split}{i:07d}",
                     "png": buffer.getvalue(),
-                    "txt": digit_caption(label),
-                    "json": json.dumps({"label": label, "width": pixels.shape[1], "height": pixels.shape[0]}).encode(),
+                    "txt": caption,
+                    "json": json.dumps(meta).encode(),
                 }
             )
     return sorted(out_dir.glob(f"{prefix}-*.tar"))

@@ -92,6 +92,46 @@ def digit_data(cfg):
     return None
 
 
+def digit_classes(cfg) -> int:
+    """How many labels a run's evaluation samples take: its classes, the 10 digits, or 100 digit pairs."""
+    if digit_data(cfg) is None:
+        return cfg.model.num_classes
+    return 100 if cfg.eval.digit_layout == "pairs" else 10
+
+
+def classifier_data(cfg):
+    """The digits the run's digit classifier learns: at the run's resolution, or at half of it for digit pairs
+    (each half of a pair image is one digit at half the side)."""
+    digits = digit_data(cfg)
+    if digits is not None and cfg.eval.digit_layout == "pairs":
+        digits = replace(digits, resolution=cfg.data.resolution // 2)
+    return digits
+
+
+def reference_digits(cfg) -> torch.Tensor:
+    """Real images to compare samples with (FD): the held-out digits, or pairs of them for digit pairs."""
+    images = build_dataset(digit_data(cfg), "held_out").images
+    if cfg.eval.digit_layout != "pairs":
+        return images
+    from ..data.shards import pair_image
+
+    partner = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    return torch.stack([pair_image(images[i], images[j]) for i, j in enumerate(partner.tolist())])
+
+
+def predict_digits(cfg, classifier, images: torch.Tensor) -> torch.Tensor:
+    """The digit classifier's label of each image (in grey): the digit, or 10 x left + right for digit pairs."""
+    from .digits import predict
+
+    grey = images.mean(dim=1, keepdim=True)
+    if cfg.eval.digit_layout == "pairs":
+        from ..data.shards import pair_halves
+
+        left, right = pair_halves(grey)
+        return 10 * predict(classifier, left) + predict(classifier, right)
+    return predict(classifier, grey)
+
+
 def sample_set_folder(
     cfg, run_dir, checkpoint_path: Path, n: int, guidance: float, sampler: str, steps: int, seed: int
 ) -> Path:
@@ -186,7 +226,7 @@ def evaluate_run(
     n, guidance, sampler = cfg.eval.num_images, cfg.sample.guidance_scale, cfg.sample.sampler
     steps, seed = cfg.sample.steps, cfg.sample.seed
     digits = digit_data(cfg)
-    labels = sample_labels(n, cfg.model.num_classes if digits is None else 10)
+    labels = sample_labels(n, digit_classes(cfg))
     prompts = eval_prompts(cfg, labels)
     folder = (
         Path(sample_dir) if sample_dir else sample_set_folder(cfg, run_dir, path, n, guidance, sampler, steps, seed)
@@ -235,7 +275,7 @@ def evaluate_run(
         from .digits import load_or_train_classifier
 
         clf_path = Path(classifier_path or (Path(run_dir or folder) / "digit_classifier.pt"))
-        classifier, clf_acc = load_or_train_classifier(digits, clf_path, cfg.eval.classifier_epochs)
+        classifier, clf_acc = load_or_train_classifier(classifier_data(cfg), clf_path, cfg.eval.classifier_epochs)
         metrics["classifier_heldout_accuracy"] = clf_acc
     if cfg.eval.fd_effnet if fd is None else fd:
         from .features import EffNetLite0Features
@@ -243,8 +283,9 @@ def evaluate_run(
         if reference is not None:
             ref_images, name = read_image_folder(reference, 3, size=cfg.data.resolution), str(reference)
         elif digits is not None:
-            ref_images = build_dataset(digits, "held_out").images
-            name = f"mnist held-out split ({len(ref_images)} real digits)"
+            ref_images = reference_digits(cfg)
+            kind = "digit pairs" if cfg.eval.digit_layout == "pairs" else "digits"
+            name = f"mnist held-out split ({len(ref_images)} real {kind})"
         else:
             ref_images = None
         if ref_images is not None:
@@ -278,9 +319,7 @@ def evaluate_run(
     predictions, features, kept, start = [], {k: [] for k in extractors}, [], 0
     for images in read_sample_set(folder, n, cfg.eval.batch):
         if "classifier_heldout_accuracy" in metrics:
-            from .digits import predict
-
-            predictions.append(predict(classifier, images.mean(dim=1, keepdim=True)))
+            predictions.append(predict_digits(cfg, classifier, images))
         for key, extractor in extractors.items():
             features[key].append(extractor(images.to(next(extractor.parameters()).device)).double().cpu())
         if n <= 5000:
@@ -330,7 +369,7 @@ def quick_metrics(model, cfg, objective, autoencoder, device, run_dir, n: int) -
     from .sampleset import sample_labels
 
     digits = digit_data(cfg)
-    labels = sample_labels(n, cfg.model.num_classes if digits is None else 10)
+    labels = sample_labels(n, digit_classes(cfg))
     images = generate(
         model,
         cfg,
@@ -345,19 +384,19 @@ def quick_metrics(model, cfg, objective, autoencoder, device, run_dir, n: int) -
     images = ((images + 1) * 127.5).round().clamp(0, 255) / 127.5 - 1
     out = {"metric_images": n}
     if digits is not None:
-        from .digits import load_or_train_classifier, predict
+        from .digits import load_or_train_classifier
 
         with torch.enable_grad():  # trains the classifier the first time
             classifier, _ = load_or_train_classifier(
-                digits, Path(run_dir) / "digit_classifier.pt", cfg.eval.classifier_epochs
+                classifier_data(cfg), Path(run_dir) / "digit_classifier.pt", cfg.eval.classifier_epochs
             )
-        out["class_agreement"] = float((predict(classifier, images) == labels).float().mean())
+        out["class_agreement"] = float((predict_digits(cfg, classifier, images) == labels).float().mean())
         key = ("effnet", cfg.data.resolution)
         if key not in _REFERENCE_CACHE:
             net = EffNetLite0Features()
             _REFERENCE_CACHE[key] = (
                 net,
-                extract(net, build_dataset(digits, "held_out").images, cfg.eval.batch).numpy(),
+                extract(net, reference_digits(cfg), cfg.eval.batch).numpy(),
             )
         net, ref = _REFERENCE_CACHE[key]
         out["fd_effnetlite0"] = frechet_distance_of(extract(net, images, cfg.eval.batch).numpy(), ref)
@@ -380,7 +419,8 @@ def quick_metrics(model, cfg, objective, autoencoder, device, run_dir, n: int) -
 
 def eval_prompts(cfg, labels: torch.Tensor) -> list[str] | None:
     """Text runs: the caption of each sample: eval.prompts_file (a text file, one caption per line, or a
-    validation shard set's captions), cycled; else sample.class_prompts per label."""
+    validation shard set's captions), cycled; for digit pairs, the pair's caption; else sample.class_prompts per
+    label."""
     if cfg.model.conditioning == "class":
         return None
     if cfg.eval.prompts_file:
@@ -400,6 +440,10 @@ def eval_prompts(cfg, labels: torch.Tensor) -> list[str] | None:
         if not lines:
             raise ValueError(f"eval.prompts_file {file} holds no prompts")
         return [lines[i % len(lines)] for i in range(len(labels))]
+    if cfg.eval.digit_layout == "pairs":  # each pair's caption, the templates taken in turn
+        from ..data.shards import pair_caption
+
+        return [pair_caption(int(label) // 10, int(label) % 10, i) for i, label in enumerate(labels)]
     from ..conditioning.build import prompts_for_labels
 
     return prompts_for_labels(cfg, labels)

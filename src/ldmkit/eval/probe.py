@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..distributed import Dist
-from .evaluate import digit_data, load_generator
+from .evaluate import digit_classes, digit_data, eval_prompts, load_generator, predict_digits
 from .features import EffNetLite0Features, extract
 from .generate import generate_split
 from .sampleset import sample_labels
@@ -77,12 +77,13 @@ def probe_control(
             f"this run does not embed control {key!r} (it embeds: {', '.join(cfg.conditioning.control) or 'none'})"
         )
     digits = digit_data(cfg)
-    labels = sample_labels(num, cfg.model.num_classes if digits is None else 10)
+    labels = sample_labels(num, digit_classes(cfg))
     base_control = list(cfg.sample.control)
     images = []
     for value in values:
         cfg.sample.control = base_control + [f"{key}={value}"]
         kwargs = dict(batch=cfg.eval.batch, steps=steps, seed=seed, guidance_scale=guidance_scale)
+        kwargs["prompts"] = eval_prompts(cfg, labels)  # text runs: the evaluation's captions
         images.append(generate_split(d, model, cfg, objective, autoencoder, labels, **kwargs))
     if not d.is_main:
         return None
@@ -92,13 +93,13 @@ def probe_control(
     if digits is not None:
         from pathlib import Path
 
-        from .digits import load_or_train_classifier, predict
+        from .digits import load_or_train_classifier
 
         with torch.enable_grad():
             classifier, _ = load_or_train_classifier(
                 digits, Path(run_dir or ".") / "digit_classifier.pt", cfg.eval.classifier_epochs
             )
-        preds = [predict(classifier, x) for x in images]
+        preds = [predict_digits(cfg, classifier, x) for x in images]
         out["label_change_rate"] = float(torch.stack([(p != preds[0]).float().mean() for p in preds[1:]]).mean())
         out["class_agreement"] = [float((p == labels).float().mean()) for p in preds]
     out.update(adherence(cfg, key, base_control, values, images))
