@@ -61,6 +61,8 @@ def test_padding_strategies():
     assert torch.equal(zmask, mask)
     assert torch.all(zero[0, 2:] == 0)
     assert torch.equal(zero[0, :2], tokens[0, :2])
+    unmasked, umask = pad_text(tokens, mask, "zero_unmasked")
+    assert torch.equal(unmasked, zero) and umask.all()  # the same zeros, now attended
     rep, rmask = pad_text(tokens, mask, "replicate")
     assert rmask.all()
     assert torch.equal(rep[0, 2], tokens[0, 0])

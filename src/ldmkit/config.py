@@ -288,8 +288,8 @@ class ConditioningConfig:
     high_power: float = 1.0
     control_dropout: float = 0.1  # guidance dropout of the control values (independent of the semantic one)
     value_scale: float = 1.0  # control values are multiplied by this before their sinusoidal features
-    # text tokens: zero (+mask) | replicate | noisy_replicate
-    padding: Literal["zero", "replicate", "noisy_replicate"] = "zero"
+    # text tokens: zero (+mask) | zero_unmasked (zeros, attended) | replicate | noisy_replicate
+    padding: Literal["zero", "zero_unmasked", "replicate", "noisy_replicate"] = "zero"
     padding_sigma: float = 0.1  # noisy_replicate: noise std relative to the caption's token std
 
 
