@@ -16,8 +16,9 @@ def pad_text(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fill the padding positions of caption tokens [B, N, D] (mask [B, N], True = real token, real tokens
     first). zero: zeros, mask kept. zero_unmasked: zeros, every position attended. replicate: position i > L takes
-    real token ((i - 1) mod L) + 1 (1-based), all positions attended. noisy_replicate: the same plus sigma * std(real tokens) * eps, eps ~ N(0, I) from
-    the generator. A caption with no real token is left as it is."""
+    real token ((i - 1) mod L) + 1 (1-based), all positions attended. noisy_replicate: the same plus
+    sigma * std(real tokens) * eps, eps ~ N(0, I) from the generator. A caption with no real token is left as it
+    is."""
     if strategy not in PADDINGS:
         raise ValueError(f"unknown text padding {strategy!r} (one of {', '.join(PADDINGS)})")
     if strategy == "zero":
