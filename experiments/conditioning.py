@@ -6,7 +6,8 @@ every arm of a seed), evaluated, probed and compared paired by seed with 95% boo
             evaluated on --eval-images samples (digit-classifier agreement, FD-EffNetLite0), probed on each
             control (--probe-images per value: semantic drift and adherence), and the disentangled arm's control
             guidance swept (--control-scales) for adherence against quality;
-  captions: configs/experiments/conditioning_captions.yaml with conditioning.padding zero | noisy_replicate.
+  captions: configs/experiments/conditioning_pairs.yaml (two digits side by side, captions of 3 to 40+ words
+            saying which is where) with conditioning.padding zero | zero_unmasked | noisy_replicate.
 Every step is skipped when its output exists, so re-running continues; --budget stops starting new steps once
 that many CPU-hours are spent. A digit run is about 20 CPU-minutes of training at the config's 30,000 images plus
 evaluation and probes on the 2-core machine. Usage:
@@ -26,7 +27,8 @@ from pathlib import Path
 from common import Budget, compare, ldmkit, markdown, sample_correct, sets, summarise
 
 DIGITS = "configs/experiments/conditioning_digits.yaml"
-CAPTIONS = "configs/experiments/conditioning_captions.yaml"
+CAPTIONS = "configs/experiments/conditioning_pairs.yaml"
+PADDINGS = ("zero", "zero_unmasked", "noisy_replicate")
 # One control at a time, the others at the sampling defaults; the first value is the uncropped full-size digit.
 SWEEPS = {"original_size": "12,12;20,20;28,28", "crop_size": "28,28;22,22;17,17", "flip": "0;1"}
 PROBED = ("label_change_rate", "feature_drift", "flip_effect", "size_sharpness_correlation")
@@ -120,7 +122,7 @@ def plot_sweep(points_by_seed: dict[int, list[dict]], path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2,3,4", help="training seeds of the digit arms")
-    parser.add_argument("--caption-seeds", default="", help="training seeds of the caption arms")
+    parser.add_argument("--caption-seeds", default="0,1,2", help="training seeds of the caption arms")
     parser.add_argument("--out", default="runs/exp-conditioning")
     parser.add_argument("--images", type=int, default=None, help="training images per run (default: the configs')")
     parser.add_argument("--eval-images", type=int, default=1000, help="samples per evaluation (default 1000)")
@@ -134,9 +136,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",") if s]
     caption_seeds = [int(s) for s in args.caption_seeds.split(",") if s]
-    caption_data = [f"data.path={out}/shards/mnist-{{00000..00008}}.tar", f"data.cache={out}/cache"]
-    if caption_seeds and not (out / "cache" / "manifest.json").is_file():
-        ldmkit("mnist-shards", str(out / "shards"))
+    caption_data = [f"data.path={out}/pairs/mnist-{{00000..00008}}.tar", f"data.cache={out}/pairs-cache"]
+    if caption_seeds and not (out / "pairs-cache" / "manifest.json").is_file():
+        if not (out / "pairs").is_dir():
+            ldmkit("mnist-shards", str(out / "pairs"), "--layout", "pairs")
         ldmkit("encode", CAPTIONS, *sets(caption_data))
     results, sweeps = [], {}
     # Seed by seed, every arm, so that an interrupted experiment has comparable arms.
@@ -145,9 +148,7 @@ def main() -> int:
         if seed in seeds:
             arms += [(DIGITS, [f"conditioning.mechanism={m}"], m, True) for m in ("additive", "disentangled")]
         if seed in caption_seeds:
-            arms += [
-                (CAPTIONS, [f"conditioning.padding={p}", *caption_data], p, False) for p in ("zero", "noisy_replicate")
-            ]
+            arms += [(CAPTIONS, [f"conditioning.padding={p}", *caption_data], p, False) for p in PADDINGS]
         for config, overrides, arm, probe in arms:
             row = run_arm(config, overrides, arm, seed, out, probe, args, budget)
             if row is not None:
@@ -157,7 +158,8 @@ def main() -> int:
     summary = summarise(results)
     comparisons = {}
     metrics = sorted({k for r in results for k in r if k not in ("arm", "seed")})
-    for a, b in (("disentangled", "additive"), ("noisy_replicate", "zero")):
+    pairs = [("disentangled", "additive"), ("noisy_replicate", "zero"), ("zero_unmasked", "zero")]
+    for a, b in pairs + [("noisy_replicate", "zero_unmasked")]:
         if {a, b} <= {r["arm"] for r in results}:
             comparisons[f"{a} - {b}"] = {
                 m: compare(results, m, a, b) for m in metrics if all(m in r for r in results if r["arm"] in (a, b))
