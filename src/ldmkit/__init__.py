@@ -9,6 +9,23 @@
 The names below load on first use, so `import ldmkit` (and the command line) stays light; docs/python.md.
 """
 
+import logging
+
+
+class _QuietTorchao(logging.Filter):
+    """With torchao installed (the fp8 extra) diffusers imports it on every model import, and two warnings follow
+    that concern neither ldmkit nor its users: torch's about how torchao registers enums, and diffusers' about
+    loading torchao-quantized diffusers checkpoints, which ldmkit never does."""
+
+    NOISE = ("is an Enum subclass and is now natively supported", "Unable to import `torchao` Tensor objects")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in str(record.msg) for text in self.NOISE)
+
+
+for _name in ("torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+    logging.getLogger(_name).addFilter(_QuietTorchao())
+
 __version__ = "0.1.0"
 __all__ = ["Pipeline", "evaluate", "load", "train", "__version__"]
 
