@@ -175,8 +175,10 @@ def guided(model, cond: Cond, guidance: Guidance, negative: Cond | None = None):
         skippable_blocks(model, guidance.skip_layers)  # fail before sampling
     evaluations = [0]
 
+    varies = guidance.schedule != "constant" or guidance.interval is not None
+
     def fn(x, t):
-        w = guidance.scale_at(float(t[0]))
+        w = guidance.scale_at(float(t[0])) if varies else guidance.scale  # reading t back is a sync on a GPU
         if w == 1.0 and guidance.control_scale == 1.0:
             c = model(x, t, cond)
             out = c
