@@ -39,6 +39,28 @@ def sample_correct(run_dir) -> list[float]:
     return [float(a == b) for a, b in zip(predictions["labels"], predictions["predicted"])]
 
 
+def evaluate(run: Path, *args: str, store: Path | None = None) -> None:
+    """`ldmkit eval RUN ARGS`, with the digit classifier shared by every run on the same digits (store/): trained by
+    the first evaluation and copied into the others, so every arm is scored by the same classifier and it is
+    trained once (training it is seeded: a copy equals what the run would train itself)."""
+    import shutil
+
+    import yaml
+
+    store = store or run.parent / "classifiers"
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    data, ev = cfg["data"], cfg["eval"]
+    side = data["resolution"] // (2 if ev.get("digit_layout") == "pairs" else 1)
+    shared = store / f"digit-classifier-r{side}-h{data['held_out']}-e{ev['classifier_epochs']}.pt"
+    own = run / "digit_classifier.pt"
+    if shared.is_file() and not own.is_file():
+        shutil.copyfile(shared, own)
+    ldmkit("eval", str(run), *args)
+    if own.is_file() and not shared.is_file():
+        store.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(own, shared)
+
+
 def ldmkit(*args: str) -> None:
     """Run one ldmkit command in a fresh process (as a user would), failing loudly."""
     command = [sys.executable, "-m", "ldmkit.cli", *args]

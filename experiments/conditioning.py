@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import Budget, compare, ldmkit, markdown, sample_correct, sets, summarise
+from common import Budget, compare, evaluate, ldmkit, markdown, sample_correct, sets, summarise
 
 DIGITS = "configs/experiments/conditioning_digits.yaml"
 CAPTIONS = "configs/experiments/conditioning_pairs.yaml"
@@ -64,7 +64,7 @@ def run_arm(
         images = [f"train.total_images={args.images}"] if args.images else []
         # a finished run returns at once; an interrupted one resumes from its newest checkpoint
         ldmkit("train", config, *sets(overrides + [f"train.seed={seed}"] + images), "--out", str(run))
-        ldmkit("eval", str(run), "--num-images", str(args.eval_images))
+        evaluate(run, "--num-images", str(args.eval_images))
     metrics = json.loads((run / "metrics.json").read_text())
     result = {"arm": arm, "seed": seed, "class_agreement": sample_correct(run)}
     result["fd_effnetlite0"] = metrics.get("fd_effnetlite0")

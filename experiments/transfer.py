@@ -1,12 +1,15 @@
-"""The transfer experiment of issue 7 (results: docs/results/transfer.md).
+"""The transfer experiment (results: docs/results/transfer.md).
 
-Resolution: a 16x16 stage (`--base-images`), fine-tuned at 32x32 (`--finetune-images`) with each positional
-resampling mode (extrapolate, interpolate, rectified), with and without the noise shift (shift_base_resolution 16),
-against 32x32 from scratch for the same training compute (the 16x16 images counted at their FLOPs). Semantics: a
+Resolution: a 16x16 stage (`--base-images`), fine-tuned at 32x32 (`--finetune-images`) with the positional resampling
+modes of `--modes` (each `mode` or `mode-shift`, the latter with the noise shift shift_base_resolution 16), against
+32x32 from scratch for the same training compute (the 16x16 images counted at their FLOPs). Semantics: a
 class-conditional 32x32 model (class token through attention) fine-tuned on the captioned digits with
-init.semantic replace, against the caption model from scratch. Every run logs a small-N metric every 2,500
-images (the curve) and is evaluated at the end (300 samples). Steps whose outputs exist are skipped.
-  python experiments/transfer.py [--out runs/exp-transfer] [--base-images 20000] [--finetune-images 10000]
+init.semantic replace, against the caption model from scratch for the same total compute. Every arm runs with each
+of `--seeds` (the same images, order and noise for every arm of a seed); every run logs a small-N metric every
+2,500 images (the curve) and is evaluated at the end on `--eval-images` samples. Arms are compared with the scratch
+run of the same seed, paired, with 95% bootstrap intervals. Steps whose outputs exist are skipped, and --budget
+stops starting new ones once that many CPU-hours are spent (a run is 5-15 CPU-minutes on the 2-core machine).
+  python experiments/transfer.py [--seeds 0,1,2] [--budget 4] [--out runs/exp-transfer]
 Writes <out>/summary.json, <out>/summary.md and <out>/curves.png (class agreement against training compute).
 """
 
@@ -17,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import ldmkit, sets
+from common import Budget, compare, evaluate, ldmkit, markdown, sample_correct, sets, summarise
 
 DIGITS = "configs/experiments/transfer_digits.yaml"
 CAPTIONS = "configs/experiments/conditioning_captions.yaml"
@@ -34,10 +37,16 @@ def flops_ratio() -> float:
     return flops_per_image(small) / flops_per_image(large)
 
 
-def train_and_eval(run: Path, config: str, overrides: list[str], init: Path | None = None) -> dict:
+def train_and_eval(
+    run: Path, config: str, overrides: list[str], seed: int, args, budget: Budget, init: Path | None = None
+) -> dict | None:
+    """Train (or resume) and evaluate one run; its final metrics and curve, or None when the budget stops it."""
     if not (run / "metrics.json").is_file():
-        ldmkit("train", config, *sets(overrides), *(["--init", str(init)] if init else []), "--out", str(run))
-        ldmkit("eval", str(run))
+        if not budget.allows():
+            return None
+        init_args = ["--init", str(init)] if init else []
+        ldmkit("train", config, *sets(overrides + [f"train.seed={seed}"]), *init_args, "--out", str(run))
+        evaluate(run, "--num-images", str(args.eval_images))
     metrics = json.loads((run / "metrics.json").read_text())
     curve = (
         [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines() if line.strip()]
@@ -45,27 +54,29 @@ def train_and_eval(run: Path, config: str, overrides: list[str], init: Path | No
         else []
     )
     return {
-        "final": {k: metrics.get(k) for k in ("class_agreement", "fd_effnetlite0")},
-        "curve": [
-            {k: r.get(k) for k in ("images", "class_agreement", "fd_effnetlite0")}
-            for r in curve
-            if "class_agreement" in r
-        ],
+        "class_agreement": sample_correct(run),
+        "fd_effnetlite0": metrics.get("fd_effnetlite0"),
+        "curve": [{k: r.get(k) for k in ("images", "class_agreement")} for r in curve if "class_agreement" in r],
     }
 
 
 def plot(results: dict, ratio: float, base_images: int, caption_images: int, path: Path) -> None:
     """Class agreement against training compute, counted in 32x32 images (a 16x16 image counts `ratio`): the
-    fine-tunes start where the 16x16 stage ended. Left: resolution transfer; right: class -> text."""
+    fine-tunes start where the 16x16 stage ended; each arm's curve is the mean over its seeds. Left: resolution
+    transfer; right: class -> text. results: arm -> [per-seed result]."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, r in results.items():
-        if not r["curve"]:
+    for name, runs in results.items():
+        curves = [r["curve"] for r in runs if r["curve"]]
+        if not curves:
             continue
+        n = min(len(c) for c in curves)
+        r = {"curve": [dict(curves[0][i], class_agreement=sum(c[i]["class_agreement"] for c in curves) / len(curves))
+                       for i in range(n)]}  # fmt: skip
         ax = axes[1] if name in ("class-32", "text-from-class", "text-scratch") else axes[0]
         scale = ratio if name == "base-16" else 1.0
         start = base_images * ratio if name.startswith("ft32") else caption_images if name == "text-from-class" else 0.0
@@ -89,13 +100,13 @@ def plot(results: dict, ratio: float, base_images: int, caption_images: int, pat
             color=color,
             marker="o",
             markersize=3,
-            label=name,
+            label=f"{name} ({len(curves)} seeds)",
         )
     for ax, title in zip(
         axes, ("16x16 -> 32x32 (fine-tunes start at the 16x16 stage's compute)", "class -> text (captioned digits)")
     ):
         ax.set_xlabel("training compute (32x32 images)")
-        ax.set_ylabel("class agreement (100 samples)")
+        ax.set_ylabel("class agreement (100 samples, mean over seeds)")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -107,61 +118,112 @@ def plot(results: dict, ratio: float, base_images: int, caption_images: int, pat
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/exp-transfer")
+    parser.add_argument("--seeds", default="0,1,2", help="training seeds of every arm")
+    parser.add_argument("--modes", default="interpolate-shift,rectified-shift", help="fine-tune arms (mode[-shift])")
     parser.add_argument("--base-images", type=int, default=20000, help="images of the 16x16 stage")
     parser.add_argument("--finetune-images", type=int, default=10000, help="images of each 32x32 fine-tune")
     parser.add_argument(
-        "--caption-images", type=int, default=15000, help="images of the class stage and of each caption run"
+        "--caption-images", type=int, default=15000, help="images of the class stage and of each caption fine-tune"
     )
+    parser.add_argument("--eval-images", type=int, default=1000, help="samples per evaluation (default 1000)")
     parser.add_argument("--skip-captions", action="store_true", help="only the resolution part")
+    parser.add_argument("--budget", type=float, default=None, help="CPU-hours to spend in this invocation")
     args = parser.parse_args()
+    modes = [m for m in args.modes.split(",") if m]
+    bad = [m for m in modes if m.removesuffix("-shift") not in MODES]
+    if bad:
+        parser.error(f"--modes: unknown {bad[0]!r} (each of {', '.join(MODES)}, optionally with -shift)")
+    budget = Budget(args.budget)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {}
-    low = ["data.resolution=16", "model.input_size=16", f"train.total_images={args.base_images}"]
-    results["base-16"] = train_and_eval(out / "base-16", DIGITS, low)
-    tune = [f"train.total_images={args.finetune_images}", "train.warmup_images=0", "model.pos_embed_base_size=16"]
-    for mode in MODES:
-        for shift in (False, True):
-            name = f"ft32-{mode}" + ("-shift" if shift else "")
-            overrides = (
-                tune + [f"model.pos_embed_resample={mode}"] + (["diffusion.shift_base_resolution=16"] if shift else [])
-            )
-            results[name] = train_and_eval(out / name, DIGITS, overrides, init=out / "base-16")
     ratio = flops_ratio()
-    scratch = args.finetune_images + round(args.base_images * ratio)
-    results["scratch-32"] = train_and_eval(out / "scratch-32", DIGITS, [f"train.total_images={scratch}"])
-    results["scratch-32"]["images_equal_compute"] = scratch
-    if not args.skip_captions:
-        caption_data = [f"data.path={out}/shards/mnist-{{00000..00008}}.tar", f"data.cache={out}/cache"]
+    scratch_images = args.finetune_images + round(args.base_images * ratio)
+    results: dict[str, list] = {}
+    rows = []
+
+    def add(arm: str, seed: int, result: dict | None) -> None:
+        if result is not None:
+            results.setdefault(arm, []).append(result)
+            rows.append({"arm": arm, "seed": seed, **{k: result[k] for k in ("class_agreement", "fd_effnetlite0")}})
+
+    caption_data = [f"data.path={out}/shards/mnist-{{00000..00008}}.tar", f"data.cache={out}/cache"]
+    for seed in [int(s) for s in args.seeds.split(",") if s]:  # seed by seed: an interrupted run has whole seeds
+        base = out / f"base-16-seed{seed}"
+        low = ["data.resolution=16", "model.input_size=16", f"train.total_images={args.base_images}"]
+        add("base-16", seed, train_and_eval(base, DIGITS, low, seed, args, budget))
+        tune = [f"train.total_images={args.finetune_images}", "train.warmup_images=0", "model.pos_embed_base_size=16"]
+        for arm in modes:
+            shift = ["diffusion.shift_base_resolution=16"] if arm.endswith("-shift") else []
+            overrides = tune + [f"model.pos_embed_resample={arm.removesuffix('-shift')}"] + shift
+            if (base / "metrics.json").is_file():
+                add(
+                    f"ft32-{arm}",
+                    seed,
+                    train_and_eval(out / f"ft32-{arm}-seed{seed}", DIGITS, overrides, seed, args, budget, base),
+                )
+        scratch = [f"train.total_images={scratch_images}"]
+        add("scratch-32", seed, train_and_eval(out / f"scratch-32-seed{seed}", DIGITS, scratch, seed, args, budget))
+        if args.skip_captions:
+            continue
         if not (out / "cache" / "manifest.json").is_file():
             ldmkit("mnist-shards", str(out / "shards"))
             ldmkit("encode", CAPTIONS, *sets(caption_data))
         n = args.caption_images
         captions = caption_data + ["train.metric_every_images=2500", "eval.train_metric_images=100"]
-        results["class-32"] = train_and_eval(
-            out / "class-32", DIGITS, [f"train.total_images={n}", "conditioning.mechanism=disentangled"]
+        classes = out / f"class-32-seed{seed}"
+        add(
+            "class-32",
+            seed,
+            train_and_eval(
+                classes, DIGITS, [f"train.total_images={n}", "conditioning.mechanism=disentangled"], seed, args, budget
+            ),
         )
-        results["text-from-class"] = train_and_eval(
-            out / "text-from-class",
-            CAPTIONS,
-            captions + [f"train.total_images={n}", "init.semantic=replace", "train.warmup_images=0"],
-            init=out / "class-32",
+        if (classes / "metrics.json").is_file():
+            tuned = captions + [f"train.total_images={n}", "init.semantic=replace", "train.warmup_images=0"]
+            add(
+                "text-from-class",
+                seed,
+                train_and_eval(out / f"text-from-class-seed{seed}", CAPTIONS, tuned, seed, args, budget, classes),
+            )
+        add(
+            "text-scratch",
+            seed,
+            train_and_eval(
+                out / f"text-scratch-seed{seed}",
+                CAPTIONS,
+                captions + [f"train.total_images={2 * n}"],
+                seed,
+                args,
+                budget,
+            ),
         )
-        results["text-scratch"] = train_and_eval(
-            out / "text-scratch", CAPTIONS, captions + [f"train.total_images={2 * n}"]
-        )
-    (out / "summary.json").write_text(json.dumps({"flops_ratio_16_over_32": ratio, "runs": results}, indent=1))
+    summary = summarise(rows)
+    arms = {r["arm"] for r in rows}
+    paired = {
+        f"{a} - {b}": {m: compare(rows, m, a, b) for m in ("class_agreement", "fd_effnetlite0")}
+        for a, b in [(f"ft32-{m}", "scratch-32") for m in modes] + [("text-from-class", "text-scratch")]
+        if {a, b} <= arms
+    }
+    (out / "summary.json").write_text(
+        json.dumps(
+            {
+                "flops_ratio_16_over_32": ratio,
+                "scratch_images": scratch_images,
+                "runs": results,
+                "summary": summary,
+                "paired": paired,
+            },
+            indent=1,
+        )  # fmt: skip
+    )
     plot(results, ratio, args.base_images, args.caption_images, out / "curves.png")
-    lines = [
-        "| run | images (equal compute) | class agreement | FD-EffNetLite0 | curve (images: agreement) |",
-        "|---|---|---|---|---|",
-    ]
-    for name, r in results.items():
-        curve = ", ".join(f"{round(c['images'] / 500) / 2:g}k: {c['class_agreement']:.2f}" for c in r["curve"])
-        lines.append(
-            f"| {name} | {r.get('images_equal_compute', '')} | {r['final']['class_agreement']:.3f} | "
-            f"{r['final']['fd_effnetlite0']:.1f} | {curve} |"
-        )
+    lines = [f"Scratch 32x32 runs: {scratch_images} images (equal compute).", "", markdown(summary)]
+    for name, per_metric in paired.items():
+        lines += [f"### paired by seed: {name}", "", "| metric | difference [95% interval] | seeds | verdict |"]
+        lines += ["|---|---|---|---|"]
+        for m, d in per_metric.items():
+            lines.append(f"| {m} | {d['mean']:.3f} [{d['low']:.3f}, {d['high']:.3f}] | {d['seeds']} | {d['verdict']} |")
+        lines.append("")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
