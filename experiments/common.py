@@ -113,3 +113,15 @@ def markdown(summary: dict) -> str:
                 lines.append(f"| {name} | {format_interval(s)} | {s['std']:.3f} | {per_seed} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def paired_markdown(comparisons: dict) -> list[str]:
+    """Markdown lines of paired comparisons ({"a - b": {metric: compare(...)}}): difference, interval, verdict."""
+    lines = []
+    for name, per_metric in comparisons.items():
+        lines += [f"### paired by seed: {name}", "", "| metric | difference [95% interval] | seeds | verdict |"]
+        lines += ["|---|---|---|---|"]
+        for m, d in per_metric.items():
+            lines.append(f"| {m} | {d['mean']:.3f} [{d['low']:.3f}, {d['high']:.3f}] | {d['seeds']} | {d['verdict']} |")
+        lines.append("")
+    return lines

@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import Budget, compare, evaluate, ldmkit, markdown, sample_correct, sets, summarise
+from common import Budget, compare, evaluate, ldmkit, markdown, paired_markdown, sample_correct, sets, summarise
 
 DIGITS = "configs/experiments/conditioning_digits.yaml"
 CAPTIONS = "configs/experiments/conditioning_pairs.yaml"
@@ -168,12 +168,7 @@ def main() -> int:
         json.dumps({"results": results, "summary": summary, "paired": comparisons, "sweeps": sweeps}, indent=1)
     )
     lines = [markdown(summary)]
-    for name, per_metric in comparisons.items():
-        lines += [f"### paired by seed: {name}", "", "| metric | difference [95% interval] | seeds | verdict |"]
-        lines += ["|---|---|---|---|"]
-        for m, d in per_metric.items():
-            lines.append(f"| {m} | {d['mean']:.3f} [{d['low']:.3f}, {d['high']:.3f}] | {d['seeds']} | {d['verdict']} |")
-        lines.append("")
+    lines += paired_markdown(comparisons)
     (out / "summary.md").write_text("\n".join(lines))
     if any(sweeps.values()):
         plot_sweep({s: p for s, p in sweeps.items() if p}, out / "control_guidance.png")

@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import Budget, compare, evaluate, ldmkit, markdown, sample_correct, sets, summarise
+from common import Budget, compare, evaluate, ldmkit, markdown, paired_markdown, sample_correct, sets, summarise
 
 DIGITS = "configs/experiments/transfer_digits.yaml"
 CAPTIONS = "configs/experiments/conditioning_captions.yaml"
@@ -218,12 +218,7 @@ def main() -> int:
     )
     plot(results, ratio, args.base_images, args.caption_images, out / "curves.png")
     lines = [f"Scratch 32x32 runs: {scratch_images} images (equal compute).", "", markdown(summary)]
-    for name, per_metric in paired.items():
-        lines += [f"### paired by seed: {name}", "", "| metric | difference [95% interval] | seeds | verdict |"]
-        lines += ["|---|---|---|---|"]
-        for m, d in per_metric.items():
-            lines.append(f"| {m} | {d['mean']:.3f} [{d['low']:.3f}, {d['high']:.3f}] | {d['seeds']} | {d['verdict']} |")
-        lines.append("")
+    lines += paired_markdown(paired)
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
