@@ -434,15 +434,21 @@ def update(
 ) -> torch.Tensor | None:
     """Skip the step when any process has non-finite gradients (TrainingDiverged after train.max_nan_skips in a
     row); else clip, set the scheduled lr, step the optimizer and update the EMA. Returns the gradient norm before
-    clipping (None when the step was skipped)."""
+    clipping (None when the step was skipped on the host).
+
+    An optimizer that skips on the device (optim.device_skip) decides without a host sync: it reads the 0/1 flag
+    optimizer.found_inf, the EMA update is weighted by the same flag and state.skips counts the skipped steps on the
+    device (read at status lines and checkpoints). Its non-finite norm is returned, which the statistics skip."""
     tc = cfg.train
     grads = [p.grad for p in state.model.parameters() if p.grad is not None]
     # one fused reduction (over all processes' shards when sharded); NaN/inf if any gradient is
     grad_norm = parallel.full_value(torch.nn.utils.get_total_norm(grads))
     finite = distributed.all_reduce_mean(torch.isfinite(grad_norm).float(), d)
+    keep = None  # host-side skipping
     if device_skip(state.optimizer):
-        return update_on_device(state, tc, grad_norm, finite)
-    if finite.item() < 1.0:
+        keep = (finite >= 1.0).float()
+        state.optimizer.found_inf = 1 - keep
+    elif finite.item() < 1.0:
         state.nan_skips += 1
         state.optimizer.zero_grad(set_to_none=True)
         if d.is_main:
@@ -454,29 +460,16 @@ def update(
                 state.images_seen, f"{state.nan_skips} consecutive steps with non-finite gradients", last_good, run_dir
             )
         return None
-    state.nan_skips = 0
+    else:
+        state.nan_skips = 0
     if tc.grad_clip is not None:
         torch.nn.utils.clip_grads_with_norm_(state.model.parameters(), tc.grad_clip, grad_norm)
     for group in state.optimizer.param_groups:
         group["lr"] = learning_rate(tc, state.images_seen)
     state.optimizer.step()
-    state.ema.update(state.model, state.images_seen)
-    return grad_norm
-
-
-def update_on_device(state: TrainingState, tc, grad_norm: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
-    """update() without a host sync: the optimizer skips a non-finite step itself (optimizer.found_inf), the EMA
-    update is weighted by the same flag, and state.skips counts consecutive and total skipped steps on the device
-    (read at each status line and checkpoint: check_skips). Returns the gradient norm (non-finite: skipped)."""
-    ok = (finite >= 1.0).float()
-    if tc.grad_clip is not None:
-        torch.nn.utils.clip_grads_with_norm_(state.model.parameters(), tc.grad_clip, grad_norm)
-    for group in state.optimizer.param_groups:
-        group["lr"] = learning_rate(tc, state.images_seen)
-    state.optimizer.found_inf = 1 - ok
-    state.optimizer.step()
-    state.ema.update(state.model, state.images_seen, keep=ok)
-    state.skips.add(1 - ok, state.images_seen, tc.max_nan_skips)
+    state.ema.update(state.model, state.images_seen, keep=keep)
+    if keep is not None:
+        state.skips.add(1 - keep, state.images_seen, tc.max_nan_skips)
     return grad_norm
 
 
