@@ -10,7 +10,6 @@ power-cosine, linear), an interval of noise levels outside which only the condit
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -110,34 +109,34 @@ class SkippedBlock(nn.Module):
         return self.passthrough(*args, **kwargs)
 
 
-def skippable_blocks(model: nn.Module, indices):
-    """(spec, blocks) of a model whose repeated blocks `indices` can be skipped, else a one-line ValueError."""
-    from ..models.registry import spec_of
+class SkippingBlocks:
+    """A context that runs `model` with its repeated blocks `indices` (the spec's block order, e.g. mmDiT's
+    joint_blocks) swapped for SkippedBlock stand-ins. The blocks are found and checked once, when it is built
+    (a one-line ValueError for a backbone without skippable blocks or a block that does not exist)."""
 
-    model = getattr(model, "_orig_mod", model)  # under torch.compile: the model itself
-    spec = spec_of(model)
-    if spec.skip_block is None:
-        raise ValueError(f"skip-layer guidance needs a transformer backbone; {spec.name} has no skippable blocks")
-    blocks = spec.blocks(model)
-    bad = [i for i in indices if not 0 <= i < len(blocks)]
-    if bad:
-        raise ValueError(f"sample.skip_layers: block {bad[0]} does not exist ({spec.name} has {len(blocks)} blocks)")
-    return spec, blocks
+    def __init__(self, model: nn.Module, indices):
+        from ..models.registry import spec_of
 
+        model = getattr(model, "_orig_mod", model)  # under torch.compile: the model itself
+        spec = spec_of(model)
+        if spec.skip_block is None:
+            raise ValueError(f"skip-layer guidance needs a transformer backbone; {spec.name} has no skippable blocks")
+        blocks = spec.blocks(model)
+        bad = [i for i in indices if not 0 <= i < len(blocks)]
+        if bad:
+            raise ValueError(
+                f"sample.skip_layers: block {bad[0]} does not exist ({spec.name} has {len(blocks)} blocks)"
+            )
+        owners = {id(m): (parent, name) for parent in model.modules() for name, m in parent.named_children()}
+        self.swaps = [(*owners[id(blocks[i])], blocks[i]) for i in indices]  # (parent, name, block)
+        self.stand_in = SkippedBlock(spec.skip_block)
 
-@contextmanager
-def skipping_blocks(model: nn.Module, indices) -> None:
-    """Run `model` with its repeated blocks `indices` (the spec's block order, e.g. mmDiT's joint_blocks) skipped."""
-    spec, blocks = skippable_blocks(model, indices)
-    model = getattr(model, "_orig_mod", model)
-    owners = {id(m): (parent, name) for parent in model.modules() for name, m in parent.named_children()}
-    swapped = [(owners[id(blocks[i])], blocks[i]) for i in indices]
-    try:
-        for (parent, name), _ in swapped:
-            parent._modules[name] = SkippedBlock(spec.skip_block)
-        yield
-    finally:
-        for (parent, name), block in swapped:
+    def __enter__(self) -> None:
+        for parent, name, _ in self.swaps:
+            parent._modules[name] = self.stand_in
+
+    def __exit__(self, *exc) -> None:
+        for parent, name, block in self.swaps:
             parent._modules[name] = block
 
 
@@ -171,8 +170,7 @@ def guided(model, cond: Cond, guidance: Guidance, negative: Cond | None = None):
     else:
         branches = [cond, uncond]
     batch = Cond.cat(branches)
-    if guidance.skip_scale > 0 and guidance.skip_layers:
-        skippable_blocks(model, guidance.skip_layers)  # fail before sampling
+    skipping = SkippingBlocks(model, guidance.skip_layers) if guidance.skip_scale > 0 and guidance.skip_layers else None
     evaluations = [0]
 
     varies = guidance.schedule != "constant" or guidance.interval is not None
@@ -187,8 +185,8 @@ def guided(model, cond: Cond, guidance: Guidance, negative: Cond | None = None):
             parts = model(torch.cat([x] * n), torch.cat([t] * n), batch).chunk(n)
             c, u = parts[0], parts[-1]
             out = u + w * (c - u) if n == 2 else u + w * (parts[1] - u) + guidance.control_scale * (c - parts[1])
-        if guidance.skips_at(evaluations[0]):
-            with skipping_blocks(model, guidance.skip_layers):
+        if skipping is not None and guidance.skips_at(evaluations[0]):
+            with skipping:
                 out = out + guidance.skip_scale * (c - model(x, t, cond))
         evaluations[0] += 1
         k = guidance.channels or out.shape[1]
