@@ -24,18 +24,18 @@ def _as_seeds(values) -> list[np.ndarray]:
     return seeds
 
 
-def _resampled_means(seeds: list[np.ndarray], rng: np.random.Generator, resamples: int) -> np.ndarray:
-    """[resamples] two-level bootstrap means (see the module docstring)."""
-    # per seed: the means of `resamples` resamples of its samples (its own value when it has one)
-    per_seed = np.stack(
-        [
-            s[rng.integers(0, s.size, (resamples, s.size))].mean(axis=1) if s.size > 1 else np.repeat(s, resamples)
-            for s in seeds
-        ]
-    )  # [seeds, resamples]
-    chosen = rng.integers(0, len(seeds), (resamples, len(seeds)))  # seeds drawn with replacement
-    which = rng.integers(0, resamples, (resamples, len(seeds)))  # an independent sample resample for each draw
-    return per_seed[chosen, which].mean(axis=1)
+def _sample_means(s: np.ndarray, rng: np.random.Generator, resamples: int) -> np.ndarray:
+    """[resamples] means of resamples of one seed's samples (its own value, repeated, when it has one)."""
+    return s[rng.integers(0, s.size, (resamples, s.size))].mean(axis=1) if s.size > 1 else np.repeat(s, resamples)
+
+
+def _percentiles(per_seed: np.ndarray, chosen: np.ndarray, rng: np.random.Generator, level: float):
+    """The two-level bootstrap interval from per-seed sample-resample means [seeds, resamples] and the seeds drawn
+    with replacement [resamples, seeds]: each draw takes an independent sample resample of its seed."""
+    resamples, n = chosen.shape
+    which = rng.integers(0, resamples, (resamples, n))
+    boot = per_seed[chosen, which].mean(axis=1)
+    return (float(q) for q in np.quantile(boot, [(1 - level) / 2, (1 + level) / 2]))
 
 
 def interval(values, level: float = LEVEL, resamples: int = RESAMPLES, seed: int = 0) -> dict:
@@ -47,8 +47,10 @@ def interval(values, level: float = LEVEL, resamples: int = RESAMPLES, seed: int
     if len(seeds) == 1 and seeds[0].size == 1:
         low = high = mean
     else:
-        boot = _resampled_means(seeds, np.random.default_rng(seed), resamples)
-        low, high = (float(q) for q in np.quantile(boot, [(1 - level) / 2, (1 + level) / 2]))
+        rng = np.random.default_rng(seed)
+        per_seed = np.stack([_sample_means(s, rng, resamples) for s in seeds])
+        chosen = rng.integers(0, len(seeds), (resamples, len(seeds)))
+        low, high = _percentiles(per_seed, chosen, rng, level)
     return {"mean": mean, "low": low, "high": high, "seeds": len(seeds), "samples": int(sum(s.size for s in seeds))}
 
 
@@ -67,24 +69,8 @@ def paired(a: dict, b: dict, level: float = LEVEL, resamples: int = RESAMPLES, s
         low = high = mean
     else:
         chosen = rng.integers(0, len(common), (resamples, len(common)))
-        diffs = np.stack(
-            [
-                (
-                    x[rng.integers(0, x.size, (resamples, x.size))].mean(axis=1)
-                    if x.size > 1
-                    else np.repeat(x, resamples)
-                )
-                - (
-                    y[rng.integers(0, y.size, (resamples, y.size))].mean(axis=1)
-                    if y.size > 1
-                    else np.repeat(y, resamples)
-                )
-                for x, y in zip(sa, sb)
-            ]
-        )  # [seeds, resamples]
-        which = rng.integers(0, resamples, (resamples, len(common)))
-        boot = diffs[chosen, which].mean(axis=1)
-        low, high = (float(q) for q in np.quantile(boot, [(1 - level) / 2, (1 + level) / 2]))
+        diffs = np.stack([_sample_means(x, rng, resamples) - _sample_means(y, rng, resamples) for x, y in zip(sa, sb)])
+        low, high = _percentiles(diffs, chosen, rng, level)
     if len(common) < 2:
         verdict = "too few seeds"  # one training run per arm says nothing about training variation
     else:
