@@ -82,19 +82,30 @@ def run_config_dict(run_dir: Path) -> dict:
     return run_checkpoint(run_dir, require=("config",))[1]["config"]
 
 
+def differing_keys(configs: list[dict], ignored=("name",)) -> list[str]:
+    """The config keys whose values differ between the configs (dotted, sorted), less the ignored ones."""
+    return sorted({k for c in configs[1:] for k in diff_configs(configs[0], c)} - set(ignored))
+
+
+def shown_settings(cfg: dict, keys: list[str]) -> str:
+    """'key=value' of up to three of keys in cfg ('..., ...' when there are more)."""
+
+    def value(key: str):
+        node = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    return ", ".join(f"{k}={value(k)}" for k in keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+
 def legend_labels(run_dirs: list[Path], configs: list[dict]) -> list[str]:
     """A legend label per run that names what differs: the run folder, then up to three config keys whose values
     differ between the runs (e.g. 'lr-high (train.lr=0.001)')."""
-    differing = sorted({k for c in configs[1:] for k in diff_configs(configs[0], c)} - {"name"})
-
-    def value(cfg: dict, key: str):
-        for part in key.split("."):
-            cfg = cfg.get(part) if isinstance(cfg, dict) else None
-        return cfg
-
+    differing = differing_keys(configs)
     labels = []
     for run_dir, cfg in zip(run_dirs, configs):
-        shown = ", ".join(f"{k}={value(cfg, k)}" for k in differing[:3]) + (", ..." if len(differing) > 3 else "")
+        shown = shown_settings(cfg, differing)
         labels.append(f"{Path(run_dir).name} ({shown})" if shown else Path(run_dir).name)
     return labels
 
@@ -116,18 +127,8 @@ def arm_table(configs: list[dict], rows: list[dict]) -> list[str]:
     if all(len(members) < 2 for members in arms.values()):
         return []
     firsts = [configs[members[0]] for members in arms.values()]
-    differing = sorted(
-        {k for c in firsts[1:] for k in diff_configs(firsts[0], c)} - {"name", "train.seed"},
-    )
-
-    def label(cfg: dict) -> str:
-        shown = []
-        for key in differing[:3]:
-            value = cfg
-            for part in key.split("."):
-                value = value.get(part) if isinstance(value, dict) else None
-            shown.append(f"{key}={value}")
-        return ", ".join(shown) or "all runs"
+    differing = differing_keys(firsts, ("name", "train.seed"))
+    label = lambda cfg: shown_settings(cfg, differing) or "all runs"  # noqa: E731
 
     metrics = [m for m in METRIC_KEYS if any(m in row for row in rows)]
     lines = ["", "## Arms: mean [95% interval] over training seeds", ""]
