@@ -13,7 +13,7 @@ import torch
 
 from ..conditioning.cond import Cond
 from .mmdit import MMDIT_PRESETS, MMDiT
-from .spec import BackboneSpec, ConversionError, block_count, copy_renamed, probe_inputs
+from .spec import BackboneSpec, ConversionError, block_count, copy_renamed, overrides_of, probe_inputs
 
 _RENAMES = {
     "x_embedder.proj": "pos_embed.proj",
@@ -153,22 +153,33 @@ def mmdit_overrides(config: dict) -> list[str]:
     heads, head_dim = config.get("num_attention_heads", 18), config.get("attention_head_dim", 64)
     in_channels = config.get("in_channels", 16)
     out_channels = config.get("out_channels") or in_channels
-    size = config.get("sample_size", 128)
-    return [
-        f"model.input_size={size}",
-        f"model.in_channels={in_channels}",
-        f"model.learn_sigma={str(out_channels == 2 * in_channels).lower()}",
-        f"model.depth={config.get('num_layers', 18)}",
-        f"model.hidden_size={heads * head_dim}",
-        f"model.num_heads={heads}",
-        f"model.patch_size={config.get('patch_size', 2)}",
-        f"model.context_dim={config.get('joint_attention_dim', 4096)}",
-        f"model.pooled_dim={config.get('pooled_projection_dim', 2048)}",
-        f"model.qk_norm={str(config.get('qk_norm') == 'rms_norm').lower()}",
-        f"model.pos_embed_max_size={config.get('pos_embed_max_size') or size // config.get('patch_size', 2)}",
-        f"model.dual_attention_layers={list(config.get('dual_attention_layers') or [])}",
-        f"data.resolution={size * 8}",
-    ] + sd3_sampling(in_channels, bool(config.get("dual_attention_layers")), config.get("qk_norm") == "rms_norm")
+    size, patch = config.get("sample_size", 128), config.get("patch_size", 2)
+    arch = dict(
+        input_size=size,
+        in_channels=in_channels,
+        learn_sigma=out_channels == 2 * in_channels,
+        depth=config.get("num_layers", 18),
+        hidden_size=heads * head_dim,
+        num_heads=heads,
+        patch_size=patch,
+        context_dim=config.get("joint_attention_dim", 4096),
+        pooled_dim=config.get("pooled_projection_dim", 2048),
+        qk_norm=config.get("qk_norm") == "rms_norm",
+        pos_embed_max_size=config.get("pos_embed_max_size") or size // patch,
+        dual_attention_layers=list(config.get("dual_attention_layers") or []),
+    )
+    return sd3_overrides(arch)
+
+
+def sd3_overrides(arch: dict) -> list[str]:
+    """The config overrides of an SD3-family mmDiT architecture: the model keys, the resolution its latents have
+    (an 8x VAE) and sd3_sampling."""
+    resolution = [f"data.resolution={arch['input_size'] * 8}"]
+    return (
+        overrides_of(arch)
+        + resolution
+        + sd3_sampling(arch["in_channels"], bool(arch["dual_attention_layers"]), arch["qk_norm"])
+    )
 
 
 def sd3_sampling(in_channels: int, dual: bool, qk_norm: bool) -> list[str]:
@@ -212,21 +223,21 @@ def official_overrides(sd: dict, num_heads: int | None = None) -> list[str]:
     dual = sorted(i for i in range(depth) if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in sd)
     grid = int(round(sd["pos_embed"].shape[1] ** 0.5))
     size = min(128, grid * patch)  # SD3's sample size (1024 px), within the positional table
-    return [
-        f"model.input_size={size}",
-        f"model.in_channels={in_channels}",
-        f"model.learn_sigma={str(out_channels == 2 * in_channels).lower()}",
-        f"model.depth={depth}",
-        f"model.hidden_size={hidden}",
-        f"model.num_heads={num_heads}",
-        f"model.patch_size={patch}",
-        f"model.context_dim={sd['context_embedder.weight'].shape[1]}",
-        f"model.pooled_dim={sd['y_embedder.mlp.0.weight'].shape[1]}",
-        f"model.qk_norm={str(qk_norm).lower()}",
-        f"model.pos_embed_max_size={grid}",
-        f"model.dual_attention_layers={dual}",
-        f"data.resolution={size * 8}",
-    ] + sd3_sampling(in_channels, bool(dual), qk_norm)
+    arch = dict(
+        input_size=size,
+        in_channels=in_channels,
+        learn_sigma=out_channels == 2 * in_channels,
+        depth=depth,
+        hidden_size=hidden,
+        num_heads=num_heads,
+        patch_size=patch,
+        context_dim=sd["context_embedder.weight"].shape[1],
+        pooled_dim=sd["y_embedder.mlp.0.weight"].shape[1],
+        qk_norm=qk_norm,
+        pos_embed_max_size=grid,
+        dual_attention_layers=dual,
+    )
+    return sd3_overrides(arch)
 
 
 def detect_mmdit(sd: dict) -> str | None:
