@@ -391,7 +391,7 @@ def quick_metrics(model, cfg, objective, autoencoder, device, run_dir, n: int) -
                 classifier_data(cfg), Path(run_dir) / "digit_classifier.pt", cfg.eval.classifier_epochs
             )
         out["class_agreement"] = float((predict_digits(cfg, classifier, images) == labels).float().mean())
-        key = ("effnet", cfg.data.resolution)
+        key = ("effnet", cfg.data.resolution, cfg.eval.digit_layout)  # the reference set: digits or digit pairs
         if key not in _REFERENCE_CACHE:
             net = EffNetLite0Features()
             _REFERENCE_CACHE[key] = (
