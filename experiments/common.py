@@ -8,10 +8,16 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 from ldmkit.eval.stats import format_interval, interval, paired
+
+T = TypeVar("T")
 
 
 class Budget:
@@ -56,16 +62,61 @@ def evaluate(run: Path, *args: str, store: Path | None = None) -> None:
     if shared.is_file() and not own.is_file():
         shutil.copyfile(shared, own)
     ldmkit("eval", str(run), *args)
-    if own.is_file() and not shared.is_file():
+    if own.is_file() and not shared.is_file():  # via a rename: runs in parallel never read a half-written copy
         store.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(own, shared)
+        partial = shared.with_name(f"{shared.name}.{os.getpid()}-{threading.get_ident()}.partial")
+        shutil.copyfile(own, partial)
+        os.replace(partial, shared)
+
+
+_task = threading.local()  # the running task's log file and process environment (run_tasks)
 
 
 def ldmkit(*args: str) -> None:
-    """Run one ldmkit command in a fresh process (as a user would), failing loudly."""
+    """Run one ldmkit command in a fresh process (as a user would), failing loudly. Inside run_tasks with several
+    jobs, its output goes to the task's log and its threads are the task's share of the cores."""
     command = [sys.executable, "-m", "ldmkit.cli", *args]
-    print("+", " ".join(command), flush=True)
-    subprocess.run(command, check=True)
+    log, env = getattr(_task, "log", None), getattr(_task, "env", None)
+    print(f"+ {' '.join(command)}" + (f"  > {log}" if log else ""), flush=True)
+    if log is None:
+        subprocess.run(command, check=True, env=env)
+        return
+    with open(log, "a") as f:
+        f.write(f"+ {' '.join(command)}\n")
+        f.flush()
+        subprocess.run(command, check=True, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+
+def run_tasks(tasks: dict[str, Callable[[], T]], jobs: int, logs: Path) -> dict[str, T]:
+    """Run named tasks (each a chain of ldmkit commands), `jobs` at a time, in the order given; their results by name.
+    With one job the commands print as they run. With more, each task's commands write to logs/<name>.log and run
+    with cores // jobs threads (processes that each take every core slow each other down several-fold), so
+    independent runs share a many-core machine or one GPU. A failing task does not stop the others: they finish,
+    then the failures are raised together, naming their logs."""
+    if jobs <= 1:
+        return {name: task() for name, task in tasks.items()}
+    logs.mkdir(parents=True, exist_ok=True)
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+
+    def run(name: str, task: Callable[[], T]) -> T:
+        _task.log, _task.env = logs / f"{name}.log", env
+        try:
+            return task()
+        finally:
+            _task.log = _task.env = None
+
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = {name: pool.submit(run, name, task) for name, task in tasks.items()}
+    results, failed = {}, []
+    for name, future in futures.items():
+        try:
+            results[name] = future.result()
+        except subprocess.CalledProcessError:
+            failed.append(name)
+    if failed:
+        raise SystemExit(f"{len(failed)} task(s) failed: " + ", ".join(f"{n} (see {logs / n}.log)" for n in failed))
+    return results
 
 
 def sets(overrides: list[str]) -> list[str]:

@@ -22,9 +22,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
-from common import Budget, compare, evaluate, ldmkit, markdown, paired_markdown, sample_correct, sets, summarise
+from common import (
+    Budget,
+    compare,
+    evaluate,
+    ldmkit,
+    markdown,
+    paired_markdown,
+    run_tasks,
+    sample_correct,
+    sets,
+    summarise,
+)
 
 DIGITS = "configs/experiments/conditioning_digits.yaml"
 CAPTIONS = "configs/experiments/conditioning_pairs.yaml"
@@ -96,6 +108,13 @@ def control_guidance_sweep(run: Path, args, budget: Budget) -> list[dict]:
     return points
 
 
+def arm_task(config, overrides, arm, seed, out: Path, probe: bool, args, budget) -> tuple[dict | None, list | None]:
+    """One arm and seed: its row, and for the disentangled digits its control-guidance sweep."""
+    row = run_arm(config, overrides, arm, seed, out, probe, args, budget)
+    sweep = control_guidance_sweep(out / f"{arm}-seed{seed}", args, budget) if row and arm == "disentangled" else None
+    return row, sweep
+
+
 def plot_sweep(points_by_seed: dict[int, list[dict]], path: Path) -> None:
     import matplotlib
 
@@ -129,6 +148,7 @@ def main() -> int:
     parser.add_argument("--probe-images", type=int, default=100, help="samples per control value (default 100)")
     parser.add_argument("--control-scales", default="1,1.5,2,3", help="control guidance scales of the sweep")
     parser.add_argument("--budget", type=float, default=None, help="CPU-hours to spend in this invocation")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (logs in <out>/logs; e.g. 8 on one GPU)")
     args = parser.parse_args()
     args.control_scales = [float(s) for s in args.control_scales.split(",") if s]
     budget = Budget(args.budget)
@@ -141,8 +161,9 @@ def main() -> int:
         if not (out / "pairs").is_dir():
             ldmkit("mnist-shards", str(out / "pairs"), "--layout", "pairs")
         ldmkit("encode", CAPTIONS, *sets(caption_data))
-    results, sweeps = [], {}
-    # Seed by seed, every arm, so that an interrupted experiment has comparable arms.
+    # Seed by seed, every arm, so that an interrupted experiment has comparable arms; the disentangled run of a seed
+    # goes on to its control-guidance sweep.
+    tasks = {}
     for seed in sorted(set(seeds) | set(caption_seeds)):
         arms = []
         if seed in seeds:
@@ -150,11 +171,10 @@ def main() -> int:
         if seed in caption_seeds:
             arms += [(CAPTIONS, [f"conditioning.padding={p}", *caption_data], p, False) for p in PADDINGS]
         for config, overrides, arm, probe in arms:
-            row = run_arm(config, overrides, arm, seed, out, probe, args, budget)
-            if row is not None:
-                results.append(row)
-        if seed in seeds and (out / f"disentangled-seed{seed}" / "metrics.json").is_file():
-            sweeps[seed] = control_guidance_sweep(out / f"disentangled-seed{seed}", args, budget)
+            tasks[f"{arm}-seed{seed}"] = partial(arm_task, config, overrides, arm, seed, out, probe, args, budget)
+    done = run_tasks(tasks, args.jobs, out / "logs")
+    results = [row for row, _ in done.values() if row is not None]
+    sweeps = {row["seed"]: sweep for row, sweep in done.values() if sweep is not None}
     summary = summarise(results)
     comparisons = {}
     metrics = sorted({k for r in results for k in r if k not in ("arm", "seed")})

@@ -18,9 +18,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
-from common import Budget, compare, evaluate, ldmkit, markdown, paired_markdown, sample_correct, sets, summarise
+from common import (
+    Budget,
+    compare,
+    evaluate,
+    ldmkit,
+    markdown,
+    paired_markdown,
+    run_tasks,
+    sample_correct,
+    sets,
+    summarise,
+)
 
 DIGITS = "configs/experiments/transfer_digits.yaml"
 CAPTIONS = "configs/experiments/conditioning_captions.yaml"
@@ -128,6 +140,7 @@ def main() -> int:
     parser.add_argument("--eval-images", type=int, default=1000, help="samples per evaluation (default 1000)")
     parser.add_argument("--skip-captions", action="store_true", help="only the resolution part")
     parser.add_argument("--budget", type=float, default=None, help="CPU-hours to spend in this invocation")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (logs in <out>/logs; e.g. 8 on one GPU)")
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m]
     bad = [m for m in modes if m.removesuffix("-shift") not in MODES]
@@ -138,65 +151,62 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     ratio = flops_ratio()
     scratch_images = args.finetune_images + round(args.base_images * ratio)
-    results: dict[str, list] = {}
-    rows = []
-
-    def add(arm: str, seed: int, result: dict | None) -> None:
-        if result is not None:
-            results.setdefault(arm, []).append(result)
-            rows.append({"arm": arm, "seed": seed, **{k: result[k] for k in ("class_agreement", "fd_effnetlite0")}})
-
     caption_data = [f"data.path={out}/shards/mnist-{{00000..00008}}.tar", f"data.cache={out}/cache"]
-    for seed in [int(s) for s in args.seeds.split(",") if s]:  # seed by seed: an interrupted run has whole seeds
+    if not args.skip_captions and not (out / "cache" / "manifest.json").is_file():
+        ldmkit("mnist-shards", str(out / "shards"))
+        ldmkit("encode", CAPTIONS, *sets(caption_data))
+    n = args.caption_images
+    captions = caption_data + ["train.metric_every_images=2500", "eval.train_metric_images=100"]
+    tune = [f"train.total_images={args.finetune_images}", "train.warmup_images=0", "model.pos_embed_base_size=16"]
+
+    def resolution_chain(seed: int) -> list:
+        """The 16x16 stage, then each fine-tune from it."""
         base = out / f"base-16-seed{seed}"
         low = ["data.resolution=16", "model.input_size=16", f"train.total_images={args.base_images}"]
-        add("base-16", seed, train_and_eval(base, DIGITS, low, seed, args, budget))
-        tune = [f"train.total_images={args.finetune_images}", "train.warmup_images=0", "model.pos_embed_base_size=16"]
+        done = [("base-16", train_and_eval(base, DIGITS, low, seed, args, budget))]
         for arm in modes:
             shift = ["diffusion.shift_base_resolution=16"] if arm.endswith("-shift") else []
             overrides = tune + [f"model.pos_embed_resample={arm.removesuffix('-shift')}"] + shift
             if (base / "metrics.json").is_file():
-                add(
-                    f"ft32-{arm}",
-                    seed,
-                    train_and_eval(out / f"ft32-{arm}-seed{seed}", DIGITS, overrides, seed, args, budget, base),
-                )
-        scratch = [f"train.total_images={scratch_images}"]
-        add("scratch-32", seed, train_and_eval(out / f"scratch-32-seed{seed}", DIGITS, scratch, seed, args, budget))
-        if args.skip_captions:
-            continue
-        if not (out / "cache" / "manifest.json").is_file():
-            ldmkit("mnist-shards", str(out / "shards"))
-            ldmkit("encode", CAPTIONS, *sets(caption_data))
-        n = args.caption_images
-        captions = caption_data + ["train.metric_every_images=2500", "eval.train_metric_images=100"]
+                run = out / f"ft32-{arm}-seed{seed}"
+                done.append((f"ft32-{arm}", train_and_eval(run, DIGITS, overrides, seed, args, budget, base)))
+        return done
+
+    def scratch(seed: int) -> list:
+        overrides = [f"train.total_images={scratch_images}"]
+        return [("scratch-32", train_and_eval(out / f"scratch-32-seed{seed}", DIGITS, overrides, seed, args, budget))]
+
+    def caption_chain(seed: int) -> list:
+        """The class-conditional stage, then its caption fine-tune."""
         classes = out / f"class-32-seed{seed}"
-        add(
-            "class-32",
-            seed,
-            train_and_eval(
-                classes, DIGITS, [f"train.total_images={n}", "conditioning.mechanism=disentangled"], seed, args, budget
-            ),
-        )
+        stage = [f"train.total_images={n}", "conditioning.mechanism=disentangled"]
+        done = [("class-32", train_and_eval(classes, DIGITS, stage, seed, args, budget))]
         if (classes / "metrics.json").is_file():
             tuned = captions + [f"train.total_images={n}", "init.semantic=replace", "train.warmup_images=0"]
-            add(
-                "text-from-class",
-                seed,
-                train_and_eval(out / f"text-from-class-seed{seed}", CAPTIONS, tuned, seed, args, budget, classes),
-            )
-        add(
-            "text-scratch",
-            seed,
-            train_and_eval(
-                out / f"text-scratch-seed{seed}",
-                CAPTIONS,
-                captions + [f"train.total_images={2 * n}"],
-                seed,
-                args,
-                budget,
-            ),
-        )
+            run = out / f"text-from-class-seed{seed}"
+            done.append(("text-from-class", train_and_eval(run, CAPTIONS, tuned, seed, args, budget, classes)))
+        return done
+
+    def text_scratch(seed: int) -> list:
+        run, overrides = out / f"text-scratch-seed{seed}", captions + [f"train.total_images={2 * n}"]
+        return [("text-scratch", train_and_eval(run, CAPTIONS, overrides, seed, args, budget))]
+
+    # Seed by seed (an interrupted experiment has whole seeds); a chain's runs follow one another.
+    chains = [("resolution", resolution_chain), ("scratch", scratch)]
+    if not args.skip_captions:
+        chains += [("captions", caption_chain), ("text-scratch", text_scratch)]
+    tasks, seed_of = {}, {}
+    for seed in [int(s) for s in args.seeds.split(",") if s]:
+        for name, chain in chains:
+            tasks[f"{name}-seed{seed}"], seed_of[f"{name}-seed{seed}"] = partial(chain, seed), seed
+    results: dict[str, list] = {}
+    rows = []
+    for name, done in run_tasks(tasks, args.jobs, out / "logs").items():
+        for arm, result in done:
+            if result is not None:
+                results.setdefault(arm, []).append(result)
+                metrics = {k: result[k] for k in ("class_agreement", "fd_effnetlite0")}
+                rows.append({"arm": arm, "seed": seed_of[name], **metrics})
     summary = summarise(rows)
     arms = {r["arm"] for r in rows}
     paired = {

@@ -1,0 +1,36 @@
+"""The experiment scripts' runner (experiments/common.py): runs in parallel, each with its log and its share of the
+cores, and failures reported together after the others finish."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import common  # noqa: E402
+
+
+def test_run_tasks_in_parallel_logs_each_task_and_reports_failures_after_the_others(tmp_path):
+    threads = []
+
+    def ok(name):
+        common.ldmkit("--version")
+        threads.append(common._task.env["OMP_NUM_THREADS"])
+        return name
+
+    def bad():
+        common.ldmkit("no-such-command")
+
+    tasks = {"first": lambda: ok("first"), "broken": bad, "second": lambda: ok("second")}
+    with pytest.raises(SystemExit, match=r"1 task\(s\) failed: broken \(see .*broken\.log\)"):
+        common.run_tasks(tasks, jobs=2, logs=tmp_path)
+    # the tasks after the failing one still ran, each writing its command's output to its own log
+    assert threads == [str(max(1, (os.cpu_count() or 1) // 2))] * 2
+    assert "ldmkit" in (tmp_path / "second.log").read_text()
+    assert "invalid choice: 'no-such-command'" in (tmp_path / "broken.log").read_text()
+    # results come back by name, in the order given
+    assert common.run_tasks({"b": lambda: ok("b"), "a": lambda: ok("a")}, jobs=2, logs=tmp_path) == {"b": "b", "a": "a"}
+    # one job: the commands print as they run, no logs
+    assert common.run_tasks({"only": lambda: 1}, jobs=1, logs=tmp_path / "none") == {"only": 1}
+    assert not (tmp_path / "none").exists()
