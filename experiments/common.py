@@ -77,7 +77,9 @@ def ldmkit(*args: str) -> None:
     jobs, its output goes to the task's log and its threads are the task's share of the cores."""
     command = [sys.executable, "-m", "ldmkit.cli", *args]
     log, env = getattr(_task, "log", None), getattr(_task, "env", None)
-    print(f"+ {' '.join(command)}" + (f"  > {log}" if log else ""), flush=True)
+    # one write per line: the lines of tasks running at once do not interleave
+    sys.stdout.write(f"+ {' '.join(command)}" + (f"  > {log}" if log else "") + "\n")
+    sys.stdout.flush()
     if log is None:
         subprocess.run(command, check=True, env=env)
         return

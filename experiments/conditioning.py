@@ -42,7 +42,8 @@ DIGITS = "configs/experiments/conditioning_digits.yaml"
 CAPTIONS = "configs/experiments/conditioning_pairs.yaml"
 PADDINGS = ("zero", "zero_unmasked", "noisy_replicate")
 # One control at a time, the others at the sampling defaults; the first value is the uncropped full-size digit.
-SWEEPS = {"original_size": "12,12;20,20;28,28", "crop_size": "28,28;22,22;17,17", "flip": "0;1"}
+# Within the training range (original_size 20..28, crops of 80-100% of the area: sides down to about 25).
+SWEEPS = {"original_size": "20,20;24,24;28,28", "crop_size": "28,28;25,25;22,22", "flip": "0;1"}
 PROBED = ("label_change_rate", "feature_drift", "flip_effect", "size_sharpness_correlation")
 
 
@@ -50,7 +51,8 @@ def probe_row(run: Path, args, budget: Budget, scale: float | None = None) -> di
     """Probe metrics of a run (at a control guidance scale); None when the budget stops it first."""
     row = {}
     for control, values in SWEEPS.items():
-        name = f"probe-{control}" + (f"-cg{scale:g}" if scale is not None else "") + ".json"
+        # control guidance 1 is the sampling default: the run's own probes
+        name = f"probe-{control}" + (f"-cg{scale:g}" if scale not in (None, 1) else "") + ".json"
         path = run / name
         if not path.is_file():
             if not budget.allows():
