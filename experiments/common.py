@@ -37,10 +37,11 @@ class Budget:
         return True
 
 
-def sample_correct(run_dir) -> list[float]:
-    """Per sample of a run's last evaluation, 1 when the digit classifier labels it as conditioned, else 0 (the
-    sample set's predictions.json): the values the two-level intervals resample."""
-    metrics = json.loads((Path(run_dir) / "metrics.json").read_text())
+def sample_correct(run_dir, metrics_file: str = "metrics.json") -> list[float]:
+    """Per sample of a run's evaluation (its last one, or the one written to metrics_file), 1 when the digit
+    classifier labels it as conditioned, else 0 (the sample set's predictions.json): the values the two-level
+    intervals resample."""
+    metrics = json.loads((Path(run_dir) / metrics_file).read_text())
     predictions = json.loads((Path(metrics["sample_set"]) / "predictions.json").read_text())
     return [float(a == b) for a, b in zip(predictions["labels"], predictions["predicted"])]
 

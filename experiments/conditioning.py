@@ -105,19 +105,22 @@ def control_guidance_sweep(run: Path, args, budget: Budget) -> list[dict]:
         probed = probe_row(run, args, budget, scale)
         if probed is None:
             break
-        metrics = json.loads(metrics_path.read_text())
-        points.append({"scale": scale, "class_agreement": metrics["class_agreement"], **probed})
+        points.append({"scale": scale, "class_agreement": sample_correct(run, metrics_path.name), **probed})
     return points
 
 
 def arm_task(config, overrides, arm, seed, out: Path, probe: bool, args, budget) -> tuple[dict | None, list | None]:
     """One arm and seed: its row, and for the disentangled digits its control-guidance sweep."""
     row = run_arm(config, overrides, arm, seed, out, probe, args, budget)
-    sweep = control_guidance_sweep(out / f"{arm}-seed{seed}", args, budget) if row and arm == "disentangled" else None
+    sweep = None
+    if row and arm == "disentangled" and seed in args.sweep_seeds:
+        sweep = control_guidance_sweep(out / f"{arm}-seed{seed}", args, budget)
     return row, sweep
 
 
-def plot_sweep(points_by_seed: dict[int, list[dict]], path: Path) -> None:
+def plot_sweep(points_by_seed: dict[int, list[dict]], summary: dict, path: Path) -> None:
+    """Adherence against class agreement at each control guidance scale: each seed faint, the mean over seeds with
+    its 95% intervals on both axes (summary: the sweep's summarise() by scale label)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,14 +130,79 @@ def plot_sweep(points_by_seed: dict[int, list[dict]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.6), dpi=120)
     for ax, key in zip(axes, keys):
         for seed, points in points_by_seed.items():
-            ax.plot([p[key] for p in points], [p["class_agreement"] for p in points], marker="o", label=f"seed {seed}")
-            for p in points:
-                ax.annotate(f"{p['scale']:g}", (p[key], p["class_agreement"]), fontsize=7)
+            xs, ys = [p[key] for p in points], [sum(p["class_agreement"]) / len(p["class_agreement"]) for p in points]
+            ax.plot(xs, ys, color="gray", alpha=0.35, linewidth=1)
+        means = [s for s in summary.values() if key in s]
+        x = [s[key]["mean"] for s in means]
+        y = [s["class_agreement"]["mean"] for s in means]
+        xerr = [[v - s[key]["low"] for v, s in zip(x, means)], [s[key]["high"] - v for v, s in zip(x, means)]]
+        yerr = [[v - s["class_agreement"]["low"] for v, s in zip(y, means)]]
+        yerr.append([s["class_agreement"]["high"] - v for v, s in zip(y, means)])
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", color="C0", capsize=2, label="mean, 95% interval")
+        for label, xi, yi in zip(summary, x, y):
+            ax.annotate(label.removeprefix("control guidance "), (xi, yi), fontsize=8, xytext=(4, 4),
+                        textcoords="offset points")  # fmt: skip
         ax.ticklabel_format(axis="both", style="plain", useOffset=False)
         ax.set_xlabel(key.replace(".", ": "))
         ax.set_ylabel("class agreement")
     axes[0].legend(fontsize=7)
-    fig.suptitle("disentangled arm: control guidance scale (labels) - adherence against quality")
+    fig.suptitle(
+        f"disentangled arm, {len(points_by_seed)} seeds (grey): control guidance scale (labels), adherence and quality"
+    )
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_probes(out: Path, seeds: list[int], path: Path) -> None:
+    """One column per control sweep, each arm's mean over seeds with 95% intervals at every value: top, class
+    agreement (semantic drift: how the content holds as the control changes); bottom, what adherence measures
+    (sharpness for original_size, ink-box IoU with the requested crop for crop_size, dotted: the IoU of samples
+    that ignore the crop; flip effect for flip, +1 = mirrored as asked)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ldmkit.eval.stats import interval
+
+    fig, axes = plt.subplots(2, len(SWEEPS), figsize=(4 * len(SWEEPS), 6.4), dpi=120)
+    below = {"original_size": ("sharpness", "sharpness"), "crop_size": ("crop_iou", "ink box IoU with the crop")}
+    for col, (control, values) in enumerate(SWEEPS.items()):
+        labels = values.split(";")
+        for i, arm in enumerate(("additive", "disentangled")):
+            probes = [out / f"{arm}-seed{s}" / f"probe-{control}.json" for s in seeds]
+            probes = [json.loads(f.read_text()) for f in probes if f.is_file()]
+            if not probes:
+                continue
+            series = [("class_agreement", axes[0, col], "-")]
+            if control in below:
+                series.append((below[control][0], axes[1, col], "-"))
+            if control == "crop_size":
+                series.append(("crop_iou_if_ignored", axes[1, col], ":"))
+            for key, ax, style in series:
+                cis = [interval([p[key][v] for p in probes]) for v in range(len(labels))]
+                mean = [c["mean"] for c in cis]
+                err = [[m - c["low"] for m, c in zip(mean, cis)], [c["high"] - m for m, c in zip(mean, cis)]]
+                x = [v + (i - 0.5) * 0.08 for v in range(len(labels))]
+                label = f"{arm} ({len(probes)} seeds)" + (", crop ignored" if style == ":" else "")
+                ax.errorbar(x, mean, yerr=err, fmt=style, marker="o", color=f"C{i}", capsize=2, label=label)
+            if control == "flip":
+                ci = interval([p["flip_effect"] for p in probes])
+                err = [[ci["mean"] - ci["low"]], [ci["high"] - ci["mean"]]]
+                axes[1, col].bar(i, ci["mean"], yerr=err, color=f"C{i}", capsize=3, label=arm)
+        axes[0, col].set_title(f"{control} sweep")
+        axes[0, col].set_ylabel("class agreement")
+        for ax in axes[:, col]:
+            ax.set_xticks(range(len(labels)), labels)
+        axes[1, col].set_ylabel(below.get(control, ("", "flip effect (1 = mirrored)"))[1])
+        if control == "flip":
+            axes[1, col].set_xticks([0, 1], ["additive", "disentangled"])
+            axes[1, col].axhline(0, color="gray", linewidth=0.8)
+        axes[1, col].set_xlabel(f"requested {control}" if control != "flip" else "arm")
+    axes[0, 0].legend(fontsize=7)
+    axes[1, 1].legend(fontsize=7)
+    fig.suptitle("control sweeps: content held (top) and control followed (bottom), mean and 95% interval")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -149,10 +217,12 @@ def main() -> int:
     parser.add_argument("--eval-images", type=int, default=1000, help="samples per evaluation (default 1000)")
     parser.add_argument("--probe-images", type=int, default=100, help="samples per control value (default 100)")
     parser.add_argument("--control-scales", default="1,1.5,2,3", help="control guidance scales of the sweep")
+    parser.add_argument("--sweep-seeds", default="0,1,2", help="seeds of the disentangled arm to sweep")
     parser.add_argument("--budget", type=float, default=None, help="CPU-hours to spend in this invocation")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (logs in <out>/logs; e.g. 8 on one GPU)")
     args = parser.parse_args()
     args.control_scales = [float(s) for s in args.control_scales.split(",") if s]
+    args.sweep_seeds = [int(s) for s in args.sweep_seeds.split(",") if s]
     budget = Budget(args.budget)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -186,14 +256,28 @@ def main() -> int:
             comparisons[f"{a} - {b}"] = {
                 m: compare(results, m, a, b) for m in metrics if all(m in r for r in results if r["arm"] in (a, b))
             }
+    # each control guidance scale as an arm, over the swept seeds
+    points = [
+        {"seed": seed, **p, "scale": f"control guidance {p['scale']:g}"}
+        for seed in sorted(sweeps)
+        for p in sweeps[seed]
+    ]
+    sweep_summary = summarise(points, key="scale")
     (out / "summary.json").write_text(
-        json.dumps({"results": results, "summary": summary, "paired": comparisons, "sweeps": sweeps}, indent=1)
+        json.dumps(
+            {"results": results, "summary": summary, "paired": comparisons, "sweeps": sweeps, "sweep": sweep_summary},
+            indent=1,
+        )
     )
     lines = [markdown(summary)]
     lines += paired_markdown(comparisons)
+    if sweep_summary:
+        lines += ["## control guidance sweep (disentangled)", "", markdown(sweep_summary)]
     (out / "summary.md").write_text("\n".join(lines))
-    if any(sweeps.values()):
-        plot_sweep({s: p for s, p in sweeps.items() if p}, out / "control_guidance.png")
+    if sweep_summary:
+        plot_sweep(sweeps, sweep_summary, out / "control_guidance.png")
+    if any(r["arm"] in ("additive", "disentangled") for r in results):
+        plot_probes(out, seeds, out / "control_sweeps.png")
     print("\n".join(lines))
     return 0
 
