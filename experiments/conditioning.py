@@ -9,12 +9,14 @@ every arm of a seed), evaluated, probed and compared paired by seed with 95% boo
   captions: configs/experiments/conditioning_pairs.yaml (two digits side by side, captions of 3 to 40+ words
             saying which is where) with conditioning.padding zero | zero_unmasked | noisy_replicate.
 Every step is skipped when its output exists, so re-running continues; --budget stops starting new steps once
-that many CPU-hours are spent. A digit run is about 20 CPU-minutes of training at the config's 30,000 images plus
-evaluation and probes on the 2-core machine. Usage:
-  python experiments/conditioning.py [--seeds 0,1,2,3,4] [--caption-seeds ...] [--budget 6]
-      [--out runs/exp-conditioning]
-Writes <out>/summary.json, <out>/summary.md (mean [95% interval], per seed, paired differences) and
-<out>/control_guidance.png.
+that many CPU-hours are spent; --jobs runs that many runs at once (each with its share of the cores, its output in
+<out>/logs/). A digit run trains 100,000 images at about 30 images/s per core (about 55 core-minutes), and its
+evaluation and probes take about 15 more; each control guidance scale of the sweep (on --sweep-seeds) about 20.
+Usage:
+  python experiments/conditioning.py [--seeds 0,1,2,3,4] [--caption-seeds ...] [--sweep-seeds 0,1,2]
+      [--budget 6] [--jobs 2] [--out runs/exp-conditioning]
+Writes <out>/summary.json, <out>/summary.md (mean [95% interval], per seed, paired differences, the sweep by
+scale), <out>/control_sweeps.png (each control sweep, both arms) and <out>/control_guidance.png.
 """
 
 from __future__ import annotations
