@@ -67,6 +67,9 @@ def probe_row(run: Path, args, budget: Budget, scale: float | None = None) -> di
         if "crop_iou" in probed:  # the cropped values: following the crop against ignoring it
             gain = [a - b for a, b in zip(probed["crop_iou"][1:], probed["crop_iou_if_ignored"][1:])]
             row[f"{control}.crop_iou_gain"] = sum(gain) / len(gain)
+        if "mirrored_class_agreement" in probed:  # the mirror test: flip 1 against flip 0, samples mirrored back
+            mirrored = probed["mirrored_class_agreement"]
+            row[f"{control}.mirror_test"] = mirrored[1] - mirrored[0]
     return row
 
 
@@ -128,7 +131,7 @@ def plot_sweep(points_by_seed: dict[int, list[dict]], summary: dict, path: Path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ["original_size.size_sharpness_correlation", "crop_size.crop_iou_gain", "flip.flip_effect"]
+    keys = ["original_size.size_sharpness_correlation", "crop_size.crop_iou_gain", "flip.mirror_test"]
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.6), dpi=120)
     for ax, key in zip(axes, keys):
         for seed, points in points_by_seed.items():
@@ -159,8 +162,8 @@ def plot_sweep(points_by_seed: dict[int, list[dict]], summary: dict, path: Path)
 def plot_probes(out: Path, seeds: list[int], path: Path) -> None:
     """One column per control sweep, each arm's mean over seeds with 95% intervals at every value: top, class
     agreement (semantic drift: how the content holds as the control changes); bottom, what adherence measures
-    (sharpness for original_size, ink-box IoU with the requested crop for crop_size, dotted: the IoU of samples
-    that ignore the crop; flip effect for flip, +1 = mirrored as asked)."""
+    (sharpness for original_size; ink-box IoU with the requested crop for crop_size, dotted: the IoU of samples
+    that ignore the crop; for flip the mirror test, the class agreement of the samples mirrored back)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,17 +172,20 @@ def plot_probes(out: Path, seeds: list[int], path: Path) -> None:
     from ldmkit.eval.stats import interval
 
     fig, axes = plt.subplots(2, len(SWEEPS), figsize=(4 * len(SWEEPS), 6.4), dpi=120)
-    below = {"original_size": ("sharpness", "sharpness"), "crop_size": ("crop_iou", "ink box IoU with the crop")}
+    below = {
+        "original_size": ("sharpness", "sharpness"),
+        "crop_size": ("crop_iou", "ink box IoU with the crop"),
+        "flip": ("mirrored_class_agreement", "class agreement, mirrored back"),
+    }
     for col, (control, values) in enumerate(SWEEPS.items()):
         labels = values.split(";")
         for i, arm in enumerate(("additive", "disentangled")):
             probes = [out / f"{arm}-seed{s}" / f"probe-{control}.json" for s in seeds]
             probes = [json.loads(f.read_text()) for f in probes if f.is_file()]
+            probes = [p for p in probes if below[control][0] in p]  # (probes written before the mirror test)
             if not probes:
                 continue
-            series = [("class_agreement", axes[0, col], "-")]
-            if control in below:
-                series.append((below[control][0], axes[1, col], "-"))
+            series = [("class_agreement", axes[0, col], "-"), (below[control][0], axes[1, col], "-")]
             if control == "crop_size":
                 series.append(("crop_iou_if_ignored", axes[1, col], ":"))
             for key, ax, style in series:
@@ -189,19 +195,12 @@ def plot_probes(out: Path, seeds: list[int], path: Path) -> None:
                 x = [v + (i - 0.5) * 0.08 for v in range(len(labels))]
                 label = f"{arm} ({len(probes)} seeds)" + (", crop ignored" if style == ":" else "")
                 ax.errorbar(x, mean, yerr=err, fmt=style, marker="o", color=f"C{i}", capsize=2, label=label)
-            if control == "flip":
-                ci = interval([p["flip_effect"] for p in probes])
-                err = [[ci["mean"] - ci["low"]], [ci["high"] - ci["mean"]]]
-                axes[1, col].bar(i, ci["mean"], yerr=err, color=f"C{i}", capsize=3, label=arm)
         axes[0, col].set_title(f"{control} sweep")
         axes[0, col].set_ylabel("class agreement")
         for ax in axes[:, col]:
             ax.set_xticks(range(len(labels)), labels)
-        axes[1, col].set_ylabel(below.get(control, ("", "flip effect (1 = mirrored)"))[1])
-        if control == "flip":
-            axes[1, col].set_xticks([0, 1], ["additive", "disentangled"])
-            axes[1, col].axhline(0, color="gray", linewidth=0.8)
-        axes[1, col].set_xlabel(f"requested {control}" if control != "flip" else "arm")
+        axes[1, col].set_ylabel(below[control][1])
+        axes[1, col].set_xlabel(f"requested {control}")
     axes[0, 0].legend(fontsize=7)
     axes[1, 1].legend(fontsize=7)
     fig.suptitle("control sweeps: content held (top) and control followed (bottom), mean and 95% interval")

@@ -5,7 +5,7 @@ scores as ignoring it."""
 import torch
 import torch.nn.functional as F
 
-from ldmkit.eval.adherence import crop_adherence, ink_box, sharpness, size_adherence
+from ldmkit.eval.adherence import crop_adherence, ink_box, mirror_agreement, sharpness, size_adherence
 
 
 def digits(n: int = 6, side: int = 28) -> torch.Tensor:
@@ -59,3 +59,17 @@ def test_crop_adherence_tells_a_followed_crop_from_an_ignored_one():
 def test_ink_box_of_an_empty_image_is_missing():
     boxes = ink_box(torch.cat([digits(1), -torch.ones(1, 1, 28, 28)]))
     assert not boxes[0].isnan().any() and boxes[1].isnan().all()
+
+
+def test_the_mirror_test_tells_a_followed_flip_from_an_ignored_one():
+    x = digits()
+
+    def nearest(images):  # a classifier of the upright strokes: the label of the nearest one
+        return torch.cdist(images.flatten(1), x.flatten(1)).argmin(1)
+
+    labels = nearest(x)  # what the classifier says of the upright samples is what the sweep asks
+
+    followed = mirror_agreement(nearest, [x, x.flip(-1)], labels)
+    assert followed == [0.0, 1.0]  # the strokes are not symmetric: only the flip-1 samples mirror back upright
+    ignored = mirror_agreement(nearest, [x, x], labels)
+    assert ignored[0] == ignored[1] == 0.0

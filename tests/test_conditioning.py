@@ -243,6 +243,7 @@ def test_probe_reports_drift_and_flip_effect(tmp_path):
     assert out["feature_drift"] >= 0
     assert -1 <= out["flip_effect"] <= 1
     assert len(out["class_agreement"]) == 2
+    assert len(out["mirrored_class_agreement"]) == 2 and all(0 <= a <= 1 for a in out["mirrored_class_agreement"])
     # under torchrun the samples are split over the processes: the same figures
     (run / "probe-flip.json").rename(tmp_path / "one.json")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541"]

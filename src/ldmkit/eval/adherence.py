@@ -7,7 +7,8 @@ light strokes on a dark background (the digits), beside the semantic drift that 
 - `crop_size` / `crop_top_left`: the crop moves and magnifies the content. Each sample's ink bounding box is
   compared with where the requested crop puts the same sample's box at the sweep's first value (IoU), and with
   where it would stay if the crop were ignored.
-- `flip`: the mirror test lives in the probe (flip_effect).
+- `flip`: the mirror test. Each sample is mirrored back and classified: a followed flag gives the asked label
+  at flip 1. The probe also reports flip_effect, a pixel comparison of each flip-1 sample with its flip-0 one.
 """
 
 from __future__ import annotations
@@ -91,3 +92,10 @@ def crop_adherence(crops: list[tuple[tuple[float, float], tuple[float, float]]],
         followed.append(float(box_iou(box, cropped_box(reference, top_left, size, side, original)).nanmean()))
         ignored.append(float(box_iou(box, reference).nanmean()))
     return {"crop_iou": followed, "crop_iou_if_ignored": ignored}
+
+
+def mirror_agreement(predict, images: list[torch.Tensor], labels: torch.Tensor) -> list[float]:
+    """The mirror test of a `flip` sweep: per value, the share of samples that `predict` (images -> labels) labels
+    as asked once mirrored back. A followed flag scores high at flip 1 and low at flip 0; an ignored one the same at
+    both (symmetric digits score at either)."""
+    return [float((predict(x.flip(-1)) == labels).float().mean()) for x in images]

@@ -6,13 +6,16 @@ With fixed seeds and fixed semantic conditions, one control is swept over values
   the mean distance between different samples (0: the control changes nothing; 1: as different as unrelated
   images);
 - control effect, for `flip`: how much closer a flip=1 image is to the mirror of its flip=0 image than to the
-  flip=0 image itself (positive: the flag mirrors the image);
+  flip=0 image itself (positive: the flag mirrors the image), and for digit runs the mirror test (the class
+  agreement of each value's samples mirrored back);
 - control adherence (eval/adherence.py), for `original_size`: sharpness per value and its rank correlation with
   the requested size; for `crop_size` / `crop_top_left` (first value uncropped): the IoU of each sample's ink box
   with where the requested crop puts it, and with where it would stay if the crop were ignored.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 
@@ -102,6 +105,11 @@ def probe_control(
         preds = [predict_digits(cfg, classifier, x) for x in images]
         out["label_change_rate"] = float(torch.stack([(p != preds[0]).float().mean() for p in preds[1:]]).mean())
         out["class_agreement"] = [float((p == labels).float().mean()) for p in preds]
+        if key == "flip":
+            from .adherence import mirror_agreement
+
+            digit = partial(predict_digits, cfg, classifier)
+            out["mirrored_class_agreement"] = mirror_agreement(digit, images, labels)
     out.update(adherence(cfg, key, base_control, values, images))
     if key == "flip" and len(values) >= 2:
         plain, flipped = images[0], images[1]
