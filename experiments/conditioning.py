@@ -49,8 +49,9 @@ SWEEPS = {"original_size": "20,20;24,24;28,28", "crop_size": "28,28;25,25;22,22"
 PROBED = ("label_change_rate", "feature_drift", "flip_effect", "size_sharpness_correlation")
 
 
-def probe_row(run: Path, args, budget: Budget, scale: float | None = None) -> dict | None:
-    """Probe metrics of a run (at a control guidance scale); None when the budget stops it first."""
+def probe_row(run: Path, args, budget: Budget, scale: float | None = None) -> dict:
+    """Probe metrics of a run (at a control guidance scale). The probes the budget stopped are left out of the row
+    (the summary reports what exists; paired comparisons use a metric only where every run of both arms has it)."""
     row = {}
     for control, values in SWEEPS.items():
         # control guidance 1 is the sampling default: the run's own probes
@@ -58,7 +59,7 @@ def probe_row(run: Path, args, budget: Budget, scale: float | None = None) -> di
         path = run / name
         if not path.is_file():
             if not budget.allows():
-                return None
+                continue
             extra = ["--set", f"sample.control_guidance_scale={scale}"] if scale is not None else []
             probe = ["probe", str(run), "--control", control, "--values", values, "--num", str(args.probe_images)]
             ldmkit(*probe, "--json", str(path), *extra)
@@ -88,10 +89,7 @@ def run_arm(
     result = {"arm": arm, "seed": seed, "class_agreement": sample_correct(run)}
     result["fd_effnetlite0"] = metrics.get("fd_effnetlite0")
     if probe:
-        probed = probe_row(run, args, budget)
-        if probed is None:
-            return None
-        result.update(probed)
+        result.update(probe_row(run, args, budget))
     return result
 
 
@@ -108,8 +106,6 @@ def control_guidance_sweep(run: Path, args, budget: Budget) -> list[dict]:
                 "--json", str(metrics_path),
             )  # fmt: skip
         probed = probe_row(run, args, budget, scale)
-        if probed is None:
-            break
         points.append({"scale": scale, "class_agreement": sample_correct(run, metrics_path.name), **probed})
     return points
 
@@ -135,16 +131,18 @@ def plot_sweep(points_by_seed: dict[int, list[dict]], summary: dict, path: Path)
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.6), dpi=120)
     for ax, key in zip(axes, keys):
         for seed, points in points_by_seed.items():
+            points = [p for p in points if key in p]  # (probes the budget stopped are missing)
             xs, ys = [p[key] for p in points], [sum(p["class_agreement"]) / len(p["class_agreement"]) for p in points]
             ax.plot(xs, ys, color="gray", alpha=0.35, linewidth=1)
-        means = [s for s in summary.values() if key in s]
+        labels = [label for label, s in summary.items() if key in s]
+        means = [summary[label] for label in labels]
         x = [s[key]["mean"] for s in means]
         y = [s["class_agreement"]["mean"] for s in means]
         xerr = [[v - s[key]["low"] for v, s in zip(x, means)], [s[key]["high"] - v for v, s in zip(x, means)]]
         yerr = [[v - s["class_agreement"]["low"] for v, s in zip(y, means)]]
         yerr.append([s["class_agreement"]["high"] - v for v, s in zip(y, means)])
         ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", color="C0", capsize=2, label="mean, 95% interval")
-        for label, xi, yi in zip(summary, x, y):
+        for label, xi, yi in zip(labels, x, y):
             ax.annotate(label.removeprefix("control guidance "), (xi, yi), fontsize=8, xytext=(4, 4),
                         textcoords="offset points")  # fmt: skip
         ax.ticklabel_format(axis="both", style="plain", useOffset=False)
