@@ -8,9 +8,10 @@ init.semantic replace, against the caption model from scratch for the same total
 of `--seeds` (the same images, order and noise for every arm of a seed); every run logs a small-N metric every
 2,500 images (the curve) and is evaluated at the end on `--eval-images` samples. Arms are compared with the scratch
 run of the same seed, paired, with 95% bootstrap intervals. Steps whose outputs exist are skipped, and --budget
-stops starting new ones once that many CPU-hours are spent (a run is 5-15 CPU-minutes on the 2-core machine);
---jobs runs that many chains at once (per seed: the 16x16 stage and its fine-tunes, scratch, the class stage and its
-caption fine-tune, captions from scratch), each with its share of the cores and its output in <out>/logs/.
+stops starting new ones once that many CPU-hours are spent (a seed is about 4 CPU-hours: 210,000 32x32 images at
+about 30 images/s per core, the curves' metrics and the evaluations); --jobs runs that many chains at once (per seed:
+the 16x16 stage and its fine-tunes, scratch, the class stage and its caption fine-tune, captions from scratch), each
+with its share of the cores and its output in <out>/logs/.
   python experiments/transfer.py [--seeds 0,1,2] [--budget 4] [--jobs 2] [--out runs/exp-transfer]
 Writes <out>/summary.json, <out>/summary.md and <out>/curves.png (class agreement against training compute).
 """
@@ -134,10 +135,10 @@ def main() -> int:
     parser.add_argument("--out", default="runs/exp-transfer")
     parser.add_argument("--seeds", default="0,1,2", help="training seeds of every arm")
     parser.add_argument("--modes", default="interpolate-shift,rectified-shift", help="fine-tune arms (mode[-shift])")
-    parser.add_argument("--base-images", type=int, default=20000, help="images of the 16x16 stage")
-    parser.add_argument("--finetune-images", type=int, default=10000, help="images of each 32x32 fine-tune")
+    parser.add_argument("--base-images", type=int, default=40000, help="images of the 16x16 stage")
+    parser.add_argument("--finetune-images", type=int, default=20000, help="images of each 32x32 fine-tune")
     parser.add_argument(
-        "--caption-images", type=int, default=15000, help="images of the class stage and of each caption fine-tune"
+        "--caption-images", type=int, default=40000, help="images of the class stage and of each caption fine-tune"
     )
     parser.add_argument("--eval-images", type=int, default=1000, help="samples per evaluation (default 1000)")
     parser.add_argument("--skip-captions", action="store_true", help="only the resolution part")
