@@ -12,7 +12,8 @@ Every step is skipped when its output exists, so re-running continues; --budget 
 that many CPU-hours are spent; --jobs runs that many runs at once (each with its share of the cores, its output in
 <out>/logs/). A digit run trains 100,000 images at about 30 images/s per core (about 55 core-minutes), and its
 evaluation and probes take about 15 more; each control guidance scale of the sweep (on --sweep-seeds) about 20.
-A caption run trains 80,000 two-digit images at about 27 images/s per core (about 50 core-minutes).
+A caption run trains 80,000 two-digit images (13-14 images/s each with four 1-thread runs on 2 cores: about 50
+core-minutes).
 Usage:
   python experiments/conditioning.py [--seeds 0,1,2,3,4] [--caption-seeds ...] [--sweep-seeds 0,1,2]
       [--budget 6] [--jobs 2] [--out runs/exp-conditioning]

@@ -8,10 +8,10 @@ init.semantic replace, against the caption model from scratch for the same total
 of `--seeds` (the same images, order and noise for every arm of a seed); every run logs a small-N metric every
 2,500 images (the curve) and is evaluated at the end on `--eval-images` samples. Arms are compared with the scratch
 run of the same seed, paired, with 95% bootstrap intervals. Steps whose outputs exist are skipped, and --budget
-stops starting new ones once that many CPU-hours are spent (a seed is about 4 CPU-hours: 210,000 32x32 images at
-about 30 images/s per core, the curves' metrics and the evaluations); --jobs runs that many chains at once (per seed:
-the 16x16 stage and its fine-tunes, scratch, the class stage and its caption fine-tune, captions from scratch), each
-with its share of the cores and its output in <out>/logs/.
+stops starting new ones once that many CPU-hours are spent (a seed, estimated: 210,000 32x32 images at about
+30 images/s per core, about 2 CPU-hours, plus the curves' metrics and the evaluations); --jobs runs that many
+chains at once (per seed: the 16x16 stage and its fine-tunes, scratch, the class stage and its caption fine-tune,
+captions from scratch), each with its share of the cores and its output in <out>/logs/.
   python experiments/transfer.py [--seeds 0,1,2] [--budget 4] [--jobs 2] [--out runs/exp-transfer]
 Writes <out>/summary.json, <out>/summary.md and <out>/curves.png (class agreement against training compute).
 """
