@@ -122,6 +122,11 @@ def run_tasks(tasks: dict[str, Callable[[], T]], jobs: int, logs: Path) -> dict[
     return results
 
 
+def seeds_label(n: int) -> str:
+    """'1 seed', '3 seeds'."""
+    return f"{n} seed" + ("" if n == 1 else "s")
+
+
 def sets(overrides: list[str]) -> list[str]:
     """['a=1', 'b=2'] -> ['--set', 'a=1', '--set', 'b=2']."""
     return [a for o in overrides for a in ("--set", o)]
@@ -158,7 +163,7 @@ def markdown(summary: dict) -> str:
     lines = []
     for arm, metrics in summary.items():
         lines.append(
-            f"### {arm} ({len(metrics['seeds'])} seeds: {', '.join(map(str, metrics['seeds']))})\n\n"
+            f"### {arm} ({seeds_label(len(metrics['seeds']))}: {', '.join(map(str, metrics['seeds']))})\n\n"
             "| metric | mean [95% interval] | std over seeds | per seed |\n|---|---|---|---|"
         )
         for name, s in metrics.items():

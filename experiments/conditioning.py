@@ -38,6 +38,7 @@ from common import (
     paired_markdown,
     run_tasks,
     sample_correct,
+    seeds_label,
     sets,
     summarise,
 )
@@ -152,7 +153,8 @@ def plot_sweep(points_by_seed: dict[int, list[dict]], summary: dict, path: Path)
         ax.set_ylabel("class agreement")
     axes[0].legend(fontsize=7)
     fig.suptitle(
-        f"disentangled arm, {len(points_by_seed)} seeds (grey): control guidance scale (labels), adherence and quality"
+        f"disentangled arm, {seeds_label(len(points_by_seed))} (grey): "
+        "control guidance scale (labels), adherence and quality"
     )
     fig.tight_layout()
     fig.savefig(path)
@@ -193,7 +195,7 @@ def plot_probes(out: Path, seeds: list[int], path: Path) -> None:
                 mean = [c["mean"] for c in cis]
                 err = [[m - c["low"] for m, c in zip(mean, cis)], [c["high"] - m for m, c in zip(mean, cis)]]
                 x = [v + (i - 0.5) * 0.08 for v in range(len(labels))]
-                label = f"{arm} ({len(probes)} seeds)" + (", crop ignored" if style == ":" else "")
+                label = f"{arm} ({seeds_label(len(probes))})" + (", crop ignored" if style == ":" else "")
                 ax.errorbar(x, mean, yerr=err, fmt=style, marker="o", color=f"C{i}", capsize=2, label=label)
         axes[0, col].set_title(f"{control} sweep")
         axes[0, col].set_ylabel("class agreement")

@@ -33,6 +33,7 @@ from common import (
     paired_markdown,
     run_tasks,
     sample_correct,
+    seeds_label,
     sets,
     summarise,
 )
@@ -115,7 +116,7 @@ def plot(results: dict, ratio: float, base_images: int, caption_images: int, pat
             color=color,
             marker="o",
             markersize=3,
-            label=f"{name} ({len(curves)} seeds)",
+            label=f"{name} ({seeds_label(len(curves))})",
         )
     for ax, title in zip(
         axes, ("16x16 -> 32x32 (fine-tunes start at the 16x16 stage's compute)", "class -> text (captioned digits)")

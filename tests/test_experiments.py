@@ -34,3 +34,19 @@ def test_run_tasks_in_parallel_logs_each_task_and_reports_failures_after_the_oth
     # one job: the commands print as they run, no logs
     assert common.run_tasks({"only": lambda: 1}, jobs=1, logs=tmp_path / "none") == {"only": 1}
     assert not (tmp_path / "none").exists()
+
+
+def test_summary_markdown_gives_each_arm_its_seeds_mean_interval_and_per_seed_values():
+    rows = [
+        {"arm": "a", "seed": 0, "agreement": [1.0] * 8 + [0.0] * 2, "fd": 20.0},
+        {"arm": "a", "seed": 1, "agreement": [1.0] * 6 + [0.0] * 4, "fd": 30.0},
+        {"arm": "b", "seed": 0, "agreement": [1.0] * 5 + [0.0] * 5, "fd": 40.0},
+    ]
+    summary = common.summarise(rows)
+    assert summary["a"]["seeds"] == [0, 1] and summary["a"]["fd"]["values"] == [20.0, 30.0]
+    assert summary["a"]["agreement"]["mean"] == pytest.approx(0.7)
+    text = common.markdown(summary)
+    assert "### a (2 seeds: 0, 1)" in text and "### b (1 seed: 0)" in text
+    assert "| fd | 25.000 [20.000, 30.000] | 7.071 | 20.000 / 30.000 |" in text
+    # one seed of per-sample values still has an interval (over its samples); one seed of one number has none
+    assert "| agreement | 0.500 [" in text and "| fd | 40.000 | 0.000 | 40.000 |" in text
