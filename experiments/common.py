@@ -39,11 +39,47 @@ class Budget:
 
 def sample_correct(run_dir, metrics_file: str = "metrics.json") -> list[float]:
     """Per sample of a run's evaluation (its last one, or the one written to metrics_file), 1 when the digit
-    classifier labels it as conditioned, else 0 (the sample set's predictions.json): the values the two-level
-    intervals resample."""
+    classifier labels it as conditioned, else 0 (the sample set's predictions.json, or the copy a record keeps):
+    the values the two-level intervals resample."""
     metrics = json.loads((Path(run_dir) / metrics_file).read_text())
+    if "sample_correct" in metrics:
+        return metrics["sample_correct"]
     predictions = json.loads((Path(metrics["sample_set"]) / "predictions.json").read_text())
     return [float(a == b) for a, b in zip(predictions["labels"], predictions["predicted"])]
+
+
+class Records:
+    """An experiment's durable results: the small files of each finished step (its metrics with the per-sample
+    correctness, probes, curves), copied from the run's folder into a folder kept in the repository. A step whose
+    record exists is not run again and the summaries are built from the records alone, so losing runs/ (a new
+    machine) costs only the unfinished steps. A step that needs a model whose run folder is gone trains it again
+    (from the same seed: the same images, order and noise)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def of(self, run: Path) -> Path:
+        """The record folder of a run folder (by its name)."""
+        return self.root / Path(run).name
+
+    def has(self, run: Path, name: str) -> bool:
+        return (self.of(run) / name).is_file()
+
+    def keep(self, run: Path, name: str) -> Path:
+        """Copy run/name into the record (a metrics file with its samples' correctness), atomically: a record is
+        whole or absent."""
+        text = (Path(run) / name).read_text()
+        if name.startswith("metrics") and name.endswith(".json"):
+            metrics = json.loads(text)
+            if "sample_set" in metrics and "class_agreement" in metrics:
+                metrics["sample_correct"] = sample_correct(run, name)
+            text = json.dumps(metrics, separators=(",", ":"))
+        target = self.of(run) / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f"{name}.{os.getpid()}-{threading.get_ident()}.partial")
+        partial.write_text(text)
+        os.replace(partial, target)
+        return target
 
 
 def evaluate(run: Path, *args: str, store: Path | None = None) -> None:

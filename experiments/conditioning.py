@@ -8,17 +8,20 @@ every arm of a seed), evaluated, probed and compared paired by seed with 95% boo
             guidance swept (--control-scales) for adherence against quality;
   captions: configs/experiments/conditioning_pairs.yaml (two digits side by side, captions of 3 to 40+ words
             saying which is where) with conditioning.padding zero | zero_unmasked | noisy_replicate.
-Every step is skipped when its output exists, so re-running continues; --budget stops starting new steps once
-that many CPU-hours are spent; --jobs runs that many runs at once (each with its share of the cores, its output in
-<out>/logs/). A digit run trains 100,000 images at about 30 images/s per core (about 55 core-minutes), and its
-evaluation and probes take about 15 more; each control guidance scale of the sweep (on --sweep-seeds) about 20.
-A caption run trains 80,000 two-digit images (13-14 images/s each with four 1-thread runs on 2 cores: about 50
-core-minutes).
+Each finished step (an evaluation, a probe, a guidance scale) is recorded in --records, a folder kept in the
+repository (its metrics with the per-sample correctness, its probes), and not run again: re-running continues, and
+a lost <out> costs only the unfinished steps (a step that needs a model whose run is gone trains it again from its
+seed). The summaries and plots are built from the records alone. --budget stops starting new steps once that many
+CPU-hours are spent; --jobs runs that many runs at once (each with its share of the cores, its output in
+<out>/logs/). A digit run trains 100,000 images: measured, 14.5 images/s for each of two 1-thread runs on 2 cores
+(about 2 hours, two at once); its evaluation and probes take roughly 15 minutes more and each control guidance
+scale of the sweep (on --sweep-seeds) roughly 20 (estimated). A caption run trains 80,000 two-digit images
+(measured: 13-14 images/s each with four 1-thread runs on 2 cores).
 Usage:
   python experiments/conditioning.py [--seeds 0,1,2,3,4] [--caption-seeds ...] [--sweep-seeds 0,1,2]
-      [--budget 6] [--jobs 2] [--out runs/exp-conditioning]
-Writes <out>/summary.json, <out>/summary.md (mean [95% interval], per seed, paired differences, the sweep by
-scale), <out>/control_sweeps.png (each control sweep, both arms) and <out>/control_guidance.png.
+      [--budget 6] [--jobs 2] [--out runs/exp-conditioning] [--records experiments/records/conditioning]
+Writes into the records folder summary.json, summary.md (mean [95% interval], per seed, paired differences, the
+sweep by scale), control_sweeps.png (each control sweep, both arms) and control_guidance.png.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 from common import (
     Budget,
+    Records,
     compare,
     evaluate,
     ldmkit,
@@ -52,21 +57,37 @@ SWEEPS = {"original_size": "20,20;24,24;28,28", "crop_size": "28,28;25,25;22,22"
 PROBED = ("label_change_rate", "feature_drift", "flip_effect", "size_sharpness_correlation")
 
 
-def probe_row(run: Path, args, budget: Budget, scale: float | None = None) -> dict:
-    """Probe metrics of a run (at a control guidance scale). The probes the budget stopped are left out of the row
-    (the summary reports what exists; paired comparisons use a metric only where every run of both arms has it)."""
+def step(run: Path, name: str, records: Records, budget: Budget, make: Callable[[], None]) -> bool:
+    """Make run/name unless it is recorded (make: the commands that write it), then record it. False when the
+    budget stopped it."""
+    if records.has(run, name):
+        return True
+    if not (run / name).is_file():
+        if not budget.allows():
+            return False
+        make()
+    records.keep(run, name)
+    return True
+
+
+def probe_row(run: Path, train: Callable[[], None], args, records: Records, budget: Budget, scale=None) -> dict:
+    """Probe metrics of a run (at a control guidance scale), from its records. The probes the budget stopped are
+    left out of the row (the summary reports what exists; paired comparisons use a metric only where every run of
+    both arms has it)."""
     row = {}
     for control, values in SWEEPS.items():
         # control guidance 1 is the sampling default: the run's own probes
         name = f"probe-{control}" + (f"-cg{scale:g}" if scale not in (None, 1) else "") + ".json"
-        path = run / name
-        if not path.is_file():
-            if not budget.allows():
-                continue
+
+        def make(control=control, values=values, name=name):
+            train()
             extra = ["--set", f"sample.control_guidance_scale={scale}"] if scale is not None else []
             probe = ["probe", str(run), "--control", control, "--values", values, "--num", str(args.probe_images)]
-            ldmkit(*probe, "--json", str(path), *extra)
-        probed = json.loads(path.read_text())
+            ldmkit(*probe, "--json", str(run / name), *extra)
+
+        if not step(run, name, records, budget, make):
+            continue
+        probed = json.loads((records.of(run) / name).read_text())
         row.update({f"{control}.{k}": probed[k] for k in PROBED if k in probed})
         if "crop_iou" in probed:  # the cropped values: following the crop against ignoring it
             gain = [a - b for a, b in zip(probed["crop_iou"][1:], probed["crop_iou_if_ignored"][1:])]
@@ -77,48 +98,56 @@ def probe_row(run: Path, args, budget: Budget, scale: float | None = None) -> di
     return row
 
 
-def run_arm(
-    config: str, overrides: list[str], arm: str, seed: int, out: Path, probe: bool, args, budget
-) -> dict | None:
-    run = out / f"{arm}-seed{seed}"
-    if not (run / "metrics.json").is_file():
-        if not budget.allows():
-            return None
-        images = [f"train.total_images={args.images}"] if args.images else []
-        # a finished run returns at once; an interrupted one resumes from its newest checkpoint
-        ldmkit("train", config, *sets(overrides + [f"train.seed={seed}"] + images), "--out", str(run))
-        evaluate(run, "--num-images", str(args.eval_images))
-    metrics = json.loads((run / "metrics.json").read_text())
-    result = {"arm": arm, "seed": seed, "class_agreement": sample_correct(run)}
-    result["fd_effnetlite0"] = metrics.get("fd_effnetlite0")
-    if probe:
-        result.update(probe_row(run, args, budget))
-    return result
-
-
-def control_guidance_sweep(run: Path, args, budget: Budget) -> list[dict]:
+def control_guidance_sweep(run: Path, train: Callable[[], None], args, records: Records, budget) -> list[dict]:
     """Adherence (probes) against quality (agreement and FD on --eval-images samples) at each control scale."""
     points = []
     for scale in args.control_scales:
-        metrics_path = run / f"metrics-cg{scale:g}.json"
-        if not metrics_path.is_file():
-            if not budget.allows():
-                break
+        name = f"metrics-cg{scale:g}.json"
+
+        def make(scale=scale, name=name):
+            train()
             ldmkit(
                 "eval", str(run), "--num-images", str(args.eval_images), "--control-guidance", str(scale),
-                "--json", str(metrics_path),
+                "--json", str(run / name),
             )  # fmt: skip
-        probed = probe_row(run, args, budget, scale)
-        points.append({"scale": scale, "class_agreement": sample_correct(run, metrics_path.name), **probed})
+
+        if not step(run, name, records, budget, make):
+            break
+        probed = probe_row(run, train, args, records, budget, scale)
+        points.append({"scale": scale, "class_agreement": sample_correct(records.of(run), name), **probed})
     return points
 
 
-def arm_task(config, overrides, arm, seed, out: Path, probe: bool, args, budget) -> tuple[dict | None, list | None]:
-    """One arm and seed: its row, and for the disentangled digits its control-guidance sweep."""
-    row = run_arm(config, overrides, arm, seed, out, probe, args, budget)
+def arm_task(
+    config, overrides, arm, seed, out: Path, probe: bool, args, records: Records, budget
+) -> tuple[dict | None, list | None]:
+    """One arm and seed, from its records where they exist: its row, and for the disentangled digits its control
+    guidance sweep."""
+    run = out / f"{arm}-seed{seed}"
+    trained = []
+
+    def train():
+        """Train the run, once per invocation: a finished run returns at once, an interrupted one resumes from its
+        newest checkpoint, a lost one trains again."""
+        if not trained:
+            images = [f"train.total_images={args.images}"] if args.images else []
+            ldmkit("train", config, *sets(overrides + [f"train.seed={seed}"] + images), "--out", str(run))
+            trained.append(True)
+
+    def train_and_evaluate():
+        train()
+        evaluate(run, "--num-images", str(args.eval_images))
+
+    if not step(run, "metrics.json", records, budget, train_and_evaluate):
+        return None, None
+    metrics = json.loads((records.of(run) / "metrics.json").read_text())
+    row = {"arm": arm, "seed": seed, "class_agreement": sample_correct(records.of(run))}
+    row["fd_effnetlite0"] = metrics.get("fd_effnetlite0")
+    if probe:
+        row.update(probe_row(run, train, args, records, budget))
     sweep = None
-    if row and arm == "disentangled" and seed in args.sweep_seeds:
-        sweep = control_guidance_sweep(out / f"{arm}-seed{seed}", args, budget)
+    if arm == "disentangled" and seed in args.sweep_seeds:
+        sweep = control_guidance_sweep(run, train, args, records, budget)
     return row, sweep
 
 
@@ -161,7 +190,7 @@ def plot_sweep(points_by_seed: dict[int, list[dict]], summary: dict, path: Path)
     plt.close(fig)
 
 
-def plot_probes(out: Path, seeds: list[int], path: Path) -> None:
+def plot_probes(records: Records, seeds: list[int], path: Path) -> None:
     """One column per control sweep, each arm's mean over seeds with 95% intervals at every value: top, class
     agreement (semantic drift: how the content holds as the control changes); bottom, what adherence measures
     (sharpness for original_size; ink-box IoU with the requested crop for crop_size, dotted: the IoU of samples
@@ -182,7 +211,7 @@ def plot_probes(out: Path, seeds: list[int], path: Path) -> None:
     for col, (control, values) in enumerate(SWEEPS.items()):
         labels = values.split(";")
         for i, arm in enumerate(("additive", "disentangled")):
-            probes = [out / f"{arm}-seed{s}" / f"probe-{control}.json" for s in seeds]
+            probes = [records.root / f"{arm}-seed{s}" / f"probe-{control}.json" for s in seeds]
             probes = [json.loads(f.read_text()) for f in probes if f.is_file()]
             probes = [p for p in probes if below[control][0] in p]  # (probes written before the mirror test)
             if not probes:
@@ -221,18 +250,22 @@ def main() -> int:
     parser.add_argument("--probe-images", type=int, default=100, help="samples per control value (default 100)")
     parser.add_argument("--control-scales", default="1,1.5,2,3", help="control guidance scales of the sweep")
     parser.add_argument("--sweep-seeds", default="0,1,2", help="seeds of the disentangled arm to sweep")
+    parser.add_argument(
+        "--records", default="experiments/records/conditioning", help="the results kept in the repository"
+    )
     parser.add_argument("--budget", type=float, default=None, help="CPU-hours to spend in this invocation")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (logs in <out>/logs; e.g. 8 on one GPU)")
     args = parser.parse_args()
     args.control_scales = [float(s) for s in args.control_scales.split(",") if s]
     args.sweep_seeds = [int(s) for s in args.sweep_seeds.split(",") if s]
-    budget = Budget(args.budget)
+    budget, records = Budget(args.budget), Records(Path(args.records))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",") if s]
     caption_seeds = [int(s) for s in args.caption_seeds.split(",") if s]
     caption_data = [f"data.path={out}/pairs/mnist-{{00000..00008}}.tar", f"data.cache={out}/pairs-cache"]
-    if caption_seeds and not (out / "pairs-cache" / "manifest.json").is_file():
+    pending = any(not records.has(out / f"{p}-seed{s}", "metrics.json") for p in PADDINGS for s in caption_seeds)
+    if pending and budget.allows() and not (out / "pairs-cache" / "manifest.json").is_file():
         if not (out / "pairs").is_dir():
             ldmkit("mnist-shards", str(out / "pairs"), "--layout", "pairs")
         ldmkit("encode", CAPTIONS, *sets(caption_data))
@@ -246,7 +279,8 @@ def main() -> int:
         if seed in caption_seeds:
             arms += [(CAPTIONS, [f"conditioning.padding={p}", *caption_data], p, False) for p in PADDINGS]
         for config, overrides, arm, probe in arms:
-            tasks[f"{arm}-seed{seed}"] = partial(arm_task, config, overrides, arm, seed, out, probe, args, budget)
+            task = partial(arm_task, config, overrides, arm, seed, out, probe, args, records, budget)
+            tasks[f"{arm}-seed{seed}"] = task
     done = run_tasks(tasks, args.jobs, out / "logs")
     results = [row for row, _ in done.values() if row is not None]
     sweeps = {row["seed"]: sweep for row, sweep in done.values() if sweep is not None}
@@ -266,7 +300,8 @@ def main() -> int:
         for p in sweeps[seed]
     ]
     sweep_summary = summarise(points, key="scale")
-    (out / "summary.json").write_text(
+    records.root.mkdir(parents=True, exist_ok=True)
+    (records.root / "summary.json").write_text(
         json.dumps(
             {"results": results, "summary": summary, "paired": comparisons, "sweeps": sweeps, "sweep": sweep_summary},
             indent=1,
@@ -276,11 +311,11 @@ def main() -> int:
     lines += paired_markdown(comparisons)
     if sweep_summary:
         lines += ["## control guidance sweep (disentangled)", "", markdown(sweep_summary)]
-    (out / "summary.md").write_text("\n".join(lines))
+    (records.root / "summary.md").write_text("\n".join(lines))
     if sweep_summary:
-        plot_sweep(sweeps, sweep_summary, out / "control_guidance.png")
+        plot_sweep(sweeps, sweep_summary, records.root / "control_guidance.png")
     if any(r["arm"] in ("additive", "disentangled") for r in results):
-        plot_probes(out, seeds, out / "control_sweeps.png")
+        plot_probes(records, seeds, records.root / "control_sweeps.png")
     print("\n".join(lines))
     return 0
 

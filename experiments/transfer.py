@@ -7,13 +7,17 @@ class-conditional 32x32 model (class token through attention) fine-tuned on the 
 init.semantic replace, against the caption model from scratch for the same total compute. Every arm runs with each
 of `--seeds` (the same images, order and noise for every arm of a seed); every run logs a small-N metric every
 2,500 images (the curve) and is evaluated at the end on `--eval-images` samples. Arms are compared with the scratch
-run of the same seed, paired, with 95% bootstrap intervals. Steps whose outputs exist are skipped, and --budget
-stops starting new ones once that many CPU-hours are spent (a seed, estimated: 210,000 32x32 images at about
-30 images/s per core, about 2 CPU-hours, plus the curves' metrics and the evaluations); --jobs runs that many
-chains at once (per seed: the 16x16 stage and its fine-tunes, scratch, the class stage and its caption fine-tune,
-captions from scratch), each with its share of the cores and its output in <out>/logs/.
+run of the same seed, paired, with 95% bootstrap intervals. Each finished run is recorded in --records, a folder kept in
+the repository (its metrics with the per-sample correctness, its curve), and not run again: re-running continues,
+and a lost <out> costs only the unfinished runs (a fine-tune whose starting stage is gone trains it again from its
+seed). The summaries and the plot are built from the records alone. --budget stops starting new runs once that
+many CPU-hours are spent (a seed, estimated from the digit runs' 14.5 images/s per 1-thread run: 210,000 32x32
+images, about 4 CPU-hours, plus the curves' metrics and the evaluations); --jobs runs that many chains at once (per
+seed: the 16x16 stage and its fine-tunes, scratch, the class stage and its caption fine-tune, captions from
+scratch), each with its share of the cores and its output in <out>/logs/.
   python experiments/transfer.py [--seeds 0,1,2] [--budget 4] [--jobs 2] [--out runs/exp-transfer]
-Writes <out>/summary.json, <out>/summary.md and <out>/curves.png (class agreement against training compute).
+      [--records experiments/records/transfer]
+Writes into the records folder summary.json, summary.md and curves.png (class agreement against training compute).
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 from common import (
     Budget,
+    Records,
     compare,
     evaluate,
     ldmkit,
@@ -53,24 +59,42 @@ def flops_ratio() -> float:
     return flops_per_image(small) / flops_per_image(large)
 
 
+def train(run: Path, config: str, overrides: list[str], seed: int, init: Path | None = None) -> None:
+    """Train one run: a finished run returns at once, an interrupted one resumes, a lost one trains again."""
+    init_args = ["--init", str(init)] if init else []
+    ldmkit("train", config, *sets(overrides + [f"train.seed={seed}"]), *init_args, "--out", str(run))
+
+
+def ready(run: Path, config: str, overrides: list[str], seed: int) -> Path:
+    """The folder of a stage a fine-tune starts from, trained again from its seed if runs/ lost it."""
+    train(run, config, overrides, seed)
+    return run
+
+
 def train_and_eval(
-    run: Path, config: str, overrides: list[str], seed: int, args, budget: Budget, init: Path | None = None
-) -> dict | None:
-    """Train (or resume) and evaluate one run; its final metrics and curve, or None when the budget stops it."""
-    if not (run / "metrics.json").is_file():
-        if not budget.allows():
-            return None
-        init_args = ["--init", str(init)] if init else []
-        ldmkit("train", config, *sets(overrides + [f"train.seed={seed}"]), *init_args, "--out", str(run))
-        evaluate(run, "--num-images", str(args.eval_images))
-    metrics = json.loads((run / "metrics.json").read_text())
+    run: Path, config: str, overrides: list[str], seed: int, args, records: Records, budget: Budget,
+    init: Callable[[], Path] | None = None,
+) -> dict | None:  # fmt: skip
+    """Train (or resume) and evaluate one run unless it is recorded; its final metrics and curve from its record,
+    or None when the budget stops it. init: makes sure the run it starts from exists and gives its folder."""
+    if not records.has(run, "metrics.json"):
+        if not (run / "metrics.json").is_file():
+            if not budget.allows():
+                return None
+            train(run, config, overrides, seed, init() if init else None)
+            evaluate(run, "--num-images", str(args.eval_images))
+        if (run / "eval.jsonl").is_file():
+            records.keep(run, "eval.jsonl")
+        records.keep(run, "metrics.json")
+    record = records.of(run)
+    metrics = json.loads((record / "metrics.json").read_text())
     curve = (
-        [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines() if line.strip()]
-        if (run / "eval.jsonl").is_file()
+        [json.loads(line) for line in (record / "eval.jsonl").read_text().splitlines() if line.strip()]
+        if (record / "eval.jsonl").is_file()
         else []
     )
     return {
-        "class_agreement": sample_correct(run),
+        "class_agreement": sample_correct(record),
         "fd_effnetlite0": metrics.get("fd_effnetlite0"),
         "curve": [{k: r.get(k) for k in ("images", "class_agreement")} for r in curve if "class_agreement" in r],
     }
@@ -143,6 +167,7 @@ def main() -> int:
     )
     parser.add_argument("--eval-images", type=int, default=1000, help="samples per evaluation (default 1000)")
     parser.add_argument("--skip-captions", action="store_true", help="only the resolution part")
+    parser.add_argument("--records", default="experiments/records/transfer", help="the results kept in the repository")
     parser.add_argument("--budget", type=float, default=None, help="CPU-hours to spend in this invocation")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (logs in <out>/logs; e.g. 8 on one GPU)")
     args = parser.parse_args()
@@ -150,13 +175,15 @@ def main() -> int:
     bad = [m for m in modes if m.removesuffix("-shift") not in MODES]
     if bad:
         parser.error(f"--modes: unknown {bad[0]!r} (each of {', '.join(MODES)}, optionally with -shift)")
-    budget = Budget(args.budget)
+    budget, records = Budget(args.budget), Records(Path(args.records))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ratio = flops_ratio()
     scratch_images = args.finetune_images + round(args.base_images * ratio)
     caption_data = [f"data.path={out}/shards/mnist-{{00000..00008}}.tar", f"data.cache={out}/cache"]
-    if not args.skip_captions and not (out / "cache" / "manifest.json").is_file():
+    pending = [f"{arm}-seed{s}" for arm in ("text-from-class", "text-scratch") for s in args.seeds.split(",") if s]
+    pending = [r for r in pending if not records.has(out / r, "metrics.json")]
+    if not args.skip_captions and pending and budget.allows() and not (out / "cache" / "manifest.json").is_file():
         ldmkit("mnist-shards", str(out / "shards"))
         ldmkit("encode", CAPTIONS, *sets(caption_data))
     n = args.caption_images
@@ -167,33 +194,34 @@ def main() -> int:
         """The 16x16 stage, then each fine-tune from it."""
         base = out / f"base-16-seed{seed}"
         low = ["data.resolution=16", "model.input_size=16", f"train.total_images={args.base_images}"]
-        done = [("base-16", train_and_eval(base, DIGITS, low, seed, args, budget))]
+        done = [("base-16", train_and_eval(base, DIGITS, low, seed, args, records, budget))]
         for arm in modes:
             shift = ["diffusion.shift_base_resolution=16"] if arm.endswith("-shift") else []
             overrides = tune + [f"model.pos_embed_resample={arm.removesuffix('-shift')}"] + shift
-            if (base / "metrics.json").is_file():
-                run = out / f"ft32-{arm}-seed{seed}"
-                done.append((f"ft32-{arm}", train_and_eval(run, DIGITS, overrides, seed, args, budget, base)))
+            if records.has(base, "metrics.json"):
+                run, init = out / f"ft32-{arm}-seed{seed}", partial(ready, base, DIGITS, low, seed)
+                done.append((f"ft32-{arm}", train_and_eval(run, DIGITS, overrides, seed, args, records, budget, init)))
         return done
 
     def scratch(seed: int) -> list:
         overrides = [f"train.total_images={scratch_images}"]
-        return [("scratch-32", train_and_eval(out / f"scratch-32-seed{seed}", DIGITS, overrides, seed, args, budget))]
+        run = out / f"scratch-32-seed{seed}"
+        return [("scratch-32", train_and_eval(run, DIGITS, overrides, seed, args, records, budget))]
 
     def caption_chain(seed: int) -> list:
         """The class-conditional stage, then its caption fine-tune."""
         classes = out / f"class-32-seed{seed}"
         stage = [f"train.total_images={n}", "conditioning.mechanism=disentangled"]
-        done = [("class-32", train_and_eval(classes, DIGITS, stage, seed, args, budget))]
-        if (classes / "metrics.json").is_file():
+        done = [("class-32", train_and_eval(classes, DIGITS, stage, seed, args, records, budget))]
+        if records.has(classes, "metrics.json"):
             tuned = captions + [f"train.total_images={n}", "init.semantic=replace", "train.warmup_images=0"]
-            run = out / f"text-from-class-seed{seed}"
-            done.append(("text-from-class", train_and_eval(run, CAPTIONS, tuned, seed, args, budget, classes)))
+            run, init = out / f"text-from-class-seed{seed}", partial(ready, classes, DIGITS, stage, seed)
+            done.append(("text-from-class", train_and_eval(run, CAPTIONS, tuned, seed, args, records, budget, init)))
         return done
 
     def text_scratch(seed: int) -> list:
         run, overrides = out / f"text-scratch-seed{seed}", captions + [f"train.total_images={2 * n}"]
-        return [("text-scratch", train_and_eval(run, CAPTIONS, overrides, seed, args, budget))]
+        return [("text-scratch", train_and_eval(run, CAPTIONS, overrides, seed, args, records, budget))]
 
     # Seed by seed (an interrupted experiment has whole seeds); a chain's runs follow one another.
     chains = [("resolution", resolution_chain), ("scratch", scratch)]
@@ -218,7 +246,8 @@ def main() -> int:
         for a, b in [(f"ft32-{m}", "scratch-32") for m in modes] + [("text-from-class", "text-scratch")]
         if {a, b} <= arms
     }
-    (out / "summary.json").write_text(
+    records.root.mkdir(parents=True, exist_ok=True)
+    (records.root / "summary.json").write_text(
         json.dumps(
             {
                 "flops_ratio_16_over_32": ratio,
@@ -230,10 +259,10 @@ def main() -> int:
             indent=1,
         )  # fmt: skip
     )
-    plot(results, ratio, args.base_images, args.caption_images, out / "curves.png")
+    plot(results, ratio, args.base_images, args.caption_images, records.root / "curves.png")
     lines = [f"Scratch 32x32 runs: {scratch_images} images (equal compute).", "", markdown(summary)]
     lines += paired_markdown(paired)
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    (records.root / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

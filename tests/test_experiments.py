@@ -1,7 +1,10 @@
 """The experiment scripts' runner (experiments/common.py): runs in parallel, each with its log and its share of the
 cores, and failures reported together after the others finish."""
 
+import json
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -50,3 +53,107 @@ def test_summary_markdown_gives_each_arm_its_seeds_mean_interval_and_per_seed_va
     assert "| fd | 25.000 [20.000, 30.000] | 7.071 | 20.000 / 30.000 |" in text
     # one seed of per-sample values still has an interval (over its samples); one seed of one number has none
     assert "| agreement | 0.500 [" in text and "| fd | 40.000 | 0.000 | 40.000 |" in text
+
+
+def _fake_run(run: Path, correct: list[int], fd: float) -> None:
+    """A run folder as `ldmkit eval` leaves it: metrics.json naming its sample set, predictions beside the samples."""
+    samples = run / "samples"
+    samples.mkdir(parents=True)
+    labels = list(range(len(correct)))
+    predicted = [label if ok else (label + 1) % 10 for label, ok in zip(labels, correct)]
+    (samples / "predictions.json").write_text(json.dumps({"labels": labels, "predicted": predicted}))
+    metrics = {"sample_set": str(samples), "class_agreement": sum(correct) / len(correct), "fd_effnetlite0": fd}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_a_record_keeps_the_per_sample_correctness_so_the_run_folder_can_be_lost(tmp_path):
+    run = tmp_path / "runs" / "additive-seed3"
+    _fake_run(run, [1, 1, 0, 1], 31.5)
+    (run / "probe-flip.json").write_text(json.dumps({"class_agreement": [0.9, 0.8]}))
+    records = common.Records(tmp_path / "records")
+    assert not records.has(run, "metrics.json")
+    records.keep(run, "metrics.json")
+    records.keep(run, "probe-flip.json")
+    shutil.rmtree(tmp_path / "runs")
+    record = records.of(run)
+    assert record == tmp_path / "records" / "additive-seed3" and records.has(run, "metrics.json")
+    assert common.sample_correct(record) == [1.0, 1.0, 0.0, 1.0]
+    assert json.loads((record / "metrics.json").read_text())["fd_effnetlite0"] == 31.5
+    assert json.loads((record / "probe-flip.json").read_text()) == {"class_agreement": [0.9, 0.8]}
+    assert not list(record.glob("*.partial"))
+
+
+def _probe(control: str, level: float) -> dict:
+    """A probe's output with the fields the conditioning summary reads, `level` moving every adherence figure."""
+    n = 2 if control == "flip" else 3
+    probe = {"class_agreement": [0.9] * n, "label_change_rate": 0.1, "feature_drift": level}
+    if control == "original_size":
+        probe.update(sharpness=[level * v for v in range(n)], size_sharpness_correlation=level)
+    if control == "crop_size":
+        probe.update(crop_iou=[1.0, level, level], crop_iou_if_ignored=[1.0, 0.5, 0.4])
+    if control == "flip":
+        probe.update(mirrored_class_agreement=[0.5, 0.5 + level / 2], flip_effect=level)
+    return probe
+
+
+def test_the_conditioning_summary_is_built_from_the_records_alone(tmp_path):
+    """Every step recorded, no run folder at all: a re-run with no budget trains nothing and still writes the
+    summary, the paired comparison, the guidance sweep and both plots into the records folder."""
+    records = tmp_path / "records"
+    for arm, level in (("additive", 0.2), ("disentangled", 0.6)):
+        for seed in (0, 1):
+            run = tmp_path / "lost" / f"{arm}-seed{seed}"
+            _fake_run(run, [1] * (8 + seed) + [0] * (2 - seed), 30.0 - 5 * level + seed)
+            for control in ("original_size", "crop_size", "flip"):
+                names = [f"probe-{control}.json"] + ([f"probe-{control}-cg2.json"] if arm == "disentangled" else [])
+                for name, shift in zip(names, (0.0, 0.1)):
+                    (run / name).write_text(json.dumps(_probe(control, level + shift)))
+            if arm == "disentangled":
+                (run / "metrics-cg1.json").write_text((run / "metrics.json").read_text())
+                (run / "metrics-cg2.json").write_text((run / "metrics.json").read_text())
+            for name in [p.name for p in run.glob("*.json")]:
+                common.Records(records).keep(run, name)
+    shutil.rmtree(tmp_path / "lost")
+    script = Path(__file__).resolve().parents[1] / "experiments" / "conditioning.py"
+    out = tmp_path / "out"
+    command = [sys.executable, str(script), "--seeds", "0,1", "--caption-seeds", "", "--sweep-seeds", "0,1"]
+    command += ["--control-scales", "1,2", "--budget", "0", "--out", str(out), "--records", str(records)]
+    subprocess.run(command, check=True, capture_output=True, text=True, cwd=tmp_path)
+    assert list(out.iterdir()) == []  # nothing trained, evaluated or probed
+    summary = json.loads((records / "summary.json").read_text())
+    assert summary["summary"]["disentangled"]["seeds"] == [0, 1]
+    assert summary["summary"]["additive"]["class_agreement"]["mean"] == pytest.approx(0.85)
+    paired = summary["paired"]["disentangled - additive"]
+    assert paired["fd_effnetlite0"]["mean"] == pytest.approx(-2.0)
+    assert paired["crop_size.crop_iou_gain"]["mean"] == pytest.approx(0.6 - 0.2)
+    sweep = summary["sweep"]
+    assert sweep["control guidance 2"]["original_size.size_sharpness_correlation"]["mean"] == pytest.approx(0.7)
+    assert sweep["control guidance 1"]["original_size.size_sharpness_correlation"]["mean"] == pytest.approx(0.6)
+    text = (records / "summary.md").read_text()
+    assert "### paired by seed: disentangled - additive" in text and "## control guidance sweep" in text
+    assert (records / "control_sweeps.png").stat().st_size > 0 and (records / "control_guidance.png").stat().st_size
+
+
+def test_the_transfer_summary_is_built_from_the_records_alone(tmp_path):
+    records = tmp_path / "records"
+    for arm, ok in (("base-16", 9), ("ft32-interpolate-shift", 9), ("scratch-32", 7)):
+        for seed in (0, 1):
+            run = tmp_path / "lost" / f"{arm}-seed{seed}"
+            _fake_run(run, [1] * (ok - seed) + [0] * (10 - ok + seed), 40.0 - 2 * ok)
+            curve = [{"images": i * 2500, "class_agreement": ok * i / 30} for i in (1, 2, 3)]
+            (run / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve))
+            for name in ("metrics.json", "eval.jsonl"):
+                common.Records(records).keep(run, name)
+    shutil.rmtree(tmp_path / "lost")
+    script = Path(__file__).resolve().parents[1] / "experiments" / "transfer.py"
+    out = tmp_path / "out"
+    command = [sys.executable, str(script), "--seeds", "0,1", "--modes", "interpolate-shift", "--skip-captions"]
+    command += ["--budget", "0", "--out", str(out), "--records", str(records)]
+    subprocess.run(command, check=True, capture_output=True, text=True, cwd=Path(script).parents[1])
+    assert list(out.iterdir()) == []  # nothing trained or evaluated
+    summary = json.loads((records / "summary.json").read_text())
+    assert summary["summary"]["scratch-32"]["class_agreement"]["mean"] == pytest.approx(0.65)
+    paired = summary["paired"]["ft32-interpolate-shift - scratch-32"]
+    assert paired["class_agreement"]["mean"] == pytest.approx(0.2) and paired["fd_effnetlite0"]["mean"] == -4.0
+    assert [p["images"] for p in summary["runs"]["base-16"][0]["curve"]] == [2500, 5000, 7500]
+    assert (records / "curves.png").stat().st_size > 0 and "| class_agreement |" in (records / "summary.md").read_text()
