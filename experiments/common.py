@@ -81,6 +81,21 @@ class Records:
         os.replace(partial, target)
         return target
 
+    def step(self, run: Path, name: str, budget: Budget, make: Callable[[], None], also: tuple[str, ...] = ()) -> bool:
+        """Make run/name unless it is recorded (make: the commands that write it), then record it, after the files
+        of `also` that the step wrote beside it. False when the budget stopped it."""
+        if self.has(run, name):
+            return True
+        if not (Path(run) / name).is_file():
+            if not budget.allows():
+                return False
+            make()
+        for other in also:
+            if (Path(run) / other).is_file():
+                self.keep(run, other)
+        self.keep(run, name)
+        return True
+
 
 def evaluate(run: Path, *args: str, store: Path | None = None) -> None:
     """`ldmkit eval RUN ARGS`, with the digit classifier shared by every run on the same digits (store/): trained by

@@ -57,19 +57,6 @@ SWEEPS = {"original_size": "20,20;24,24;28,28", "crop_size": "28,28;25,25;22,22"
 PROBED = ("label_change_rate", "feature_drift", "flip_effect", "size_sharpness_correlation")
 
 
-def step(run: Path, name: str, records: Records, budget: Budget, make: Callable[[], None]) -> bool:
-    """Make run/name unless it is recorded (make: the commands that write it), then record it. False when the
-    budget stopped it."""
-    if records.has(run, name):
-        return True
-    if not (run / name).is_file():
-        if not budget.allows():
-            return False
-        make()
-    records.keep(run, name)
-    return True
-
-
 def probe_row(run: Path, train: Callable[[], None], args, records: Records, budget: Budget, scale=None) -> dict:
     """Probe metrics of a run (at a control guidance scale), from its records. The probes the budget stopped are
     left out of the row (the summary reports what exists; paired comparisons use a metric only where every run of
@@ -85,7 +72,7 @@ def probe_row(run: Path, train: Callable[[], None], args, records: Records, budg
             probe = ["probe", str(run), "--control", control, "--values", values, "--num", str(args.probe_images)]
             ldmkit(*probe, "--json", str(run / name), *extra)
 
-        if not step(run, name, records, budget, make):
+        if not records.step(run, name, budget, make):
             continue
         probed = json.loads((records.of(run) / name).read_text())
         row.update({f"{control}.{k}": probed[k] for k in PROBED if k in probed})
@@ -111,7 +98,7 @@ def control_guidance_sweep(run: Path, train: Callable[[], None], args, records: 
                 "--json", str(run / name),
             )  # fmt: skip
 
-        if not step(run, name, records, budget, make):
+        if not records.step(run, name, budget, make):
             break
         probed = probe_row(run, train, args, records, budget, scale)
         points.append({"scale": scale, "class_agreement": sample_correct(records.of(run), name), **probed})
@@ -138,7 +125,7 @@ def arm_task(
         train()
         evaluate(run, "--num-images", str(args.eval_images))
 
-    if not step(run, "metrics.json", records, budget, train_and_evaluate):
+    if not records.step(run, "metrics.json", budget, train_and_evaluate):
         return None, None
     metrics = json.loads((records.of(run) / "metrics.json").read_text())
     row = {"arm": arm, "seed": seed, "class_agreement": sample_correct(records.of(run))}

@@ -77,15 +77,13 @@ def train_and_eval(
 ) -> dict | None:  # fmt: skip
     """Train (or resume) and evaluate one run unless it is recorded; its final metrics and curve from its record,
     or None when the budget stops it. init: makes sure the run it starts from exists and gives its folder."""
-    if not records.has(run, "metrics.json"):
-        if not (run / "metrics.json").is_file():
-            if not budget.allows():
-                return None
-            train(run, config, overrides, seed, init() if init else None)
-            evaluate(run, "--num-images", str(args.eval_images))
-        if (run / "eval.jsonl").is_file():
-            records.keep(run, "eval.jsonl")
-        records.keep(run, "metrics.json")
+
+    def train_and_evaluate():
+        train(run, config, overrides, seed, init() if init else None)
+        evaluate(run, "--num-images", str(args.eval_images))
+
+    if not records.step(run, "metrics.json", budget, train_and_evaluate, also=("eval.jsonl",)):
+        return None
     record = records.of(run)
     metrics = json.loads((record / "metrics.json").read_text())
     curve = (

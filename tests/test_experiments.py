@@ -83,6 +83,22 @@ def test_a_record_keeps_the_per_sample_correctness_so_the_run_folder_can_be_lost
     assert not list(record.glob("*.partial"))
 
 
+def test_a_step_runs_once_records_what_it_wrote_and_stops_at_the_budget(tmp_path):
+    records, run, made = common.Records(tmp_path / "records"), tmp_path / "runs" / "base-16-seed0", []
+
+    def make():
+        made.append(True)
+        _fake_run(run, [1, 0], 20.0)
+        (run / "eval.jsonl").write_text('{"images": 2500}\n')
+
+    assert not records.step(run, "metrics.json", common.Budget(0), make, also=("eval.jsonl",))
+    assert not made and not records.has(run, "metrics.json")
+    assert records.step(run, "metrics.json", common.Budget(None), make, also=("eval.jsonl",))
+    assert records.has(run, "eval.jsonl") and common.sample_correct(records.of(run)) == [1.0, 0.0]
+    shutil.rmtree(run)  # recorded: neither made again nor stopped by a spent budget
+    assert records.step(run, "metrics.json", common.Budget(0), make) and made == [True]
+
+
 def _probe(control: str, level: float) -> dict:
     """A probe's output with the fields the conditioning summary reads, `level` moving every adherence figure."""
     n = 2 if control == "flip" else 3
