@@ -194,7 +194,9 @@ def test_skip_layer_guidance_follows_sd35s_reference_and_is_plain_cfg_when_off()
             expected = plain(x, t)
             if 1 < evaluation < 5:
                 expected = expected + 2.5 * (c - c_skip)
-            assert torch.allclose(slg(x, t), expected, atol=1e-6), evaluation
+            # the guided passes are batched, c and c_skip were not: float32 kernels chosen by batch size differ in
+            # rounding, amplified by the large random weights (up to 5e-5 seen on outputs up to 16)
+            assert torch.allclose(slg(x, t), expected, atol=2e-4), evaluation
         assert not torch.allclose(c, c_skip, atol=1e-3)  # the skipped blocks mattered
         assert torch.equal(model(x, t, cond), c)  # and are back in place
         off = guided(model, cond, Guidance(4.0, steps=steps, skip_layers=layers, skip_scale=0.0))
