@@ -22,8 +22,11 @@ demo: $(STAMP)
 demo-text: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/ldmkit demo --config configs/demo/mnist_text_dit.yaml --out runs/demo-text/run
 
+# One pytest-xdist worker per core (at most 4; tests/conftest.py shares the cores' threads among them).
+XDIST := -n auto --maxprocesses 4 --dist worksteal
+
 test: lint
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15 tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(XDIST) --durations=15 tests
 
 # Style: ruff (line length 120, pyflakes, isort, and ruff format's layout; settings in pyproject.toml).
 # Part of `make test`. `make format` rewrites the files to pass.
@@ -37,7 +40,7 @@ format: $(STAMP)
 
 # The edit loop: everything but the end-to-end runs marked slow (make test runs them all, as CI does).
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(XDIST) -m "not slow" tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py --preset DiT-S/2 --resolution 32 --batch 32 --steps 10

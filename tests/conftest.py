@@ -1,10 +1,25 @@
 import os
+import socket
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(2)
+# `make test` runs the suite on pytest-xdist workers, one per core: each worker and the processes it starts get an
+# equal share of the cores, so that workers do not fight over them (more threads than cores slows matrix products).
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, (os.cpu_count() or 1) // _workers))
+torch.set_num_threads(THREADS)
+if _workers > 1:
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+
+
+def free_port() -> int:
+    """A TCP port no process listens on now: the rendezvous port of a multi-process test (workers run at once)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 TINY = [
     "model.preset=DiT-tiny/4",

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY, state_of
+from conftest import TINY, free_port, state_of
 
 from ldmkit.cli import main
 from ldmkit.config import load_config
@@ -36,14 +36,14 @@ def _worker(rank, world, port, argv):
     sys.exit(main(argv))
 
 
-def train_on(processes: int, run_dir, overrides: list[str], port: int) -> list[int]:
+def train_on(processes: int, run_dir, overrides: list[str]) -> list[int]:
     """`ldmkit train` on `processes` forked processes (torchrun's environment; forks start in a fraction of the
     time fresh interpreters take); returns their exit codes."""
     config = run_dir.parent / f"{run_dir.name}.yaml"
     config.write_text(f"name: {run_dir.name}\n")
     argv = ["train", str(config), "--out", str(run_dir)] + [a for o in overrides for a in ("--set", o)]
     ctx = multiprocessing.get_context("fork")
-    port += os.getpid() % 1000
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(rank, processes, port, argv)) for rank in range(processes)]
     for p in procs:
         p.start()
@@ -66,8 +66,8 @@ def reference(tmp_path_factory):
 @pytest.mark.slow
 def test_fsdp_and_hsdp_train_the_model_one_process_trains(reference, tmp_path):
     # (the fsdp run writes its checkpoints in the background: the same weights, complete folders)
-    assert train_on(2, tmp_path / "fsdp", RUN + ["train.parallel=fsdp", "train.async_checkpoint=true"], 33100) == [0, 0]
-    assert train_on(4, tmp_path / "hsdp", RUN + ["train.parallel=hsdp", "train.shard_size=2"], 34100) == [0] * 4
+    assert train_on(2, tmp_path / "fsdp", RUN + ["train.parallel=fsdp", "train.async_checkpoint=true"]) == [0, 0]
+    assert train_on(4, tmp_path / "hsdp", RUN + ["train.parallel=hsdp", "train.shard_size=2"]) == [0] * 4
     for name in ("fsdp", "hsdp"):
         checkpoints = sorted(p.name for p in (tmp_path / name / "checkpoints").iterdir())
         assert checkpoints == ["ckpt-0000000064.dcp", "ckpt-0000000128.dcp"]  # sharded, complete, pruned to 2
@@ -83,7 +83,7 @@ def test_fsdp_and_hsdp_train_the_model_one_process_trains(reference, tmp_path):
 def test_a_sharded_checkpoint_resumes_on_fewer_processes(reference, tmp_path):
     """Saved by 4 processes at 64 images; resumed by 2 (fsdp) and by 1 (one process, no sharding)."""
     half = RUN + ["train.parallel=fsdp", "train.total_images=64"]
-    assert train_on(4, tmp_path / "four", half, 35100) == [0] * 4
+    assert train_on(4, tmp_path / "four", half) == [0] * 4
     (tmp_path / "four").rename(tmp_path / "two")
     shutil.copytree(tmp_path / "two", tmp_path / "four")  # the same 4-process checkpoint, for the 1-process resume
     # a newer checkpoint a crash left incomplete (no ldmkit.pt), and an interrupted write: both are passed over
@@ -91,7 +91,7 @@ def test_a_sharded_checkpoint_resumes_on_fewer_processes(reference, tmp_path):
     shutil.copytree(checkpoints / "ckpt-0000000064.dcp", checkpoints / "ckpt-0000000080.dcp")
     (checkpoints / "ckpt-0000000080.dcp" / "ldmkit.pt").unlink()
     shutil.copytree(checkpoints / "ckpt-0000000064.dcp", checkpoints / "ckpt-0000000096.dcp.tmp")
-    assert train_on(2, tmp_path / "two", RUN + ["train.parallel=fsdp"], 36100) == [0, 0]
+    assert train_on(2, tmp_path / "two", RUN + ["train.parallel=fsdp"]) == [0, 0]
     assert not (checkpoints / "ckpt-0000000096.dcp.tmp").exists()
     resume = ["train", str(tmp_path / "four"), "--set", "train.total_images=128", "--set", "train.parallel=ddp"]
     assert main(resume) == 0
@@ -139,7 +139,7 @@ def test_torchrun_restarts_a_run_whose_process_died(reference, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--max-restarts", "1"]
     # c10d rendezvous, as on several nodes. A restarted attempt must not read the dead attempt's addresses from
     # torchrun's store (ldmkit.distributed.restart_store): without that, this test failed about 3 times in 4.
-    torchrun += ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{38100 + os.getpid() % 1000}"]
+    torchrun += ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}"]
     command = torchrun + [str(script), str(tmp_path / "died"), "train", str(config), "--out", str(tmp_path / "run")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(command + sets, env=env, capture_output=True, text=True, timeout=240)

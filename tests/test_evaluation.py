@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, free_port
 from PIL import Image
 
 from ldmkit.cli import main
@@ -46,7 +46,7 @@ def test_sample_set_is_identical_on_one_and_two_processes(run, tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29533",
+        str(free_port()),
         "-m",
         "ldmkit.cli",
         "eval",

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, state_of, tiny_config
+from conftest import TINY, free_port, state_of, tiny_config
 from PIL import Image
 
 from ldmkit.checkpoint import (
@@ -394,12 +394,12 @@ def _ddp_worker(rank, port, run_dir, timeout_s, action, parallel="ddp"):
     )
 
 
-def _two_processes(tmp_path, port_base, timeout_s, action, parallel="ddp"):
+def _two_processes(tmp_path, timeout_s, action, parallel="ddp"):
     import multiprocessing
 
     (tmp_path / "c.yaml").write_text("name: two\n")
     ctx = multiprocessing.get_context("fork")
-    port = port_base + os.getpid() % 1000
+    port = free_port()
     args = (port, tmp_path, timeout_s, action, parallel)
     procs = [ctx.Process(target=_ddp_worker, args=(rank, *args)) for rank in (0, 1)]
     for p in procs:
@@ -411,7 +411,7 @@ def _two_processes(tmp_path, port_base, timeout_s, action, parallel="ddp"):
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_a_frozen_process_ends_a_two_process_run_within_the_timeout(tmp_path, parallel):
     # Process 1 freezes after a few steps, as a hung GPU or a stopped node would.
-    procs = _two_processes(tmp_path, 31500 if parallel == "ddp" else 39500, 10, signal.SIGSTOP, parallel)
+    procs = _two_processes(tmp_path, 10, signal.SIGSTOP, parallel)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not _is_stopped(procs[1].pid):
@@ -433,7 +433,7 @@ def test_a_frozen_process_ends_a_two_process_run_within_the_timeout(tmp_path, pa
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tmp_path, parallel):
-    procs = _two_processes(tmp_path, 32500 if parallel == "ddp" else 40500, 60, signal.SIGTERM, parallel)
+    procs = _two_processes(tmp_path, 60, signal.SIGTERM, parallel)
     for p in procs:
         p.join(timeout=120)
     assert [p.exitcode for p in procs] == [75, 75]

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import TINY, state_of, tiny_config
+from conftest import TINY, free_port, state_of, tiny_config
 
 from ldmkit.checkpoint import CheckpointError
 from ldmkit.config import ConfigError
@@ -164,7 +164,7 @@ def _ddp_worker(rank, world, port, run_dir, overrides):
 def test_two_process_ddp_equals_one_process(tmp_path):
     overrides = ["train.micro_batch=4"]  # 1 process: 4 accumulation rounds; 2 processes: 2 rounds each
     single = training_loop(tiny_config(*overrides), tmp_path / "single", quiet=True)
-    port = 29500 + os.getpid() % 1000
+    port = free_port()
     mp.start_processes(
         _ddp_worker, args=(2, port, str(tmp_path / "ddp"), overrides), nprocs=2, join=True, start_method="fork"
     )
@@ -192,7 +192,7 @@ def test_torchrun_launch_equals_one_process(tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        str(30500 + os.getpid() % 1000),
+        str(free_port()),
     ]
     r = subprocess.run(
         torchrun + ["-m", "ldmkit.cli", "train", str(config), "--out", str(tmp_path / "ddp")] + sets,
