@@ -232,6 +232,6 @@ def paired_markdown(comparisons: dict) -> list[str]:
         lines += [f"### paired by seed: {name}", "", "| metric | difference [95% interval] | seeds | verdict |"]
         lines += ["|---|---|---|---|"]
         for m, d in per_metric.items():
-            lines.append(f"| {m} | {d['mean']:.3f} [{d['low']:.3f}, {d['high']:.3f}] | {d['seeds']} | {d['verdict']} |")
+            lines.append(f"| {m} | {format_interval(d)} | {d['seeds']} | {d['verdict']} |")
         lines.append("")
     return lines

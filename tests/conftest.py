@@ -1,5 +1,6 @@
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -19,6 +20,12 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def torchrun_command(processes: int = 2) -> list[str]:
+    """The start of a `torchrun --nproc_per_node N` command line on a free rendezvous port (this interpreter)."""
+    port = str(free_port())
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", port]
 
 
 TINY = [

@@ -4,11 +4,10 @@ independent dropout, sampling with control values and control guidance."""
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import TINY, free_port, randomised, state_of
+from conftest import TINY, randomised, state_of, torchrun_command
 
 from ldmkit.cli import main
 from ldmkit.conditioning.cond import Cond
@@ -246,15 +245,7 @@ def test_probe_reports_drift_and_flip_effect(tmp_path):
     assert len(out["mirrored_class_agreement"]) == 2 and all(0 <= a <= 1 for a in out["mirrored_class_agreement"])
     # under torchrun the samples are split over the processes: the same figures
     (run / "probe-flip.json").rename(tmp_path / "one.json")
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-    ]
+    torchrun = torchrun_command()
     probe = ["-m", "ldmkit.cli", "probe", str(run), "--control", "flip", "--values", "0;1", "--num-images", "10"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(torchrun + probe + ["--steps", "2"], env=env, capture_output=True, text=True, timeout=600)

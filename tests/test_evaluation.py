@@ -5,12 +5,11 @@ KID / precision-recall / density-coverage."""
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, free_port
+from conftest import TINY, torchrun_command
 from PIL import Image
 
 from ldmkit.cli import main
@@ -39,14 +38,7 @@ def test_sample_set_is_identical_on_one_and_two_processes(run, tmp_path):
         == 0
     )
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
+    cmd = torchrun_command() + [
         "-m",
         "ldmkit.cli",
         "eval",

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import TINY, free_port, state_of, tiny_config
+from conftest import TINY, free_port, state_of, tiny_config, torchrun_command
 
 from ldmkit.checkpoint import CheckpointError
 from ldmkit.config import ConfigError
@@ -185,15 +185,7 @@ def test_torchrun_launch_equals_one_process(tmp_path):
     config.write_text("name: torchrun\n")
     sets = [a for o in TINY + ["train.total_images=64", "train.micro_batch=8"] for a in ("--set", o)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-    ]
+    torchrun = torchrun_command()
     r = subprocess.run(
         torchrun + ["-m", "ldmkit.cli", "train", str(config), "--out", str(tmp_path / "ddp")] + sets,
         env=env,
