@@ -99,17 +99,17 @@ def trained_hashes(name: str, root: Path) -> dict[str, str]:
     }
 
 
+@pytest.fixture
+def recorded_threads():
+    """2 threads, as recorded, whatever share of the cores this test worker has."""
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(THREADS)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_training_is_bit_identical_to_the_record(name, tmp_path):
-    torch.set_num_threads(2)  # as recorded, whatever share of the cores this test worker has
-    try:
-        _check_against_the_record(name, tmp_path)
-    finally:
-        torch.set_num_threads(THREADS)
-
-
-def _check_against_the_record(name, tmp_path):
+def test_training_is_bit_identical_to_the_record(name, tmp_path, recorded_threads):
     record = json.loads(RECORD.read_text())
     if record["environment"] != environment():
         pytest.skip(f"recorded on {record['environment']}, running on {environment()}: bit equality is not defined")
