@@ -52,7 +52,8 @@ DIGITS = "configs/experiments/conditioning_digits.yaml"
 CAPTIONS = "configs/experiments/conditioning_pairs.yaml"
 PADDINGS = ("zero", "zero_unmasked", "noisy_replicate")
 # One control at a time, the others at the sampling defaults; the first value is the uncropped full-size digit.
-# Within the training range (original_size 20..28, crops of 80-100% of the area: sides down to about 25).
+# original_size within the trained 20..28; the crops from a 28-pixel original: 25 at the edge of the trained 80-100%
+# of the area (79.7%), 22 beyond it (61.7%), where a followed crop moves the ink box most.
 SWEEPS = {"original_size": "20,20;24,24;28,28", "crop_size": "28,28;25,25;22,22", "flip": "0;1"}
 PROBED = ("label_change_rate", "feature_drift", "flip_effect", "size_sharpness_correlation")
 
