@@ -1,5 +1,5 @@
-"""Helpers shared by the experiment scripts: run the ldmkit CLI, summarise per-seed results with 95% bootstrap
-intervals, compare two arms paired by seed, write markdown. Every experiment reports the same way."""
+"""Helpers shared by the experiment scripts: run the ldmkit CLI, summarise per-seed results with 95% intervals
+(ldmkit.eval.stats), compare two arms paired by seed, write markdown. Every experiment reports the same way."""
 
 from __future__ import annotations
 
@@ -185,8 +185,8 @@ def sets(overrides: list[str]) -> list[str]:
 
 def summarise(results: list[dict], key: str = "arm") -> dict:
     """{arm: {"seeds": [...], metric: {mean, low, high, std, values}}} over the rows of each arm: the mean over seeds
-    with its 95% bootstrap interval (ldmkit.eval.stats.interval; a metric given as a list of per-sample values is
-    resampled within each seed too)."""
+    with its 95% interval (ldmkit.eval.stats.interval: Student's t over seeds; a metric given as a list of
+    per-sample values counts by its per-seed mean, and with one seed its samples are bootstrapped)."""
     summary: dict = {}
     for arm in dict.fromkeys(r[key] for r in results):
         rows = [r for r in results if r[key] == arm]

@@ -1,7 +1,7 @@
 """The conditioning experiment (results: docs/results/conditioning.md).
 
 Arms, each trained for the same number of images with the same training seeds (same images, order and noise in
-every arm of a seed), evaluated, probed and compared paired by seed with 95% bootstrap intervals:
+every arm of a seed), evaluated, probed and compared paired by seed with 95% intervals:
   digits:   configs/experiments/conditioning_digits.yaml with conditioning.mechanism additive | disentangled;
             evaluated on --eval-images samples (digit-classifier agreement, FD-EffNetLite0), probed on each
             control (--probe-images per value: semantic drift and adherence), and the disentangled arm's control

@@ -7,7 +7,7 @@ class-conditional 32x32 model (class token through attention) fine-tuned on the 
 init.semantic replace, against the caption model from scratch for the same total compute. Every arm runs with each
 of `--seeds` (the same images, order and noise for every arm of a seed); every run logs a small-N metric every
 2,500 images (the curve) and is evaluated at the end on `--eval-images` samples. Arms are compared with the scratch
-run of the same seed, paired, with 95% bootstrap intervals. Each finished run is recorded in --records, a folder kept in
+run of the same seed, paired, with 95% intervals. Each finished run is recorded in --records, a folder kept in
 the repository (its metrics with the per-sample correctness, its curve), and not run again: re-running continues,
 and a lost <out> costs only the unfinished runs (a fine-tune whose starting stage is gone trains it again from its
 seed). The summaries and the plot are built from the records alone. --budget stops starting new runs once that

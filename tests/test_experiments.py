@@ -50,7 +50,8 @@ def test_summary_markdown_gives_each_arm_its_seeds_mean_interval_and_per_seed_va
     assert summary["a"]["agreement"]["mean"] == pytest.approx(0.7)
     text = common.markdown(summary)
     assert "### a (2 seeds: 0, 1)" in text and "### b (1 seed: 0)" in text
-    assert "| fd | 25.000 [20.000, 30.000] | 7.071 | 20.000 / 30.000 |" in text
+    # Student's t over two seeds: 25 +- t(0.975, 1) x 7.071 / sqrt(2) = 25 +- 63.531
+    assert "| fd | 25.000 [-38.531, 88.531] | 7.071 | 20.000 / 30.000 |" in text
     # one seed of per-sample values still has an interval (over its samples); one seed of one number has none
     assert "| agreement | 0.500 [" in text and "| fd | 40.000 | 0.000 | 40.000 |" in text
 
