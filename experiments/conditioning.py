@@ -21,7 +21,8 @@ Usage:
   python experiments/conditioning.py [--seeds 0,1,2,3,4] [--caption-seeds ...] [--sweep-seeds 0,1,2]
       [--budget 6] [--jobs 2] [--out runs/exp-conditioning] [--records experiments/records/conditioning]
 Writes into the records folder summary.json, summary.md (mean [95% interval], per seed, paired differences, the
-sweep by scale), control_sweeps.png (each control sweep, both arms) and control_guidance.png.
+sweep by scale and each scale paired with the first by seed), control_sweeps.png (each control sweep, both arms) and
+control_guidance.png (adherence against class agreement and FD-EffNetLite0 at each scale).
 """
 
 from __future__ import annotations
@@ -102,7 +103,9 @@ def control_guidance_sweep(run: Path, train: Callable[[], None], args, records: 
         if not records.step(run, name, budget, make):
             break
         probed = probe_row(run, train, args, records, budget, scale)
-        points.append({"scale": scale, "class_agreement": sample_correct(records.of(run), name), **probed})
+        fd = json.loads((records.of(run) / name).read_text()).get("fd_effnetlite0")
+        quality = {"class_agreement": sample_correct(records.of(run), name), "fd_effnetlite0": fd}
+        points.append({"scale": scale, **quality, **probed})
     return points
 
 
@@ -140,35 +143,39 @@ def arm_task(
 
 
 def plot_sweep(points_by_seed: dict[int, list[dict]], summary: dict, path: Path) -> None:
-    """Adherence against class agreement at each control guidance scale: each seed faint, the mean over seeds with
-    its 95% intervals on both axes (summary: the sweep's summarise() by scale label)."""
+    """Adherence against quality (class agreement, top; FD-EffNetLite0, bottom) at each control guidance scale: each
+    seed faint, the mean over seeds with its 95% intervals on both axes (summary: the sweep's summarise() by scale
+    label)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = ["original_size.size_sharpness_correlation", "crop_size.crop_iou_gain", "flip.mirror_test"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.6), dpi=120)
-    for ax, key in zip(axes, keys):
-        for seed, points in points_by_seed.items():
-            points = [p for p in points if key in p]  # (probes the budget stopped are missing)
-            xs, ys = [p[key] for p in points], [sum(p["class_agreement"]) / len(p["class_agreement"]) for p in points]
-            ax.plot(xs, ys, color="gray", alpha=0.35, linewidth=1)
-        labels = [label for label, s in summary.items() if key in s]
-        means = [summary[label] for label in labels]
-        x = [s[key]["mean"] for s in means]
-        y = [s["class_agreement"]["mean"] for s in means]
-        xerr = [[v - s[key]["low"] for v, s in zip(x, means)], [s[key]["high"] - v for v, s in zip(x, means)]]
-        yerr = [[v - s["class_agreement"]["low"] for v, s in zip(y, means)]]
-        yerr.append([s["class_agreement"]["high"] - v for v, s in zip(y, means)])
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", color="C0", capsize=2, label="mean, 95% interval")
-        for label, xi, yi in zip(labels, x, y):
-            ax.annotate(label.removeprefix("control guidance "), (xi, yi), fontsize=8, xytext=(4, 4),
-                        textcoords="offset points")  # fmt: skip
-        ax.ticklabel_format(axis="both", style="plain", useOffset=False)
-        ax.set_xlabel(key.replace(".", ": "))
-        ax.set_ylabel("class agreement")
-    axes[0].legend(fontsize=7)
+    qualities = {"class_agreement": "class agreement", "fd_effnetlite0": "FD-EffNetLite0"}
+    fig, axes = plt.subplots(len(qualities), len(keys), figsize=(4 * len(keys), 3.4 * len(qualities)), dpi=120)
+    mean = lambda v: sum(v) / len(v) if isinstance(v, list) else v  # noqa: E731
+    for row, (quality, quality_label) in enumerate(qualities.items()):
+        for ax, key in zip(axes[row], keys):
+            for seed, points in points_by_seed.items():
+                points = [p for p in points if p.get(key) is not None and p.get(quality) is not None]
+                ax.plot([p[key] for p in points], [mean(p[quality]) for p in points], color="gray", alpha=0.35,
+                        linewidth=1)  # fmt: skip
+            labels = [label for label, s in summary.items() if key in s and quality in s]
+            means = [summary[label] for label in labels]
+            x = [s[key]["mean"] for s in means]
+            y = [s[quality]["mean"] for s in means]
+            xerr = [[v - s[key]["low"] for v, s in zip(x, means)], [s[key]["high"] - v for v, s in zip(x, means)]]
+            yerr = [[v - s[quality]["low"] for v, s in zip(y, means)]]
+            yerr.append([s[quality]["high"] - v for v, s in zip(y, means)])
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", color="C0", capsize=2, label="mean, 95% interval")
+            for label, xi, yi in zip(labels, x, y):
+                ax.annotate(label.removeprefix("control guidance "), (xi, yi), fontsize=8, xytext=(4, 4),
+                            textcoords="offset points")  # fmt: skip
+            ax.ticklabel_format(axis="both", style="plain", useOffset=False)
+            ax.set_xlabel(key.replace(".", ": "))
+            ax.set_ylabel(quality_label)
+    axes[0][0].legend(fontsize=7)
     fig.suptitle(
         f"disentangled arm, {seeds_label(len(points_by_seed))} (grey): "
         "control guidance scale (labels), adherence and quality"
@@ -288,10 +295,28 @@ def main() -> int:
         for p in sweeps[seed]
     ]
     sweep_summary = summarise(points, key="scale")
+    # each scale against control guidance 1, paired by seed: does raising it buy adherence, and at what quality?
+    scales = list(dict.fromkeys(p["scale"] for p in points))
+    sweep_metrics = sorted({k for p in points for k in p if k not in ("scale", "seed") and p[k] is not None})
+    sweep_paired = {
+        f"{label} - {scales[0]}": {
+            m: compare(points, m, label, scales[0], key="scale")
+            for m in sweep_metrics
+            if all(p.get(m) is not None for p in points if p["scale"] in (label, scales[0]))
+        }
+        for label in scales[1:]
+    }
     records.root.mkdir(parents=True, exist_ok=True)
     (records.root / "summary.json").write_text(
         json.dumps(
-            {"results": results, "summary": summary, "paired": comparisons, "sweeps": sweeps, "sweep": sweep_summary},
+            {
+                "results": results,
+                "summary": summary,
+                "paired": comparisons,
+                "sweeps": sweeps,
+                "sweep": sweep_summary,
+                "sweep_paired": sweep_paired,
+            },
             indent=1,
         )
     )
@@ -299,6 +324,7 @@ def main() -> int:
     lines += paired_markdown(comparisons)
     if sweep_summary:
         lines += ["## control guidance sweep (disentangled)", "", markdown(sweep_summary)]
+        lines += paired_markdown(sweep_paired)
     (records.root / "summary.md").write_text("\n".join(lines))
     if sweep_summary:
         plot_sweep(sweeps, sweep_summary, records.root / "control_guidance.png")

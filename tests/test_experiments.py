@@ -127,7 +127,9 @@ def test_the_conditioning_summary_is_built_from_the_records_alone(tmp_path):
                     (run / name).write_text(json.dumps(_probe(control, level + shift)))
             if arm == "disentangled":
                 (run / "metrics-cg1.json").write_text((run / "metrics.json").read_text())
-                (run / "metrics-cg2.json").write_text((run / "metrics.json").read_text())
+                raised = json.loads((run / "metrics.json").read_text())
+                raised["fd_effnetlite0"] += 4.0  # control guidance 2: the same samples' correctness, a worse FD
+                (run / "metrics-cg2.json").write_text(json.dumps(raised))
             for name in [p.name for p in run.glob("*.json")]:
                 common.Records(records).keep(run, name)
     shutil.rmtree(tmp_path / "lost")
@@ -146,8 +148,12 @@ def test_the_conditioning_summary_is_built_from_the_records_alone(tmp_path):
     sweep = summary["sweep"]
     assert sweep["control guidance 2"]["original_size.size_sharpness_correlation"]["mean"] == pytest.approx(0.7)
     assert sweep["control guidance 1"]["original_size.size_sharpness_correlation"]["mean"] == pytest.approx(0.6)
+    raised = summary["sweep_paired"]["control guidance 2 - control guidance 1"]
+    assert raised["fd_effnetlite0"]["mean"] == pytest.approx(4.0) and raised["fd_effnetlite0"]["seeds"] == 2
+    assert raised["original_size.size_sharpness_correlation"]["mean"] == pytest.approx(0.1)
     text = (records / "summary.md").read_text()
     assert "### paired by seed: disentangled - additive" in text and "## control guidance sweep" in text
+    assert "### paired by seed: control guidance 2 - control guidance 1" in text
     assert (records / "control_sweeps.png").stat().st_size > 0 and (records / "control_guidance.png").stat().st_size
 
 
