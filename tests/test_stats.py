@@ -49,7 +49,7 @@ def test_paired_difference_cancels_the_shared_seed_effect():
     assert result["verdict"] == "a > b"
     assert result["low"] <= 0.1 <= result["high"]
     same = paired(dict(enumerate(a)), dict(enumerate(a)))
-    assert same["mean"] == 0.0 and same["verdict"] == "inconclusive"
+    assert same["mean"] == 0.0 and same["verdict"] == "no spread between seeds"
 
 
 def test_one_value_per_seed_and_degenerate_inputs():
@@ -64,6 +64,8 @@ def test_one_value_per_seed_and_degenerate_inputs():
     with pytest.raises(ValueError, match="at least one value"):
         interval([[1.0], []])
     assert paired({0: [1.0, 1.0, 0.0]}, {0: [0.0, 0.0, 0.0]})["verdict"] == "too few seeds"
+    tie = paired({0: 0.005, 1: 0.015}, {0: 0.015, 1: 0.025})  # coarse values, the same difference in both seeds
+    assert tie["verdict"] == "no spread between seeds" and format_interval(tie) == "-0.010"
     with pytest.raises(ValueError, match="seeds that both arms ran"):
         paired({0: 1.0}, {1: 1.0})
 
@@ -75,11 +77,12 @@ def test_the_comparison_report_shows_arms_with_intervals_and_a_paired_difference
         return {"name": f"{mechanism}-{seed}", "conditioning": {"mechanism": mechanism}, "train": {"seed": seed}}
 
     configs = [cfg(m, s) for m in ("additive", "disentangled") for s in range(5)]
+    jitter = [0.002, -0.001, 0.001, -0.002, 0.0]  # what the pairing leaves of the seed effect
     rows = [{"class_agreement": 0.80 + 0.01 * s} for s in range(5)] + [
-        {"class_agreement": 0.85 + 0.01 * s} for s in range(5)
+        {"class_agreement": 0.85 + 0.01 * s + jitter[s]} for s in range(5)
     ]
     text = "\n".join(arm_table(configs, rows))
     assert "| conditioning.mechanism=additive | 5 | 0.820 [" in text
     assert "| conditioning.mechanism=disentangled | 5 | 0.870 [" in text
-    assert "- class_agreement: -0.050 over 5 seeds, a < b" in text  # the seed effect cancels: no spread left
+    assert "- class_agreement: -0.050 [" in text and "over 5 seeds, a < b" in text  # the seed effect cancels
     assert arm_table(configs[:1] + configs[5:6], rows[:1] + rows[5:6]) == []  # one seed per config: no arms

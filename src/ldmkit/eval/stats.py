@@ -69,13 +69,17 @@ def paired(a: dict, b: dict, level: float = LEVEL, resamples: int = RESAMPLES, s
     """The difference a - b between two arms over the seeds both ran ({seed: value or per-sample values}): per seed
     the difference of the means, then Student's t over the seeds (one seed: the bootstrap over both arms' samples).
     Adds "verdict": "a > b" or "a < b" when the interval excludes 0, else "inconclusive"; "too few seeds" with one
-    seed (one training run per arm says nothing about training variation)."""
+    seed (one training run per arm says nothing about training variation) and "no spread between seeds" when every
+    seed gives the same difference (a tie of coarse values, e.g. label change rates, not a zero-width interval)."""
     common = sorted(set(a) & set(b))
     if not common:
         raise ValueError("a paired comparison needs seeds that both arms ran")
     sa, sb = _as_seeds([a[s] for s in common]), _as_seeds([b[s] for s in common])
     diffs = np.array([x.mean() - y.mean() for x, y in zip(sa, sb)])
-    if len(common) > 1:
+    if len(common) > 1 and np.allclose(diffs, diffs[0], rtol=1e-6, atol=1e-9):
+        low = high = float(diffs.mean())
+        verdict = "no spread between seeds"
+    elif len(common) > 1:
         low, high = _student(diffs, level)
         verdict = "a > b" if low > 0 else "a < b" if high < 0 else "inconclusive"
     else:
@@ -86,6 +90,6 @@ def paired(a: dict, b: dict, level: float = LEVEL, resamples: int = RESAMPLES, s
 
 def format_interval(ci: dict, digits: int = 3) -> str:
     """'0.912 [0.897, 0.925]' (or the value alone when there is no spread to estimate)."""
-    if ci["low"] == ci["high"] == ci["mean"]:
+    if np.allclose([ci["low"], ci["high"]], ci["mean"], rtol=1e-6, atol=1e-9):  # (float32 metrics: equal to 1e-7)
         return f"{ci['mean']:.{digits}f}"
     return f"{ci['mean']:.{digits}f} [{ci['low']:.{digits}f}, {ci['high']:.{digits}f}]"
