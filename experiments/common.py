@@ -210,6 +210,14 @@ def compare(results: list[dict], metric: str, a: str, b: str, key: str = "arm") 
     return paired(per_arm[a], per_arm[b])
 
 
+def compare_all(results: list[dict], a: str, b: str, key: str = "arm") -> dict:
+    """{metric: compare(...)} for every metric that each row of both arms has (a probe the budget stopped leaves
+    its metrics out)."""
+    rows = [r for r in results if r[key] in (a, b)]
+    names = sorted({m for r in rows for m in r if m not in (key, "seed")})
+    return {m: compare(rows, m, a, b, key) for m in names if all(r.get(m) is not None for r in rows)}
+
+
 def markdown(summary: dict) -> str:
     lines = []
     for arm, metrics in summary.items():

@@ -37,7 +37,7 @@ from pathlib import Path
 from common import (
     Budget,
     Records,
-    compare,
+    compare_all,
     evaluate,
     ldmkit,
     markdown,
@@ -281,13 +281,10 @@ def main() -> int:
     sweeps = {row["seed"]: sweep for row, sweep in done.values() if sweep is not None}
     summary = summarise(results)
     comparisons = {}
-    metrics = sorted({k for r in results for k in r if k not in ("arm", "seed")})
     pairs = [("disentangled", "additive"), ("noisy_replicate", "zero"), ("zero_unmasked", "zero")]
     for a, b in pairs + [("noisy_replicate", "zero_unmasked")]:
         if {a, b} <= {r["arm"] for r in results}:
-            comparisons[f"{a} - {b}"] = {
-                m: compare(results, m, a, b) for m in metrics if all(m in r for r in results if r["arm"] in (a, b))
-            }
+            comparisons[f"{a} - {b}"] = compare_all(results, a, b)
     # each control guidance scale as an arm, over the swept seeds
     points = [
         {"seed": seed, **p, "scale": f"control guidance {p['scale']:g}"}
@@ -297,15 +294,7 @@ def main() -> int:
     sweep_summary = summarise(points, key="scale")
     # each scale against control guidance 1, paired by seed: does raising it buy adherence, and at what quality?
     scales = list(dict.fromkeys(p["scale"] for p in points))
-    sweep_metrics = sorted({k for p in points for k in p if k not in ("scale", "seed") and p[k] is not None})
-    sweep_paired = {
-        f"{label} - {scales[0]}": {
-            m: compare(points, m, label, scales[0], key="scale")
-            for m in sweep_metrics
-            if all(p.get(m) is not None for p in points if p["scale"] in (label, scales[0]))
-        }
-        for label in scales[1:]
-    }
+    sweep_paired = {f"{s} - {scales[0]}": compare_all(points, s, scales[0], key="scale") for s in scales[1:]}
     records.root.mkdir(parents=True, exist_ok=True)
     (records.root / "summary.json").write_text(
         json.dumps(
