@@ -39,7 +39,15 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=100, help="images per generation measurement")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--inception-weights")
+    p.add_argument(
+        "--parts",
+        default="generation,features,statistics",
+        help="what to measure, comma-separated: generation, features, statistics (the Frechet distance itself)",
+    )
     args = p.parse_args(argv)
+    parts = set(args.parts.split(","))
+    if parts - {"generation", "features", "statistics"}:
+        p.error(f"--parts: unknown {sorted(parts - {'generation', 'features', 'statistics'})}")
     device = torch.device(args.device)
     side, channels = (args.resolution // 8, 4) if args.latent else (args.resolution, 1)
     print(
@@ -53,12 +61,8 @@ def main(argv=None):
         )
     )
     results = []
-    for objective, sampler, steps in (
-        ("flow", "euler", 12),
-        ("flow", "heun", 12),
-        ("ddpm", "ddim", 50),
-        ("ddpm", "ddpm", 250),
-    ):
+    runs = (("flow", "euler", 12), ("flow", "heun", 12), ("ddpm", "ddim", 50), ("ddpm", "ddpm", 250))
+    for objective, sampler, steps in runs if "generation" in parts else ():
         cfg = load_config(
             overrides=[
                 f"model.name={backbone_of_preset(args.preset)}",
@@ -115,10 +119,15 @@ def main(argv=None):
         print(json.dumps(results[-1]))
     with tempfile.TemporaryDirectory() as tmp:
         weights = args.inception_weights or random_inception_weights(Path(tmp) / "w.pth")
-        for name, net in (
-            ("InceptionV3 (299x299)", InceptionV3Features(str(weights))),
-            ("EffNetLite0 (224x224)", EffNetLite0Features()),
-        ):
+        extractors = (
+            (
+                ("InceptionV3 (299x299)", InceptionV3Features(str(weights))),
+                ("EffNetLite0 (224x224)", EffNetLite0Features()),
+            )
+            if "features" in parts
+            else ()
+        )
+        for name, net in extractors:
             net = net.to(device)
             images = torch.rand(args.batch * 2, 3, args.resolution, args.resolution, device=device) * 2 - 1
             extract(net, images[: args.batch], args.batch)  # warm-up
@@ -135,7 +144,34 @@ def main(argv=None):
                 }
             )
             print(json.dumps(results[-1]))
+    if "statistics" in parts:
+        results += frechet_timings()
     return 0
+
+
+def frechet_timings(dim: int = 2048, reference_count: int = 10_000) -> list[dict]:
+    """Seconds of one FID from features: sample statistics and the two D x D eigendecompositions
+    (frechet_distance), against frechet_distance_to's (N - 1) x (N - 1) problem for N <= D (the same value)."""
+    import numpy as np
+
+    from ldmkit.eval.metrics import feature_statistics, frechet_distance, frechet_distance_to
+
+    rng = np.random.default_rng(0)
+    mu, sigma = feature_statistics(rng.normal(size=(reference_count, dim)))
+    out = []
+    for n in (100, 1000, 2000):
+        features = rng.normal(size=(n, dim)) + 0.1
+        timing = {"what": "frechet distance", "samples": n, "dimensions": dim}
+        for route, fd in (
+            ("D x D", lambda: frechet_distance(*feature_statistics(features), mu, sigma)),
+            ("N x N", lambda: frechet_distance_to(features, mu, sigma)),
+        ):
+            t0 = time.perf_counter()
+            timing[f"value ({route})"] = round(fd(), 6)
+            timing[f"seconds ({route})"] = round(time.perf_counter() - t0, 3)
+        out.append(timing)
+        print(json.dumps(timing))
+    return out
 
 
 if __name__ == "__main__":

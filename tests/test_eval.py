@@ -88,3 +88,33 @@ def test_frechet_distance_matches_scipy_sqrtm_and_survives_singular_covariances(
     assert np.isfinite(frechet_distance(*few, *feature_statistics(rng.normal(size=(6, 64)))))
     with pytest.raises(ValueError, match="NaN"):
         frechet_distance(m1, s1 * np.nan, m2, s2)
+
+
+def test_fewer_samples_than_dimensions_take_the_small_eigenproblem_with_the_same_value():
+    """frechet_distance_to and frechet_distance_of solve an N x N problem when N <= D. Independent reference:
+    with S = A^T A for the centred, scaled features A of each set, Tr((S1 S2)^(1/2)) is the sum of the singular
+    values of A1 A2^T. The D x D route agrees to 1e-7 only: it clips the round-off eigenvalues of the singular
+    covariance's null space, which the small problem never forms."""
+    from ldmkit.eval.metrics import frechet_distance_to
+
+    def by_singular_values(a, b):
+        (m1, s1), (m2, s2) = feature_statistics(a), feature_statistics(b)
+        a1, a2 = (a - m1) / np.sqrt(len(a) - 1), (b - m2) / np.sqrt(len(b) - 1)
+        nuclear = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum()
+        return ((m1 - m2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * nuclear
+
+    rng = np.random.default_rng(3)
+    mixing = rng.normal(size=(96, 96)) * 0.2
+    few, many = rng.normal(size=(40, 96)) @ mixing + 0.5, rng.normal(size=(300, 96))
+    exact = by_singular_values(few, many)
+    assert frechet_distance_to(few, *feature_statistics(many)) == pytest.approx(exact, rel=1e-12)
+    assert frechet_distance_of(few, many) == pytest.approx(exact, rel=1e-12)
+    assert frechet_distance_of(many, few) == pytest.approx(exact, rel=1e-12)
+    assert frechet_distance(*feature_statistics(few), *feature_statistics(many)) == pytest.approx(exact, rel=1e-7)
+    both_small = by_singular_values(few[:7] * 2, few)  # both sets below D
+    assert frechet_distance_of(few[:7] * 2, few) == pytest.approx(both_small, rel=1e-12)
+    assert abs(frechet_distance_of(few, few)) < 1e-9
+    with pytest.raises(ValueError, match="different dimension"):
+        frechet_distance_to(few, *feature_statistics(many[:, :50]))
+    with pytest.raises(ValueError, match="NaN"):
+        frechet_distance_to(np.where(few > 2, np.nan, few), *feature_statistics(many))

@@ -401,7 +401,7 @@ def quick_metrics(model, cfg, objective, autoencoder, device, run_dir, n: int) -
         net, ref = _REFERENCE_CACHE[key]
         out["fd_effnetlite0"] = frechet_distance_of(extract(net, images, cfg.eval.batch).numpy(), ref)
     if cfg.eval.fid:
-        from .metrics import feature_statistics, frechet_distance
+        from .metrics import frechet_distance_to
         from .reference import load_reference
 
         key = ("inception", cfg.eval.reference)
@@ -411,9 +411,7 @@ def quick_metrics(model, cfg, objective, autoencoder, device, run_dir, n: int) -
                 load_reference(cfg.eval.reference),
             )
         net, ref = _REFERENCE_CACHE[key]
-        out["fid"] = frechet_distance(
-            *feature_statistics(extract(net, images, cfg.eval.batch).numpy()), ref["mu"], ref["sigma"]
-        )
+        out["fid"] = frechet_distance_to(extract(net, images, cfg.eval.batch).numpy(), ref["mu"], ref["sigma"])
     return out
 
 
@@ -453,14 +451,13 @@ def inception_metrics(gen_features: np.ndarray, ref: dict) -> dict:
     """FID from float64 statistics; KID, precision/recall and density/coverage when the reference has features."""
     from .metrics import (
         density_coverage,
-        feature_statistics,
-        frechet_distance,
+        frechet_distance_to,
         kernel_inception_distance,
         precision_recall,
     )
 
     out = {
-        "fid": frechet_distance(*feature_statistics(gen_features), ref["mu"], ref["sigma"]),
+        "fid": frechet_distance_to(gen_features, ref["mu"], ref["sigma"]),
         "fid_reference": ref["source"],
         "fid_reference_count": ref["count"],
         "feature_extractor": "InceptionV3 (pt_inception-2015-12-05)",

@@ -13,6 +13,30 @@ def feature_statistics(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray,
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
+def _checked_statistics(*statistics):
+    """(mu, sigma, ...) as float64, all of one dimension D (mu [D], sigma [D, D]) and finite."""
+    out = [
+        np.atleast_2d(x).astype(np.float64) if i % 2 else np.atleast_1d(x).astype(np.float64)
+        for i, x in enumerate(statistics)
+    ]
+    d = len(out[0])
+    if any(x.shape != ((d, d) if i % 2 else (d,)) for i, x in enumerate(out)):
+        raise ValueError(f"statistics of different dimension: {[x.shape for x in out]}")
+    if not all(np.isfinite(x).all() for x in out):
+        raise ValueError("statistics hold NaN or inf (features of broken images?)")
+    return out
+
+
+def _frechet(mu1, trace1, mu2, trace2, trace_sqrt) -> float:
+    diff = mu1 - mu2
+    return float(diff.dot(diff) + trace1 + trace2 - 2 * trace_sqrt)
+
+
+def _trace_sqrt_of_psd(matrix: np.ndarray) -> float:
+    """Tr(M^(1/2)) of a symmetric positive semi-definite M, round-off below 0 clipped."""
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh((matrix + matrix.T) / 2), 0, None)).sum())
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2)), in float64.
 
@@ -20,25 +44,43 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     symmetric positive semi-definite and has the eigenvalues of S1 S2, so two symmetric eigendecompositions
     replace a general sqrtm: no complex round-off to discard, no failure on singular covariances (fewer samples
     than dimensions), negative round-off eigenvalues clipped at 0, and several times faster at 2048 dimensions."""
-    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
-    sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"statistics of different dimension: {mu1.shape} vs {mu2.shape}")
-    if not (
-        np.isfinite(sigma1).all() and np.isfinite(sigma2).all() and np.isfinite(mu1).all() and np.isfinite(mu2).all()
-    ):
-        raise ValueError("statistics hold NaN or inf (features of broken images?)")
+    mu1, sigma1, mu2, sigma2 = _checked_statistics(mu1, sigma1, mu2, sigma2)
     w, v = np.linalg.eigh((sigma1 + sigma1.T) / 2)
     root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    middle = root1 @ sigma2 @ root1
-    eig = np.linalg.eigvalsh((middle + middle.T) / 2)
-    trace_sqrt = np.sqrt(np.clip(eig, 0, None)).sum()
-    diff = mu1 - mu2
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
+    return _frechet(mu1, np.trace(sigma1), mu2, np.trace(sigma2), _trace_sqrt_of_psd(root1 @ sigma2 @ root1))
+
+
+def frechet_distance_to(features, mu, sigma) -> float:
+    """The Frechet distance between a feature set [N, D] and statistics (mu, sigma): the value of
+    frechet_distance(*feature_statistics(features), mu, sigma). With N <= D the set's covariance is S1 = B^T B
+    (B: the centred features / sqrt(N - 1)), and S1 S2 has the nonzero eigenvalues of B S2 B^T: one N x N
+    eigenproblem replaces two D x D ones. B's rows sum to zero, so B S2 B^T always has a zero eigenvalue whose
+    round-off the square root would magnify (sqrt(1e-13) = 3e-7); a Householder reflection that maps the ones
+    vector to the last axis leaves B's N - 1 informative rows, and the eigenproblem is (N - 1) x (N - 1)."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"need features [N >= 2, D], got shape {list(f.shape)}")
+    if f.shape[0] > f.shape[1]:
+        return frechet_distance(*feature_statistics(f), mu, sigma)
+    if not np.isfinite(f).all():
+        raise ValueError("features hold NaN or inf (broken images?)")
+    mu1 = f.mean(axis=0)
+    mu2, sigma2 = _checked_statistics(mu, sigma)
+    if mu2.shape != mu1.shape:
+        raise ValueError(f"statistics of different dimension: features {f.shape[1]} vs statistics {mu2.shape[0]}")
+    n = len(f)
+    root = (f - mu1) / np.sqrt(n - 1)  # S1 = root^T root
+    v = np.full(n, 1 / np.sqrt(n))
+    v[-1] -= 1  # H = I - 2 v v^T / v^T v maps ones / sqrt(N) to the last axis; H root's last row is 0
+    root = (root - np.outer(2 * v / v.dot(v), v @ root))[:-1]
+    return _frechet(mu1, (root * root).sum(), mu2, np.trace(sigma2), _trace_sqrt_of_psd(root @ sigma2 @ root.T))
 
 
 def frechet_distance_of(features_a, features_b) -> float:
-    return frechet_distance(*feature_statistics(features_a), *feature_statistics(features_b))
+    """The Frechet distance between two feature sets; the smaller set takes the N x N path of frechet_distance_to."""
+    a, b = np.asarray(features_a, dtype=np.float64), np.asarray(features_b, dtype=np.float64)
+    small, large = (a, b) if len(a) <= len(b) else (b, a)
+    return frechet_distance_to(small, *feature_statistics(large))
 
 
 def kernel_inception_distance(
