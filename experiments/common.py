@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from ldmkit.eval.stats import format_interval, interval, paired
+from ldmkit.eval.stats import format_interval, interval, metric_bounds, paired
 
 T = TypeVar("T")
 
@@ -185,8 +185,9 @@ def sets(overrides: list[str]) -> list[str]:
 
 def summarise(results: list[dict], key: str = "arm") -> dict:
     """{arm: {"seeds": [...], metric: {mean, low, high, std, values}}} over the rows of each arm: the mean over seeds
-    with its 95% interval (ldmkit.eval.stats.interval: Student's t over seeds; a metric given as a list of
-    per-sample values counts by its per-seed mean, and with one seed its samples are bootstrapped)."""
+    with its 95% interval (ldmkit.eval.stats.interval: Student's t over seeds, clipped to the values the metric can
+    take; a metric given as a list of per-sample values counts by its per-seed mean, and with one seed its samples
+    are bootstrapped)."""
     summary: dict = {}
     for arm in dict.fromkeys(r[key] for r in results):
         rows = [r for r in results if r[key] == arm]
@@ -196,7 +197,7 @@ def summarise(results: list[dict], key: str = "arm") -> dict:
             if values:
                 means = [statistics.fmean(v) if isinstance(v, list) else v for v in values]
                 summary[arm][m] = {
-                    **interval(values),
+                    **interval(values, bounds=metric_bounds(m)),
                     "std": statistics.stdev(means) if len(means) > 1 else 0.0,
                     "values": means,
                 }

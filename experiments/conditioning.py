@@ -195,7 +195,7 @@ def plot_probes(records: Records, seeds: list[int], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ldmkit.eval.stats import interval
+    from ldmkit.eval.stats import interval, metric_bounds
 
     fig, axes = plt.subplots(2, len(SWEEPS), figsize=(4 * len(SWEEPS), 6.4), dpi=120)
     below = {
@@ -215,7 +215,7 @@ def plot_probes(records: Records, seeds: list[int], path: Path) -> None:
             if control == "crop_size":
                 series.append(("crop_iou_if_ignored", axes[1, col], ":"))
             for key, ax, style in series:
-                cis = [interval([p[key][v] for p in probes]) for v in range(len(labels))]
+                cis = [interval([p[key][v] for p in probes], bounds=metric_bounds(key)) for v in range(len(labels))]
                 mean = [c["mean"] for c in cis]
                 err = [[m - c["low"] for m, c in zip(mean, cis)], [c["high"] - m for m, c in zip(mean, cis)]]
                 x = [v + (i - 0.5) * 0.08 for v in range(len(labels))]

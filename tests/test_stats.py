@@ -70,6 +70,20 @@ def test_one_value_per_seed_and_degenerate_inputs():
         paired({0: 1.0}, {1: 1.0})
 
 
+def test_intervals_stay_inside_the_values_a_metric_can_take():
+    from ldmkit.eval.stats import metric_bounds
+
+    wide = interval([0.97, 0.99], bounds=metric_bounds("class_agreement"))  # two seeds: t(1) reaches past 1
+    unclipped = interval([0.97, 0.99])
+    assert unclipped["high"] > 1 and wide["high"] == 1.0 and wide["low"] == unclipped["low"]
+    assert interval([5.0, 60.0], bounds=metric_bounds("fd_effnetlite0"))["low"] == 0.0
+    assert metric_bounds("crop_size.label_change_rate") == (0.0, 1.0)
+    assert metric_bounds("flip.mirror_test") == (-1.0, 1.0)
+    assert metric_bounds("original_size.feature_drift")[0] == 0.0
+    assert metric_bounds("kid") == (-np.inf, np.inf)  # an unbiased estimate: below 0 happens
+    assert interval([-0.2, 0.4], bounds=metric_bounds("kid"))["low"] < -0.2
+
+
 def test_the_comparison_report_shows_arms_with_intervals_and_a_paired_difference():
     from ldmkit.eval.compare import arm_table
 

@@ -114,7 +114,7 @@ def arm_table(configs: list[dict], rows: list[dict]) -> list[str]:
     """Markdown lines for runs that repeat one training config with different train.seed values (arms): each arm's
     metrics as mean [95% interval] over its seeds (ldmkit.eval.stats), and with two arms their difference paired by
     seed with its verdict. [] when no config was run with two seeds."""
-    from .stats import format_interval, interval, paired
+    from .stats import format_interval, interval, metric_bounds, paired
 
     def arm_key(cfg: dict) -> str:
         rest = {k: v for k, v in cfg.items() if k != "name"}
@@ -140,7 +140,7 @@ def arm_table(configs: list[dict], rows: list[dict]) -> list[str]:
         cells = []
         for m in metrics:
             values = [row[m] for row in seeds.values() if isinstance(row.get(m), (int, float))]
-            cells.append(format_interval(interval(values)) if values else "")
+            cells.append(format_interval(interval(values, bounds=metric_bounds(m))) if values else "")
         lines.append(f"| {label(configs[members[0]])} | {len(members)} | " + " | ".join(cells) + " |")
     if len(per_arm) == 2:
         a, b = (label(c) for c in firsts)

@@ -18,6 +18,36 @@ import numpy as np
 LEVEL = 0.95
 RESAMPLES = 4000
 
+# The values a metric can take, by the end of its name. A t interval over two or three seeds can reach past them
+# (a rate below 0, a distance below 0); clipping it there never lowers its coverage of a true value inside them.
+# Unlisted metrics (KID, an unbiased estimate that can be negative; losses) are not clipped.
+METRIC_BOUNDS = {
+    "agreement": (0.0, 1.0),  # class_agreement, caption_agreement, mirrored_class_agreement
+    "accuracy": (0.0, 1.0),
+    "rate": (0.0, 1.0),  # label_change_rate
+    "precision": (0.0, 1.0),
+    "recall": (0.0, 1.0),
+    "coverage": (0.0, 1.0),
+    "crop_iou": (0.0, 1.0),
+    "clip_score": (0.0, 100.0),
+    "fid": (0.0, np.inf),
+    "fd_effnetlite0": (0.0, np.inf),
+    "drift": (0.0, np.inf),  # feature_drift
+    "density": (0.0, np.inf),
+    "sharpness": (0.0, np.inf),
+    "correlation": (-1.0, 1.0),
+    "iou_gain": (-1.0, 1.0),  # this and the next two: differences of two values in [0, 1]
+    "mirror_test": (-1.0, 1.0),
+    "flip_effect": (-1.0, 1.0),
+}
+
+
+def metric_bounds(name: str) -> tuple[float, float]:
+    """(low, high) that the metric `name` ('crop_size.crop_iou_gain' counts by its last part) can take; (-inf, inf)
+    for metrics not in METRIC_BOUNDS."""
+    leaf = name.rsplit(".", 1)[-1]
+    return next((b for end, b in METRIC_BOUNDS.items() if leaf.endswith(end)), (-np.inf, np.inf))
+
 
 def _as_seeds(values) -> list[np.ndarray]:
     """[v, v, ...] (one value per seed) or [[v, ...], [v, ...]] (samples per seed) -> one array per seed."""
@@ -46,16 +76,21 @@ def _bootstrap(samples: list[np.ndarray], signs: list[float], level: float, resa
     return tuple(float(q) for q in np.quantile(boot, [(1 - level) / 2, (1 + level) / 2]))
 
 
-def interval(values, level: float = LEVEL, resamples: int = RESAMPLES, seed: int = 0) -> dict:
+def interval(
+    values, level: float = LEVEL, resamples: int = RESAMPLES, seed: int = 0, bounds: tuple[float, float] | None = None
+) -> dict:
     """{"mean", "low", "high", "seeds", "samples"}: the mean over seeds of the per-seed means and its interval at
-    `level` (Student's t over seeds; one seed: bootstrap over its samples). values: one number per seed, or a list
-    of per-sample values per seed."""
+    `level` (Student's t over seeds; one seed: bootstrap over its samples), clipped to `bounds` (the values the
+    metric can take, see metric_bounds) when given. values: one number per seed, or a list of per-sample values
+    per seed."""
     seeds = _as_seeds(values)
     means = np.array([s.mean() for s in seeds])
     if len(seeds) > 1:
         low, high = _student(means, level)
     else:
         low, high = _bootstrap(seeds, [1.0], level, resamples, seed)
+    if bounds is not None:
+        low, high = float(np.clip(low, *bounds)), float(np.clip(high, *bounds))
     return {
         "mean": float(means.mean()),
         "low": low,
