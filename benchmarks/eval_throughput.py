@@ -46,8 +46,9 @@ def main(argv=None):
     )
     args = p.parse_args(argv)
     parts = set(args.parts.split(","))
-    if parts - {"generation", "features", "statistics"}:
-        p.error(f"--parts: unknown {sorted(parts - {'generation', 'features', 'statistics'})}")
+    unknown = parts - {"generation", "features", "statistics"}
+    if unknown:
+        p.error(f"--parts: unknown {sorted(unknown)}")
     device = torch.device(args.device)
     side, channels = (args.resolution // 8, 4) if args.latent else (args.resolution, 1)
     print(
