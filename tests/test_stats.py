@@ -52,6 +52,21 @@ def test_paired_difference_cancels_the_shared_seed_effect():
     assert same["mean"] == 0.0 and same["verdict"] == "no spread between seeds"
 
 
+def test_one_seed_difference_resamples_the_shared_samples_together():
+    # ldmkit eval draws sample i of both arms from the same noise and class: arm b differs from arm a in 20 of
+    # 1,000 samples. Resampled by the same indices the difference is 0.020 +- ~0.009; resampling the arms apart
+    # would see two 90% rates (+- ~0.026) and could not tell them apart.
+    rng = np.random.default_rng(3)
+    a = (rng.random(1000) < 0.9).astype(float)
+    b = a.copy()
+    b[np.flatnonzero(a)[:20]] = 0.0
+    one_seed = paired({0: a.tolist()}, {0: b.tolist()})
+    assert one_seed["mean"] == pytest.approx(0.02) and one_seed["verdict"] == "too few seeds"
+    assert 0.005 < one_seed["low"] < 0.02 < one_seed["high"] < 0.035
+    apart = paired({0: a.tolist()}, {0: b[:-1].tolist()})  # unequal sizes: not index-aligned, resampled apart
+    assert apart["low"] < 0.0 < apart["high"]
+
+
 def test_one_value_per_seed_and_degenerate_inputs():
     ci = interval([0.8, 0.9, 0.85, 0.95, 0.9])
     half = t.ppf(0.975, 4) * np.std([0.8, 0.9, 0.85, 0.95, 0.9], ddof=1) / np.sqrt(5)

@@ -67,12 +67,17 @@ def _student(means: np.ndarray, level: float) -> tuple[float, float]:
 
 def _bootstrap(samples: list[np.ndarray], signs: list[float], level: float, resamples: int, seed: int):
     """Percentile bootstrap of sum(sign x mean(samples)) (one seed: an arm's mean, or the difference of two arms'
-    means), each sample set resampled independently; the value itself, twice, when no set has two samples."""
+    means); the value itself, twice, when no set has two samples. Sets of equal size are taken as index-aligned
+    (ldmkit eval draws sample i of every arm from the same noise seed and condition) and resampled by the same
+    indices, so what the arms' samples share cancels in the difference; sets of unequal size independently."""
     if all(s.size == 1 for s in samples):
         value = float(sum(sign * s.mean() for sign, s in zip(signs, samples)))
         return value, value
     rng = np.random.default_rng(seed)
-    boot = sum(sign * s[rng.integers(0, s.size, (resamples, s.size))].mean(axis=1) for sign, s in zip(signs, samples))
+    aligned = len({s.size for s in samples}) == 1
+    shared = rng.integers(0, samples[0].size, (resamples, samples[0].size)) if aligned else None
+    indices = [shared if aligned else rng.integers(0, s.size, (resamples, s.size)) for s in samples]
+    boot = sum(sign * s[i].mean(axis=1) for sign, s, i in zip(signs, samples, indices))
     return tuple(float(q) for q in np.quantile(boot, [(1 - level) / 2, (1 + level) / 2]))
 
 
@@ -102,7 +107,8 @@ def interval(
 
 def paired(a: dict, b: dict, level: float = LEVEL, resamples: int = RESAMPLES, seed: int = 0) -> dict:
     """The difference a - b between two arms over the seeds both ran ({seed: value or per-sample values}): per seed
-    the difference of the means, then Student's t over the seeds (one seed: the bootstrap over both arms' samples).
+    the difference of the means, then Student's t over the seeds (one seed: the bootstrap over both arms' samples,
+    paired by index when both have as many).
     Adds "verdict": "a > b" or "a < b" when the interval excludes 0, else "inconclusive"; "too few seeds" with one
     seed (one training run per arm says nothing about training variation) and "no spread between seeds" when every
     seed gives the same difference (a tie of coarse values, e.g. label change rates, not a zero-width interval)."""
