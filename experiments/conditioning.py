@@ -91,7 +91,8 @@ def control_guidance_sweep(run: Path, train: Callable[[], None], args, records: 
     """Adherence (probes) against quality (agreement and FD on --eval-images samples) at each control scale."""
     points = []
     for scale in args.control_scales:
-        name = f"metrics-cg{scale:g}.json"
+        # control guidance 1 is the sampling default (as for the probes): the run's own evaluation, not a second one
+        name = "metrics.json" if scale == 1 else f"metrics-cg{scale:g}.json"
 
         def make(scale=scale, name=name):
             train()

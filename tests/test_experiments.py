@@ -126,7 +126,6 @@ def test_the_conditioning_summary_is_built_from_the_records_alone(tmp_path):
                 for name, shift in zip(names, (0.0, 0.1)):
                     (run / name).write_text(json.dumps(_probe(control, level + shift)))
             if arm == "disentangled":
-                (run / "metrics-cg1.json").write_text((run / "metrics.json").read_text())
                 raised = json.loads((run / "metrics.json").read_text())
                 raised["fd_effnetlite0"] += 4.0  # control guidance 2: the same samples' correctness, a worse FD
                 (run / "metrics-cg2.json").write_text(json.dumps(raised))
@@ -148,6 +147,8 @@ def test_the_conditioning_summary_is_built_from_the_records_alone(tmp_path):
     sweep = summary["sweep"]
     assert sweep["control guidance 2"]["original_size.size_sharpness_correlation"]["mean"] == pytest.approx(0.7)
     assert sweep["control guidance 1"]["original_size.size_sharpness_correlation"]["mean"] == pytest.approx(0.6)
+    # control guidance 1 is the run's own evaluation (no metrics-cg1.json: it is not evaluated a second time)
+    assert sweep["control guidance 1"]["class_agreement"] == summary["summary"]["disentangled"]["class_agreement"]
     raised = summary["sweep_paired"]["control guidance 2 - control guidance 1"]
     assert raised["fd_effnetlite0"]["mean"] == pytest.approx(4.0) and raised["fd_effnetlite0"]["seeds"] == 2
     assert raised["original_size.size_sharpness_correlation"]["mean"] == pytest.approx(0.1)
