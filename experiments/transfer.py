@@ -6,7 +6,7 @@ modes of `--modes` (each `mode` or `mode-shift`, the latter with the noise shift
 class-conditional 32x32 model (class token through attention) fine-tuned on the captioned digits with
 init.semantic replace, against the caption model from scratch for the same total compute. Every arm runs with each
 of `--seeds` (the same images, order and noise for every arm of a seed); every run logs a small-N metric every
-2,500 images (the curve) and is evaluated at the end on `--eval-images` samples. Arms are compared with the scratch
+5,000 images (the curve) and is evaluated at the end on `--eval-images` samples. Arms are compared with the scratch
 run of the same seed, paired, with 95% intervals. Each finished run is recorded in --records, a folder kept in
 the repository (its metrics with the per-sample correctness, its curve), and not run again: re-running continues,
 and a lost <out> costs only the unfinished runs (a fine-tune whose starting stage is gone trains it again from its
@@ -185,7 +185,7 @@ def main() -> int:
         ldmkit("mnist-shards", str(out / "shards"))
         ldmkit("encode", CAPTIONS, *sets(caption_data))
     n = args.caption_images
-    captions = caption_data + ["train.metric_every_images=2500", "eval.train_metric_images=100"]
+    captions = caption_data + ["train.metric_every_images=5000", "eval.train_metric_images=100"]
     tune = [f"train.total_images={args.finetune_images}", "train.warmup_images=0", "model.pos_embed_base_size=16"]
 
     def resolution_chain(seed: int) -> list:
