@@ -74,9 +74,11 @@ def _bootstrap(samples: list[np.ndarray], signs: list[float], level: float, resa
         value = float(sum(sign * s.mean() for sign, s in zip(signs, samples)))
         return value, value
     rng = np.random.default_rng(seed)
-    aligned = len({s.size for s in samples}) == 1
-    shared = rng.integers(0, samples[0].size, (resamples, samples[0].size)) if aligned else None
-    indices = [shared if aligned else rng.integers(0, s.size, (resamples, s.size)) for s in samples]
+    n = samples[0].size
+    if all(s.size == n for s in samples):
+        indices = [rng.integers(0, n, (resamples, n))] * len(samples)
+    else:
+        indices = [rng.integers(0, s.size, (resamples, s.size)) for s in samples]
     boot = sum(sign * s[i].mean(axis=1) for sign, s, i in zip(signs, samples, indices))
     return tuple(float(q) for q in np.quantile(boot, [(1 - level) / 2, (1 + level) / 2]))
 
