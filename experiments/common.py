@@ -192,14 +192,17 @@ def summarise(results: list[dict], key: str = "arm") -> dict:
     for arm in dict.fromkeys(r[key] for r in results):
         rows = [r for r in results if r[key] == arm]
         summary[arm] = {"seeds": [r.get("seed", 0) for r in rows]}
-        for m in (k for k in rows[0] if k not in (key, "seed")):
-            values = [r[m] for r in rows if isinstance(r.get(m), (int, float, list))]
+        for m in dict.fromkeys(k for r in rows for k in r if k not in (key, "seed")):
+            having = [r for r in rows if isinstance(r.get(m), (int, float, list))]
+            values = [r[m] for r in having]
             if values:
                 means = [statistics.fmean(v) if isinstance(v, list) else v for v in values]
                 summary[arm][m] = {
                     **interval(values, bounds=metric_bounds(m)),
                     "std": statistics.stdev(means) if len(means) > 1 else 0.0,
                     "values": means,
+                    # a probe not yet run leaves a seed out of this metric only
+                    "seeds": [r.get("seed", 0) for r in having],
                 }
     return summary
 
@@ -228,7 +231,8 @@ def markdown(summary: dict) -> str:
         )
         for name, s in metrics.items():
             if name != "seeds":
-                per_seed = " / ".join(f"{v:.3f}" for v in s["values"])
+                by_seed = {seed: f"{v:.3f}" for seed, v in zip(s["seeds"], s["values"])}
+                per_seed = " / ".join(by_seed.get(seed, "-") for seed in metrics["seeds"])
                 lines.append(f"| {name} | {format_interval(s)} | {s['std']:.3f} | {per_seed} |")
         lines.append("")
     return "\n".join(lines)

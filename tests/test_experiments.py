@@ -44,6 +44,8 @@ def test_summary_markdown_gives_each_arm_its_seeds_mean_interval_and_per_seed_va
         {"arm": "a", "seed": 0, "agreement": [1.0] * 8 + [0.0] * 2, "fd": 20.0},
         {"arm": "a", "seed": 1, "agreement": [1.0] * 6 + [0.0] * 4, "fd": 30.0},
         {"arm": "b", "seed": 0, "agreement": [1.0] * 5 + [0.0] * 5, "fd": 40.0},
+        {"arm": "c", "seed": 0, "fd": 10.0, "drift": 0.5},
+        {"arm": "c", "seed": 1, "fd": 12.0},
     ]
     summary = common.summarise(rows)
     assert summary["a"]["seeds"] == [0, 1] and summary["a"]["fd"]["values"] == [20.0, 30.0]
@@ -54,6 +56,8 @@ def test_summary_markdown_gives_each_arm_its_seeds_mean_interval_and_per_seed_va
     assert "| fd | 25.000 [-38.531, 88.531] | 7.071 | 20.000 / 30.000 |" in text
     # one seed of per-sample values still has an interval (over its samples); one seed of one number has none
     assert "| agreement | 0.500 [" in text and "| fd | 40.000 | 0.000 | 40.000 |" in text
+    # a metric some seeds lack (a probe not run yet) shows which seed it comes from, not a shorter list
+    assert "| drift | 0.500 | 0.000 | 0.500 / - |" in text
 
 
 def _fake_run(run: Path, correct: list[int], fd: float) -> None:
