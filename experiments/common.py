@@ -210,16 +210,22 @@ def summarise(results: list[dict], key: str = "arm") -> dict:
 def compare(results: list[dict], metric: str, a: str, b: str, key: str = "arm") -> dict:
     """Arm a minus arm b on `metric`, paired by seed (the same seeds and data order in both arms):
     ldmkit.eval.stats.paired, with its verdict."""
-    per_arm = {arm: {r.get("seed", 0): r[metric] for r in results if r[key] == arm} for arm in (a, b)}
+    per_arm = {
+        arm: {r.get("seed", 0): r[metric] for r in results if r[key] == arm and r.get(metric) is not None}
+        for arm in (a, b)
+    }
     return paired(per_arm[a], per_arm[b])
 
 
 def compare_all(results: list[dict], a: str, b: str, key: str = "arm") -> dict:
-    """{metric: compare(...)} for every metric that each row of both arms has (a probe the budget stopped leaves
-    its metrics out)."""
+    """{metric: compare(...)} for every metric over the seeds whose rows in both arms have it (a probe not run yet
+    leaves that seed out of its metrics only; each comparison counts its seeds)."""
     rows = [r for r in results if r[key] in (a, b)]
     names = sorted({m for r in rows for m in r if m not in (key, "seed")})
-    return {m: compare(rows, m, a, b, key) for m in names if all(r.get(m) is not None for r in rows)}
+    having = {
+        m: [{r.get("seed", 0) for r in rows if r[key] == arm and r.get(m) is not None} for arm in (a, b)] for m in names
+    }
+    return {m: compare(rows, m, a, b, key) for m in names if having[m][0] & having[m][1]}
 
 
 def markdown(summary: dict) -> str:

@@ -60,6 +60,20 @@ def test_summary_markdown_gives_each_arm_its_seeds_mean_interval_and_per_seed_va
     assert "| drift | 0.500 | 0.000 | 0.500 / - |" in text
 
 
+def test_a_paired_comparison_takes_each_metric_over_the_seeds_both_arms_have_it():
+    rows = [
+        {"arm": "a", "seed": 0, "fd": 20.0, "drift": 0.2},
+        {"arm": "a", "seed": 1, "fd": 22.0, "drift": 0.3},
+        {"arm": "a", "seed": 2, "fd": 21.0},  # its probe not run yet
+        {"arm": "b", "seed": 0, "fd": 30.0, "drift": 0.5},
+        {"arm": "b", "seed": 1, "fd": 33.0, "drift": 0.7},
+        {"arm": "b", "seed": 2, "fd": 32.0, "drift": 0.6},
+    ]
+    compared = common.compare_all(rows, "a", "b")
+    assert compared["fd"]["seeds"] == 3 and compared["fd"]["mean"] == pytest.approx(-32.0 / 3)
+    assert compared["drift"]["seeds"] == 2 and compared["drift"]["mean"] == pytest.approx(-0.35)
+
+
 def _fake_run(run: Path, correct: list[int], fd: float) -> None:
     """A run folder as `ldmkit eval` leaves it: metrics.json naming its sample set, predictions beside the samples."""
     samples = run / "samples"
