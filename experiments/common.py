@@ -210,11 +210,12 @@ def summarise(results: list[dict], key: str = "arm") -> dict:
 def compare(results: list[dict], metric: str, a: str, b: str, key: str = "arm") -> dict:
     """Arm a minus arm b on `metric`, paired by seed (the same seeds and data order in both arms):
     ldmkit.eval.stats.paired, with its verdict."""
-    per_arm = {
-        arm: {r.get("seed", 0): r[metric] for r in results if r[key] == arm and r.get(metric) is not None}
-        for arm in (a, b)
-    }
-    return paired(per_arm[a], per_arm[b])
+    return paired(per_seed(results, metric, a, key), per_seed(results, metric, b, key))
+
+
+def per_seed(results: list[dict], metric: str, arm: str, key: str = "arm") -> dict:
+    """{seed: value} of one arm's metric, over the seeds whose rows have it."""
+    return {r.get("seed", 0): r[metric] for r in results if r[key] == arm and r.get(metric) is not None}
 
 
 def compare_all(results: list[dict], a: str, b: str, key: str = "arm") -> dict:
@@ -222,10 +223,8 @@ def compare_all(results: list[dict], a: str, b: str, key: str = "arm") -> dict:
     leaves that seed out of its metrics only; each comparison counts its seeds)."""
     rows = [r for r in results if r[key] in (a, b)]
     names = sorted({m for r in rows for m in r if m not in (key, "seed")})
-    having = {
-        m: [{r.get("seed", 0) for r in rows if r[key] == arm and r.get(m) is not None} for arm in (a, b)] for m in names
-    }
-    return {m: compare(rows, m, a, b, key) for m in names if having[m][0] & having[m][1]}
+    shared = {m: per_seed(rows, m, a, key).keys() & per_seed(rows, m, b, key).keys() for m in names}
+    return {m: compare(rows, m, a, b, key) for m in names if shared[m]}
 
 
 def markdown(summary: dict) -> str:
