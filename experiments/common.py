@@ -193,16 +193,16 @@ def summarise(results: list[dict], key: str = "arm") -> dict:
         rows = [r for r in results if r[key] == arm]
         summary[arm] = {"seeds": [r.get("seed", 0) for r in rows]}
         for m in dict.fromkeys(k for r in rows for k in r if k not in (key, "seed")):
-            having = [r for r in rows if isinstance(r.get(m), (int, float, list))]
-            values = [r[m] for r in having]
-            if values:
+            by_seed = per_seed(rows, m, arm, key)
+            if by_seed:
+                values = list(by_seed.values())
                 means = [statistics.fmean(v) if isinstance(v, list) else v for v in values]
                 summary[arm][m] = {
                     **interval(values, bounds=metric_bounds(m)),
                     "std": statistics.stdev(means) if len(means) > 1 else 0.0,
                     "values": means,
                     # a probe not yet run leaves a seed out of this metric only
-                    "seeds": [r.get("seed", 0) for r in having],
+                    "seeds": list(by_seed),
                 }
     return summary
 
@@ -214,8 +214,13 @@ def compare(results: list[dict], metric: str, a: str, b: str, key: str = "arm") 
 
 
 def per_seed(results: list[dict], metric: str, arm: str, key: str = "arm") -> dict:
-    """{seed: value} of one arm's metric, over the seeds whose rows have it."""
-    return {r.get("seed", 0): r[metric] for r in results if r[key] == arm and r.get(metric) is not None}
+    """{seed: value} of one arm's metric (a number, or a list of per-sample values), over the seeds whose rows have
+    it; anything else in a row (a path, a note) is not a metric."""
+    return {
+        r.get("seed", 0): r[metric]
+        for r in results
+        if r[key] == arm and isinstance(r.get(metric), (int, float, list)) and not isinstance(r.get(metric), bool)
+    }
 
 
 def compare_all(results: list[dict], a: str, b: str, key: str = "arm") -> dict:

@@ -69,9 +69,12 @@ def test_a_paired_comparison_takes_each_metric_over_the_seeds_both_arms_have_it(
         {"arm": "b", "seed": 1, "fd": 33.0, "drift": 0.7},
         {"arm": "b", "seed": 2, "fd": 32.0, "drift": 0.6},
     ]
+    for row in rows:
+        row["run"] = f"runs/{row['arm']}-seed{row['seed']}"  # not a metric: neither compared nor summarised
     compared = common.compare_all(rows, "a", "b")
     assert compared["fd"]["seeds"] == 3 and compared["fd"]["mean"] == pytest.approx(-32.0 / 3)
     assert compared["drift"]["seeds"] == 2 and compared["drift"]["mean"] == pytest.approx(-0.35)
+    assert "run" not in compared and "run" not in common.summarise(rows)["a"]
 
 
 def _fake_run(run: Path, correct: list[int], fd: float) -> None:
