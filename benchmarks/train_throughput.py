@@ -1,6 +1,6 @@
 """Training throughput of a backbone preset: prints one JSON line (images/s, step time, peak memory,
 MFU from analytic FLOPs). Runs the same forward/backward/optimizer step as ldmkit's training loop
-(DDPM hybrid loss or flow loss, AdamW, EMA update) on random latents, on CPU or GPU.
+(DDPM hybrid loss or flow loss, AdamW as train.optimizer_impl builds it, EMA update) on random latents, on CPU or GPU.
 
     python benchmarks/train_throughput.py --preset DiT-XL/2 --resolution 256 --batch 256 --precision bf16 --compile
     python benchmarks/train_throughput.py --preset DiT-S/2 --resolution 32 --latent-channels 4 --batch 32 --device cpu
@@ -22,6 +22,7 @@ from ldmkit.conditioning.cond import Cond
 from ldmkit.config import load_config
 from ldmkit.diffusion.objectives import build_objective
 from ldmkit.models.registry import backbone_of_preset, build_model, count_parameters, flops_per_image
+from ldmkit.training.optim import build_optimizer, optimizer_impl
 from ldmkit.training.parallel import compile_blocks
 
 # Dense bf16 peak (TFLOP/s) for MFU; fp32 uses TF32 tensor cores on these GPUs.
@@ -43,6 +44,12 @@ def main():
     p.add_argument("--compile", action="store_true")
     p.add_argument("--objective", choices=["ddpm", "flow"], default="ddpm")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--optimizer-impl",
+        choices=["auto", "fused", "foreach", "for_loop"],
+        default="auto",
+        help="AdamW's step (train.optimizer_impl): auto is fused on GPU, tensor by tensor (for_loop) on CPU",
+    )
     args = p.parse_args()
 
     side = args.resolution if args.pixel else args.resolution // 8
@@ -54,6 +61,7 @@ def main():
         f"diffusion.objective={args.objective}",
         f"model.learn_sigma={'true' if args.objective == 'ddpm' else 'false'}",
         f"sample.sampler={'ddpm' if args.objective == 'ddpm' else 'euler'}",
+        f"train.optimizer_impl={args.optimizer_impl}",
     ]
     cfg = load_config(overrides=overrides)
     device = torch.device(args.device)
@@ -64,7 +72,7 @@ def main():
     ema = copy.deepcopy(model).requires_grad_(False)
     if args.compile:
         compile_blocks(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+    opt = build_optimizer(model.parameters(), cfg.train, device.type)
     objective = build_objective(cfg)
     gen = torch.Generator(device).manual_seed(0)
     B = args.batch
@@ -109,6 +117,7 @@ def main():
         "batch": B,
         "precision": args.precision,
         "compile": args.compile,
+        "optimizer_impl": optimizer_impl(cfg.train, device.type),
         "objective": args.objective,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device)
