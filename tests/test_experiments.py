@@ -202,3 +202,14 @@ def test_the_transfer_summary_is_built_from_the_records_alone(tmp_path):
     assert paired["class_agreement"]["mean"] == pytest.approx(0.2) and paired["fd_effnetlite0"]["mean"] == -4.0
     assert [p["images"] for p in summary["runs"]["base-16"][0]["curve"]] == [2500, 5000, 7500]
     assert (records / "curves.png").stat().st_size > 0 and "| class_agreement |" in (records / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["conditioning.py", "transfer.py"])
+def test_a_summary_with_nothing_recorded_writes_nothing(tmp_path, name):
+    script = Path(__file__).resolve().parents[1] / "experiments" / name
+    records = tmp_path / "records"
+    command = [sys.executable, str(script), "--seeds", "0", "--budget", "0", "--out", str(tmp_path / "out")]
+    command += ["--records", str(records), *(["--caption-seeds", ""] if name == "conditioning.py" else [])]
+    done = subprocess.run(command, check=True, capture_output=True, text=True, cwd=Path(script).parents[1])
+    assert f"nothing recorded yet in {records}: no summary written" in done.stdout
+    assert not records.exists()
