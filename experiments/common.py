@@ -62,6 +62,13 @@ class Records:
         """The record folder of a run folder (by its name)."""
         return self.root / Path(run).name
 
+    def none_in(self, rows: list) -> bool:
+        """True (and says so) when there is nothing to summarise: the records are then left as they are, not
+        overwritten by an empty summary."""
+        if not rows:
+            print(f"nothing recorded yet in {self.root}: no summary written")
+        return not rows
+
     def has(self, run: Path, name: str) -> bool:
         return (self.of(run) / name).is_file()
 

@@ -280,8 +280,7 @@ def main() -> int:
     done = run_tasks(tasks, args.jobs, out / "logs")
     results = [row for row, _ in done.values() if row is not None]
     sweeps = {row["seed"]: sweep for row, sweep in done.values() if sweep is not None}
-    if not results:  # nothing to summarise: leave the records as they are
-        print(f"nothing recorded yet in {records.root}: no summary written")
+    if records.none_in(results):
         return 0
     summary = summarise(results)
     comparisons = {}

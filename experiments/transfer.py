@@ -237,8 +237,7 @@ def main() -> int:
                 results.setdefault(arm, []).append(result)
                 metrics = {k: result[k] for k in ("class_agreement", "fd_effnetlite0")}
                 rows.append({"arm": arm, "seed": seed_of[name], **metrics})
-    if not rows:  # nothing to summarise: leave the records as they are
-        print(f"nothing recorded yet in {records.root}: no summary written")
+    if records.none_in(rows):
         return 0
     summary = summarise(rows)
     arms = {r["arm"] for r in rows}
