@@ -2,13 +2,16 @@
 equal, bit for bit, the weights recorded before the refactor (tests/data/refactor_guard.json holds a SHA-256 of
 every tensor of the model and the EMA).
 
-Bit equality is defined only for the same torch build and CPU kernel set, so the record names both; on another
-the test is skipped with a visible reason. Re-record deliberately, after a change that is meant to alter
-training, with:  python tests/test_refactor_guard.py --record
+Bit equality is defined only for the same torch build, CPU kernel set and CPU model (the same AVX512 kernels round
+differently on an AMD EPYC and on an Intel Xeon), so each record names all three; the file keeps one record per
+environment, and where none matches the test is skipped with a visible reason. Re-record deliberately, after a change
+that is meant to alter training, on every machine kind you have (or add this machine's record, after checking that
+the code it records trains as the last recorded commit did), with:  python tests/test_refactor_guard.py --record
 """
 
 import hashlib
 import json
+import platform
 import sys
 from pathlib import Path
 
@@ -77,10 +80,22 @@ CASES = {
 }
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what the platform module says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
     return {
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_model": cpu_model(),
         "threads": torch.get_num_threads(),
     }
 
@@ -110,9 +125,11 @@ def recorded_threads():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_training_is_bit_identical_to_the_record(name, tmp_path, recorded_threads):
-    record = json.loads(RECORD.read_text())
-    if record["environment"] != environment():
-        pytest.skip(f"recorded on {record['environment']}, running on {environment()}: bit equality is not defined")
+    records = json.loads(RECORD.read_text())["records"]
+    record = next((r for r in records if r["environment"] == environment()), None)
+    if record is None:
+        recorded = "; ".join(str(r["environment"]) for r in records)
+        pytest.skip(f"recorded on {recorded}, running on {environment()}: bit equality is not defined")
     got, want = trained_hashes(name, tmp_path), record["cases"][name]
     assert sorted(got) == sorted(want), "the set of tensors changed"
     differ = [k for k in want if got[k] != want[k]]
@@ -125,6 +142,10 @@ if __name__ == "__main__" and "--record" in sys.argv:
     torch.set_num_threads(2)  # as the test sets it
     with tempfile.TemporaryDirectory() as tmp:
         cases = {name: trained_hashes(name, Path(tmp)) for name in sorted(CASES)}
+    # This environment's record replaces its earlier one; other environments' records are kept.
+    kept = json.loads(RECORD.read_text())["records"] if RECORD.is_file() else []
+    others = [r for r in kept if r["environment"] != environment()]
     RECORD.parent.mkdir(exist_ok=True)
-    RECORD.write_text(json.dumps({"environment": environment(), "cases": cases}, indent=1, sort_keys=True))
-    print(f"recorded {len(cases)} cases in {RECORD}")
+    records = others + [{"environment": environment(), "cases": cases}]
+    RECORD.write_text(json.dumps({"records": records}, indent=1, sort_keys=True))
+    print(f"recorded {len(cases)} cases for {environment()} in {RECORD} ({len(records)} environment(s))")
