@@ -2,11 +2,12 @@
 equal, bit for bit, the weights recorded before the refactor (tests/data/refactor_guard.json holds a SHA-256 of
 every tensor of the model and the EMA).
 
-Bit equality is defined only for the same torch build, CPU kernel set and CPU model (the same AVX512 kernels round
-differently on an AMD EPYC and on an Intel Xeon), so each record names all three; the file keeps one record per
-environment, and where none matches the test is skipped with a visible reason. Re-record deliberately, after a change
-that is meant to alter training, on every machine kind you have (or add this machine's record, after checking that
-the code it records trains as the last recorded commit did), with:  python tests/test_refactor_guard.py --record
+Bit equality is defined only for the same torch build, CPU kernel set and CPU model (the same torch and AVX512
+kernel set gave other bits on an AMD EPYC than on the CPU of the first record), so each record names all three; the
+file keeps one record per environment, and where none matches the test is skipped with a visible reason.
+Re-record deliberately, after a change that is meant to alter training, on every machine kind you have (or add this
+machine's record, after checking that the code it records trains as the last recorded commit did), with:
+  python tests/test_refactor_guard.py --record
 """
 
 import hashlib
