@@ -92,6 +92,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def recorded() -> list[dict]:
+    """The records in the file, one per environment (none before the first recording)."""
+    return json.loads(RECORD.read_text())["records"] if RECORD.is_file() else []
+
+
 def environment() -> dict:
     return {
         "torch": torch.__version__,
@@ -126,11 +131,11 @@ def recorded_threads():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_training_is_bit_identical_to_the_record(name, tmp_path, recorded_threads):
-    records = json.loads(RECORD.read_text())["records"]
+    records = recorded()
     record = next((r for r in records if r["environment"] == environment()), None)
     if record is None:
-        recorded = "; ".join(str(r["environment"]) for r in records)
-        pytest.skip(f"recorded on {recorded}, running on {environment()}: bit equality is not defined")
+        kinds = "; ".join(str(r["environment"]) for r in records)
+        pytest.skip(f"recorded on {kinds}, running on {environment()}: bit equality is not defined")
     got, want = trained_hashes(name, tmp_path), record["cases"][name]
     assert sorted(got) == sorted(want), "the set of tensors changed"
     differ = [k for k in want if got[k] != want[k]]
@@ -144,8 +149,7 @@ if __name__ == "__main__" and "--record" in sys.argv:
     with tempfile.TemporaryDirectory() as tmp:
         cases = {name: trained_hashes(name, Path(tmp)) for name in sorted(CASES)}
     # This environment's record replaces its earlier one; other environments' records are kept.
-    kept = json.loads(RECORD.read_text())["records"] if RECORD.is_file() else []
-    others = [r for r in kept if r["environment"] != environment()]
+    others = [r for r in recorded() if r["environment"] != environment()]
     RECORD.parent.mkdir(exist_ok=True)
     records = others + [{"environment": environment(), "cases": cases}]
     RECORD.write_text(json.dumps({"records": records}, indent=1, sort_keys=True))
