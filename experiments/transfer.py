@@ -147,7 +147,10 @@ def plot(results: dict, ratio: float, base_images: int, caption_images: int, pat
         ax.set_ylabel("class agreement (100 samples, mean over seeds)")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:  # an experiment still under way: say so rather than draw an empty legend
+            ax.text(0.5, 0.5, "no run recorded yet", ha="center", va="center", transform=ax.transAxes, color="gray")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
