@@ -11,8 +11,8 @@ run of the same seed, paired, with 95% intervals. Each finished run is recorded 
 the repository (its metrics with the per-sample correctness, its curve), and not run again: re-running continues,
 and a lost <out> costs only the unfinished runs (a fine-tune whose starting stage is gone trains it again from its
 seed). The summaries and the plot are built from the records alone. --budget stops starting new runs once that
-many CPU-hours are spent (a seed, estimated from the digit runs' 14.5 images/s per 1-thread run: 210,000 32x32
-images, about 4 CPU-hours, plus the curves' metrics and the evaluations); --jobs runs that many chains at once (per
+many CPU-hours are spent (a seed, estimated from the digit runs' 14.5 images/s per 1-thread run: 240,000 32x32
+images, about 4.6 CPU-hours, plus the curves' metrics and the evaluations); --jobs runs that many chains at once (per
 seed: the 16x16 stage and its fine-tunes, scratch, the class stage and its caption fine-tune, captions from
 scratch), each with its share of the cores and its output in <out>/logs/.
   python experiments/transfer.py [--seeds 0,1,2] [--budget 4] [--jobs 2] [--out runs/exp-transfer]
